@@ -1,0 +1,336 @@
+//! TOML configuration: parsed strictly (unknown keys are errors) and validated once at load.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// How long a client keeps a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is held for one transaction.
+    Transaction,
+    /// A server connection is held for the whole client session.
+    Session,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub general: General,
+    #[serde(default)]
+    pub users: Vec<User>,
+    #[serde(default)]
+    pub databases: Vec<Database>,
+    #[serde(default)]
+    pub shards: Vec<Shard>,
+}
+
+/// Process-wide settings, named after PgBouncer's where one exists.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct General {
+    #[serde(default = "d_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "d_pool_mode")]
+    pub pool_mode: PoolMode,
+    #[serde(default = "d_auth_type")]
+    pub auth_type: AuthType,
+    #[serde(default = "d_pool_size")]
+    pub default_pool_size: usize,
+    #[serde(default)]
+    pub min_pool_size: usize,
+    #[serde(default = "d_max_client_conn")]
+    pub max_client_conn: usize,
+    /// How long a client may wait for a server connection before it gets an error.
+    #[serde(default = "d_query_wait_timeout", with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// Server connections older than this are closed when they return to the pool.
+    #[serde(default = "d_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Idle server connections unused for this long are closed (down to min_pool_size).
+    #[serde(default = "d_server_idle_timeout", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// A client idle inside a transaction for this long is disconnected (0 = never).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    #[serde(default = "d_connect_timeout", with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// Extra attempts after a failed server connect, before the client gets an error.
+    #[serde(default = "d_connect_retries")]
+    pub server_connect_retries: u32,
+    /// Idle server connections unused for this long are checked with a query before reuse.
+    #[serde(default = "d_check_delay", with = "humantime_serde")]
+    pub server_check_delay: Duration,
+    /// Upper bound on one protocol message from either side, in bytes.
+    #[serde(default = "d_max_message_size")]
+    pub max_message_size: usize,
+    /// Prepared statements kept per server connection before the least recently used is closed.
+    #[serde(default = "d_prepared_cache")]
+    pub prepared_statements_cache_size: usize,
+    /// How long SIGTERM waits for transactions to finish before closing connections.
+    #[serde(default = "d_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Users allowed into the admin console (virtual database `pgshard`).
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Address of the Prometheus endpoint; none disables it.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate and key: when both are set, clients may use TLS.
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
+}
+
+/// A login that clients may use; the same name and password are used towards the servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Plaintext, `SCRAM-SHA-256$…` verifier or `md5…` hash, as in pg_authid.
+    pub password: String,
+    /// Password for server connections when `password` is not plaintext.
+    #[serde(default)]
+    pub server_password: Option<String>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+}
+
+/// A database clients may connect to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub name: String,
+    /// Name of the database on the servers (defaults to `name`).
+    #[serde(default)]
+    pub server_database: Option<String>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+}
+
+/// One shard: a primary and its replicas, as `host:port`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub primary: String,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+fn d_listen() -> SocketAddr {
+    "127.0.0.1:6432".parse().unwrap()
+}
+fn d_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn d_auth_type() -> AuthType {
+    AuthType::ScramSha256
+}
+fn d_pool_size() -> usize {
+    20
+}
+fn d_max_client_conn() -> usize {
+    10_000
+}
+fn d_query_wait_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_connect_retries() -> u32 {
+    2
+}
+fn d_check_delay() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_max_message_size() -> usize {
+    64 * 1024 * 1024
+}
+fn d_prepared_cache() -> usize {
+    500
+}
+fn d_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let g = &self.general;
+        if g.default_pool_size == 0 {
+            return bad("general.default_pool_size must be at least 1".into());
+        }
+        if g.min_pool_size > g.default_pool_size {
+            return bad("general.min_pool_size must not exceed general.default_pool_size".into());
+        }
+        if g.max_message_size < 1024 {
+            return bad("general.max_message_size must be at least 1024 bytes".into());
+        }
+        if g.tls_cert_file.is_some() != g.tls_key_file.is_some() {
+            return bad("general.tls_cert_file and general.tls_key_file must be set together".into());
+        }
+        if self.shards.is_empty() {
+            return bad("at least one [[shards]] entry is required".into());
+        }
+        for (i, s) in self.shards.iter().enumerate() {
+            for addr in std::iter::once(&s.primary).chain(&s.replicas) {
+                if split_host_port(addr).is_none() {
+                    return bad(format!("shards[{i}]: '{addr}' is not host:port"));
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for u in &self.users {
+            if !seen.insert(&u.name) {
+                return bad(format!("users: '{}' is declared twice", u.name));
+            }
+            if u.pool_size == Some(0) {
+                return bad(format!("users.{}.pool_size must be at least 1", u.name));
+            }
+        }
+        for a in &g.admin_users {
+            if !self.users.iter().any(|u| &u.name == a) {
+                return bad(format!("general.admin_users: '{a}' is not declared in [[users]]"));
+            }
+        }
+        let mut seen = HashSet::new();
+        for d in &self.databases {
+            if !seen.insert(&d.name) {
+                return bad(format!("databases: '{}' is declared twice", d.name));
+            }
+            if d.name == crate::admin::ADMIN_DB {
+                return bad(format!("databases: '{}' is reserved for the admin console", d.name));
+            }
+            if d.pool_size == Some(0) {
+                return bad(format!("databases.{}.pool_size must be at least 1", d.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user entry named `name`.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The database entry named `name`.
+    pub fn database(&self, name: &str) -> Option<&Database> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+}
+
+/// Splits `host:port` (IPv6 as `[addr]:port`).
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[general]\n[[shards]]\nprimary = \"127.0.0.1:5432\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.general.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.general.default_pool_size, 20);
+        assert_eq!(c.general.query_wait_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MIN}\n[general2]\n")).unwrap_err().to_string();
+        assert!(err.contains("general2"), "{err}");
+        let err = Config::parse("[general]\npool_size = 3\n[[shards]]\nprimary=\"a:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pool_size"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::parse("[general]\npool_mode = \"statement\"\n[[shards]]\nprimary=\"a:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("statement"), "{err}");
+        let err = Config::parse("[general]\nquery_wait_timeout = \"soon\"\n[[shards]]\nprimary=\"a:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("query_wait_timeout"), "{err}");
+        let err = Config::parse("[general]\n[[shards]]\nprimary=\"nohost\"\n").unwrap_err().to_string();
+        assert!(err.contains("nohost"), "{err}");
+        let err = Config::parse("[general]\nadmin_users=[\"x\"]\n[[shards]]\nprimary=\"a:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin_users"), "{err}");
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(split_host_port("127.0.0.1:5432"), Some(("127.0.0.1".into(), 5432)));
+        assert_eq!(split_host_port("[::1]:5"), Some(("::1".into(), 5)));
+        assert_eq!(split_host_port(":5"), None);
+        assert_eq!(split_host_port("h:x"), None);
+    }
+}

@@ -1,0 +1,680 @@
+//! A logged-in client's session: the transaction-pooling state machine.
+//!
+//! States: *idle* (no server connection) → *attached* (a server connection is lent from the pool,
+//! the client's settings applied to it) → back to idle at a ReadyForQuery 'I' with nothing
+//! outstanding, unless something pinned the connection or the pool is in session mode.
+//!
+//! While attached, one task moves bytes both ways with bounded buffers, so a peer that stops
+//! reading only stalls its own session. Server responses are matched to requests with a queue
+//! of expectations, which lets pgshard prepare statements on demand, answer some requests
+//! itself (ParseComplete for an already-prepared statement, CloseComplete) and swallow the
+//! responses to its own injected messages, all in protocol order.
+
+use super::{fatal_and_close, SessionEnd};
+use crate::app::{client_state, App, CancelTarget, ClientInfo};
+use crate::params::SessionParams;
+use crate::pool::{Checkout, Pool};
+use crate::prepared::{global_name, ClientStatements, StatementDef};
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::{Cursor, FrameBuf};
+use crate::sqlclass::{classify, QueryKind};
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Stop reading a side once this much is queued for the other.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// A response the server owes, in the order the requests were sent.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    /// Simple Query or FunctionCall: ends at ReadyForQuery.
+    Query,
+    /// Sync: ends at ReadyForQuery.
+    Sync,
+    /// A client's extended message, forwarded; its response goes to the client.
+    Forwarded,
+    /// A client's Parse of statement `key` under its global name.
+    ParseOf(u128),
+    /// pgshard's own Parse of statement `key`: ParseComplete is swallowed.
+    InjectedParse(u128),
+    /// pgshard's own Close: CloseComplete is swallowed.
+    InjectedClose,
+    /// A response pgshard gives itself once everything before it has been answered.
+    Synthetic(u8),
+}
+
+/// One client's session.
+pub struct Session<R, W> {
+    app: Arc<App>,
+    info: Arc<ClientInfo>,
+    pool: Arc<Pool>,
+    session_mode: bool,
+    max_msg: usize,
+    idle_tx_timeout: Duration,
+    cr: R,
+    cw: W,
+    cbuf: FrameBuf,
+    client_out: BytesMut,
+    server_out: BytesMut,
+    server: Option<Checkout>,
+    pending: VecDeque<Pending>,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    /// After a failure pgshard reports itself, client messages are dropped until Sync.
+    skip_until_sync: bool,
+    params: SessionParams,
+    startup_params: SessionParams,
+    statements: ClientStatements,
+    pinned: Option<&'static str>,
+    /// A session-affecting statement whose CommandComplete is awaited.
+    tracked: Option<QueryKind>,
+    /// Settings (client, server) before the first SET of the current transaction.
+    tx_snapshot: Option<(SessionParams, SessionParams)>,
+    last_tag_rollback: bool,
+    /// Settings of the attached server must be re-applied before the next request.
+    resync: bool,
+}
+
+/// What woke the event loop.
+enum Event {
+    ClientRead(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ClientWrote(std::io::Result<usize>),
+    ServerWrote(std::io::Result<usize>),
+    IdleInTransaction,
+    Shutdown,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
+    /// A session for a client that has logged in; `cbuf` holds anything it sent already.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        app: Arc<App>,
+        info: Arc<ClientInfo>,
+        pool: Arc<Pool>,
+        cr: R,
+        cw: W,
+        cbuf: FrameBuf,
+        startup_params: SessionParams,
+    ) -> Self {
+        let cfg = app.config.load();
+        Session {
+            session_mode: crate::app::is_session(pool.mode()),
+            max_msg: cfg.general.max_message_size,
+            idle_tx_timeout: cfg.general.idle_transaction_timeout,
+            app,
+            info,
+            pool,
+            cr,
+            cw,
+            cbuf,
+            client_out: BytesMut::new(),
+            server_out: BytesMut::new(),
+            server: None,
+            pending: VecDeque::new(),
+            unsynced: false,
+            skip_until_sync: false,
+            params: startup_params.clone(),
+            startup_params,
+            statements: ClientStatements::default(),
+            pinned: None,
+            tracked: None,
+            tx_snapshot: None,
+            last_tag_rollback: false,
+            resync: false,
+        }
+    }
+
+    /// Runs until the client leaves or is disconnected; the server connection is cleaned up
+    /// (rolled back, reset or discarded) before anyone else can get it.
+    pub async fn run(mut self) {
+        self.pool.metrics.clients_active.inc();
+        let end = self.event_loop().await;
+        match &end {
+            SessionEnd::ClientTerminated | SessionEnd::ClientGone => {}
+            other => tracing::debug!(client = self.info.pid, reason = ?other, "session ended"),
+        }
+        if !self.client_out.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.cw.write_all(&self.client_out)).await;
+        }
+        let _ = self.cw.shutdown().await;
+        self.finish_server().await;
+        self.pool.metrics.clients_active.dec();
+    }
+
+    async fn event_loop(&mut self) -> SessionEnd {
+        let mut shutdown = self.app.shutdown.subscribe();
+        loop {
+            if let Err(end) = self.process_client_messages().await {
+                return end;
+            }
+            self.maybe_release();
+            if self.server.is_none() && *shutdown.borrow() {
+                fatal_and_close(&mut self.client_out, "57P01", "pgshard is shutting down");
+                return SessionEnd::Shutdown;
+            }
+            if self.server.is_none() && self.cbuf.is_empty() && self.client_out.is_empty() {
+                self.cbuf.shrink_if_idle();
+                self.client_out = BytesMut::new();
+                self.server_out = BytesMut::new();
+            }
+            let ev = self.wait(&mut shutdown).await;
+            match ev {
+                Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => return SessionEnd::ClientGone,
+                Event::ClientRead(Ok(n)) => self.pool.metrics.bytes_received.inc_by(n as u64),
+                Event::ServerRead(Ok(n)) if n > 0 => {
+                    if let Err(end) = self.process_server_messages() {
+                        return end;
+                    }
+                }
+                Event::ServerRead(_) | Event::ServerWrote(Err(_)) => {
+                    fatal_and_close(&mut self.client_out, "08006", "server connection lost");
+                    self.discard_server();
+                    return SessionEnd::ServerLost;
+                }
+                Event::ClientWrote(Ok(n)) => self.pool.metrics.bytes_sent.inc_by(n as u64),
+                Event::ClientWrote(Err(_)) => return SessionEnd::ClientGone,
+                Event::ServerWrote(Ok(_)) => {}
+                Event::IdleInTransaction => {
+                    fatal_and_close(&mut self.client_out, "25P03", "terminating connection due to idle-in-transaction timeout");
+                    return SessionEnd::IdleTimeout;
+                }
+                Event::Shutdown => {}
+            }
+        }
+    }
+
+    /// Waits for the next thing to do: bytes to read or write on either side, or a timer.
+    async fn wait(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> Event {
+        let read_client = self.server_out.len() < HIGH_WATER && self.client_out.len() < HIGH_WATER;
+        let read_server = self.client_out.len() < HIGH_WATER;
+        let idle_in_tx = match &self.server {
+            Some(s) => {
+                s.conn.tx_status != b'I' && self.pending.is_empty() && !self.idle_tx_timeout.is_zero()
+            }
+            None => false,
+        };
+        let idle_tx_timeout = self.idle_tx_timeout;
+        let (cr, cw, cbuf, client_out, server_out) =
+            (&mut self.cr, &mut self.cw, &mut self.cbuf, &mut self.client_out, &mut self.server_out);
+        match self.server.as_mut() {
+            Some(s) => {
+                let (mut sr, mut sw) = s.conn.stream.split();
+                let sbuf = &mut s.conn.rbuf;
+                tokio::select! {
+                    biased;
+                    r = sbuf.fill(&mut sr), if read_server => Event::ServerRead(r),
+                    r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                    r = sw.write_buf(server_out), if !server_out.is_empty() => Event::ServerWrote(r),
+                    r = cbuf.fill(cr), if read_client => Event::ClientRead(r),
+                    _ = tokio::time::sleep(idle_tx_timeout), if idle_in_tx => Event::IdleInTransaction,
+                }
+            }
+            None => tokio::select! {
+                biased;
+                r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                r = cbuf.fill(cr) => Event::ClientRead(r),
+                _ = shutdown.changed() => Event::Shutdown,
+            },
+        }
+    }
+
+    /// Handles every complete client message buffered, while the server side has room.
+    async fn process_client_messages(&mut self) -> Result<(), SessionEnd> {
+        while self.server_out.len() < HIGH_WATER {
+            let (tag, len) = match self.cbuf.peek(self.max_msg) {
+                Ok(Some(x)) => x,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    fatal_and_close(&mut self.client_out, "08P01", &e.to_string());
+                    return Err(SessionEnd::Protocol);
+                }
+            };
+            let buf = std::mem::take(&mut self.cbuf.buf);
+            let r = self.on_client_message(tag, &buf[..len]).await;
+            self.cbuf.buf = buf;
+            self.cbuf.consume(len);
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn on_client_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), SessionEnd> {
+        match tag {
+            b'X' => return Err(SessionEnd::ClientTerminated),
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c' | b'f' => {}
+            other => {
+                let m = format!("invalid frontend message type {}", other);
+                fatal_and_close(&mut self.client_out, "08P01", &m);
+                return Err(SessionEnd::Protocol);
+            }
+        }
+        if self.skip_until_sync {
+            if tag == b'S' {
+                self.skip_until_sync = false;
+                messages::ready_for_query(&mut self.client_out, b'I');
+            }
+            return Ok(());
+        }
+        if self.server.is_none() {
+            if matches!(tag, b'H' | b'd' | b'c' | b'f') {
+                // Nothing to flush and no COPY in progress without a server connection.
+                return Ok(());
+            }
+            if let Err(msg) = self.attach().await {
+                self.fail_request(tag, &msg.0, &msg.1);
+                return Ok(());
+            }
+        }
+        if self.resync && self.pending.is_empty() {
+            if let Err(SessionEnd::Settings(code, m)) = self.sync_params().await {
+                self.fail_request(tag, &code, &m);
+                return Ok(());
+            }
+        }
+        match tag {
+            b'Q' => self.on_query(msg),
+            b'P' => self.on_parse(msg),
+            b'B' | b'D' => self.on_bind_or_describe(tag, msg),
+            b'C' => self.on_close(msg),
+            b'E' => self.forward(msg, Some(Pending::Forwarded)),
+            b'S' => {
+                self.unsynced = false;
+                self.pool.metrics.queries.inc();
+                self.forward(msg, Some(Pending::Sync));
+            }
+            b'F' => self.forward(msg, Some(Pending::Query)),
+            _ => self.forward(msg, None),
+        }
+        if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H') {
+            self.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Reports a failure pgshard detected itself, in the place of the request's response.
+    fn fail_request(&mut self, tag: u8, code: &str, message: &str) {
+        self.pool.metrics.errors.inc();
+        messages::error_response(&mut self.client_out, Severity::Error, code, message, None);
+        match tag {
+            b'Q' | b'F' => messages::ready_for_query(&mut self.client_out, b'I'),
+            b'S' => messages::ready_for_query(&mut self.client_out, b'I'),
+            _ => self.skip_until_sync = true,
+        }
+    }
+
+    fn forward(&mut self, msg: &[u8], pending: Option<Pending>) {
+        self.server_out.extend_from_slice(msg);
+        if let Some(p) = pending {
+            self.pending.push_back(p);
+        }
+    }
+
+    /// Borrows a server connection and applies the client's settings to it.
+    async fn attach(&mut self) -> Result<(), (String, String)> {
+        let mut paused = self.app.paused.subscribe();
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                break;
+            }
+        }
+        self.info.state.store(client_state::WAITING, Ordering::Relaxed);
+        let co = self.pool.checkout().await;
+        self.info.state.store(client_state::ACTIVE, Ordering::Relaxed);
+        let co = co.map_err(|e| (e.sqlstate().to_string(), e.to_string()))?;
+        *self.info.cancel.lock() = Some(CancelTarget { addr: co.conn.peer, pid: co.conn.pid, secret: co.conn.secret });
+        self.server = Some(co);
+        self.resync = true;
+        if let Err(SessionEnd::Settings(code, m)) = self.sync_params().await {
+            return Err((code, m));
+        }
+        Ok(())
+    }
+
+    /// Makes the attached server's settings equal to the client's.
+    async fn sync_params(&mut self) -> Result<(), SessionEnd> {
+        self.resync = false;
+        let Some(co) = self.server.as_mut() else { return Ok(()) };
+        let Some(sql) = co.conn.params.diff_sql(&self.params) else { return Ok(()) };
+        match co.conn.exec_quiet(&sql, self.max_msg).await {
+            Ok(()) => {
+                co.conn.params = self.params.clone();
+                Ok(())
+            }
+            Err(e) => {
+                self.discard_server();
+                // A setting the server rejects was the client's own: forget it so the session
+                // stays usable, as PostgreSQL would have refused it at SET time.
+                self.params = self.startup_params.clone();
+                Err(SessionEnd::Settings(e.sqlstate().to_string(), format!("cannot apply session settings: {e}")))
+            }
+        }
+    }
+
+    /// Returns the server connection when the client is between transactions.
+    fn maybe_release(&mut self) {
+        let Some(co) = &self.server else { return };
+        if self.session_mode
+            || self.pinned.is_some()
+            || !self.pending.is_empty()
+            || self.unsynced
+            || !self.server_out.is_empty()
+            || co.conn.tx_status != b'I'
+            || !co.conn.rbuf.is_empty()
+        {
+            return;
+        }
+        let co = self.server.take().expect("checked above");
+        *self.info.cancel.lock() = None;
+        self.info.state.store(client_state::IDLE, Ordering::Relaxed);
+        self.pool.checkin(co, true);
+    }
+
+    fn discard_server(&mut self) {
+        if let Some(co) = self.server.take() {
+            *self.info.cancel.lock() = None;
+            self.pool.discard(co);
+        }
+        self.pending.clear();
+        self.unsynced = false;
+    }
+
+    /// Cleans up after the client left: nothing it did may reach the next client.
+    async fn finish_server(&mut self) {
+        let Some(mut co) = self.server.take() else { return };
+        *self.info.cancel.lock() = None;
+        if !self.pending.is_empty() || self.unsynced || !co.conn.rbuf.is_empty() {
+            // The server is mid-request; closing the connection is the only sure rollback.
+            self.pool.discard(co);
+            return;
+        }
+        let mut steps: Vec<&str> = Vec::new();
+        if co.conn.tx_status != b'I' {
+            steps.push("ROLLBACK");
+        }
+        if self.pinned.is_some() || self.session_mode {
+            steps.push("DISCARD ALL");
+        }
+        for sql in steps {
+            let r = tokio::time::timeout(Duration::from_secs(5), co.conn.exec_quiet(sql, self.max_msg)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                self.pool.discard(co);
+                return;
+            }
+            if sql == "DISCARD ALL" {
+                co.conn.statements.clear();
+                co.conn.params.clear();
+            }
+        }
+        self.pool.checkin(co, true);
+    }
+
+    fn on_query(&mut self, msg: &[u8]) {
+        self.pool.metrics.queries.inc();
+        let text = Cursor::new(&msg[5..]).str().unwrap_or("");
+        match classify(text) {
+            QueryKind::Plain | QueryKind::SetLocal => {}
+            QueryKind::Pin { reason } => {
+                if self.pinned.is_none() && !self.session_mode {
+                    tracing::debug!(client = self.info.pid, reason, "server connection pinned to client");
+                }
+                self.pinned = Some(reason);
+            }
+            QueryKind::Deallocate { name } => {
+                if let Some(def) = self.statements.get(name.as_bytes()).cloned() {
+                    self.statements.remove(name.as_bytes());
+                    // The server knows the statement by its global name (or not at all).
+                    let co = self.server.as_mut().expect("attached");
+                    let sql = if co.conn.statements.touch(def.key) {
+                        co.conn.statements.remove(def.key);
+                        format!("DEALLOCATE \"{}\"", String::from_utf8_lossy(&def.global_name))
+                    } else {
+                        co.conn.statements.clear();
+                        "DEALLOCATE ALL".to_string()
+                    };
+                    messages::query(&mut self.server_out, &sql);
+                    self.pending.push_back(Pending::Query);
+                    return;
+                }
+            }
+            QueryKind::DeallocateAll => {
+                self.statements.clear();
+                if let Some(co) = self.server.as_mut() {
+                    co.conn.statements.clear();
+                }
+            }
+            kind => self.tracked = Some(kind),
+        }
+        self.forward(msg, Some(Pending::Query));
+    }
+
+    fn on_parse(&mut self, msg: &[u8]) {
+        let mut c = Cursor::new(&msg[5..]);
+        let (Some(name), Some(text)) = (c.cstr(), c.cstr()) else {
+            return self.forward(msg, Some(Pending::Forwarded));
+        };
+        if let Some(reason) = std::str::from_utf8(text).ok().and_then(crate::sqlclass::pin_reason) {
+            self.pinned = Some(reason);
+        }
+        if name.is_empty() || self.session_mode {
+            return self.forward(msg, Some(Pending::Forwarded));
+        }
+        let def = Arc::new(StatementDef::new(Bytes::copy_from_slice(text), Bytes::copy_from_slice(c.rest())));
+        if !self.statements.insert(name, def.clone()) {
+            tracing::warn!(client = self.info.pid, name = %String::from_utf8_lossy(name), "prepared statement redefined without Close");
+            self.statements.remove(name);
+            self.statements.insert(name, def.clone());
+        }
+        let co = self.server.as_mut().expect("attached");
+        if co.conn.statements.touch(def.key) {
+            self.push_synthetic(b'1');
+            return;
+        }
+        if let Some(old) = co.conn.statements.insert(def.key) {
+            messages::close_statement(&mut self.server_out, &global_name(old));
+            self.pending.push_back(Pending::InjectedClose);
+        }
+        messages::parse(&mut self.server_out, &def.global_name, &def.text, &def.param_types);
+        self.pending.push_back(Pending::ParseOf(def.key));
+    }
+
+    /// Bind and Describe of a named statement go to its global name, prepared first if the
+    /// server connection does not have it yet.
+    fn on_bind_or_describe(&mut self, tag: u8, msg: &[u8]) {
+        let body = &msg[5..];
+        let mut c = Cursor::new(body);
+        let head_len = if tag == b'B' {
+            c.cstr().map(|p| p.len() + 1)
+        } else {
+            c.u8().filter(|&k| k == b'S').map(|_| 1)
+        };
+        let def = match (head_len, c.cstr()) {
+            (Some(_), Some(name)) if !name.is_empty() && !self.session_mode => self.statements.get(name).cloned(),
+            _ => None,
+        };
+        let Some(def) = def else {
+            // Unnamed, a portal, or unknown to pgshard: the server answers (or errs) itself.
+            return self.forward(msg, Some(Pending::Forwarded));
+        };
+        self.ensure_prepared(&def);
+        let head = &body[..head_len.unwrap_or(0)];
+        messages::with_statement_name(&mut self.server_out, tag, head, &def.global_name, c.rest());
+        self.pending.push_back(Pending::Forwarded);
+    }
+
+    fn ensure_prepared(&mut self, def: &StatementDef) {
+        let co = self.server.as_mut().expect("attached");
+        if co.conn.statements.touch(def.key) {
+            return;
+        }
+        if let Some(old) = co.conn.statements.insert(def.key) {
+            messages::close_statement(&mut self.server_out, &global_name(old));
+            self.pending.push_back(Pending::InjectedClose);
+        }
+        messages::parse(&mut self.server_out, &def.global_name, &def.text, &def.param_types);
+        self.pending.push_back(Pending::InjectedParse(def.key));
+    }
+
+    fn on_close(&mut self, msg: &[u8]) {
+        let mut c = Cursor::new(&msg[5..]);
+        if let (Some(b'S'), Some(name)) = (c.u8(), c.cstr()) {
+            if !name.is_empty() && !self.session_mode && self.statements.remove(name) {
+                // The global statement stays prepared for other clients.
+                self.push_synthetic(b'3');
+                return;
+            }
+        }
+        self.forward(msg, Some(Pending::Forwarded));
+    }
+
+    fn push_synthetic(&mut self, tag: u8) {
+        if self.pending.is_empty() {
+            messages::empty_message(&mut self.client_out, tag);
+        } else {
+            self.pending.push_back(Pending::Synthetic(tag));
+        }
+    }
+
+    fn drain_synthetic(&mut self) {
+        while let Some(Pending::Synthetic(tag)) = self.pending.front().copied() {
+            self.pending.pop_front();
+            messages::empty_message(&mut self.client_out, tag);
+        }
+    }
+
+    /// Handles every complete server message buffered.
+    fn process_server_messages(&mut self) -> Result<(), SessionEnd> {
+        loop {
+            let Some(co) = self.server.as_mut() else { return Ok(()) };
+            let (tag, len) = match co.conn.rbuf.peek(self.max_msg) {
+                Ok(Some(x)) => x,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad message from server");
+                    fatal_and_close(&mut self.client_out, "08P01", &format!("server sent an invalid message: {e}"));
+                    self.discard_server();
+                    return Err(SessionEnd::ServerLost);
+                }
+            };
+            let buf = std::mem::take(&mut co.conn.rbuf.buf);
+            self.on_server_message(tag, &buf[..len]);
+            if let Some(co) = self.server.as_mut() {
+                co.conn.rbuf.buf = buf;
+                co.conn.rbuf.consume(len);
+            }
+        }
+    }
+
+    fn on_server_message(&mut self, tag: u8, msg: &[u8]) {
+        let head = self.pending.front().copied();
+        let in_query = matches!(head, Some(Pending::Query));
+        match tag {
+            b'Z' => {
+                let status = msg.get(5).copied().unwrap_or(b'I');
+                if let Some(co) = self.server.as_mut() {
+                    co.conn.tx_status = status;
+                }
+                if status == b'I' {
+                    if let Some((client, server)) = self.tx_snapshot.take() {
+                        if self.last_tag_rollback {
+                            self.params = client;
+                            if let Some(co) = self.server.as_mut() {
+                                co.conn.params = server;
+                            }
+                        }
+                    }
+                }
+                self.tracked = None;
+                self.pending.pop_front();
+                self.client_out.extend_from_slice(msg);
+                self.drain_synthetic();
+            }
+            b'E' => {
+                self.pool.metrics.errors.inc();
+                self.tracked = None;
+                if !in_query {
+                    // The server skips everything up to the next Sync.
+                    while let Some(p) = self.pending.front().copied() {
+                        if matches!(p, Pending::Sync) {
+                            break;
+                        }
+                        self.pending.pop_front();
+                        if let (Pending::ParseOf(k) | Pending::InjectedParse(k), Some(co)) = (p, self.server.as_mut()) {
+                            co.conn.statements.remove(k);
+                        }
+                    }
+                }
+                self.client_out.extend_from_slice(msg);
+            }
+            b'S' => {
+                let mut c = Cursor::new(&msg[5..]);
+                if let (Some(k), Some(v)) = (c.str(), c.str()) {
+                    if self.params.observe_reported(k, v) {
+                        if let Some(co) = self.server.as_mut() {
+                            co.conn.params.observe_reported(k, v);
+                        }
+                    }
+                }
+                self.client_out.extend_from_slice(msg);
+            }
+            b'C' if in_query => {
+                let tag_text = Cursor::new(&msg[5..]).str().unwrap_or("");
+                self.last_tag_rollback = tag_text == "ROLLBACK";
+                self.on_command_complete();
+                self.client_out.extend_from_slice(msg);
+            }
+            b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's' if !in_query => {
+                match self.pending.pop_front() {
+                    Some(Pending::InjectedParse(_)) | Some(Pending::InjectedClose) => {}
+                    _ => self.client_out.extend_from_slice(msg),
+                }
+                self.drain_synthetic();
+            }
+            _ => self.client_out.extend_from_slice(msg),
+        }
+    }
+
+    /// A tracked SET/RESET/DISCARD succeeded: the client's and the server's settings change.
+    fn on_command_complete(&mut self) {
+        let Some(kind) = self.tracked.take() else { return };
+        let Some(co) = self.server.as_mut() else { return };
+        if co.conn.tx_status != b'I' && self.tx_snapshot.is_none() {
+            self.tx_snapshot = Some((self.params.clone(), co.conn.params.clone()));
+        }
+        match kind {
+            QueryKind::Set { name, value } => {
+                self.params.set(&name, &value);
+                co.conn.params.set(&name, &value);
+            }
+            QueryKind::Reset { name } => {
+                co.conn.params.reset(&name);
+                match self.startup_params.get(&name.to_ascii_lowercase()) {
+                    Some(v) => {
+                        let v = v.to_string();
+                        self.params.set(&name, &v);
+                        self.resync = true;
+                    }
+                    None => self.params.reset(&name),
+                }
+            }
+            QueryKind::ResetAll => {
+                co.conn.params.clear();
+                self.params = self.startup_params.clone();
+                self.resync = !self.params.is_empty();
+            }
+            QueryKind::DiscardAll => {
+                co.conn.params.clear();
+                co.conn.statements.clear();
+                self.statements.clear();
+                self.params = self.startup_params.clone();
+                self.resync = !self.params.is_empty();
+                self.pinned = None;
+            }
+            _ => {}
+        }
+    }
+}

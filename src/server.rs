@@ -1,0 +1,47 @@
+//! Starting the router: listener, metrics endpoint, pool maintenance.
+
+use crate::app::App;
+use crate::config::Config;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Binds the listener and spawns the accept loop and background tasks; returns the state.
+pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, StartError> {
+    let g = config.general.clone();
+    let tls = match (&g.tls_cert_file, &g.tls_key_file) {
+        (Some(c), Some(k)) => Some(crate::tls::acceptor(c, k)?),
+        _ => None,
+    };
+    let listener =
+        tokio::net::TcpListener::bind(g.listen).await.map_err(|source| StartError::Listen { addr: g.listen, source })?;
+    if let Some(addr) = g.metrics_listen {
+        crate::metrics::serve(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+    }
+    let app = App::new(config);
+    *app.config_path.lock() = path;
+    tracing::info!(listen = %g.listen, "pgshard listening");
+    tokio::spawn(crate::frontend::serve(app.clone(), listener, tls));
+    let maint = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for p in maint.pools() {
+                p.maintain().await;
+            }
+        }
+    });
+    Ok(app)
+}
