@@ -64,7 +64,7 @@ pub struct Pool {
     sem: Arc<Semaphore>,
     /// Permits the semaphore holds beyond the current size, to shrink it on reload.
     size_now: AtomicUsize,
-    idle: Mutex<Vec<ServerConn>>,
+    idle: Mutex<Vec<Box<ServerConn>>>,
     waiters: Mutex<BTreeMap<u64, Instant>>,
     next_waiter: AtomicU64,
     /// Connections open (idle + in use + being created).
@@ -76,7 +76,8 @@ pub struct Pool {
 
 /// A server connection lent to a client, with the permit that counts it as in use.
 pub struct Checkout {
-    pub conn: ServerConn,
+    /// Boxed for its whole life so lending it moves a pointer, not the connection's state.
+    pub conn: Box<ServerConn>,
     _permit: OwnedSemaphorePermit,
     pub since: Instant,
 }
@@ -140,7 +141,8 @@ impl Pool {
                 let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
                 self.waiters.lock().insert(id, start);
                 self.metrics.clients_waiting.inc();
-                let r = tokio::time::timeout(settings.wait_timeout, self.sem.clone().acquire_owned()).await;
+                // Boxed: only waiting clients need the timer and queue entry.
+                let r = Box::pin(tokio::time::timeout(settings.wait_timeout, self.sem.clone().acquire_owned())).await;
                 self.metrics.clients_waiting.dec();
                 self.waiters.lock().remove(&id);
                 match r {
@@ -162,14 +164,16 @@ impl Pool {
                     // A connection idle for long may have been cut by a firewall or a server
                     // restart: test it before a client's query finds out.
                     if c.last_used.elapsed() >= settings.check_delay
-                        && c.exec_quiet(";", self.connect.max_message_size).await.is_err()
+                        && Box::pin(c.exec_quiet(";", self.connect.max_message_size)).await.is_err()
                     {
                         self.closed();
                         continue;
                     }
                     break c;
                 }
-                None => break self.connect_new(&settings).await?,
+                // Boxed: a connect carries the whole login state, which every session's future
+                // would otherwise reserve room for.
+                None => break Box::new(Box::pin(self.connect_new(&settings)).await?),
             }
         };
         self.metrics.servers_active.inc();
@@ -271,7 +275,7 @@ impl Pool {
             match self.connect_new(&s).await {
                 Ok(mut c) => {
                     c.last_used = Instant::now();
-                    self.idle.lock().push(c);
+                    self.idle.lock().push(Box::new(c));
                     self.metrics.servers_idle.inc();
                 }
                 Err(_) => break,

@@ -212,12 +212,12 @@ fn classify_set(stmt: &str, w: &[String]) -> QueryKind {
     let Some(name) = w.get(i) else { return QueryKind::Plain };
     // SET TIME ZONE x / SET SCHEMA x / SET NAMES x are spellings of ordinary settings.
     let (name, value_words) = match name.as_str() {
-        "time" if w.get(i + 1).map(String::as_str) == Some("zone") => ("timezone".to_string(), 2),
-        "schema" => ("search_path".to_string(), 1),
-        "names" => ("client_encoding".to_string(), 1),
+        "time" if w.get(i + 1).map(String::as_str) == Some("zone") => ("timezone".to_string(), 1),
+        "schema" => ("search_path".to_string(), 0),
+        "names" => ("client_encoding".to_string(), 0),
         n => (unquote(n), 0),
     };
-    let value = value_text(stmt, i + value_words);
+    let value = value_text(stmt, i + 1 + value_words);
     let lower = value.to_ascii_lowercase();
     if lower == "default" || lower == "local" && name == "timezone" {
         return QueryKind::Reset { name };
@@ -252,9 +252,29 @@ fn unquote(s: &str) -> String {
     s.trim_matches('"').to_string()
 }
 
+/// First words that may start a statement the pooler must track.
+const TRACKED_FIRST_WORDS: &[&str] =
+    &["set", "reset", "discard", "deallocate", "prepare", "listen", "load", "declare", "create"];
+
+/// Cheap test, without allocating, that a query can only be `QueryKind::Plain`: most queries
+/// start with another keyword, take no advisory lock and hold one statement.
+fn surely_plain(sql: &str) -> bool {
+    let s = skip_space_and_comments(sql);
+    let end = s.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let first = &s[..end];
+    if TRACKED_FIRST_WORDS.iter().any(|w| w.eq_ignore_ascii_case(first)) {
+        return false;
+    }
+    let body = s.trim_end().trim_end_matches(';');
+    !body.contains(';') && !contains_ci(body, "advisory")
+}
+
 /// Classifies a simple query; several statements with any session effect pin the connection,
 /// since their combined effect on settings depends on which of them succeed.
 pub fn classify(sql: &str) -> QueryKind {
+    if surely_plain(sql) {
+        return QueryKind::Plain;
+    }
     let stmts = split_statements(sql);
     match stmts.as_slice() {
         [] => QueryKind::Plain,
@@ -329,6 +349,18 @@ mod tests {
         ] {
             assert!(!matches!(classify(q), QueryKind::Pin { .. }), "{q}");
         }
+    }
+
+    #[test]
+    fn fast_path_agrees() {
+        for q in ["SELECT abalance FROM pgbench_accounts WHERE aid = 5;", "  /* c */ update t set a = 1"] {
+            assert!(surely_plain(q), "{q}");
+            assert_eq!(classify(q), QueryKind::Plain);
+        }
+        for q in ["set x = 1", "SELECT pg_advisory_lock(1)", "select 1; set a = 2"] {
+            assert!(!surely_plain(q), "{q}");
+        }
+        assert_eq!(classify("insert into t values (';')"), QueryKind::Plain);
     }
 
     #[test]

@@ -40,9 +40,49 @@ pub fn fatal_and_close(out: &mut BytesMut, code: &str, message: &str) {
     messages::error_response(out, Severity::Fatal, code, message, None);
 }
 
-/// A client connection, plain or TLS.
-pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for T {}
+/// A client connection, plain or TLS, that can be split into independently polled halves.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: ReadReady;
+    type Write: AsyncWrite + Unpin + Send;
+    /// Splits the connection so both directions can be driven at once.
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+/// A read half that can wait for input without a buffer, so idle clients hold no read buffer.
+pub trait ReadReady: AsyncRead + Unpin + Send {
+    /// Resolves when a read would make progress (or might: spurious wake-ups are allowed).
+    fn ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ReadReady for tokio::net::tcp::OwnedReadHalf {
+    fn ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
+    // TLS may have decrypted bytes buffered that socket readiness would not show.
+    fn ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl ClientIo for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    // Owned TCP halves need no lock, unlike the generic split.
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
 
 /// Accepts clients until shutdown begins.
 pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<crate::tls::Acceptor>) {
@@ -111,11 +151,12 @@ async fn handle_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr, tls: 
         Ok(Ok(Handshake::Cancel(pid, secret))) => forward_cancel(&app, pid, secret).await,
         Ok(Ok(Handshake::Startup(params))) => login(app, stream, addr, params).await,
         Ok(Ok(Handshake::Tls(acc))) => {
-            let Ok(Ok(mut tls_stream)) = tokio::time::timeout(LOGIN_TIMEOUT, acc.accept(stream)).await else { return };
+            let accept = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, acc.accept(stream)));
+            let Ok(Ok(mut tls_stream)) = accept.await else { return };
             // After TLS the client sends its real startup packet.
             let r = tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut tls_stream, MAX_STARTUP_PACKET)).await;
             match r.ok().and_then(|r| r.ok()).flatten().map(|b| parse_startup(&b)) {
-                Some(Ok(StartupRequest::Startup { params })) => login(app, tls_stream, addr, params).await,
+                Some(Ok(StartupRequest::Startup { params })) => Box::pin(login(app, tls_stream, addr, params)).await,
                 Some(Err(e)) => {
                     fatal_and_close(&mut out, "08P01", &e.to_string());
                     let _ = tls_stream.write_all(&out).await;
@@ -180,10 +221,11 @@ async fn login<S: ClientIo>(app: Arc<App>, mut s: S, addr: SocketAddr, params: V
         return refuse(s, "3D000", &format!("database \"{database}\" does not exist")).await;
     }
     let mut rbuf = FrameBuf::default();
-    let auth_result = tokio::time::timeout(
+    // Boxed: the exchange is large and done once; the session that follows should not carry it.
+    let auth_result = Box::pin(tokio::time::timeout(
         LOGIN_TIMEOUT,
         login::authenticate(&mut s, &mut rbuf, cfg.general.auth_type, &user, &auth),
-    )
+    ))
     .await;
     match auth_result {
         Ok(Ok(())) => {}
@@ -223,9 +265,9 @@ async fn run_pooled<S: ClientIo>(app: Arc<App>, mut s: S, rbuf: FrameBuf, info: 
     let Some(pool) = app.pool(&info.database, &info.user, 0) else {
         return refuse(s, "3D000", &format!("database \"{}\" does not exist", info.database)).await;
     };
-    let server_params = match pool.server_params().await {
+    let server_params = match Box::pin(pool.server_params()).await {
         Ok(p) => p,
-        Err(e) => return refuse(s, e.sqlstate(), &e.to_string()).await,
+        Err(e) => return Box::pin(refuse(s, e.sqlstate(), &e.to_string())).await,
     };
     let mut out = BytesMut::new();
     for (k, v) in server_params.iter() {
@@ -238,7 +280,8 @@ async fn run_pooled<S: ClientIo>(app: Arc<App>, mut s: S, rbuf: FrameBuf, info: 
     if s.write_all(&out).await.is_err() {
         return;
     }
+    drop(out);
     let startup = SessionParams::from_startup(params);
-    let (r, w) = tokio::io::split(s);
+    let (r, w) = s.into_halves();
     session::Session::new(app, info, pool, r, w, rbuf, startup).run().await;
 }

@@ -10,7 +10,7 @@
 //! itself (ParseComplete for an already-prepared statement, CloseComplete) and swallow the
 //! responses to its own injected messages, all in protocol order.
 
-use super::{fatal_and_close, SessionEnd};
+use super::{fatal_and_close, ReadReady, SessionEnd};
 use crate::app::{client_state, App, CancelTarget, ClientInfo};
 use crate::params::SessionParams;
 use crate::pool::{Checkout, Pool};
@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Stop reading a side once this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -89,7 +89,7 @@ enum Event {
     Shutdown,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
+impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
     /// A session for a client that has logged in; `cbuf` holds anything it sent already.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -131,7 +131,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
 
     /// Runs until the client leaves or is disconnected; the server connection is cleaned up
     /// (rolled back, reset or discarded) before anyone else can get it.
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        // One heap copy of the state; the future then holds only a pointer to it.
+        let mut this = Box::new(self);
+        this.run_boxed().await;
+    }
+
+    async fn run_boxed(&mut self) {
         self.pool.metrics.clients_active.inc();
         let end = self.event_loop().await;
         match &end {
@@ -142,7 +148,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.cw.write_all(&self.client_out)).await;
         }
         let _ = self.cw.shutdown().await;
-        self.finish_server().await;
+        Box::pin(self.finish_server()).await;
         self.pool.metrics.clients_active.dec();
     }
 
@@ -158,7 +164,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 return SessionEnd::Shutdown;
             }
             if self.server.is_none() && self.cbuf.is_empty() && self.client_out.is_empty() {
-                self.cbuf.shrink_if_idle();
+                // Idle clients are the many: they keep no buffers.
+                self.cbuf.buf = BytesMut::new();
                 self.client_out = BytesMut::new();
                 self.server_out = BytesMut::new();
             }
@@ -217,7 +224,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             None => tokio::select! {
                 biased;
                 r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
-                r = cbuf.fill(cr) => Event::ClientRead(r),
+                r = async {
+                    if cbuf.is_empty() {
+                        cr.ready().await?;
+                    }
+                    cbuf.fill(cr).await
+                } => Event::ClientRead(r),
                 _ = shutdown.changed() => Event::Shutdown,
             },
         }
@@ -271,7 +283,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             }
         }
         if self.resync && self.pending.is_empty() {
-            if let Err(SessionEnd::Settings(code, m)) = self.sync_params().await {
+            if let Err(SessionEnd::Settings(code, m)) = Box::pin(self.sync_params()).await {
                 self.fail_request(tag, &code, &m);
                 return Ok(());
             }
@@ -329,7 +341,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         *self.info.cancel.lock() = Some(CancelTarget { addr: co.conn.peer, pid: co.conn.pid, secret: co.conn.secret });
         self.server = Some(co);
         self.resync = true;
-        if let Err(SessionEnd::Settings(code, m)) = self.sync_params().await {
+        if let Err(SessionEnd::Settings(code, m)) = Box::pin(self.sync_params()).await {
             return Err((code, m));
         }
         Ok(())
