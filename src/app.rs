@@ -128,6 +128,8 @@ pub struct App {
     /// True once shutdown began: stop accepting, finish transactions, close.
     pub shutdown: watch::Sender<bool>,
     pub started: Instant,
+    /// Per-process seed for mock verifiers of unknown users.
+    mock_seed: [u8; 16],
     /// File the config was loaded from, for RELOAD and SIGHUP.
     pub config_path: Mutex<Option<std::path::PathBuf>>,
 }
@@ -156,7 +158,15 @@ impl App {
             shutdown: watch::channel(false).0,
             started: Instant::now(),
             config_path: Mutex::new(None),
+            mock_seed: rand::random(),
         })
+    }
+
+    /// Credentials that fail every exchange, for unknown users: they go through the same steps
+    /// as a wrong password so a client cannot tell which user names exist.
+    pub fn unknown_user_auth(&self, user: &str) -> UserAuth {
+        let verifier = ScramVerifier::mock(user, &self.mock_seed);
+        UserAuth { secret: Secret::from(verifier.clone()), scram: Some(verifier) }
     }
 
     /// Credentials of `user`.
@@ -227,8 +237,9 @@ fn build_users(config: &Config) -> HashMap<String, Arc<UserAuth>> {
         .users
         .iter()
         .map(|u| {
-            // Config validation guarantees parseable secrets; fall back to plaintext otherwise.
-            let secret = Secret::parse(&u.password).unwrap_or_else(|_| Secret::Plain(u.password.clone()));
+            // Config validation refuses unparseable secrets, so this cannot fail here; an entry
+            // that somehow did gets a secret nobody can match rather than a plaintext guess.
+            let secret = Secret::parse(&u.password).unwrap_or_else(|_| Secret::from(ScramVerifier::mock(&u.name, b"invalid")));
             let scram = secret.scram_verifier();
             (u.name.clone(), Arc::new(UserAuth { secret, scram }))
         })

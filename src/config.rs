@@ -241,6 +241,9 @@ impl Config {
             if u.pool_size == Some(0) {
                 return bad(format!("users.{}.pool_size must be at least 1", u.name));
             }
+            if let Err(e) = crate::auth::Secret::parse(&u.password) {
+                return bad(format!("users.{}.password: {e}", u.name));
+            }
         }
         for a in &g.admin_users {
             if !self.users.iter().any(|u| &u.name == a) {
@@ -324,6 +327,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("admin_users"), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let c = Config::parse(include_str!("../config/pgshard.toml")).unwrap();
+        assert_eq!(c.shards.len(), 2);
+        assert_eq!(c.general.admin_users, vec!["admin".to_string()]);
     }
 
     #[test]

@@ -211,9 +211,8 @@ async fn login<S: ClientIo>(app: Arc<App>, mut s: S, addr: SocketAddr, params: V
     }
     let cfg = app.config.load_full();
     let is_admin = database == crate::admin::ADMIN_DB;
-    let Some(auth) = app.user_auth(&user) else {
-        return refuse(s, "28P01", &format!("password authentication failed for user \"{user}\"")).await;
-    };
+    let known = app.user_auth(&user);
+    let auth = known.clone().unwrap_or_else(|| Arc::new(app.unknown_user_auth(&user)));
     if is_admin && !cfg.general.admin_users.contains(&user) {
         return refuse(s, "28000", &format!("user \"{user}\" is not an admin_user and may not use the admin console")).await;
     }
@@ -228,7 +227,8 @@ async fn login<S: ClientIo>(app: Arc<App>, mut s: S, addr: SocketAddr, params: V
     ))
     .await;
     match auth_result {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) if known.is_some() => {}
+        Ok(Ok(())) => return refuse(s, "28P01", &format!("password authentication failed for user \"{user}\"")).await,
         Ok(Err(login::LoginError::Closed)) | Err(_) => return,
         Ok(Err(e)) => {
             tracing::info!(%user, %addr, error = %e, "client authentication failed");

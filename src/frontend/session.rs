@@ -16,7 +16,7 @@ use crate::params::SessionParams;
 use crate::pool::{Checkout, Pool};
 use crate::prepared::{global_name, ClientStatements, StatementDef};
 use crate::protocol::messages::{self, Severity};
-use crate::protocol::{Cursor, FrameBuf};
+use crate::protocol::{parse_parse, statement_ref, Cursor, FrameBuf};
 use crate::sqlclass::{classify, QueryKind};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -33,10 +33,11 @@ const HIGH_WATER: usize = 256 * 1024;
 enum Pending {
     /// Simple Query or FunctionCall: ends at ReadyForQuery.
     Query,
-    /// Sync: ends at ReadyForQuery.
-    Sync,
+    /// Sync: ends at ReadyForQuery. Carries the number of COPY ends (CopyDone/CopyFail) the
+    /// client had sent before it, like `Forwarded`.
+    Sync(u32),
     /// A client's extended message, forwarded; its response goes to the client.
-    Forwarded,
+    Forwarded(u32),
     /// A client's Parse of statement `key` under its global name.
     ParseOf(u128),
     /// pgshard's own Parse of statement `key`: ParseComplete is swallowed.
@@ -66,6 +67,8 @@ pub struct Session<R, W> {
     unsynced: bool,
     /// After a failure pgshard reports itself, client messages are dropped until Sync.
     skip_until_sync: bool,
+    /// CopyDone/CopyFail messages forwarded so far: tells which Syncs the server ignores.
+    copy_ends: u32,
     params: SessionParams,
     startup_params: SessionParams,
     statements: ClientStatements,
@@ -118,6 +121,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             pending: VecDeque::new(),
             unsynced: false,
             skip_until_sync: false,
+            copy_ends: 0,
             params: startup_params.clone(),
             startup_params,
             statements: ClientStatements::default(),
@@ -218,7 +222,8 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                     r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
                     r = sw.write_buf(server_out), if !server_out.is_empty() => Event::ServerWrote(r),
                     r = cbuf.fill(cr), if read_client => Event::ClientRead(r),
-                    _ = tokio::time::sleep(idle_tx_timeout), if idle_in_tx => Event::IdleInTransaction,
+                    // An async block, so the timer is only built when the branch is enabled.
+                    _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleInTransaction,
                 }
             }
             None => tokio::select! {
@@ -293,13 +298,17 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             b'P' => self.on_parse(msg),
             b'B' | b'D' => self.on_bind_or_describe(tag, msg),
             b'C' => self.on_close(msg),
-            b'E' => self.forward(msg, Some(Pending::Forwarded)),
+            b'E' => self.forward(msg, Some(Pending::Forwarded(self.copy_ends))),
             b'S' => {
                 self.unsynced = false;
                 self.pool.metrics.queries.inc();
-                self.forward(msg, Some(Pending::Sync));
+                self.forward(msg, Some(Pending::Sync(self.copy_ends)));
             }
             b'F' => self.forward(msg, Some(Pending::Query)),
+            b'c' | b'f' => {
+                self.copy_ends += 1;
+                self.forward(msg, None);
+            }
             _ => self.forward(msg, None),
         }
         if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H') {
@@ -465,17 +474,16 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
     }
 
     fn on_parse(&mut self, msg: &[u8]) {
-        let mut c = Cursor::new(&msg[5..]);
-        let (Some(name), Some(text)) = (c.cstr(), c.cstr()) else {
-            return self.forward(msg, Some(Pending::Forwarded));
+        let Some((name, text, param_types)) = parse_parse(&msg[5..]) else {
+            return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
         };
         if let Some(reason) = std::str::from_utf8(text).ok().and_then(crate::sqlclass::pin_reason) {
             self.pinned = Some(reason);
         }
         if name.is_empty() || self.session_mode {
-            return self.forward(msg, Some(Pending::Forwarded));
+            return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
         }
-        let def = Arc::new(StatementDef::new(Bytes::copy_from_slice(text), Bytes::copy_from_slice(c.rest())));
+        let def = Arc::new(StatementDef::new(Bytes::copy_from_slice(text), Bytes::copy_from_slice(param_types)));
         if !self.statements.insert(name, def.clone()) {
             tracing::warn!(client = self.info.pid, name = %String::from_utf8_lossy(name), "prepared statement redefined without Close");
             self.statements.remove(name);
@@ -497,25 +505,15 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
     /// Bind and Describe of a named statement go to its global name, prepared first if the
     /// server connection does not have it yet.
     fn on_bind_or_describe(&mut self, tag: u8, msg: &[u8]) {
-        let body = &msg[5..];
-        let mut c = Cursor::new(body);
-        let head_len = if tag == b'B' {
-            c.cstr().map(|p| p.len() + 1)
-        } else {
-            c.u8().filter(|&k| k == b'S').map(|_| 1)
-        };
-        let def = match (head_len, c.cstr()) {
-            (Some(_), Some(name)) if !name.is_empty() && !self.session_mode => self.statements.get(name).cloned(),
-            _ => None,
-        };
-        let Some(def) = def else {
+        let named = statement_ref(tag, &msg[5..]).filter(|(_, name, _)| !name.is_empty() && !self.session_mode);
+        let found = named.and_then(|(head, name, tail)| Some((head, self.statements.get(name)?.clone(), tail)));
+        let Some((head, def, tail)) = found else {
             // Unnamed, a portal, or unknown to pgshard: the server answers (or errs) itself.
-            return self.forward(msg, Some(Pending::Forwarded));
+            return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
         };
         self.ensure_prepared(&def);
-        let head = &body[..head_len.unwrap_or(0)];
-        messages::with_statement_name(&mut self.server_out, tag, head, &def.global_name, c.rest());
-        self.pending.push_back(Pending::Forwarded);
+        messages::with_statement_name(&mut self.server_out, tag, head, &def.global_name, tail);
+        self.pending.push_back(Pending::Forwarded(self.copy_ends));
     }
 
     fn ensure_prepared(&mut self, def: &StatementDef) {
@@ -532,15 +530,14 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
     }
 
     fn on_close(&mut self, msg: &[u8]) {
-        let mut c = Cursor::new(&msg[5..]);
-        if let (Some(b'S'), Some(name)) = (c.u8(), c.cstr()) {
+        if let Some((_, name, _)) = statement_ref(b'C', &msg[5..]) {
             if !name.is_empty() && !self.session_mode && self.statements.remove(name) {
                 // The global statement stays prepared for other clients.
                 self.push_synthetic(b'3');
                 return;
             }
         }
-        self.forward(msg, Some(Pending::Forwarded));
+        self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
     }
 
     fn push_synthetic(&mut self, tag: u8) {
@@ -611,7 +608,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                 if !in_query {
                     // The server skips everything up to the next Sync.
                     while let Some(p) = self.pending.front().copied() {
-                        if matches!(p, Pending::Sync) {
+                        if matches!(p, Pending::Sync(_)) {
                             break;
                         }
                         self.pending.pop_front();
@@ -630,6 +627,14 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                             co.conn.params.observe_reported(k, v);
                         }
                     }
+                }
+                self.client_out.extend_from_slice(msg);
+            }
+            b'G' => {
+                // Extended-protocol COPY FROM: the server ignores every Sync the client sent
+                // after the Execute and before ending the copy, so none of them will be answered.
+                if let Some(Pending::Forwarded(at)) = head {
+                    self.pending.retain(|p| !matches!(p, Pending::Sync(n) if *n == at));
                 }
                 self.client_out.extend_from_slice(msg);
             }

@@ -57,6 +57,32 @@ pub fn parse_startup(body: &Bytes) -> Result<StartupRequest, StartupError> {
     Ok(StartupRequest::Startup { params })
 }
 
+/// The parts of a Parse body: statement name, query text, and the raw parameter-type section.
+pub fn parse_parse(body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let mut c = Cursor::new(body);
+    let name = c.cstr()?;
+    let text = c.cstr()?;
+    Some((name, text, c.rest()))
+}
+
+/// The statement a Bind or Describe/Close body names: (bytes before the name, name, bytes
+/// after it). For Describe/Close only statements ('S') are returned, portals give None.
+pub fn statement_ref(tag: u8, body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let mut c = Cursor::new(body);
+    let head_len = match tag {
+        b'B' => c.cstr()?.len() + 1,
+        b'D' | b'C' => {
+            if c.u8()? != b'S' {
+                return None;
+            }
+            1
+        }
+        _ => return None,
+    };
+    let name = c.cstr()?;
+    Some((&body[..head_len], name, c.rest()))
+}
+
 /// Transaction status from a ReadyForQuery body.
 pub fn ready_status(frame: &Frame) -> u8 {
     frame.body().first().copied().unwrap_or(b'I')
@@ -76,6 +102,36 @@ mod tests {
                 assert_eq!(params, vec![("user".into(), "app".into()), ("database".into(), "db".into())])
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn statement_refs() {
+        assert_eq!(statement_ref(b'B', b"p\0s1\0rest"), Some((&b"p\0"[..], &b"s1"[..], &b"rest"[..])));
+        assert_eq!(statement_ref(b'D', b"Ss1\0"), Some((&b"S"[..], &b"s1"[..], &b""[..])));
+        assert_eq!(statement_ref(b'C', b"Pportal\0"), None);
+        assert_eq!(statement_ref(b'B', b"p"), None);
+        assert_eq!(parse_parse(b"n\0select 1\0\0\0"), Some((&b"n"[..], &b"select 1"[..], &b"\0\0"[..])));
+        assert_eq!(parse_parse(b"n\0select"), None);
+    }
+
+    /// Arbitrary bytes through every decoder: no panic, no read past the end.
+    #[test]
+    fn decoders_survive_random_bytes() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let data: Vec<u8> = (0..len).map(|_| {
+                // Bias towards NULs and protocol bytes so the parsers get past their first field.
+                match next() % 4 { 0 => 0, 1 => b"SPBDCQ"[(next() % 6) as usize], _ => next() as u8 }
+            }).collect();
+            crate::fuzz_decoders(&data);
         }
     }
 
