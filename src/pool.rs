@@ -64,6 +64,8 @@ pub struct Pool {
     sem: Arc<Semaphore>,
     /// Permits the semaphore holds beyond the current size, to shrink it on reload.
     size_now: AtomicUsize,
+    // Boxed on purpose: lending a connection then moves a pointer, not its whole state.
+    #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     waiters: Mutex<BTreeMap<u64, Instant>>,
     next_waiter: AtomicU64,

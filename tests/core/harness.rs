@@ -24,7 +24,7 @@ impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
 #[macro_export]
 macro_rules! ensure {
     ($cond:expr, $($arg:tt)*) => {
-        if !$cond {
+        if !($cond) {
             return Err(format!($($arg)*));
         }
     };

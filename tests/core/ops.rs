@@ -154,8 +154,8 @@ fn metrics(h: &Harness) -> TestResult {
         ensure!(body.contains(m), "metrics lack {m}");
     }
     let line = body.lines().find(|l| l.starts_with("pgshard_transactions_total{") && l.contains("database=\"app\"")).ok_or("no app pool counter")?;
-    let n: f64 = line.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0);
-    ensure!(n > 0.0, "transactions counter is zero: {line}");
+    let n = line.rsplit(' ').next().unwrap_or("0").parse::<f64>().unwrap_or(0.0) as u64;
+    ensure!(n > 0, "transactions counter is zero: {line}");
     Ok(())
 }
 

@@ -10,15 +10,18 @@
 //! itself (ParseComplete for an already-prepared statement, CloseComplete) and swallow the
 //! responses to its own injected messages, all in protocol order.
 
+mod extended;
+mod responses;
+
 use super::{fatal_and_close, ReadReady, SessionEnd};
 use crate::app::{client_state, App, CancelTarget, ClientInfo};
 use crate::params::SessionParams;
 use crate::pool::{Checkout, Pool};
-use crate::prepared::{global_name, ClientStatements, StatementDef};
+use crate::prepared::ClientStatements;
 use crate::protocol::messages::{self, Severity};
-use crate::protocol::{parse_parse, statement_ref, Cursor, FrameBuf};
+use crate::protocol::{Cursor, FrameBuf};
 use crate::sqlclass::{classify, QueryKind};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -471,227 +474,5 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             kind => self.tracked = Some(kind),
         }
         self.forward(msg, Some(Pending::Query));
-    }
-
-    fn on_parse(&mut self, msg: &[u8]) {
-        let Some((name, text, param_types)) = parse_parse(&msg[5..]) else {
-            return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
-        };
-        if let Some(reason) = std::str::from_utf8(text).ok().and_then(crate::sqlclass::pin_reason) {
-            self.pinned = Some(reason);
-        }
-        if name.is_empty() || self.session_mode {
-            return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
-        }
-        let def = Arc::new(StatementDef::new(Bytes::copy_from_slice(text), Bytes::copy_from_slice(param_types)));
-        if !self.statements.insert(name, def.clone()) {
-            tracing::warn!(client = self.info.pid, name = %String::from_utf8_lossy(name), "prepared statement redefined without Close");
-            self.statements.remove(name);
-            self.statements.insert(name, def.clone());
-        }
-        let co = self.server.as_mut().expect("attached");
-        if co.conn.statements.touch(def.key) {
-            self.push_synthetic(b'1');
-            return;
-        }
-        if let Some(old) = co.conn.statements.insert(def.key) {
-            messages::close_statement(&mut self.server_out, &global_name(old));
-            self.pending.push_back(Pending::InjectedClose);
-        }
-        messages::parse(&mut self.server_out, &def.global_name, &def.text, &def.param_types);
-        self.pending.push_back(Pending::ParseOf(def.key));
-    }
-
-    /// Bind and Describe of a named statement go to its global name, prepared first if the
-    /// server connection does not have it yet.
-    fn on_bind_or_describe(&mut self, tag: u8, msg: &[u8]) {
-        let named = statement_ref(tag, &msg[5..]).filter(|(_, name, _)| !name.is_empty() && !self.session_mode);
-        let found = named.and_then(|(head, name, tail)| Some((head, self.statements.get(name)?.clone(), tail)));
-        let Some((head, def, tail)) = found else {
-            // Unnamed, a portal, or unknown to pgshard: the server answers (or errs) itself.
-            return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
-        };
-        self.ensure_prepared(&def);
-        messages::with_statement_name(&mut self.server_out, tag, head, &def.global_name, tail);
-        self.pending.push_back(Pending::Forwarded(self.copy_ends));
-    }
-
-    fn ensure_prepared(&mut self, def: &StatementDef) {
-        let co = self.server.as_mut().expect("attached");
-        if co.conn.statements.touch(def.key) {
-            return;
-        }
-        if let Some(old) = co.conn.statements.insert(def.key) {
-            messages::close_statement(&mut self.server_out, &global_name(old));
-            self.pending.push_back(Pending::InjectedClose);
-        }
-        messages::parse(&mut self.server_out, &def.global_name, &def.text, &def.param_types);
-        self.pending.push_back(Pending::InjectedParse(def.key));
-    }
-
-    fn on_close(&mut self, msg: &[u8]) {
-        if let Some((_, name, _)) = statement_ref(b'C', &msg[5..]) {
-            if !name.is_empty() && !self.session_mode && self.statements.remove(name) {
-                // The global statement stays prepared for other clients.
-                self.push_synthetic(b'3');
-                return;
-            }
-        }
-        self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
-    }
-
-    fn push_synthetic(&mut self, tag: u8) {
-        if self.pending.is_empty() {
-            messages::empty_message(&mut self.client_out, tag);
-        } else {
-            self.pending.push_back(Pending::Synthetic(tag));
-        }
-    }
-
-    fn drain_synthetic(&mut self) {
-        while let Some(Pending::Synthetic(tag)) = self.pending.front().copied() {
-            self.pending.pop_front();
-            messages::empty_message(&mut self.client_out, tag);
-        }
-    }
-
-    /// Handles every complete server message buffered.
-    fn process_server_messages(&mut self) -> Result<(), SessionEnd> {
-        loop {
-            let Some(co) = self.server.as_mut() else { return Ok(()) };
-            let (tag, len) = match co.conn.rbuf.peek(self.max_msg) {
-                Ok(Some(x)) => x,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "bad message from server");
-                    fatal_and_close(&mut self.client_out, "08P01", &format!("server sent an invalid message: {e}"));
-                    self.discard_server();
-                    return Err(SessionEnd::ServerLost);
-                }
-            };
-            let buf = std::mem::take(&mut co.conn.rbuf.buf);
-            self.on_server_message(tag, &buf[..len]);
-            if let Some(co) = self.server.as_mut() {
-                co.conn.rbuf.buf = buf;
-                co.conn.rbuf.consume(len);
-            }
-        }
-    }
-
-    fn on_server_message(&mut self, tag: u8, msg: &[u8]) {
-        let head = self.pending.front().copied();
-        let in_query = matches!(head, Some(Pending::Query));
-        match tag {
-            b'Z' => {
-                let status = msg.get(5).copied().unwrap_or(b'I');
-                if let Some(co) = self.server.as_mut() {
-                    co.conn.tx_status = status;
-                }
-                if status == b'I' {
-                    if let Some((client, server)) = self.tx_snapshot.take() {
-                        if self.last_tag_rollback {
-                            self.params = client;
-                            if let Some(co) = self.server.as_mut() {
-                                co.conn.params = server;
-                            }
-                        }
-                    }
-                }
-                self.tracked = None;
-                self.pending.pop_front();
-                self.client_out.extend_from_slice(msg);
-                self.drain_synthetic();
-            }
-            b'E' => {
-                self.pool.metrics.errors.inc();
-                self.tracked = None;
-                if !in_query {
-                    // The server skips everything up to the next Sync.
-                    while let Some(p) = self.pending.front().copied() {
-                        if matches!(p, Pending::Sync(_)) {
-                            break;
-                        }
-                        self.pending.pop_front();
-                        if let (Pending::ParseOf(k) | Pending::InjectedParse(k), Some(co)) = (p, self.server.as_mut()) {
-                            co.conn.statements.remove(k);
-                        }
-                    }
-                }
-                self.client_out.extend_from_slice(msg);
-            }
-            b'S' => {
-                let mut c = Cursor::new(&msg[5..]);
-                if let (Some(k), Some(v)) = (c.str(), c.str()) {
-                    if self.params.observe_reported(k, v) {
-                        if let Some(co) = self.server.as_mut() {
-                            co.conn.params.observe_reported(k, v);
-                        }
-                    }
-                }
-                self.client_out.extend_from_slice(msg);
-            }
-            b'G' => {
-                // Extended-protocol COPY FROM: the server ignores every Sync the client sent
-                // after the Execute and before ending the copy, so none of them will be answered.
-                if let Some(Pending::Forwarded(at)) = head {
-                    self.pending.retain(|p| !matches!(p, Pending::Sync(n) if *n == at));
-                }
-                self.client_out.extend_from_slice(msg);
-            }
-            b'C' if in_query => {
-                let tag_text = Cursor::new(&msg[5..]).str().unwrap_or("");
-                self.last_tag_rollback = tag_text == "ROLLBACK";
-                self.on_command_complete();
-                self.client_out.extend_from_slice(msg);
-            }
-            b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's' if !in_query => {
-                match self.pending.pop_front() {
-                    Some(Pending::InjectedParse(_)) | Some(Pending::InjectedClose) => {}
-                    _ => self.client_out.extend_from_slice(msg),
-                }
-                self.drain_synthetic();
-            }
-            _ => self.client_out.extend_from_slice(msg),
-        }
-    }
-
-    /// A tracked SET/RESET/DISCARD succeeded: the client's and the server's settings change.
-    fn on_command_complete(&mut self) {
-        let Some(kind) = self.tracked.take() else { return };
-        let Some(co) = self.server.as_mut() else { return };
-        if co.conn.tx_status != b'I' && self.tx_snapshot.is_none() {
-            self.tx_snapshot = Some((self.params.clone(), co.conn.params.clone()));
-        }
-        match kind {
-            QueryKind::Set { name, value } => {
-                self.params.set(&name, &value);
-                co.conn.params.set(&name, &value);
-            }
-            QueryKind::Reset { name } => {
-                co.conn.params.reset(&name);
-                match self.startup_params.get(&name.to_ascii_lowercase()) {
-                    Some(v) => {
-                        let v = v.to_string();
-                        self.params.set(&name, &v);
-                        self.resync = true;
-                    }
-                    None => self.params.reset(&name),
-                }
-            }
-            QueryKind::ResetAll => {
-                co.conn.params.clear();
-                self.params = self.startup_params.clone();
-                self.resync = !self.params.is_empty();
-            }
-            QueryKind::DiscardAll => {
-                co.conn.params.clear();
-                co.conn.statements.clear();
-                self.statements.clear();
-                self.params = self.startup_params.clone();
-                self.resync = !self.params.is_empty();
-                self.pinned = None;
-            }
-            _ => {}
-        }
     }
 }
