@@ -78,7 +78,7 @@ pidfile = $WORK/pgb.pid
 EOF
 echo '"app" "app"' > "$WORK/users.txt"
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"/*
-as_pg bash -c "ulimit -n 65536 2>/dev/null; pgbouncer -d $WORK/pgbouncer.ini"
+as_pg bash -c "ulimit -n 65536 2>/dev/null || ulimit -n \$(ulimit -Hn); pgbouncer -d $WORK/pgbouncer.ini"
 sleep 1
 BOUNCER_PID=$(cat "$WORK/pgb.pid")
 

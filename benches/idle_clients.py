@@ -22,7 +22,11 @@ socks = []
 pkt = startup()
 pending = {}
 for i in range(n):
-    s = socket.create_connection((host, port))
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+    except OSError as e:
+        print(f"stopped after {i} connections: {e}", file=sys.stderr)
+        break
     s.setblocking(False)
     s.sendall(pkt)
     socks.append(s)
@@ -48,7 +52,7 @@ while pending and time.time() < deadline:
             del pending[sock]
 time.sleep(2)
 after = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
-ok = n - len(pending)
+ok = len(socks) - len(pending)
 print(f"{(after - before) * 1024 / max(ok, 1):.0f} bytes ({ok} logged in, RSS {before} kB -> {after} kB)")
 for s in socks:
     s.close()

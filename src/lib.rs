@@ -9,6 +9,7 @@ pub mod demo;
 pub mod frontend;
 pub mod metrics;
 pub mod params;
+pub mod pghash;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
