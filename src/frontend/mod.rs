@@ -48,22 +48,38 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn into_halves(self) -> (Self::Read, Self::Write);
 }
 
-/// A read half that can wait for input without a buffer, so idle clients hold no read buffer.
+/// A read half an idle session can wait on without holding a read buffer.
 pub trait ReadReady: AsyncRead + Unpin + Send {
-    /// Resolves when a read would make progress (or might: spurious wake-ups are allowed).
-    fn ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// Waits for input and appends it to `buf`, allocating only for bytes that arrived.
+    fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a;
 }
 
 impl ReadReady for tokio::net::tcp::OwnedReadHalf {
-    fn ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
-        self.readable()
+    fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
+        async move {
+            loop {
+                // Readiness can be stale (the login read exactly what it needed and never saw
+                // WouldBlock): a non-blocking read into a small stack buffer clears it without
+                // reserving a read buffer for a client that is not sending anything.
+                self.readable().await?;
+                let mut tmp = [0u8; 512];
+                match self.try_read(&mut tmp) {
+                    Ok(n) => {
+                        buf.buf.extend_from_slice(&tmp[..n]);
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     }
 }
 
 impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
-    // TLS may have decrypted bytes buffered that socket readiness would not show.
-    fn ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
-        std::future::ready(Ok(()))
+    // TLS may hold decrypted bytes that socket readiness would not show: read normally.
+    fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
+        buf.fill(self)
     }
 }
 
@@ -109,68 +125,68 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<crate::tls:
 async fn handle_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr, tls: Option<crate::tls::Acceptor>) {
     let _ = stream.set_nodelay(true);
     let mut stream = stream;
-    let mut out = BytesMut::new();
-    // The first messages come before TLS and before any trust: read them with a small bound.
-    let startup = tokio::time::timeout(LOGIN_TIMEOUT, async {
-        loop {
-            let body = match read_startup(&mut stream, MAX_STARTUP_PACKET).await {
-                Ok(Some(b)) => b,
-                Ok(None) => return Err(None),
-                Err(e) => return Err(Some(("08P01", e.to_string()))),
-            };
-            match parse_startup(&body) {
-                Ok(StartupRequest::Ssl) => {
-                    if let Some(acc) = &tls {
-                        if stream.write_all(b"S").await.is_err() {
-                            return Err(None);
-                        }
-                        return Ok(Handshake::Tls(acc.clone()));
-                    }
-                    if stream.write_all(b"N").await.is_err() {
-                        return Err(None);
-                    }
+    // Everything but the pooled session is boxed: each client's task reserves room for its
+    // largest state, and the handshake, TLS, cancel and refusal states would otherwise make
+    // every idle client pay for them.
+    let hs = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, handshake(&mut stream, tls.as_ref()))).await;
+    match hs.unwrap_or(Handshake::Gone) {
+        Handshake::Startup(params) => login(app, stream, addr, params).await,
+        Handshake::Tls(acc) => Box::pin(tls_login(app, stream, addr, acc)).await,
+        Handshake::Cancel(pid, secret) => Box::pin(forward_cancel(&app, pid, secret)).await,
+        Handshake::Refused(code, m) => Box::pin(refuse(stream, code, &m)).await,
+        Handshake::Gone => {}
+    }
+}
+
+/// Reads the untyped first messages: SSL/GSSENC negotiation, then a startup or cancel packet.
+async fn handshake(stream: &mut TcpStream, tls: Option<&crate::tls::Acceptor>) -> Handshake {
+    loop {
+        let body = match read_startup(stream, MAX_STARTUP_PACKET).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Handshake::Gone,
+            Err(e) => return Handshake::Refused("08P01", e.to_string()),
+        };
+        match parse_startup(&body) {
+            Ok(StartupRequest::Ssl) => {
+                let answer: &[u8] = if tls.is_some() { b"S" } else { b"N" };
+                if stream.write_all(answer).await.is_err() {
+                    return Handshake::Gone;
                 }
-                Ok(StartupRequest::GssEnc) => {
-                    if stream.write_all(b"N").await.is_err() {
-                        return Err(None);
-                    }
+                if let Some(acc) = tls {
+                    return Handshake::Tls(acc.clone());
                 }
-                Ok(StartupRequest::Cancel { pid, secret }) => return Ok(Handshake::Cancel(pid, secret)),
-                Ok(StartupRequest::Startup { params }) => return Ok(Handshake::Startup(params)),
-                Err(e) => return Err(Some(("08P01", e.to_string()))),
             }
-        }
-    })
-    .await;
-    match startup {
-        Err(_) | Ok(Err(None)) => {}
-        Ok(Err(Some((code, m)))) => {
-            fatal_and_close(&mut out, code, &m);
-            let _ = stream.write_all(&out).await;
-        }
-        Ok(Ok(Handshake::Cancel(pid, secret))) => forward_cancel(&app, pid, secret).await,
-        Ok(Ok(Handshake::Startup(params))) => login(app, stream, addr, params).await,
-        Ok(Ok(Handshake::Tls(acc))) => {
-            let accept = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, acc.accept(stream)));
-            let Ok(Ok(mut tls_stream)) = accept.await else { return };
-            // After TLS the client sends its real startup packet.
-            let r = tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut tls_stream, MAX_STARTUP_PACKET)).await;
-            match r.ok().and_then(|r| r.ok()).flatten().map(|b| parse_startup(&b)) {
-                Some(Ok(StartupRequest::Startup { params })) => Box::pin(login(app, tls_stream, addr, params)).await,
-                Some(Err(e)) => {
-                    fatal_and_close(&mut out, "08P01", &e.to_string());
-                    let _ = tls_stream.write_all(&out).await;
+            Ok(StartupRequest::GssEnc) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return Handshake::Gone;
                 }
-                _ => {}
             }
+            Ok(StartupRequest::Cancel { pid, secret }) => return Handshake::Cancel(pid, secret),
+            Ok(StartupRequest::Startup { params }) => return Handshake::Startup(params),
+            Err(e) => return Handshake::Refused("08P01", e.to_string()),
         }
     }
 }
 
+/// TLS handshake, then the real startup packet and the login over TLS.
+async fn tls_login(app: Arc<App>, stream: TcpStream, addr: SocketAddr, acc: crate::tls::Acceptor) {
+    let Ok(Ok(mut tls_stream)) = tokio::time::timeout(LOGIN_TIMEOUT, acc.accept(stream)).await else { return };
+    let r = tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut tls_stream, MAX_STARTUP_PACKET)).await;
+    match r.ok().and_then(|r| r.ok()).flatten().map(|b| parse_startup(&b)) {
+        Some(Ok(StartupRequest::Startup { params })) => login(app, tls_stream, addr, params).await,
+        Some(Ok(_)) => refuse(tls_stream, "08P01", "expected a startup packet after TLS negotiation").await,
+        Some(Err(e)) => refuse(tls_stream, "08P01", &e.to_string()).await,
+        None => {}
+    }
+}
+
+/// What a connection's first messages asked for.
 enum Handshake {
     Tls(crate::tls::Acceptor),
     Cancel(i32, i32),
     Startup(Vec<(String, String)>),
+    Refused(&'static str, String),
+    Gone,
 }
 
 /// Sends a client's cancel to the server connection running its query, if any.
@@ -200,39 +216,67 @@ async fn refuse<S: ClientIo>(mut s: S, code: &str, message: &str) {
     let _ = s.shutdown().await;
 }
 
+/// A client that passed authentication.
+struct LoggedIn<S> {
+    s: S,
+    rbuf: FrameBuf,
+    info: Arc<ClientInfo>,
+    admin: bool,
+}
+
 /// Authenticates a client and runs its session.
-async fn login<S: ClientIo>(app: Arc<App>, mut s: S, addr: SocketAddr, params: Vec<(String, String)>) {
-    let Some(user) = param(&params, "user").filter(|u| !u.is_empty()).map(str::to_string) else {
-        return refuse(s, "28000", "no PostgreSQL user name specified in startup packet").await;
+async fn login<S: ClientIo>(app: Arc<App>, s: S, addr: SocketAddr, params: Vec<(String, String)>) {
+    let Some(c) = Box::pin(authenticate_client(&app, s, addr, &params)).await else { return };
+    let metrics = crate::metrics::Metrics::global();
+    metrics.client_connections.inc();
+    let pid = c.info.pid;
+    if c.admin {
+        Box::pin(crate::admin::run(app.clone(), c.s, c.rbuf, pid, c.info.secret)).await;
+    } else {
+        run_pooled(app.clone(), c.s, c.rbuf, c.info, &params).await;
+    }
+    metrics.client_connections.dec();
+    app.clients.unregister(pid);
+}
+
+/// Checks the startup packet and runs the authentication exchange; refuses the client (and
+/// returns None) on any failure.
+async fn authenticate_client<S: ClientIo>(app: &Arc<App>, mut s: S, addr: SocketAddr, params: &[(String, String)]) -> Option<LoggedIn<S>> {
+    let Some(user) = param(params, "user").filter(|u| !u.is_empty()).map(str::to_string) else {
+        refuse(s, "28000", "no PostgreSQL user name specified in startup packet").await;
+        return None;
     };
-    let database = param(&params, "database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
-    if param(&params, "replication").is_some_and(|r| r != "false" && r != "off" && r != "0") {
-        return refuse(s, "08P01", "replication connections are not supported through pgshard; connect to the server directly").await;
+    let database = param(params, "database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    if param(params, "replication").is_some_and(|r| r != "false" && r != "off" && r != "0") {
+        refuse(s, "08P01", "replication connections are not supported through pgshard; connect to the server directly").await;
+        return None;
     }
     let cfg = app.config.load_full();
     let is_admin = database == crate::admin::ADMIN_DB;
     let known = app.user_auth(&user);
     let auth = known.clone().unwrap_or_else(|| Arc::new(app.unknown_user_auth(&user)));
-    if is_admin && !cfg.general.admin_users.contains(&user) {
-        return refuse(s, "28000", &format!("user \"{user}\" is not an admin_user and may not use the admin console")).await;
+    if is_admin && known.is_some() && !cfg.general.admin_users.contains(&user) {
+        refuse(s, "28000", &format!("user \"{user}\" is not an admin_user and may not use the admin console")).await;
+        return None;
     }
     if !is_admin && cfg.database(&database).is_none() {
-        return refuse(s, "3D000", &format!("database \"{database}\" does not exist")).await;
+        refuse(s, "3D000", &format!("database \"{database}\" does not exist")).await;
+        return None;
     }
     let mut rbuf = FrameBuf::default();
-    // Boxed: the exchange is large and done once; the session that follows should not carry it.
-    let auth_result = Box::pin(tokio::time::timeout(
-        LOGIN_TIMEOUT,
-        login::authenticate(&mut s, &mut rbuf, cfg.general.auth_type, &user, &auth),
-    ))
-    .await;
+    let auth_result =
+        tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut s, &mut rbuf, cfg.general.auth_type, &user, &auth)).await;
     match auth_result {
         Ok(Ok(())) if known.is_some() => {}
-        Ok(Ok(())) => return refuse(s, "28P01", &format!("password authentication failed for user \"{user}\"")).await,
-        Ok(Err(login::LoginError::Closed)) | Err(_) => return,
+        Ok(Ok(())) => {
+            refuse(s, "28P01", &format!("password authentication failed for user \"{user}\"")).await;
+            return None;
+        }
+        Ok(Err(login::LoginError::Closed)) | Err(_) => return None,
         Ok(Err(e)) => {
             tracing::info!(%user, %addr, error = %e, "client authentication failed");
-            return refuse(s, e.sqlstate(), &e.to_string()).await;
+            refuse(s, e.sqlstate(), &e.to_string()).await;
+            return None;
         }
     }
     let (pid, secret) = app.clients.next_key();
@@ -240,34 +284,41 @@ async fn login<S: ClientIo>(app: Arc<App>, mut s: S, addr: SocketAddr, params: V
         pid,
         secret,
         addr,
-        user: user.clone(),
-        database: database.clone(),
-        application_name: param(&params, "application_name").unwrap_or("").to_string(),
+        user,
+        database,
+        application_name: param(params, "application_name").unwrap_or("").to_string(),
         connected: Instant::now(),
         state: AtomicU8::new(client_state::IDLE),
         cancel: parking_lot::Mutex::new(None),
     });
     if !app.clients.register(info.clone(), cfg.general.max_client_conn) {
-        return refuse(s, "53300", "sorry, too many clients already (max_client_conn)").await;
+        refuse(s, "53300", "sorry, too many clients already (max_client_conn)").await;
+        return None;
     }
-    let metrics = crate::metrics::Metrics::global();
-    metrics.client_connections.inc();
-    if is_admin {
-        crate::admin::run(app.clone(), s, rbuf, pid, secret).await;
-    } else {
-        run_pooled(app.clone(), s, rbuf, info, &params).await;
-    }
-    metrics.client_connections.dec();
-    app.clients.unregister(pid);
+    Some(LoggedIn { s, rbuf, info, admin: is_admin })
 }
 
-async fn run_pooled<S: ClientIo>(app: Arc<App>, mut s: S, rbuf: FrameBuf, info: Arc<ClientInfo>, params: &[(String, String)]) {
+async fn run_pooled<S: ClientIo>(app: Arc<App>, s: S, rbuf: FrameBuf, info: Arc<ClientInfo>, params: &[(String, String)]) {
+    let Some((s, pool)) = Box::pin(greet(&app, s, &info, params)).await else { return };
+    let startup = SessionParams::from_startup(params);
+    let (r, w) = s.into_halves();
+    // Boxed before running, so the task's future holds a pointer rather than the state.
+    Box::new(session::Session::new(app, info, pool, r, w, rbuf, startup)).run().await;
+}
+
+/// Finds the client's pool and sends the server's parameters, its backend key and
+/// ReadyForQuery; refuses the client if the pool cannot reach its server.
+async fn greet<S: ClientIo>(app: &App, mut s: S, info: &ClientInfo, params: &[(String, String)]) -> Option<(S, Arc<crate::pool::Pool>)> {
     let Some(pool) = app.pool(&info.database, &info.user, 0) else {
-        return refuse(s, "3D000", &format!("database \"{}\" does not exist", info.database)).await;
+        refuse(s, "3D000", &format!("database \"{}\" does not exist", info.database)).await;
+        return None;
     };
-    let server_params = match Box::pin(pool.server_params()).await {
+    let server_params = match pool.server_params().await {
         Ok(p) => p,
-        Err(e) => return Box::pin(refuse(s, e.sqlstate(), &e.to_string())).await,
+        Err(e) => {
+            refuse(s, e.sqlstate(), &e.to_string()).await;
+            return None;
+        }
     };
     let mut out = BytesMut::new();
     for (k, v) in server_params.iter() {
@@ -277,11 +328,6 @@ async fn run_pooled<S: ClientIo>(app: Arc<App>, mut s: S, rbuf: FrameBuf, info: 
     }
     messages::backend_key_data(&mut out, info.pid, info.secret);
     messages::ready_for_query(&mut out, b'I');
-    if s.write_all(&out).await.is_err() {
-        return;
-    }
-    drop(out);
-    let startup = SessionParams::from_startup(params);
-    let (r, w) = s.into_halves();
-    session::Session::new(app, info, pool, r, w, rbuf, startup).run().await;
+    s.write_all(&out).await.ok()?;
+    Some((s, pool))
 }

@@ -138,13 +138,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
 
     /// Runs until the client leaves or is disconnected; the server connection is cleaned up
     /// (rolled back, reset or discarded) before anyone else can get it.
-    pub async fn run(self) {
-        // One heap copy of the state; the future then holds only a pointer to it.
-        let mut this = Box::new(self);
-        this.run_boxed().await;
-    }
-
-    async fn run_boxed(&mut self) {
+    pub async fn run(mut self: Box<Self>) {
         self.pool.metrics.clients_active.inc();
         let end = self.event_loop().await;
         match &end {
@@ -232,12 +226,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             None => tokio::select! {
                 biased;
                 r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
-                r = async {
-                    if cbuf.is_empty() {
-                        cr.ready().await?;
-                    }
-                    cbuf.fill(cr).await
-                } => Event::ClientRead(r),
+                r = cr.read_idle(cbuf) => Event::ClientRead(r),
                 _ = shutdown.changed() => Event::Shutdown,
             },
         }
@@ -285,7 +274,9 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                 // Nothing to flush and no COPY in progress without a server connection.
                 return Ok(());
             }
-            if let Err(msg) = self.attach().await {
+            // Boxed (one allocation per transaction): the wait for a pool slot is large state
+            // that would otherwise be reserved in every client's task, idle or not.
+            if let Err(msg) = Box::pin(self.attach()).await {
                 self.fail_request(tag, &msg.0, &msg.1);
                 return Ok(());
             }
