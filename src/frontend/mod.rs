@@ -43,7 +43,7 @@ pub fn fatal_and_close(out: &mut BytesMut, code: &str, message: &str) {
 /// A client connection, plain or TLS, that can be split into independently polled halves.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Read: ReadReady;
-    type Write: AsyncWrite + Unpin + Send;
+    type Write: ClientWrite;
     /// Splits the connection so both directions can be driven at once.
     fn into_halves(self) -> (Self::Read, Self::Write);
 }
@@ -81,6 +81,20 @@ impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
     fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
         buf.fill(self)
     }
+}
+
+/// A write half; `BUFFERED` ones (TLS) may hold accepted bytes until flushed.
+pub trait ClientWrite: AsyncWrite + Unpin + Send {
+    /// True when written bytes can sit in the writer until `flush`.
+    const BUFFERED: bool;
+}
+
+impl ClientWrite for tokio::net::tcp::OwnedWriteHalf {
+    const BUFFERED: bool = false;
+}
+
+impl<T: AsyncWrite + Send> ClientWrite for tokio::io::WriteHalf<T> {
+    const BUFFERED: bool = true;
 }
 
 impl ClientIo for TcpStream {

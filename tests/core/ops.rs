@@ -231,6 +231,16 @@ fn tls(h: &Harness) -> TestResult {
     );
     let out = String::from_utf8_lossy(&o.stdout);
     ensure!(o.status.success() && out.contains("over tls") && out.contains("SSL connection"), "TLS session failed: {out}{}", String::from_utf8_lossy(&o.stderr));
+    // A result larger than the socket buffers: bytes the TLS writer holds must be flushed.
+    let o = h.client_program(
+        "psql",
+        r.port,
+        "app",
+        APP_PW,
+        &["-X", "-At", "-d", "sslmode=require dbname=app", "-c", "SELECT length(string_agg(repeat('x', 1000), '')) FROM generate_series(1, 5000)", "-c", "SELECT repeat('y', 5000000)"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    ensure!(o.status.success() && out.starts_with("5000000\n") && out.len() > 5_000_000, "large result over TLS failed ({} bytes)", out.len());
     // Without TLS configured, sslmode=require is refused cleanly ('N').
     let o = h.client_program("psql", h.router.port, "app", APP_PW, &["-X", "-d", "sslmode=require dbname=app", "-c", "SELECT 1"]);
     ensure!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("SSL"), "sslmode=require without TLS should fail");

@@ -2,15 +2,14 @@
 //! prepared on demand, and answered by pgshard itself where the server is not needed.
 
 use super::{Pending, Session};
-use crate::frontend::ReadReady;
+use crate::frontend::{ClientWrite, ReadReady};
 use crate::prepared::{global_name, StatementDef};
 use crate::protocol::messages;
 use crate::protocol::{parse_parse, statement_ref};
 use bytes::Bytes;
 use std::sync::Arc;
-use tokio::io::AsyncWrite;
 
-impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
+impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     pub(super) fn on_parse(&mut self, msg: &[u8]) {
         let Some((name, text, param_types)) = parse_parse(&msg[5..]) else {
             return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));

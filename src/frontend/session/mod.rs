@@ -13,7 +13,7 @@
 mod extended;
 mod responses;
 
-use super::{fatal_and_close, ReadReady, SessionEnd};
+use super::{fatal_and_close, ClientWrite, ReadReady, SessionEnd};
 use crate::app::{client_state, App, CancelTarget, ClientInfo};
 use crate::params::SessionParams;
 use crate::pool::{Checkout, Pool};
@@ -21,12 +21,21 @@ use crate::prepared::ClientStatements;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::{Cursor, FrameBuf};
 use crate::sqlclass::{classify, QueryKind};
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Writes queued bytes to the client, or flushes a buffering writer once they are all out.
+async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) -> Event {
+    if out.is_empty() {
+        Event::ClientFlushed(w.flush().await)
+    } else {
+        Event::ClientWrote(w.write_buf(out).await)
+    }
+}
 
 /// Stop reading a side once this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -83,6 +92,8 @@ pub struct Session<R, W> {
     last_tag_rollback: bool,
     /// Settings of the attached server must be re-applied before the next request.
     resync: bool,
+    /// Bytes were handed to a buffering (TLS) writer since its last flush.
+    client_unflushed: bool,
 }
 
 /// What woke the event loop.
@@ -90,12 +101,13 @@ enum Event {
     ClientRead(std::io::Result<usize>),
     ServerRead(std::io::Result<usize>),
     ClientWrote(std::io::Result<usize>),
+    ClientFlushed(std::io::Result<()>),
     ServerWrote(std::io::Result<usize>),
     IdleInTransaction,
     Shutdown,
 }
 
-impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
+impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     /// A session for a client that has logged in; `cbuf` holds anything it sent already.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -133,6 +145,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             tx_snapshot: None,
             last_tag_rollback: false,
             resync: false,
+            client_unflushed: false,
         }
     }
 
@@ -160,6 +173,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                 return end;
             }
             self.maybe_release();
+            self.write_eagerly();
             if self.server.is_none() && *shutdown.borrow() {
                 fatal_and_close(&mut self.client_out, "57P01", "pgshard is shutting down");
                 return SessionEnd::Shutdown;
@@ -184,8 +198,12 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                     self.discard_server();
                     return SessionEnd::ServerLost;
                 }
-                Event::ClientWrote(Ok(n)) => self.pool.metrics.bytes_sent.inc_by(n as u64),
-                Event::ClientWrote(Err(_)) => return SessionEnd::ClientGone,
+                Event::ClientWrote(Ok(n)) => {
+                    self.pool.metrics.bytes_sent.inc_by(n as u64);
+                    self.client_unflushed = W::BUFFERED;
+                }
+                Event::ClientWrote(Err(_)) | Event::ClientFlushed(Err(_)) => return SessionEnd::ClientGone,
+                Event::ClientFlushed(Ok(())) => self.client_unflushed = false,
                 Event::ServerWrote(Ok(_)) => {}
                 Event::IdleInTransaction => {
                     fatal_and_close(&mut self.client_out, "25P03", "terminating connection due to idle-in-transaction timeout");
@@ -207,6 +225,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             None => false,
         };
         let idle_tx_timeout = self.idle_tx_timeout;
+        let flush = self.client_unflushed && self.client_out.is_empty();
         let (cr, cw, cbuf, client_out, server_out) =
             (&mut self.cr, &mut self.cw, &mut self.cbuf, &mut self.client_out, &mut self.server_out);
         match self.server.as_mut() {
@@ -216,7 +235,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                 tokio::select! {
                     biased;
                     r = sbuf.fill(&mut sr), if read_server => Event::ServerRead(r),
-                    r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                    ev = write_or_flush(cw, client_out), if !client_out.is_empty() || flush => ev,
                     r = sw.write_buf(server_out), if !server_out.is_empty() => Event::ServerWrote(r),
                     r = cbuf.fill(cr), if read_client => Event::ClientRead(r),
                     // An async block, so the timer is only built when the branch is enabled.
@@ -225,7 +244,7 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
             }
             None => tokio::select! {
                 biased;
-                r = cw.write_buf(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                ev = write_or_flush(cw, client_out), if !client_out.is_empty() || flush => ev,
                 r = cr.read_idle(cbuf) => Event::ClientRead(r),
                 _ = shutdown.changed() => Event::Shutdown,
             },
@@ -366,6 +385,27 @@ impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
                 // stays usable, as PostgreSQL would have refused it at SET time.
                 self.params = self.startup_params.clone();
                 Err(SessionEnd::Settings(e.sqlstate().to_string(), format!("cannot apply session settings: {e}")))
+            }
+        }
+    }
+
+    /// Writes what is queued without waiting: such writes nearly always complete at once, and
+    /// each saves a trip through the event loop.
+    fn write_eagerly(&mut self) {
+        if let Some(co) = self.server.as_mut() {
+            if !self.server_out.is_empty() {
+                if let Ok(n) = co.conn.stream.try_write(&self.server_out) {
+                    self.server_out.advance(n);
+                }
+            }
+        }
+        if !self.client_out.is_empty() {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            // Pending or an error is left to the event loop, which waits or reports it.
+            if let std::task::Poll::Ready(Ok(n)) = std::pin::Pin::new(&mut self.cw).poll_write(&mut cx, &self.client_out) {
+                self.client_out.advance(n);
+                self.pool.metrics.bytes_sent.inc_by(n as u64);
+                self.client_unflushed = W::BUFFERED;
             }
         }
     }

@@ -2,12 +2,11 @@
 //! messages' responses swallowed and session settings tracked.
 
 use super::{Pending, Session};
-use crate::frontend::{fatal_and_close, ReadReady, SessionEnd};
+use crate::frontend::{fatal_and_close, ClientWrite, ReadReady, SessionEnd};
 use crate::protocol::Cursor;
 use crate::sqlclass::QueryKind;
-use tokio::io::AsyncWrite;
 
-impl<R: ReadReady, W: AsyncWrite + Unpin> Session<R, W> {
+impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     /// Handles every complete server message buffered.
     pub(super) fn process_server_messages(&mut self) -> Result<(), SessionEnd> {
         loop {
