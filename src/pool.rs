@@ -259,6 +259,13 @@ impl Pool {
             // The stack's bottom holds the least recently used connections.
             idle.reverse();
             idle.retain(|c| {
+                // An idle server has nothing to say: readable means it sent a FATAL (e.g. it was
+                // terminated) or closed. Dropping it now keeps clients from finding out first.
+                let mut probe = [0u8; 64];
+                let alive = matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                if !alive {
+                    return false;
+                }
                 let young = c.created.elapsed() < s.lifetime;
                 let fresh = c.last_used.elapsed() < s.idle_timeout;
                 if young && (fresh || keep > 0) {

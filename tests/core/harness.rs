@@ -113,7 +113,8 @@ impl Harness {
                  RESET password_encryption; CREATE ROLE pwuser LOGIN SUPERUSER PASSWORD 'pw-pw';\
                  CREATE ROLE trustuser LOGIN SUPERUSER; CREATE ROLE sess LOGIN SUPERUSER PASSWORD 'sess-pw';\
                  CREATE ROLE verif LOGIN SUPERUSER PASSWORD 'verif-pw';\
-                 CREATE ROLE md5ok LOGIN SUPERUSER PASSWORD 'app-secret';",
+                 CREATE ROLE md5ok LOGIN SUPERUSER PASSWORD 'app-secret';\
+                 CREATE ROLE maint LOGIN SUPERUSER PASSWORD 'maint-pw';",
             )
             .expect("create roles");
         let router_dir = dir.join("routers");

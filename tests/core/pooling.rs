@@ -20,6 +20,7 @@ pub fn trials() -> Vec<Trial> {
         trial("pooling::session_mode_keeps_backend", session_mode),
         trial("pooling::idle_transaction_timeout", idle_tx_timeout),
         trial("pooling::deallocate_and_discard", deallocate_and_discard),
+        trial("pooling::min_size_idle_timeout_and_dead_servers", pool_maintenance),
     ]
 }
 
@@ -255,6 +256,59 @@ fn deallocate_and_discard(h: &Harness) -> TestResult {
         let st2 = c.prepare("select $1::int - 2").await.ctx("prepare after discard")?;
         let v: i32 = c.query_one(&st2, &[&5i32]).await.ctx("exec after discard")?.get(0);
         ensure!(v == 3, "wrong result after discard");
+        Ok(())
+    })
+}
+
+/// Waits until `f` holds, polling; fails with `what` after `secs` seconds.
+async fn eventually<F: FnMut() -> Result<bool, String>>(secs: u64, what: &str, mut f: F) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn pool_maintenance(h: &Harness) -> TestResult {
+    let r = h.spawn_router(
+        "min_pool_size = 2\nserver_idle_timeout = \"1s\"",
+        "[[users]]\nname = \"maint\"\npassword = \"maint-pw\"\n",
+    )?;
+    let backends = || h.direct("SELECT count(*) FROM pg_stat_activity WHERE usename = 'maint'").map(|s| s.trim().parse::<i64>().unwrap_or(-1));
+    block_on(async {
+        // Five clients in parallel transactions: five server connections.
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(connect_port(r.port, "maint", "maint-pw", "app", "").await?);
+        }
+        let mut tasks = Vec::new();
+        for c in clients {
+            tasks.push(tokio::spawn(async move { c.batch_execute("BEGIN; SELECT pg_sleep(0.3); COMMIT").await.map(|_| c) }));
+        }
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await.ctx("join")?.ctx("transaction")?);
+        }
+        ensure!(backends()? == 5, "expected 5 server connections, saw {}", backends()?);
+        // Unused for longer than server_idle_timeout: closed down to min_pool_size.
+        eventually(6, "idle connections not closed down to min_pool_size", || Ok(backends()? == 2)).await?;
+        // Servers killed behind the pool's back: detected, replaced up to min_pool_size, and
+        // clients never see the dead connections.
+        let pids = || h.direct("SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity WHERE usename = 'maint'");
+        let before = pids()?;
+        h.direct("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'maint'")?;
+        eventually(6, "dead idle connections not replaced", || {
+            let now = pids()?;
+            let fresh = now.trim().split(',').all(|p| !before.trim().split(',').any(|b| b == p));
+            Ok(backends()? == 2 && fresh)
+        })
+        .await?;
+        for c in &clients {
+            ensure!(one(c, "SELECT 11").await? == "11", "client got a dead server connection");
+        }
         Ok(())
     })
 }
