@@ -9,6 +9,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Bytes to make room for before each read when the buffer is (nearly) full.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// Pass-through messages larger than this are streamed instead of buffered whole.
+pub const STREAM_THRESHOLD: usize = 64 * 1024;
+
 /// Why the byte stream could not be split into messages.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -79,6 +82,28 @@ impl FrameBuf {
             return Ok(None);
         }
         Ok(Some((self.buf[0], len + 1)))
+    }
+
+    /// If the first message is a large one of a type in `tags` (never inspected), starts
+    /// streaming it: moves its buffered part to `out` and returns how many bytes of it are
+    /// still to come. Memory stays bounded by the read chunk, whatever the message's size.
+    pub fn start_stream(&mut self, tags: &[u8], out: &mut BytesMut) -> Option<usize> {
+        if self.buf.len() < 5 || !tags.contains(&self.buf[0]) {
+            return None;
+        }
+        let total = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize + 1;
+        if total <= STREAM_THRESHOLD {
+            return None;
+        }
+        Some(self.continue_stream(total, out))
+    }
+
+    /// Moves up to `left` buffered bytes of a streamed message to `out`; returns how many remain.
+    pub fn continue_stream(&mut self, left: usize, out: &mut BytesMut) -> usize {
+        let n = left.min(self.buf.len());
+        out.extend_from_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        left - n
     }
 
     /// Drops the first `n` bytes (a message handled in place).
@@ -230,6 +255,26 @@ mod tests {
         let mut fb = FrameBuf::default();
         fb.buf.extend_from_slice(&[b'Q', 0, 0, 0, 3]);
         assert!(matches!(fb.next_frame(1 << 20), Err(FrameError::BadLength { .. })));
+    }
+
+    #[test]
+    fn large_passthrough_messages_stream() {
+        let body = vec![7u8; STREAM_THRESHOLD + 10];
+        let whole = msg(b'D', &body);
+        let mut fb = FrameBuf::default();
+        let mut out = BytesMut::new();
+        fb.buf.extend_from_slice(&whole[..1000]);
+        assert_eq!(fb.start_stream(b"Q", &mut out), None);
+        let left = fb.start_stream(b"Dd", &mut out).unwrap();
+        assert_eq!((out.len(), left), (1000, whole.len() - 1000));
+        fb.buf.extend_from_slice(&whole[1000..]);
+        fb.buf.extend_from_slice(&msg(b'Z', b"I"));
+        assert_eq!(fb.continue_stream(left, &mut out), 0);
+        assert_eq!(&out[..], &whole[..]);
+        assert_eq!(fb.next_frame(1 << 20).unwrap().unwrap().tag, b'Z');
+        let mut small = FrameBuf::default();
+        small.buf.extend_from_slice(&msg(b'D', b"abc"));
+        assert_eq!(small.start_stream(b"D", &mut out), None);
     }
 
     #[test]

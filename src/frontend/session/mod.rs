@@ -94,6 +94,10 @@ pub struct Session<R, W> {
     resync: bool,
     /// Bytes were handed to a buffering (TLS) writer since its last flush.
     client_unflushed: bool,
+    /// Bytes still to stream of a large message from the server (DataRow, CopyData).
+    server_stream_left: usize,
+    /// Bytes still to stream of a large CopyData from the client.
+    client_stream_left: usize,
 }
 
 /// What woke the event loop.
@@ -146,6 +150,8 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             last_tag_rollback: false,
             resync: false,
             client_unflushed: false,
+            server_stream_left: 0,
+            client_stream_left: 0,
         }
     }
 
@@ -254,6 +260,20 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     /// Handles every complete client message buffered, while the server side has room.
     async fn process_client_messages(&mut self) -> Result<(), SessionEnd> {
         while self.server_out.len() < HIGH_WATER {
+            // Large COPY data goes to the server as it arrives (a server is attached during COPY).
+            if self.client_stream_left > 0 {
+                self.client_stream_left = self.cbuf.continue_stream(self.client_stream_left, &mut self.server_out);
+                if self.client_stream_left > 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.server.is_some() && !self.skip_until_sync {
+                if let Some(left) = self.cbuf.start_stream(b"d", &mut self.server_out) {
+                    self.client_stream_left = left;
+                    continue;
+                }
+            }
             let (tag, len) = match self.cbuf.peek(self.max_msg) {
                 Ok(Some(x)) => x,
                 Ok(None) => return Ok(()),
@@ -414,6 +434,8 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     fn maybe_release(&mut self) {
         let Some(co) = &self.server else { return };
         if self.session_mode
+            || self.server_stream_left > 0
+            || self.client_stream_left > 0
             || self.pinned.is_some()
             || !self.pending.is_empty()
             || self.unsynced

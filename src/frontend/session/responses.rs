@@ -11,6 +11,18 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     pub(super) fn process_server_messages(&mut self) -> Result<(), SessionEnd> {
         loop {
             let Some(co) = self.server.as_mut() else { return Ok(()) };
+            // Large rows and COPY data are streamed to the client as they arrive.
+            if self.server_stream_left > 0 {
+                self.server_stream_left = co.conn.rbuf.continue_stream(self.server_stream_left, &mut self.client_out);
+                if self.server_stream_left > 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            if let Some(left) = co.conn.rbuf.start_stream(b"Dd", &mut self.client_out) {
+                self.server_stream_left = left;
+                continue;
+            }
             let (tag, len) = match co.conn.rbuf.peek(self.max_msg) {
                 Ok(Some(x)) => x,
                 Ok(None) => return Ok(()),
