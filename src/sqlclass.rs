@@ -114,14 +114,22 @@ fn words(stmt: &str, max: usize) -> Vec<String> {
         if rest.is_empty() {
             break;
         }
-        let end = rest
-            .find(|c: char| c.is_whitespace() || c == '=' || c == ';' || c == '(' || c == ',')
-            .unwrap_or(rest.len())
-            .max(1);
+        let end = word_end(rest, |c| c.is_whitespace() || c == '=' || c == ';' || c == '(' || c == ',');
         out.push(rest[..end].to_ascii_lowercase());
         rest = &rest[end..];
     }
     out
+}
+
+/// Byte length of the word at the start of `s`: up to the first `stop` character, and at
+/// least one whole character (never a slice inside a multi-byte character).
+fn word_end(s: &str, stop: impl Fn(char) -> bool) -> usize {
+    match s.find(stop) {
+        Some(0) | None if s.is_empty() => 0,
+        Some(0) => s.chars().next().map_or(0, char::len_utf8),
+        Some(i) => i,
+        None => s.len(),
+    }
 }
 
 fn skip_space_and_comments(mut s: &str) -> &str {
@@ -233,16 +241,13 @@ fn value_text(stmt: &str, skip: usize) -> String {
     let mut rest = stmt;
     for _ in 0..skip {
         rest = skip_space_and_comments(rest);
-        let end = rest
-            .find(|c: char| c.is_whitespace() || c == '=' || c == '(' || c == ',')
-            .unwrap_or(rest.len())
-            .max(1);
+        let end = word_end(rest, |c| c.is_whitespace() || c == '=' || c == '(' || c == ',');
         rest = &rest[end..];
     }
     let mut rest = skip_space_and_comments(rest);
     if let Some(r) = rest.strip_prefix('=') {
         rest = r;
-    } else if rest.len() >= 2 && rest[..2].eq_ignore_ascii_case("to") && rest[2..].starts_with(char::is_whitespace) {
+    } else if rest.get(..2).is_some_and(|w| w.eq_ignore_ascii_case("to")) && rest[2..].starts_with(char::is_whitespace) {
         rest = &rest[2..];
     }
     rest.trim().trim_end_matches(';').trim().to_string()
@@ -361,6 +366,16 @@ mod tests {
             assert!(!surely_plain(q), "{q}");
         }
         assert_eq!(classify("insert into t values (';')"), QueryKind::Plain);
+    }
+
+    #[test]
+    fn multibyte_text_never_splits_a_character() {
+        // Found by the fuzzer: a SET whose value starts with a 4-byte character.
+        let q = "set\x0c\x0c\x0c,\u{10c689}(\x0c";
+        let _ = classify(q);
+        assert_eq!(classify("SET x = \u{e9}t\u{e9}"), QueryKind::Set { name: "x".into(), value: "\u{e9}t\u{e9}".into() });
+        assert_eq!(classify("set \u{65e5}\u{672c} to 1"), QueryKind::Set { name: "\u{65e5}\u{672c}".into(), value: "1".into() });
+        let _ = classify("SET a t\u{10c689}");
     }
 
     #[test]
