@@ -18,6 +18,19 @@ def startup():
 
 
 sel = selectors.DefaultSelector()
+
+
+def receive():
+    """Reads what arrived; a connection is logged in once ReadyForQuery came."""
+    for key, _ in sel.select(timeout=5):
+        sock = key.fileobj
+        data = sock.recv(65536)
+        pending[sock] += data
+        if b"Z\0\0\0\x05" in pending[sock] or not data:
+            sel.unregister(sock)
+            del pending[sock]
+
+
 socks = []
 pkt = startup()
 pending = {}
@@ -34,22 +47,10 @@ for i in range(n):
     pending[s] = b""
     # Bound the in-flight logins so neither side queues thousands of handshakes at once.
     while len(pending) > 200:
-        for key, _ in sel.select(timeout=5):
-            sock = key.fileobj
-            data = sock.recv(65536)
-            pending[sock] += data
-            if b"Z\0\0\0\x05" in pending[sock] or not data:
-                sel.unregister(sock)
-                del pending[sock]
+        receive()
 deadline = time.time() + 60
 while pending and time.time() < deadline:
-    for key, _ in sel.select(timeout=5):
-        sock = key.fileobj
-        data = sock.recv(65536)
-        pending[sock] += data
-        if b"Z\0\0\0\x05" in pending[sock] or not data:
-            sel.unregister(sock)
-            del pending[sock]
+    receive()
 time.sleep(2)
 after = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
 ok = len(socks) - len(pending)

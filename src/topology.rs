@@ -126,6 +126,18 @@ fn chown_postgres(path: &Path) -> Result<(), TopologyError> {
     Ok(())
 }
 
+/// Runs `f` on every item at once (one thread each) and returns the first failure.
+fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<(), TopologyError> + Sync) -> Result<(), TopologyError> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items.iter().map(|item| scope.spawn(|| f(item))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(TopologyError::Timeout("worker thread panicked".into()))))
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+    })
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> Result<u16, TopologyError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -239,20 +251,11 @@ impl LocalCluster {
     fn start_primaries(&mut self) -> Result<(), TopologyError> {
         let primaries: Vec<Server> = self.servers.iter().filter(|s| s.role == Role::Primary).cloned().collect();
         // initdb is the slow part (~1 s each): run them in parallel.
-        let results: Vec<Result<(), TopologyError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = primaries
-                .iter()
-                .map(|s| {
-                    scope.spawn(move || {
-                        let mut c = pg_command("initdb");
-                        c.arg("-D").arg(&s.data_dir).args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
-                        run(c, "initdb").map(|_| ())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(TopologyError::Timeout("initdb thread".into())))).collect()
-        });
-        results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        in_parallel(&primaries, |s| {
+            let mut c = pg_command("initdb");
+            c.arg("-D").arg(&s.data_dir).args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+            run(c, "initdb").map(|_| ())
+        })?;
         for s in &primaries {
             self.write_config(s)?;
             self.pg_ctl_start(s)?;
@@ -292,22 +295,13 @@ impl LocalCluster {
 
     fn start_replicas(&mut self) -> Result<(), TopologyError> {
         let replicas: Vec<Server> = self.servers.iter().filter(|s| s.role == Role::Replica).cloned().collect();
-        let results: Vec<Result<(), TopologyError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = replicas
-                .iter()
-                .map(|r| {
-                    let primary = self.primary(r.shard).clone();
-                    scope.spawn(move || {
-                        let mut c = pg_command("pg_basebackup");
-                        c.arg("-D").arg(&r.data_dir).args(["-h", "127.0.0.1", "-p", &primary.port.to_string()]);
-                        c.args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"]);
-                        run(c, "pg_basebackup").map(|_| ())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(TopologyError::Timeout("basebackup thread".into())))).collect()
-        });
-        results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        in_parallel(&replicas, |r| {
+            let primary_port = self.primary(r.shard).port.to_string();
+            let mut c = pg_command("pg_basebackup");
+            c.arg("-D").arg(&r.data_dir).args(["-h", "127.0.0.1", "-p", &primary_port]);
+            c.args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+            run(c, "pg_basebackup").map(|_| ())
+        })?;
         for r in &replicas {
             // The copied config names the primary's port: the replica's own lines come after it.
             self.write_config(r)?;

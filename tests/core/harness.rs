@@ -60,6 +60,16 @@ impl Router {
         false
     }
 
+    /// The router's resident memory in kB.
+    pub fn rss_kb(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    }
+
     /// The router's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -248,6 +258,18 @@ pub async fn connect_port(port: u16, user: &str, password: &str, db: &str, extra
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The first column of the first row of a simple query ("" when it returns no rows).
+pub async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
+    let rows = c.simple_query(sql).await.map_err(|e| format!("{sql}: {e}"))?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default())
 }
 
 /// Runs an async trial body on its own runtime.

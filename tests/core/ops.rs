@@ -1,7 +1,7 @@
 //! Operating the router: authentication, admin console, metrics, reload, drain, TLS.
 
 use crate::ensure;
-use crate::harness::{block_on, connect_port, sqlstate, Context, Harness, TestResult, APP_PW};
+use crate::harness::{block_on, connect_port, first_value as value, sqlstate, Context, Harness, TestResult, APP_PW};
 use crate::trial;
 use libtest_mimic::Trial;
 use std::io::{Read, Write};
@@ -19,17 +19,6 @@ pub fn trials() -> Vec<Trial> {
         trial("ops::tls", tls),
         trial("ops::shardctl_status", shardctl_status),
     ]
-}
-
-async fn value(c: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
-    let rows = c.simple_query(sql).await.map_err(|e| format!("{sql}: {e}"))?;
-    Ok(rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
-            _ => None,
-        })
-        .unwrap_or_default())
 }
 
 /// All rows of an admin command as (column names, rows).

@@ -1,7 +1,7 @@
 //! Transaction pooling semantics: prepared statements, session settings, pinning, cleanup.
 
 use crate::ensure;
-use crate::harness::{block_on, connect_port, sqlstate, Context, Harness, TestResult, APP_PW};
+use crate::harness::{block_on, connect_port, first_value as one, sqlstate, Context, Harness, TestResult, APP_PW};
 use crate::trial;
 use libtest_mimic::Trial;
 use std::time::{Duration, Instant};
@@ -22,17 +22,6 @@ pub fn trials() -> Vec<Trial> {
         trial("pooling::deallocate_and_discard", deallocate_and_discard),
         trial("pooling::min_size_idle_timeout_and_dead_servers", pool_maintenance),
     ]
-}
-
-async fn one(c: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
-    let rows = c.simple_query(sql).await.map_err(|e| format!("{sql}: {e}"))?;
-    Ok(rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
-            _ => None,
-        })
-        .unwrap_or_default())
 }
 
 /// 30 clients, each with its own named prepared statements, over a pool of 3 connections.

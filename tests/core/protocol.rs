@@ -101,12 +101,7 @@ fn max_message_size(h: &Harness) -> TestResult {
         let c = connect_port(r.port, "app", APP_PW, "app", "").await?;
         let row = c.query_one("SELECT repeat('x', 20000000)", &[]).await.ctx("20 MB row with a 1 MB max_message_size")?;
         ensure!(row.get::<_, String>(0).len() == 20_000_000, "streamed row truncated");
-        let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", r.child.id()))
-            .ctx("status")?
-            .lines()
-            .find(|l| l.starts_with("VmRSS"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0);
+        let rss_kb = r.rss_kb();
         ensure!(rss_kb < 15_000, "router buffered the 20 MB row: RSS {rss_kb} kB");
         // COPY data from the client is streamed too: one 3 MB CopyData message.
         c.batch_execute("DROP TABLE IF EXISTS big_copy; CREATE TABLE big_copy(v text)").await.ctx("create")?;
@@ -268,12 +263,7 @@ fn stalled_reader(h: &Harness) -> TestResult {
         ensure!(v == 5 && t.elapsed() < Duration::from_secs(3), "other clients stalled by a non-reading client");
         Ok(())
     })?;
-    let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", r.child.id()))
-        .ctx("status")?
-        .lines()
-        .find(|l| l.starts_with("VmRSS"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let rss_kb = r.rss_kb();
     ensure!(rss_kb < 100_000, "router buffered the unread result: RSS {rss_kb} kB");
     drop(raw);
     Ok(())
