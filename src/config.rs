@@ -49,6 +49,8 @@ pub struct Config {
     pub databases: Vec<Database>,
     #[serde(default)]
     pub shards: Vec<Shard>,
+    #[serde(default)]
+    pub sharding: crate::shardmap::config::ShardingConfig,
 }
 
 /// Process-wide settings, named after PgBouncer's where one exists.
@@ -137,6 +139,9 @@ pub struct Database {
     pub pool_mode: Option<PoolMode>,
     #[serde(default)]
     pub pool_size: Option<usize>,
+    /// Spread over every shard by `[sharding]`; otherwise everything goes to shard 0.
+    #[serde(default)]
+    pub sharded: bool,
 }
 
 /// One shard: a primary and its replicas, as `host:port`.
@@ -262,6 +267,8 @@ impl Config {
                 return bad(format!("databases.{}.pool_size must be at least 1", d.name));
             }
         }
+        crate::shardmap::ShardMap::build(&self.sharding, self.shards.len(), 0)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod pool;
 pub mod prepared;
 pub mod protocol;
 pub mod server;
+pub mod shardmap;
 pub mod sqlclass;
 pub mod tls;
 pub mod topology;

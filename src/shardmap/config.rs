@@ -1,0 +1,126 @@
+//! The `[sharding]` section of the config file: distributions (placement rules that co-located
+//! tables share) and tables (sharded by a column of a distribution, or reference tables).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// `[sharding]`: how the databases marked `sharded = true` spread over the shards.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ShardingConfig {
+    /// Hash buckets (a power of two); hash and tenant placement go key → bucket → shard.
+    #[serde(default = "d_buckets")]
+    pub buckets: u32,
+    /// What a statement touching only tables declared in neither `tables` list does.
+    #[serde(default)]
+    pub unknown_tables: UnknownTables,
+    /// Shard that `unknown_tables = "default_shard"` sends them to.
+    #[serde(default)]
+    pub default_shard: usize,
+    /// UPDATE/DELETE on a sharded table without its key: run on every shard, or refuse.
+    #[serde(default = "d_true")]
+    pub keyless_writes: bool,
+    #[serde(default)]
+    pub distributions: Vec<DistributionConfig>,
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+}
+
+/// Where statements on undeclared tables go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownTables {
+    /// Refused with an error naming the table (the default: no silent guess).
+    #[default]
+    Refuse,
+    /// Sent to `default_shard`, as unsharded tables living there.
+    DefaultShard,
+}
+
+/// A placement rule; tables naming the same distribution are co-located.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributionConfig {
+    pub name: String,
+    pub strategy: StrategyName,
+    /// Type of the key: int2/int4/int8 (also smallint/integer/bigint), text/varchar, uuid.
+    pub key_type: String,
+    /// hash/tenant: explicit bucket ranges → shard, e.g. `[{ from = 0, to = 2047, shard = 0 }]`;
+    /// default a contiguous equal split.
+    #[serde(default)]
+    pub bucket_map: Vec<BucketRange>,
+    /// tenant: tenants with a shard of their own, `{ "acme" = 1 }`; others are hashed.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, usize>,
+    /// range: ordered, non-overlapping `[lo, hi)` ranges; a missing bound is unbounded.
+    #[serde(default)]
+    pub ranges: Vec<RangeConfig>,
+    /// geo: region → shards (several shards are a group, hashed within by `hash_column`).
+    #[serde(default)]
+    pub regions: BTreeMap<String, Vec<usize>>,
+    /// geo: region used for rows whose region is not listed.
+    #[serde(default)]
+    pub default_region: Option<String>,
+}
+
+/// Placement strategy of a distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyName {
+    Hash,
+    Tenant,
+    Range,
+    Geo,
+}
+
+/// Buckets `from..=to` live on `shard`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketRange {
+    pub from: u32,
+    pub to: u32,
+    pub shard: usize,
+}
+
+/// `[lo, hi)` → shard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeConfig {
+    #[serde(default)]
+    pub lo: Option<Bound>,
+    #[serde(default)]
+    pub hi: Option<Bound>,
+    pub shard: usize,
+}
+
+/// A range bound as written in TOML: an integer or a string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Bound {
+    Int(i64),
+    Text(String),
+}
+
+/// A table: sharded by `column` under `distribution`, or a reference table copied everywhere.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `table` or `schema.table`, as PostgreSQL folds it (lower case unless quoted).
+    pub name: String,
+    #[serde(default)]
+    pub distribution: Option<String>,
+    #[serde(default)]
+    pub column: Option<String>,
+    /// geo: the column hashed to pick a shard inside a region's group.
+    #[serde(default)]
+    pub hash_column: Option<String>,
+    #[serde(default)]
+    pub reference: bool,
+}
+
+fn d_buckets() -> u32 {
+    4096
+}
+fn d_true() -> bool {
+    true
+}

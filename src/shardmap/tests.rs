@@ -1,0 +1,130 @@
+use super::*;
+
+fn map(toml_text: &str, shards: usize) -> Result<ShardMap, MapError> {
+    let cfg: ShardingConfig = toml::from_str(toml_text).expect("toml");
+    ShardMap::build(&cfg, shards, 1)
+}
+
+const ALL: &str = r#"
+[[distributions]]
+name = "acct"
+strategy = "hash"
+key_type = "bigint"
+
+[[distributions]]
+name = "tenant"
+strategy = "tenant"
+key_type = "text"
+tenants = { "acme" = 2 }
+
+[[distributions]]
+name = "events"
+strategy = "range"
+key_type = "int8"
+ranges = [{ hi = 0, shard = 2 }, { lo = 0, hi = 1000, shard = 0 }, { lo = 1000, hi = 5000, shard = 1 }]
+
+[[distributions]]
+name = "geo"
+strategy = "geo"
+key_type = "text"
+regions = { eu = [0], us = [1, 2] }
+default_region = "eu"
+
+[[tables]]
+name = "accounts"
+distribution = "acct"
+column = "aid"
+
+[[tables]]
+name = "public.orders"
+distribution = "tenant"
+column = "tenant_id"
+
+[[tables]]
+name = "users"
+distribution = "geo"
+column = "region"
+hash_column = "id"
+
+[[tables]]
+name = "countries"
+reference = true
+"#;
+
+#[test]
+fn hash_placement_is_an_equal_contiguous_split_of_pg_buckets() {
+    let m = map(ALL, 3).unwrap();
+    let k = KeyValue::Int(42);
+    let b = pghash::bucket(&k, 4096).unwrap() as usize;
+    assert_eq!(m.locate(0, &k, None).unwrap(), Located::One(b * 3 / 4096));
+    let mut seen = [0usize; 3];
+    for i in 0..3000 {
+        let Located::One(s) = m.locate(0, &KeyValue::Int(i), None).unwrap() else { panic!() };
+        seen[s] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
+}
+
+#[test]
+fn tenant_directory_wins_over_hash() {
+    let m = map(ALL, 3).unwrap();
+    assert_eq!(m.locate(1, &KeyValue::Text(b"acme"), None).unwrap(), Located::One(2));
+    let other = KeyValue::Text(b"initech");
+    let b = pghash::bucket(&other, 4096).unwrap() as usize;
+    assert_eq!(m.locate(1, &other, None).unwrap(), Located::One(b * 3 / 4096));
+}
+
+#[test]
+fn ranges_are_half_open_and_gaps_are_errors() {
+    let m = map(ALL, 3).unwrap();
+    assert_eq!(m.locate(2, &KeyValue::Int(-5), None).unwrap(), Located::One(2));
+    assert_eq!(m.locate(2, &KeyValue::Int(0), None).unwrap(), Located::One(0));
+    assert_eq!(m.locate(2, &KeyValue::Int(999), None).unwrap(), Located::One(0));
+    assert_eq!(m.locate(2, &KeyValue::Int(1000), None).unwrap(), Located::One(1));
+    let err = m.locate(2, &KeyValue::Int(5000), None).unwrap_err().to_string();
+    assert!(err.contains("5000") && err.contains("no configured range"), "{err}");
+}
+
+#[test]
+fn geo_groups_hash_within_and_unknown_regions_use_the_default() {
+    let m = map(ALL, 3).unwrap();
+    assert_eq!(m.locate(3, &KeyValue::Text(b"eu"), None).unwrap(), Located::One(0));
+    assert_eq!(m.locate(3, &KeyValue::Text(b"mars"), None).unwrap(), Located::One(0));
+    assert_eq!(m.locate(3, &KeyValue::Text(b"us"), None).unwrap(), Located::Group(vec![1, 2]));
+    let mut seen = [0usize; 3];
+    for i in 0..200 {
+        let Located::One(s) = m.locate(3, &KeyValue::Text(b"us"), Some(&KeyValue::Int(i))).unwrap() else { panic!() };
+        seen[s] += 1;
+    }
+    assert_eq!(seen[0], 0);
+    assert!(seen[1] > 50 && seen[2] > 50, "{seen:?}");
+}
+
+#[test]
+fn tables_resolve_qualified_and_bare_names() {
+    let m = map(ALL, 3).unwrap();
+    assert!(matches!(m.table("accounts"), Some(TableRule::Sharded { dist: 0, .. })));
+    assert!(matches!(m.table("public.accounts"), Some(TableRule::Sharded { dist: 0, .. })));
+    assert!(matches!(m.table("public.orders"), Some(TableRule::Sharded { dist: 1, .. })));
+    assert_eq!(m.table("countries"), Some(&TableRule::Reference));
+    assert_eq!(m.table("nope"), None);
+}
+
+#[test]
+fn bad_maps_are_refused_with_the_reason() {
+    let cases = [
+        ("buckets = 1000", "power of two"),
+        ("[[distributions]]\nname='a'\nstrategy='hash'\nkey_type='float8'", "float8"),
+        ("[[distributions]]\nname='a'\nstrategy='range'\nkey_type='int8'\nranges=[{lo=0,hi=10,shard=0},{lo=5,shard=1}]", "overlap"),
+        ("[[distributions]]\nname='a'\nstrategy='range'\nkey_type='int8'\nranges=[{lo=0,shard=7}]", "shard 7"),
+        ("[[distributions]]\nname='a'\nstrategy='hash'\nkey_type='int8'\nbucket_map=[{from=0,to=10,shard=0}]", "without a shard"),
+        ("[[distributions]]\nname='a'\nstrategy='hash'\nkey_type='int8'\ntenants={x=1}", "tenants"),
+        ("[[tables]]\nname='t'\ndistribution='zz'\ncolumn='c'", "zz"),
+        ("[[tables]]\nname='t'", "reference = true"),
+        ("[[distributions]]\nname='g'\nstrategy='geo'\nkey_type='text'\nregions={eu=[0]}\ndefault_region='us'", "default_region"),
+    ];
+    for (text, needle) in cases {
+        let err = map(text, 2).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+}
