@@ -13,6 +13,8 @@ pub mod pghash;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
+pub mod router;
+pub mod scatter;
 pub mod server;
 pub mod shardmap;
 pub mod sqlclass;
