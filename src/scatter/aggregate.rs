@@ -181,8 +181,8 @@ fn bool_of(t: ColType, v: &[u8]) -> Result<bool, MergeError> {
 
 fn add_int(t: ColType, a: &[u8], b: &[u8]) -> Result<Vec<u8>, MergeError> {
     let (x, y) = (t.int(a).ok_or_else(|| bad_value(t))?, t.int(b).ok_or_else(|| bad_value(t))?);
-    let s = x.checked_add(y).ok_or_else(|| MergeError::Mismatch("bigint out of range".into()))?;
-    Ok(t.encode_int(s))
+    let range = || MergeError::Mismatch(format!("sum out of range for type oid {}", t.oid));
+    t.encode_int(x.checked_add(y).ok_or_else(range)?).ok_or_else(range)
 }
 
 /// Sum in the type PostgreSQL returned for the column, formatted the same way.

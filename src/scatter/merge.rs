@@ -1,5 +1,12 @@
 //! Combining the responses of N shards to one statement into a single response, on raw
 //! message bytes, streaming rows to the client as soon as their position is known.
+//!
+//! Three modes, chosen by the spec: plain (rows forwarded in arrival order), ordered (ORDER BY
+//! without aggregation: a k-way merge over one buffered head row per shard, which relies on
+//! every shard returning its rows sorted) and aggregate (partial rows folded per group and
+//! emitted by `finish`). All modes then apply DISTINCT, OFFSET, LIMIT and hidden columns.
+//! Messages that each shard sends once per response (ParseComplete, BindComplete,
+//! RowDescription, CopyOutResponse, ...) reach the client once, from whichever shard is first.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -77,6 +84,11 @@ impl Merger {
         }
     }
 
+    /// Rows go out untouched: no need to index their columns.
+    fn plain_passthrough(&self) -> bool {
+        self.groups.is_none() && self.spec.order_by.is_empty() && !self.spec.distinct && self.spec.hidden_columns == 0
+    }
+
     fn ordered(&self) -> bool {
         !self.spec.order_by.is_empty() && self.groups.is_none()
     }
@@ -127,6 +139,15 @@ impl Merger {
         Ok(())
     }
 
+    /// The RowDescription a client should see for a shard's one (hidden columns dropped, avg
+    /// columns retyped), e.g. to answer a Describe of a multi-shard statement.
+    pub fn client_row_description(spec: &MergeSpec, row_description: &[u8]) -> Result<BytesMut, MergeError> {
+        let body = row_description.get(5..).ok_or_else(|| MergeError::Mismatch("short RowDescription".into()))?;
+        let mut out = BytesMut::new();
+        Merger::new(spec.clone(), 1).row_description(body, &mut out)?;
+        Ok(out)
+    }
+
     /// Feeds one complete backend message from `shard`; output for the client goes to `out`.
     pub fn push(&mut self, shard: usize, msg: &[u8], out: &mut BytesMut) -> Result<(), MergeError> {
         if shard >= self.finished.len() {
@@ -138,6 +159,18 @@ impl Merger {
         let tag = *msg.first().ok_or_else(|| MergeError::Mismatch("empty message".into()))?;
         let body = msg.get(5..).ok_or_else(|| MergeError::Mismatch("short message".into()))?;
         match tag {
+            b'D' if self.plain_passthrough() => {
+                self.rows_in += 1;
+                if self.limit_reached() {
+                    return Ok(());
+                }
+                if self.skipped < self.spec.offset {
+                    self.skipped += 1;
+                    return Ok(());
+                }
+                out.extend_from_slice(msg);
+                self.sent += 1;
+            }
             b'D' => self.data_row(shard, Row::parse(Bytes::copy_from_slice(msg))?, out)?,
             b'T' => self.row_description(body, out)?,
             b'E' => return Err(MergeError::Server(Bytes::copy_from_slice(msg))),
@@ -256,6 +289,11 @@ impl Merger {
         self.rows_in += 1;
         if !self.described {
             self.visible = row.len().saturating_sub(self.spec.hidden_columns);
+        }
+        if let Some(types) = &self.types {
+            if types.len() != row.len() {
+                return Err(MergeError::Mismatch(format!("a row of {} columns for a description of {}", row.len(), types.len())));
+            }
         }
         if let Some(groups) = &mut self.groups {
             let types = self.types.as_deref().ok_or_else(|| MergeError::Unsupported("aggregate rows without a row description".into()))?;

@@ -215,8 +215,13 @@ fn hidden_columns_are_dropped() {
     let spec = MergeSpec { order_by: vec![asc(1)], hidden_columns: 1, ..Default::default() };
     let a = select(&cols, &[&[Some("10"), Some("2")], &[None, None]]);
     let b = select(&cols, &[&[Some("20"), Some("1")]]);
-    let out = run(spec, vec![a, b]).unwrap();
+    let out = run(spec.clone(), vec![a, b]).unwrap();
     assert_eq!(out, ["T a:23", "D 20", "D 10", "D NULL", "C SELECT 3"]);
+    let described = Merger::client_row_description(&spec, &rd(&cols)).unwrap();
+    assert_eq!(render(&described), ["T a:23"]);
+    let plain = MergeSpec { hidden_columns: 2, ..Default::default() };
+    let out = run(plain, vec![select(&cols, &[&[Some("1"), Some("2")]])]).unwrap();
+    assert_eq!(out, ["T ", "D ", "C SELECT 1"]);
 }
 
 #[test]
@@ -397,4 +402,86 @@ fn copy_out_is_concatenated() {
     };
     let out = run(MergeSpec::default(), vec![shard(&["1\n", "2\n"]), shard(&["3\n"])]).unwrap();
     assert_eq!(out, ["H", "d", "d", "d", "c", "C COPY 3"]);
+}
+
+#[test]
+fn plain_fast_path_offset_limit_and_any_shard_order() {
+    let spec = MergeSpec { limit: Some(2), offset: 1, ..Default::default() };
+    let out = run(spec, vec![ints(&[1, 2]), ints(&[3, 4])]).unwrap();
+    assert_eq!(out, ["T x:23", "D 2", "D 3", "C SELECT 2"]);
+    // Aggregates accept whatever shard has data first.
+    let cols = [("n", oid::INT8)];
+    let spec = MergeSpec {
+        aggregate: Some(AggregateSpec { group_by: vec![], aggregates: vec![Aggregate { column: 0, kind: AggKind::Count }] }),
+        ..Default::default()
+    };
+    let shards = [select(&cols, &[&[Some("5")]]), select(&cols, &[&[Some("6")]])];
+    let mut m = Merger::new(spec, 2);
+    let mut out = BytesMut::new();
+    for (i, msg) in [(1, 0), (0, 0), (1, 1), (1, 2), (0, 1), (0, 2)] {
+        assert!(m.accepts(i));
+        m.push(i, &shards[i][msg], &mut out).unwrap();
+    }
+    assert!(!m.accepts(0) && m.next_needed().is_none());
+    m.finish(&mut out).unwrap();
+    assert_eq!(render(&out), ["T n:20", "D 11", "C SELECT 1"]);
+}
+
+#[test]
+fn short_rows_are_a_mismatch() {
+    let mut s = ints(&[1]);
+    s.insert(2, dr(&[Some("1"), Some("2")]));
+    let spec = MergeSpec { order_by: vec![asc(0)], ..Default::default() };
+    assert!(matches!(run(spec, vec![s]), Err(MergeError::Mismatch(_))));
+}
+
+/// Random sorted shards with NULLs and duplicates against a reference sort of all rows.
+#[test]
+fn kway_merge_matches_reference_sort() {
+    let mut seed = 0x2545f4914f6cdd1du64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for _ in 0..300 {
+        let descending = rnd(2) == 1;
+        let nulls_first = rnd(2) == 1;
+        let key = SortKey { column: 0, descending, nulls_first };
+        let nshards = 1 + rnd(4) as usize;
+        let mut all: Vec<(Option<i64>, usize)> = Vec::new();
+        let mut shards = Vec::new();
+        for s in 0..nshards {
+            let mut vals: Vec<Option<i64>> = (0..rnd(6)).map(|_| (rnd(5) != 0).then(|| rnd(7) as i64 - 3)).collect();
+            let ord = |a: &Option<i64>, b: &Option<i64>| match (a, b) {
+                (None, None) => std::cmp::Ordering::Equal,
+                (None, _) => if nulls_first { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater },
+                (_, None) => if nulls_first { std::cmp::Ordering::Greater } else { std::cmp::Ordering::Less },
+                (Some(x), Some(y)) => if descending { y.cmp(x) } else { x.cmp(y) },
+            };
+            vals.sort_by(ord);
+            let mut msgs = vec![rd(&[("x", oid::INT8), ("shard", oid::INT4)])];
+            for v in &vals {
+                let sv = s.to_string();
+                msgs.push(dr(&[v.map(|v| v.to_string()).as_deref(), Some(&sv)]));
+                all.push((*v, s));
+            }
+            msgs.push(cc(&format!("SELECT {}", vals.len())));
+            shards.push(msgs);
+            all.sort_by(|a, b| ord(&a.0, &b.0).then(a.1.cmp(&b.1)));
+        }
+        let limit = (rnd(3) != 0).then(|| rnd(8));
+        let offset = rnd(3);
+        let spec = MergeSpec { order_by: vec![key], limit, offset, ..Default::default() };
+        let out = run(spec, shards).unwrap();
+        let want: Vec<String> = all
+            .iter()
+            .skip(offset as usize)
+            .take(limit.unwrap_or(u64::MAX) as usize)
+            .map(|(v, s)| format!("D {}|{s}", v.map_or("NULL".into(), |v| v.to_string())))
+            .collect();
+        assert_eq!(out[1..out.len() - 1], want[..]);
+        assert_eq!(out.last().unwrap(), &format!("C SELECT {}", want.len()));
+    }
 }

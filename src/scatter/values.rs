@@ -157,13 +157,23 @@ impl ColType {
         }
     }
 
-    /// Encodes an integer in this column's format.
-    pub fn encode_int(&self, v: i64) -> Vec<u8> {
-        if self.binary {
-            v.to_be_bytes().to_vec()
-        } else {
-            v.to_string().into_bytes()
+    /// Encodes an integer in this column's type and format; None if out of the type's range.
+    pub fn encode_int(&self, v: i64) -> Option<Vec<u8>> {
+        let width = match self.oid {
+            oid::INT2 => 2,
+            oid::INT4 | oid::OID => 4,
+            _ => 8,
+        };
+        let fits = match self.oid {
+            oid::INT2 => i16::try_from(v).is_ok(),
+            oid::INT4 => i32::try_from(v).is_ok(),
+            oid::OID => u32::try_from(v).is_ok(),
+            _ => true,
+        };
+        if !fits {
+            return None;
         }
+        Some(if self.binary { v.to_be_bytes()[8 - width..].to_vec() } else { v.to_string().into_bytes() })
     }
 
     /// Encodes a float in this column's type and format.
@@ -354,5 +364,8 @@ mod tests {
         assert_eq!(bp.compare(b"a  ", b"a").unwrap(), Ordering::Equal);
         assert!(ColType::new(1186, 0).compare(b"1 day", b"2 days").is_err());
         assert!(ColType::new(oid::INT4, 0).compare(b"x", b"1").is_err());
+        assert_eq!(ColType::new(oid::INT4, 1).encode_int(-2), Some(vec![255, 255, 255, 254]));
+        assert_eq!(ColType::new(oid::INT2, 0).encode_int(40000), None);
+        assert_eq!(ColType::new(oid::INT8, 0).encode_int(40000), Some(b"40000".to_vec()));
     }
 }
