@@ -353,6 +353,13 @@ fn command_tags_are_summed() {
     assert!(run(MergeSpec::default(), vec![vec![cc("UPDATE 1")], vec![cc("DELETE 1")]]).is_err());
     let empty = vec![vec![b"I\0\0\0\x04".to_vec()], vec![b"I\0\0\0\x04".to_vec()]];
     assert_eq!(run(MergeSpec::default(), empty).unwrap(), ["I"]);
+    let suspended = |v| {
+        let mut s = ints(&[v]);
+        *s.last_mut().unwrap() = b"s\0\0\0\x04".to_vec();
+        s
+    };
+    assert_eq!(run(MergeSpec::default(), vec![ints(&[1]), suspended(2)]).unwrap(), ["T x:23", "D 1", "D 2", "s"]);
+    assert_eq!(run(MergeSpec::default(), vec![]).unwrap(), Vec::<String>::new());
     // INSERT ... RETURNING: rows forwarded, count summed from the tags.
     let ret = |v: i64| {
         let mut s = ints(&[v]);

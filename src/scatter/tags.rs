@@ -46,6 +46,10 @@ impl Tags {
     /// a SELECT/FETCH count is then what the client received (after LIMIT, DISTINCT,
     /// aggregation) rather than what the shards produced.
     pub fn finish(&self, rows_sent: Option<u64>, out: &mut BytesMut) -> Result<(), MergeError> {
+        if self.ends.is_empty() {
+            return Ok(());
+        }
+        // One shard's portal still has rows, so the merged portal is not complete either.
         if self.ends.contains(&End::Suspended) {
             out.extend_from_slice(&[b's', 0, 0, 0, 4]);
             return Ok(());
