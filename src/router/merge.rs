@@ -1,0 +1,311 @@
+//! The merge of a SELECT run on every shard: which output columns sort, group and aggregate,
+//! and the rewritten text the shards run so that their partial results combine exactly.
+
+use super::keys::{self, strip};
+use crate::scatter::spec::{AggKind, Aggregate, AggregateSpec, MergeSpec, SortKey};
+use sqlparser::ast::*;
+
+/// Aggregates whose results cannot be combined from per-shard partial results.
+const UNMERGEABLE: &[&str] = &[
+    "string_agg", "array_agg", "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "xmlagg",
+    "percentile_cont", "percentile_disc", "mode", "stddev", "stddev_pop", "stddev_samp", "variance",
+    "var_pop", "var_samp", "corr", "covar_pop", "covar_samp", "regr_slope", "regr_intercept", "regr_count",
+    "regr_r2", "regr_avgx", "regr_avgy", "regr_sxx", "regr_syy", "regr_sxy", "bit_and", "bit_or", "bit_xor",
+    "range_agg", "range_intersect_agg", "rank", "dense_rank", "percent_rank", "cume_dist",
+];
+
+/// The merge of a keyless SELECT, and the text to send instead (None = the original).
+pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
+    let mut q = q.clone();
+    let mut spec = MergeSpec::default();
+    let mut rewritten = false;
+    if q.fetch.is_some() {
+        return Err("FETCH FIRST cannot be combined across shards: use LIMIT".into());
+    }
+    let (limit, offset) = limits(&q)?;
+    let SetExpr::Select(sel) = q.body.as_mut() else {
+        return Err("this query shape cannot be combined across shards".into());
+    };
+    if matches!(sel.distinct, Some(Distinct::On(_))) {
+        return Err("DISTINCT ON cannot be combined across shards".into());
+    }
+    if sel.having.is_some() {
+        return Err("HAVING cannot be combined across shards".into());
+    }
+    spec.distinct = matches!(sel.distinct, Some(Distinct::Distinct));
+    let mut items: Vec<(Option<Expr>, Option<String>)> = Vec::new();
+    let mut wildcard_at = None;
+    for (i, it) in sel.projection.iter().enumerate() {
+        match it {
+            SelectItem::UnnamedExpr(e) => items.push((Some(e.clone()), None)),
+            SelectItem::ExprWithAlias { expr, alias } => items.push((Some(expr.clone()), Some(keys::ident(alias)))),
+            _ => {
+                wildcard_at.get_or_insert(i);
+                items.push((None, None));
+            }
+        }
+    }
+    let known = wildcard_at.unwrap_or(items.len());
+    let mut funcs = Vec::new();
+    for e in items.iter().filter_map(|i| i.0.as_ref()) {
+        calls(e, &mut funcs);
+    }
+    for f in &funcs {
+        if f.over.is_some() {
+            return Err(format!("window function {} cannot be combined across shards", f.name));
+        }
+    }
+    let group: Vec<Expr> = match &sel.group_by {
+        GroupByExpr::Expressions(list, _) => list.clone(),
+        GroupByExpr::All(_) => return Err("GROUP BY ALL cannot be combined across shards".into()),
+    };
+    let aggregating = !group.is_empty() || funcs.iter().any(|f| agg_name(f).is_some());
+    let mut hidden: Vec<SelectItem> = Vec::new();
+    if aggregating {
+        if wildcard_at.is_some() {
+            return Err("SELECT * with aggregates cannot be combined across shards".into());
+        }
+        let mut agg = AggregateSpec::default();
+        for g in &group {
+            let col = find(g, &items, known).ok_or_else(|| {
+                format!("GROUP BY {g} cannot be combined across shards unless it appears in the select list")
+            })?;
+            if !agg.group_by.contains(&col) {
+                agg.group_by.push(col);
+            }
+        }
+        for (i, item) in sel.projection.iter_mut().enumerate() {
+            if agg.group_by.contains(&i) {
+                continue;
+            }
+            let e = match item {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+                _ => unreachable!("no wildcard"),
+            };
+            let Some(kind) = combinable(e)? else {
+                return Err(format!(
+                    "select list item {e} is neither a GROUP BY expression nor an aggregate that combines across shards (count, sum, min, max, avg, bool_and, bool_or)"
+                ));
+            };
+            let kind = match kind {
+                AggKind::Avg { .. } => {
+                    let count_column = items.len() + hidden.len();
+                    let Expr::Function(f) = strip_nested_mut(e) else { unreachable!("avg is a call") };
+                    let mut count = f.clone();
+                    count.name = ObjectName::from(vec![Ident::new("count")]);
+                    f.name = ObjectName::from(vec![Ident::new("sum")]);
+                    hidden.push(SelectItem::UnnamedExpr(Expr::Function(count)));
+                    rewritten = true;
+                    AggKind::Avg { count_column }
+                }
+                k => k,
+            };
+            agg.aggregates.push(Aggregate { column: i, kind });
+        }
+        spec.aggregate = Some(agg);
+    }
+    if let Some(OrderBy { kind, .. }) = &q.order_by {
+        let OrderByKind::Expressions(list) = kind else {
+            return Err("ORDER BY ALL cannot be combined across shards".into());
+        };
+        for o in list {
+            let descending = matches!(o.options.sort, Some(OrderBySort::Desc));
+            if matches!(o.options.sort, Some(OrderBySort::Using(_))) {
+                return Err("ORDER BY ... USING cannot be combined across shards".into());
+            }
+            let nulls_first = o.options.nulls_first.unwrap_or(descending);
+            let column = match order_position(&o.expr, &items, known) {
+                Some(c) => c,
+                None if wildcard_at.is_some() => {
+                    return Err(format!(
+                        "ORDER BY {} with SELECT * cannot be combined across shards: add {} to the select list",
+                        o.expr, o.expr
+                    ))
+                }
+                None => {
+                    let column = items.len() + hidden.len();
+                    if let Some(agg) = spec.aggregate.as_mut() {
+                        match combinable(&o.expr)? {
+                            Some(AggKind::Avg { .. }) | None => {
+                                return Err(format!(
+                                    "ORDER BY {} cannot be combined across shards: add it to the select list",
+                                    o.expr
+                                ))
+                            }
+                            Some(kind) => agg.aggregates.push(Aggregate { column, kind }),
+                        }
+                    }
+                    hidden.push(SelectItem::UnnamedExpr(o.expr.clone()));
+                    column
+                }
+            };
+            spec.order_by.push(SortKey { column, descending, nulls_first });
+        }
+    }
+    spec.hidden_columns = hidden.len();
+    if !hidden.is_empty() {
+        let SetExpr::Select(sel) = q.body.as_mut() else { unreachable!() };
+        sel.projection.extend(hidden);
+        rewritten = true;
+    }
+    spec.limit = limit;
+    spec.offset = offset.unwrap_or(0);
+    if limit.is_some() || offset.is_some() {
+        rewritten = true;
+        // Each shard's top limit+offset rows contain the global window; grouped partial
+        // results are only complete without a limit, so aggregates get none.
+        q.limit_clause = match (limit, spec.aggregate.is_some()) {
+            (Some(n), false) => Some(LimitClause::LimitOffset {
+                limit: Some(Expr::value(Value::Number(n.saturating_add(spec.offset).to_string(), false))),
+                offset: None,
+                limit_by: Vec::new(),
+            }),
+            _ => None,
+        };
+    }
+    Ok((spec, rewritten.then(|| q.to_string())))
+}
+
+/// Constant LIMIT and OFFSET.
+fn limits(q: &Query) -> Result<(Option<u64>, Option<u64>), String> {
+    let constant = |e: &Expr| -> Result<Option<u64>, String> {
+        match strip(e) {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => n.parse().map(Some).map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
+                Value::Null => Ok(None),
+                _ => Err(format!("LIMIT/OFFSET {e} must be a constant to combine across shards")),
+            },
+            _ => Err(format!("LIMIT/OFFSET {e} must be a constant to combine across shards")),
+        }
+    };
+    match &q.limit_clause {
+        None => Ok((None, None)),
+        Some(LimitClause::LimitOffset { limit, offset, limit_by }) => {
+            if !limit_by.is_empty() {
+                return Err("LIMIT BY cannot be combined across shards".into());
+            }
+            let l = match limit {
+                Some(l) => constant(l)?,
+                None => None,
+            };
+            let o = match offset {
+                Some(o) => constant(&o.value)?,
+                None => None,
+            };
+            Ok((l, o))
+        }
+        Some(LimitClause::OffsetCommaLimit { offset, limit }) => Ok((constant(limit)?, constant(offset)?)),
+    }
+}
+
+fn strip_nested_mut(mut e: &mut Expr) -> &mut Expr {
+    while let Expr::Nested(inner) = e {
+        e = inner;
+    }
+    e
+}
+
+/// The lower-case unqualified name of an aggregate we know, counting pg_catalog.count too.
+fn agg_name(f: &Function) -> Option<String> {
+    let name = f.name.0.last()?.as_ident().map(keys::ident)?;
+    let known = matches!(name.as_str(), "count" | "sum" | "min" | "max" | "avg" | "bool_and" | "bool_or" | "every");
+    (known || UNMERGEABLE.contains(&name.as_str())).then_some(name)
+}
+
+/// How a select item combines if it is exactly one aggregate call; Err for aggregates that
+/// cannot combine.
+fn combinable(e: &Expr) -> Result<Option<AggKind>, String> {
+    let mut fs = Vec::new();
+    calls(e, &mut fs);
+    for f in &fs {
+        if let Some(n) = agg_name(f) {
+            if UNMERGEABLE.contains(&n.as_str()) {
+                return Err(format!("aggregate {n} cannot be combined across shards"));
+            }
+            let distinct = matches!(&f.args, FunctionArguments::List(l) if l.duplicate_treatment == Some(DuplicateTreatment::Distinct));
+            if distinct {
+                return Err(format!("{n}(DISTINCT ...) cannot be combined across shards"));
+            }
+            if !f.within_group.is_empty() {
+                return Err(format!("{n}(...) WITHIN GROUP cannot be combined across shards"));
+            }
+        }
+    }
+    let mut e = e;
+    while let Expr::Nested(inner) = e {
+        e = inner;
+    }
+    let Expr::Function(f) = e else { return Ok(None) };
+    Ok(match agg_name(f).as_deref() {
+        Some("count") => Some(AggKind::Count),
+        Some("sum") => Some(AggKind::Sum),
+        Some("min") => Some(AggKind::Min),
+        Some("max") => Some(AggKind::Max),
+        Some("avg") => Some(AggKind::Avg { count_column: 0 }),
+        Some("bool_and" | "every") => Some(AggKind::BoolAnd),
+        Some("bool_or") => Some(AggKind::BoolOr),
+        _ => None,
+    })
+}
+
+/// Function calls in an expression (not inside subqueries).
+fn calls<'e>(e: &'e Expr, out: &mut Vec<&'e Function>) {
+    match e {
+        Expr::Function(f) => {
+            out.push(f);
+            if let FunctionArguments::List(l) = &f.args {
+                for a in &l.args {
+                    let (FunctionArg::Named { arg, .. } | FunctionArg::ExprNamed { arg, .. } | FunctionArg::Unnamed(arg)) = a;
+                    if let FunctionArgExpr::Expr(x) = arg {
+                        calls(x, out);
+                    }
+                }
+            }
+        }
+        Expr::BinaryOp { left, right, .. } => {
+            calls(left, out);
+            calls(right, out);
+        }
+        Expr::UnaryOp { expr, .. } | Expr::Nested(expr) | Expr::Cast { expr, .. } => calls(expr, out),
+        Expr::Case { operand, conditions, else_result, .. } => {
+            if let Some(o) = operand {
+                calls(o, out);
+            }
+            for c in conditions {
+                calls(&c.condition, out);
+                calls(&c.result, out);
+            }
+            if let Some(x) = else_result {
+                calls(x, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The output column an expression names: a position number, an alias, or an equal item.
+fn order_position(e: &Expr, items: &[(Option<Expr>, Option<String>)], known: usize) -> Option<usize> {
+    if let Expr::Value(v) = e {
+        if let Value::Number(n, _) = &v.value {
+            return n.parse::<usize>().ok().filter(|&n| n >= 1).map(|n| n - 1);
+        }
+    }
+    find(e, items, known)
+}
+
+/// The position of a select item equal to `e` (by alias or by text), before any wildcard.
+fn find(e: &Expr, items: &[(Option<Expr>, Option<String>)], known: usize) -> Option<usize> {
+    if let Expr::Value(v) = e {
+        if let Value::Number(n, _) = &v.value {
+            return n.parse::<usize>().ok().filter(|&n| n >= 1 && n <= known).map(|n| n - 1);
+        }
+    }
+    if let Expr::Identifier(id) = e {
+        let name = keys::ident(id);
+        if let Some(i) = items[..known].iter().position(|it| it.1.as_deref() == Some(name.as_str())) {
+            return Some(i);
+        }
+    }
+    let text = e.to_string();
+    items[..known].iter().position(|it| it.0.as_ref().is_some_and(|x| x.to_string() == text))
+}

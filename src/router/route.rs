@@ -1,0 +1,260 @@
+//! A plan plus Bind parameters → the shards to run on.
+
+use super::{Hint, KeyExpr, Params, Plan, Route, RouteError, Target};
+use crate::pghash::KeyValue;
+use crate::shardmap::{Located, MapError, ShardMap};
+
+/// The shards `plan` runs on with these parameters.
+pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, RouteError> {
+    if let Some(h) = &plan.hint {
+        return hinted(h, plan, map);
+    }
+    let target = match &plan.route {
+        Route::Refuse { sqlstate, message } => return Err(RouteError { sqlstate, message: message.clone() }),
+        Route::Keys { dist, keys, within } => {
+            let mut shards = Vec::new();
+            for k in keys {
+                locate_expr(map, *dist, k, within.as_ref(), params, &mut shards)?;
+            }
+            shards.sort_unstable();
+            shards.dedup();
+            match shards.as_slice() {
+                [one] => Target::One(*one),
+                _ => Target::Some(shards),
+            }
+        }
+        Route::AllShards | Route::Reference { write: true } => Target::All,
+        Route::Reference { write: false } | Route::Any => Target::One(0),
+        Route::DefaultShard => Target::One(map.default_shard),
+    };
+    let single = matches!(target, Target::One(_)) || map.shards == 1;
+    match &plan.scatter_refusal {
+        Some(e) if !single => Err(e.clone()),
+        _ if map.shards == 1 => Ok(Target::One(0)),
+        _ => Ok(target),
+    }
+}
+
+fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
+    match h {
+        Hint::Shard(n) if *n < map.shards => Ok(Target::One(*n)),
+        Hint::Shard(n) => Err(RouteError {
+            sqlstate: "22023",
+            message: format!("hint shard={n} names no shard: there are {} shards (0..{})", map.shards, map.shards),
+        }),
+        Hint::Key(k) => {
+            let dist = match (&plan.route, map.distributions.len()) {
+                (Route::Keys { dist, .. }, _) => *dist,
+                (_, 1) => 0,
+                _ => {
+                    return Err(RouteError::unsupported(format!(
+                        "hint key={k} is ambiguous: the statement names no sharded table and there are {} distributions; use shard=N",
+                        map.distributions.len()
+                    )))
+                }
+            };
+            let mut shards = Vec::new();
+            locate_expr(map, dist, &KeyExpr::Literal(k.clone()), None, &Params::NONE, &mut shards)?;
+            match shards.as_slice() {
+                [one] => Ok(Target::One(*one)),
+                _ => Ok(Target::Some(shards)),
+            }
+        }
+    }
+}
+
+/// A map error as the client sees it.
+pub(super) fn map_error(e: MapError) -> RouteError {
+    let sqlstate = match e {
+        MapError::NullKey { .. } => "22004",
+        MapError::NoRange { .. } => "23514",
+        MapError::Key(_) => "22P02",
+        MapError::Invalid(_) => "XX000",
+    };
+    RouteError { sqlstate, message: e.to_string() }
+}
+
+/// A parameter's bytes and whether it is in binary format.
+fn param<'a>(params: &Params<'a>, n: usize) -> Result<(Option<&'a [u8]>, bool), RouteError> {
+    let Some(v) = params.values.get(n - 1) else {
+        return Err(RouteError {
+            sqlstate: "08P01",
+            message: format!("sharding key parameter ${n} was not bound ({} parameters)", params.values.len()),
+        });
+    };
+    let binary = match params.formats {
+        [] => false,
+        [f] => *f == 1,
+        fs => fs.get(n - 1).is_some_and(|f| *f == 1),
+    };
+    Ok((*v, binary))
+}
+
+/// Adds the shards of one key expression.
+pub(super) fn locate_expr(
+    map: &ShardMap,
+    dist: usize,
+    key: &KeyExpr,
+    within: Option<&KeyExpr>,
+    params: &Params,
+    out: &mut Vec<usize>,
+) -> Result<(), RouteError> {
+    let null = || map_error(MapError::NullKey { dist: map.distributions[dist].name.clone() });
+    let within_buf;
+    let within_key = match within {
+        None => None,
+        Some(w) => {
+            within_buf = match w {
+                KeyExpr::Literal(s) => Some((s.as_bytes().to_vec(), false)),
+                KeyExpr::Param(n) => {
+                    let (v, binary) = param(params, *n)?;
+                    v.map(|b| (b.to_vec(), binary))
+                }
+                _ => None,
+            };
+            within_buf.as_ref().map(|(b, bin)| loose_key(b, *bin))
+        }
+    };
+    let mut place = |k: KeyValue| -> Result<(), RouteError> {
+        match map.locate(dist, &k, within_key.as_ref()).map_err(map_error)? {
+            Located::One(s) => out.push(s),
+            Located::Group(g) => out.extend(g),
+        }
+        Ok(())
+    };
+    match key {
+        KeyExpr::Null => Err(null()),
+        KeyExpr::Literal(s) => place(map.parse_key(dist, s.as_bytes()).map_err(map_error)?),
+        KeyExpr::Param(n) => match param(params, *n)? {
+            (None, _) => Err(null()),
+            (Some(b), false) => place(map.parse_key(dist, b).map_err(map_error)?),
+            (Some(b), true) => place(map.parse_key_binary(dist, b).map_err(map_error)?),
+        },
+        KeyExpr::ParamArray(n) => {
+            let (Some(b), binary) = param(params, *n)? else { return Err(null()) };
+            let elems = if binary { parse_binary_array(b) } else { parse_text_array(b) }.map_err(|m| RouteError {
+                sqlstate: "22P02",
+                message: format!("sharding key array parameter ${n}: {m}"),
+            })?;
+            for e in elems {
+                let e = e.ok_or_else(null)?;
+                let k = if binary { map.parse_key_binary(dist, &e) } else { map.parse_key(dist, &e) };
+                place(k.map_err(map_error)?)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A geo hash column value of unknown type: the hash column's type is not in the map, so
+/// integers and uuids are recognised by shape (text) or width (binary).
+fn loose_key(b: &[u8], binary: bool) -> KeyValue<'_> {
+    if binary {
+        return match b.len() {
+            2 => KeyValue::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
+            4 => KeyValue::Int(i64::from(i32::from_be_bytes(b.try_into().expect("4 bytes")))),
+            8 => KeyValue::Int(i64::from_be_bytes(b.try_into().expect("8 bytes"))),
+            16 => KeyValue::Uuid(b.try_into().expect("16 bytes")),
+            _ => KeyValue::Text(b),
+        };
+    }
+    crate::pghash::parse_key("int8", b)
+        .or_else(|_| crate::pghash::parse_key("uuid", b))
+        .unwrap_or(KeyValue::Text(b))
+}
+
+/// Elements of a one-dimensional PostgreSQL array in text form (`{1,2,"a b",NULL}`).
+pub(super) fn parse_text_array(t: &[u8]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let s = t.trim_ascii();
+    let inner = s
+        .strip_prefix(b"{")
+        .and_then(|x| x.strip_suffix(b"}"))
+        .ok_or_else(|| "not an array literal like {1,2,3}".to_string())?;
+    let mut out = Vec::new();
+    if inner.trim_ascii().is_empty() {
+        return Ok(out);
+    }
+    let mut i = 0;
+    loop {
+        while inner.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+            i += 1;
+        }
+        let mut elem = Vec::new();
+        let quoted = inner.get(i) == Some(&b'"');
+        if quoted {
+            i += 1;
+            loop {
+                match inner.get(i) {
+                    None => return Err("unterminated quoted element".into()),
+                    Some(b'"') => break,
+                    Some(b'\\') => {
+                        elem.push(*inner.get(i + 1).ok_or("dangling backslash")?);
+                        i += 2;
+                    }
+                    Some(&c) => {
+                        elem.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            i += 1;
+        } else {
+            while let Some(&c) = inner.get(i) {
+                match c {
+                    b',' => break,
+                    b'{' | b'}' | b'"' => return Err("nested or malformed arrays are not keys".into()),
+                    b'\\' => {
+                        elem.push(*inner.get(i + 1).ok_or("dangling backslash")?);
+                        i += 2;
+                    }
+                    _ => {
+                        elem.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            let trimmed = elem.trim_ascii().to_vec();
+            elem = trimmed;
+        }
+        let is_null = !quoted && elem.eq_ignore_ascii_case(b"NULL");
+        out.push((!is_null).then_some(elem));
+        while inner.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+            i += 1;
+        }
+        match inner.get(i) {
+            None => return Ok(out),
+            Some(b',') => i += 1,
+            Some(_) => return Err("garbage after an element".into()),
+        }
+    }
+}
+
+/// Elements of a one-dimensional array in binary (array_send) form.
+pub(super) fn parse_binary_array(b: &[u8]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let i32_at = |at: usize| -> Result<i32, String> {
+        b.get(at..at + 4).map(|x| i32::from_be_bytes(x.try_into().expect("4"))).ok_or_else(|| "truncated binary array".to_string())
+    };
+    let ndim = i32_at(0)?;
+    if ndim == 0 {
+        return Ok(Vec::new());
+    }
+    if ndim != 1 {
+        return Err(format!("a key array must have one dimension, not {ndim}"));
+    }
+    // ndim, has-null flag, element type oid, then (length, lower bound) of the dimension.
+    let count = i32_at(12)?;
+    let mut at = 20;
+    let mut out = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let len = i32_at(at)?;
+        at += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let end = at + len as usize;
+        out.push(Some(b.get(at..end).ok_or("truncated binary array element")?.to_vec()));
+        at = end;
+    }
+    Ok(out)
+}

@@ -1,0 +1,551 @@
+//! Collects the tables a statement touches, which sharded tables are joined on their keys, and
+//! which keys pin them; `decide` turns that into a route.
+
+use super::keys::{self, column_equality, conjuncts, object_name, pin_of};
+use super::{KeyExpr, Route};
+use crate::shardmap::config::UnknownTables;
+use crate::shardmap::{ShardMap, TableRule};
+use sqlparser::ast::*;
+
+/// How a referenced table is placed.
+#[derive(Debug, Clone)]
+pub(super) enum Placement {
+    Sharded { dist: usize, column: String, hash_column: Option<String> },
+    Reference,
+    Undeclared,
+    /// pg_catalog / information_schema: the same on every shard.
+    Catalog,
+}
+
+/// One appearance of a table in the statement.
+#[derive(Debug, Clone)]
+pub(super) struct Rel {
+    pub name: String,
+    /// Alias, or the bare table name.
+    binding: String,
+    pub placement: Placement,
+    /// Inside a subquery, CTE or derived table rather than the statement's own FROM.
+    nested: bool,
+}
+
+/// Statement walker state.
+pub(super) struct Walker<'m> {
+    map: &'m ShardMap,
+    pub rels: Vec<Rel>,
+    scopes: Vec<Vec<usize>>,
+    ctes: Vec<String>,
+    links: Vec<(usize, usize)>,
+    pins: Vec<(usize, Vec<KeyExpr>)>,
+    within: Vec<(usize, KeyExpr)>,
+    /// Query nesting level; 1 is the statement itself (DML sets it before walking).
+    pub depth: usize,
+    pub modifying_cte: bool,
+    pub set_operation: bool,
+}
+
+impl<'m> Walker<'m> {
+    pub fn new(map: &'m ShardMap) -> Self {
+        Walker {
+            map,
+            rels: Vec::new(),
+            scopes: vec![Vec::new()],
+            ctes: Vec::new(),
+            links: Vec::new(),
+            pins: Vec::new(),
+            within: Vec::new(),
+            depth: 0,
+            modifying_cte: false,
+            set_operation: false,
+        }
+    }
+
+    /// Table names in order of appearance, without repeats.
+    pub fn tables(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &self.rels {
+            if !out.contains(&r.name) {
+                out.push(r.name.clone());
+            }
+        }
+        out
+    }
+
+    /// Registers a table in the current scope and returns its index.
+    pub fn add_table(&mut self, name: &ObjectName, alias: Option<&TableAlias>) -> Option<usize> {
+        let full = object_name(name);
+        if name.0.len() == 1 && self.ctes.contains(&full) {
+            return None;
+        }
+        let placement = match self.map.table(&full) {
+            Some(TableRule::Sharded { dist, column, hash_column }) => {
+                Placement::Sharded { dist: *dist, column: column.clone(), hash_column: hash_column.clone() }
+            }
+            Some(TableRule::Reference) => Placement::Reference,
+            None if is_catalog(&full) => Placement::Catalog,
+            None => Placement::Undeclared,
+        };
+        let binding = match alias {
+            Some(a) => keys::ident(&a.name),
+            None => full.rsplit('.').next().unwrap_or(&full).to_string(),
+        };
+        let id = self.rels.len();
+        self.rels.push(Rel { name: full, binding, placement, nested: self.depth > 1 });
+        self.scopes.last_mut().expect("scope").push(id);
+        Some(id)
+    }
+
+    pub fn query(&mut self, q: &Query) {
+        self.depth += 1;
+        let ctes_before = self.ctes.len();
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                self.query(&cte.query);
+                if matches!(*cte.query.body, SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)) {
+                    self.modifying_cte = true;
+                }
+                self.ctes.push(keys::ident(&cte.alias.name));
+            }
+        }
+        self.set_expr(&q.body);
+        if let Some(OrderBy { kind: OrderByKind::Expressions(list), .. }) = &q.order_by {
+            for o in list {
+                self.expr(&o.expr);
+            }
+        }
+        self.ctes.truncate(ctes_before);
+        self.depth -= 1;
+    }
+
+    fn set_expr(&mut self, s: &SetExpr) {
+        match s {
+            SetExpr::Select(sel) => self.select(sel),
+            SetExpr::Query(q) => self.query(q),
+            SetExpr::SetOperation { left, right, .. } => {
+                self.set_operation = true;
+                self.set_expr(left);
+                self.set_expr(right);
+            }
+            SetExpr::Values(v) => v.rows.iter().flat_map(|r| &r.content).for_each(|e| self.expr(e)),
+            SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
+                self.modifying_cte = true;
+                self.dml(st);
+            }
+            SetExpr::Table(t) => {
+                if let Some(name) = &t.table_name {
+                    let mut parts = Vec::new();
+                    if let Some(s) = &t.schema_name {
+                        parts.push(s.clone());
+                    }
+                    parts.push(name.clone());
+                    self.add_table(&ObjectName::from(parts), None);
+                }
+            }
+        }
+    }
+
+    /// Tables and conditions of a data-modifying statement nested in a CTE.
+    pub fn dml(&mut self, st: &Statement) {
+        match st {
+            Statement::Insert(i) => {
+                if let TableObject::TableName(n) = &i.table {
+                    self.add_table(n, None);
+                }
+                if let Some(src) = &i.source {
+                    self.query(src);
+                }
+            }
+            Statement::Update(u) => {
+                self.from(std::slice::from_ref(&u.table));
+                if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) = &u.from {
+                    self.from(f);
+                }
+                u.assignments.iter().for_each(|a| self.expr(&a.value));
+                if let Some(w) = &u.selection {
+                    self.condition(w, true);
+                }
+            }
+            Statement::Delete(d) => {
+                let (FromTable::WithFromKeyword(f) | FromTable::WithoutKeyword(f)) = &d.from;
+                self.from(f);
+                if let Some(u) = &d.using {
+                    self.from(u);
+                }
+                if let Some(w) = &d.selection {
+                    self.condition(w, true);
+                }
+            }
+            Statement::Merge(m) => {
+                self.table_factor(&m.table);
+                self.table_factor(&m.source);
+                self.condition(&m.on, false);
+            }
+            _ => {}
+        }
+    }
+
+    fn select(&mut self, s: &Select) {
+        self.scopes.push(Vec::new());
+        self.from(&s.from);
+        for item in &s.projection {
+            match item {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => self.expr(e),
+                _ => {}
+            }
+        }
+        if let Some(w) = &s.selection {
+            self.condition(w, true);
+        }
+        if let GroupByExpr::Expressions(list, _) = &s.group_by {
+            list.iter().for_each(|e| self.expr(e));
+        }
+        if let Some(h) = &s.having {
+            self.expr(h);
+        }
+        self.scopes.pop();
+    }
+
+    /// Walks a FROM list into the current scope.
+    pub fn from(&mut self, list: &[TableWithJoins]) {
+        for twj in list {
+            self.table_factor(&twj.relation);
+            for j in &twj.joins {
+                self.table_factor(&j.relation);
+                let (c, inner) = match &j.join_operator {
+                    JoinOperator::Join(c) | JoinOperator::Inner(c) => (c, true),
+                    JoinOperator::Left(c)
+                    | JoinOperator::LeftOuter(c)
+                    | JoinOperator::Right(c)
+                    | JoinOperator::RightOuter(c)
+                    | JoinOperator::FullOuter(c)
+                    | JoinOperator::CrossJoin(c)
+                    | JoinOperator::Semi(c)
+                    | JoinOperator::LeftSemi(c)
+                    | JoinOperator::RightSemi(c)
+                    | JoinOperator::Anti(c)
+                    | JoinOperator::LeftAnti(c)
+                    | JoinOperator::RightAnti(c) => (c, false),
+                    _ => continue,
+                };
+                match c {
+                    JoinConstraint::On(e) => self.condition(e, inner),
+                    JoinConstraint::Using(cols) => self.using(cols),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// `JOIN b USING (k)`: links b with an earlier table of the scope whose key is k.
+    fn using(&mut self, cols: &[ObjectName]) {
+        let scope = self.scopes.last().cloned().unwrap_or_default();
+        let Some((&right, earlier)) = scope.split_last() else { return };
+        for c in cols {
+            let col = object_name(c);
+            if self.key_column(right) != Some(col.as_str()) {
+                continue;
+            }
+            if let Some(&left) = earlier.iter().find(|&&l| self.key_column(l) == Some(col.as_str())) {
+                self.links.push((left, right));
+            }
+        }
+    }
+
+    pub fn table_factor(&mut self, tf: &TableFactor) {
+        match tf {
+            TableFactor::Table { name, alias, .. } => {
+                self.add_table(name, alias.as_ref());
+            }
+            TableFactor::Derived { subquery, .. } => self.query(subquery),
+            TableFactor::NestedJoin { table_with_joins, .. } => self.from(std::slice::from_ref(table_with_joins)),
+            TableFactor::Function { args, .. } => args.iter().for_each(|a| self.function_arg(a)),
+            TableFactor::TableFunction { expr, .. } => self.expr(expr),
+            TableFactor::UNNEST { array_exprs, .. } => array_exprs.iter().for_each(|e| self.expr(e)),
+            _ => {}
+        }
+    }
+
+    fn function_arg(&mut self, a: &FunctionArg) {
+        let (FunctionArg::Named { arg, .. } | FunctionArg::ExprNamed { arg, .. } | FunctionArg::Unnamed(arg)) = a;
+        if let FunctionArgExpr::Expr(e) = arg {
+            self.expr(e);
+        }
+    }
+
+    /// A WHERE/ON condition: key equalities between tables link them; with `pinning`,
+    /// conjuncts restricting a key pin its table.
+    pub fn condition(&mut self, e: &Expr, pinning: bool) {
+        let mut cs = Vec::new();
+        conjuncts(e, &mut cs);
+        for c in cs {
+            if let Some((a, b)) = column_equality(c) {
+                if let (Some(x), Some(y)) = (self.resolve(&a.0, &a.1, false), self.resolve(&b.0, &b.1, false)) {
+                    self.links.push((x, y));
+                    continue;
+                }
+            }
+            if pinning {
+                if let Some(p) = pin_of(c) {
+                    if let Some(r) = self.resolve(&p.qual, &p.column, false) {
+                        self.pins.push((r, p.keys));
+                    } else if let (Some(r), [k]) = (self.resolve(&p.qual, &p.column, true), p.keys.as_slice()) {
+                        self.within.push((r, k.clone()));
+                    }
+                    continue;
+                }
+            }
+            self.expr(c);
+        }
+    }
+
+    /// Records that `rel`'s key is one of `keys`.
+    pub fn pin(&mut self, rel: usize, keys: Vec<KeyExpr>) {
+        self.pins.push((rel, keys));
+    }
+
+    /// Records that two tables are joined on their keys.
+    pub fn link(&mut self, a: usize, b: usize) {
+        self.links.push((a, b));
+    }
+
+    /// A sharded table added at or after `from` whose key column a (qualified) column names.
+    pub fn find_source(&self, from: usize, qual: Option<&str>, col: &str) -> Option<usize> {
+        (from..self.rels.len()).find(|&r| {
+            let named = qual.is_none_or(|q| self.rels[r].binding == q || self.rels[r].name == q);
+            named && self.key_column(r) == Some(col)
+        })
+    }
+
+    fn key_column(&self, rel: usize) -> Option<&str> {
+        match &self.rels[rel].placement {
+            Placement::Sharded { column, .. } => Some(column),
+            _ => None,
+        }
+    }
+
+    /// The sharded table whose key (or, with `hash`, geo hash column) a column reference names,
+    /// looking from the innermost scope outwards.
+    pub fn resolve(&self, qual: &Option<String>, col: &str, hash: bool) -> Option<usize> {
+        let matches = |r: usize| match &self.rels[r].placement {
+            Placement::Sharded { column, hash_column, .. } => {
+                if hash {
+                    hash_column.as_deref() == Some(col)
+                } else {
+                    column == col
+                }
+            }
+            _ => false,
+        };
+        for scope in self.scopes.iter().rev() {
+            match qual {
+                Some(q) => {
+                    if let Some(&r) = scope.iter().find(|&&r| &self.rels[r].binding == q || &self.rels[r].name == q) {
+                        return matches(r).then_some(r);
+                    }
+                }
+                None => {
+                    if let Some(&r) = scope.iter().find(|&&r| matches(r)) {
+                        return Some(r);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Finds tables in subqueries anywhere in an expression.
+    pub fn expr(&mut self, e: &Expr) {
+        match e {
+            Expr::Subquery(q) | Expr::Exists { subquery: q, .. } => self.query(q),
+            Expr::In { expr, target, .. } => {
+                self.expr(expr);
+                match target {
+                    InTarget::List(l) => l.iter().for_each(|x| self.expr(x)),
+                    InTarget::Subquery(q) => self.query(q),
+                    InTarget::Unnest(x) => self.expr(x),
+                    _ => {}
+                }
+            }
+            Expr::BinaryOp { left, right, .. }
+            | Expr::AnyOp { left, right, .. }
+            | Expr::AllOp { left, right, .. }
+            | Expr::IsDistinctFrom(left, right)
+            | Expr::IsNotDistinctFrom(left, right) => {
+                self.expr(left);
+                self.expr(right);
+            }
+            Expr::UnaryOp { expr, .. }
+            | Expr::Nested(expr)
+            | Expr::Cast { expr, .. }
+            | Expr::IsNull(expr)
+            | Expr::IsNotNull(expr)
+            | Expr::IsTrue(expr)
+            | Expr::IsFalse(expr)
+            | Expr::IsNotTrue(expr)
+            | Expr::IsNotFalse(expr) => self.expr(expr),
+            Expr::Between { expr, low, high, .. } => {
+                self.expr(expr);
+                self.expr(low);
+                self.expr(high);
+            }
+            Expr::Like { expr, pattern, .. } | Expr::ILike { expr, pattern, .. } => {
+                self.expr(expr);
+                self.expr(pattern);
+            }
+            Expr::Function(f) => {
+                match &f.args {
+                    FunctionArguments::List(l) => l.args.iter().for_each(|a| self.function_arg(a)),
+                    FunctionArguments::Subquery(q) => self.query(q),
+                    FunctionArguments::None => {}
+                }
+                if let Some(filter) = &f.filter {
+                    self.expr(filter);
+                }
+            }
+            Expr::Case { operand, conditions, else_result, .. } => {
+                if let Some(o) = operand {
+                    self.expr(o);
+                }
+                for c in conditions {
+                    self.expr(&c.condition);
+                    self.expr(&c.result);
+                }
+                if let Some(x) = else_result {
+                    self.expr(x);
+                }
+            }
+            Expr::Tuple(list) => list.iter().for_each(|x| self.expr(x)),
+            Expr::Array(a) => a.elem.iter().for_each(|x| self.expr(x)),
+            _ => {}
+        }
+    }
+
+    /// The route the collected tables, links and pins give. `target` is the table a write
+    /// modifies (reference targets must not read sharded tables).
+    pub fn decide(&self, write: bool, target: Option<usize>) -> (Route, Vec<String>) {
+        let mut problems = Vec::new();
+        let undeclared: Vec<&Rel> = self.rels.iter().filter(|r| matches!(r.placement, Placement::Undeclared)).collect();
+        let sharded: Vec<usize> =
+            (0..self.rels.len()).filter(|&i| matches!(self.rels[i].placement, Placement::Sharded { .. })).collect();
+        if let Some(u) = undeclared.first() {
+            if self.map.unknown_tables == UnknownTables::Refuse {
+                return (
+                    Route::refuse(format!(
+                        "table {} is not declared in [sharding]; declare it as sharded or reference, or set unknown_tables = \"default_shard\"",
+                        u.name
+                    )),
+                    problems,
+                );
+            }
+            if let Some(&s) = sharded.first() {
+                return (
+                    Route::refuse(format!(
+                        "{} is an undeclared table on the default shard and {} is sharded: one statement cannot use both; declare {} in [sharding]",
+                        u.name, self.rels[s].name, u.name
+                    )),
+                    problems,
+                );
+            }
+            return (Route::DefaultShard, problems);
+        }
+        let has_ref = self.rels.iter().any(|r| matches!(r.placement, Placement::Reference));
+        let Some(&first) = sharded.first() else {
+            return (if has_ref { Route::Reference { write } } else { Route::Any }, problems);
+        };
+        if let Some(t) = target {
+            if matches!(self.rels[t].placement, Placement::Reference) {
+                return (
+                    Route::refuse(format!(
+                        "a write to reference table {} cannot read sharded table {}: reference tables must be written from reference data only",
+                        self.rels[t].name, self.rels[first].name
+                    )),
+                    problems,
+                );
+            }
+        }
+        let dist_of = |r: usize| match self.rels[r].placement {
+            Placement::Sharded { dist, .. } => dist,
+            _ => usize::MAX,
+        };
+        let dist = dist_of(first);
+        if let Some(&other) = sharded.iter().find(|&&r| dist_of(r) != dist) {
+            return (self.join_refusal(first, other), problems);
+        }
+        // Union-find over the sharded tables joined on their keys.
+        let mut parent: Vec<usize> = (0..self.rels.len()).collect();
+        fn root(p: &mut [usize], mut x: usize) -> usize {
+            while p[x] != x {
+                p[x] = p[p[x]];
+                x = p[x];
+            }
+            x
+        }
+        for &(a, b) in &self.links {
+            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+            parent[ra] = rb;
+        }
+        let mut comps: Vec<(usize, usize, Option<&Vec<KeyExpr>>)> = Vec::new();
+        for &r in &sharded {
+            let root = root(&mut parent, r);
+            let pin = self.pins.iter().find(|(p, _)| *p == r).map(|(_, k)| k);
+            match comps.iter_mut().find(|c| c.0 == root) {
+                Some(c) => c.2 = c.2.or(pin),
+                None => comps.push((root, r, pin)),
+            }
+        }
+        if comps.len() > 1 {
+            if let Some(unpinned) = comps.iter().find(|c| c.2.is_none()) {
+                let other = comps.iter().find(|c| c.0 != unpinned.0).expect("two components");
+                return (self.join_refusal(other.1, unpinned.1), problems);
+            }
+            problems.push(format!(
+                "{} and {} are not joined on their sharding key, so their keys must all fall on one shard",
+                self.rels[comps[0].1].name, self.rels[comps[1].1].name
+            ));
+        }
+        if self.rels.iter().any(|r| r.nested && matches!(r.placement, Placement::Sharded { .. })) {
+            problems.push("subqueries and CTEs over sharded tables cannot be combined across shards".into());
+        }
+        if self.set_operation {
+            problems.push("UNION/INTERSECT/EXCEPT over sharded tables cannot be combined across shards".into());
+        }
+        if comps.iter().all(|c| c.2.is_none()) {
+            return (Route::AllShards, problems);
+        }
+        let keys: Vec<KeyExpr> = comps.iter().flat_map(|c| c.2.into_iter().flatten().cloned()).collect();
+        let within = if keys.len() == 1 {
+            self.within.iter().find(|(r, _)| sharded.contains(r)).map(|(_, k)| k.clone())
+        } else {
+            None
+        };
+        (Route::Keys { dist, keys, within }, problems)
+    }
+
+    fn join_refusal(&self, a: usize, b: usize) -> Route {
+        let (ra, rb) = (&self.rels[a], &self.rels[b]);
+        let col = |r: &Rel| match &r.placement {
+            Placement::Sharded { column, .. } => column.clone(),
+            _ => String::new(),
+        };
+        Route::refuse(format!(
+            "join of {} and {} is not on their sharding key: join them with {}.{} = {}.{} (tables of one distribution), or pin each to a key",
+            ra.name,
+            rb.name,
+            ra.binding,
+            col(ra),
+            rb.binding,
+            col(rb)
+        ))
+    }
+}
+
+/// System catalogs exist on every shard.
+pub(super) fn is_catalog(name: &str) -> bool {
+    let (schema, table) = match name.rsplit_once('.') {
+        Some((s, t)) => (Some(s), t),
+        None => (None, name),
+    };
+    match schema {
+        Some(s) => s == "pg_catalog" || s == "information_schema" || (s.starts_with("pg_") && table.starts_with("pg_")),
+        None => table.starts_with("pg_"),
+    }
+}
