@@ -94,8 +94,14 @@ pub async fn run<S: ClientIo>(app: Arc<App>, mut s: S, mut rbuf: FrameBuf, pid: 
 async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
     let cmd: String = sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
     let err = |out: &mut BytesMut, m: &str| {
-        messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
+        messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW ROUTE <statement>, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
     };
+    if cmd.starts_with("show route ") {
+        // The statement keeps its original case and spacing: only the command words are cut.
+        let stmt = sql.trim().splitn(3, char::is_whitespace).nth(2).unwrap_or("").trim();
+        show_route(app, stmt).write(out, "SHOW");
+        return false;
+    }
     match cmd.as_str() {
         "" => messages::empty_message(out, b'I'),
         "show pools" => show_pools(app).write(out, "SHOW"),
@@ -281,6 +287,28 @@ fn show_config(app: &App) -> Table {
     ] {
         t.row(vec![k.to_string(), v]);
     }
+    t
+}
+
+/// Where a statement would go and why (literal keys only; parameters show as unresolved).
+fn show_route(app: &App, stmt: &str) -> Table {
+    let map = app.shardmap.load_full();
+    let plan = app.plans.plan(stmt, &map);
+    let mut t = Table::new(&["shards", "kind", "route", "tables", "map_version", "note"]);
+    let (shards, note) = match crate::router::route(&plan, &map, &crate::router::Params::NONE) {
+        Ok(crate::router::Target::All) => ((0..map.shards).map(|s| s.to_string()).collect::<Vec<_>>().join(","), String::new()),
+        Ok(crate::router::Target::Some(v)) => (v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), String::new()),
+        Ok(crate::router::Target::One(s)) => (s.to_string(), String::new()),
+        Err(e) => (String::new(), format!("refused ({}): {}", e.sqlstate, e.message)),
+    };
+    t.row(vec![
+        shards,
+        format!("{:?}", plan.kind),
+        format!("{:?}", plan.route),
+        plan.tables.join(","),
+        map.version.to_string(),
+        note,
+    ]);
     t
 }
 

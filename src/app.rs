@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
+use crate::router::PlanCache;
+use crate::shardmap::ShardMap;
+use crate::twophase::TwoPhase;
 
 /// A client's credentials, prepared once per config load.
 pub struct UserAuth {
@@ -132,6 +135,12 @@ pub struct App {
     mock_seed: [u8; 16],
     /// File the config was loaded from, for RELOAD and SIGHUP.
     pub config_path: Mutex<Option<std::path::PathBuf>>,
+    /// The shard map snapshot statements are routed with; swapped whole on change.
+    pub shardmap: ArcSwap<ShardMap>,
+    /// Routing plans per distinct statement text.
+    pub plans: PlanCache,
+    /// Two-phase commit ids and decision log.
+    pub twophase: TwoPhase,
 }
 
 impl App {
@@ -149,7 +158,12 @@ impl App {
     /// State for a loaded config.
     pub fn new(config: Config) -> Arc<App> {
         let users = build_users(&config);
+        // Validated with the config, so building cannot fail here.
+        let map = ShardMap::build(&config.sharding, config.shards.len(), 1).expect("validated config");
         Arc::new(App {
+            shardmap: ArcSwap::from_pointee(map),
+            plans: PlanCache::new(10_000),
+            twophase: TwoPhase::open(&config.general.router_id, config.general.decision_log.clone().into()),
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             pools: RwLock::new(HashMap::new()),
@@ -214,6 +228,10 @@ impl App {
     /// Pools whose server address changed are dropped so new connections go to the new one.
     pub fn reload(&self, config: Config) {
         self.users.store(Arc::new(build_users(&config)));
+        let version = self.shardmap.load().version + 1;
+        if let Ok(map) = ShardMap::build(&config.sharding, config.shards.len(), version) {
+            self.shardmap.store(Arc::new(map));
+        }
         let mut pools = self.pools.write();
         pools.retain(|k, p| {
             let target = config.shards.get(k.shard).and_then(|s| split_host_port(&s.primary));

@@ -214,6 +214,42 @@ impl ServerConn {
         self.drain_until_ready(max).await
     }
 
+    /// Runs a simple query and returns its rows as text (control plane: catalogs, recovery).
+    pub async fn query_rows(&mut self, sql: &str, max: usize) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            let f = self.read_frame(max).await?;
+            match f.tag {
+                b'D' => {
+                    let mut c = Cursor::new(f.body());
+                    let n = c.i16().unwrap_or(0).max(0);
+                    let mut row = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        let len = c.i32().unwrap_or(-1);
+                        row.push(if len < 0 { None } else { c.take(len as usize).map(|v| String::from_utf8_lossy(v).into_owned()) });
+                    }
+                    rows.push(row);
+                }
+                b'E' if err.is_none() => {
+                    let e = messages::parse_error_fields(f.body());
+                    err = Some(BackendError::Refused { addr: self.peer.to_string(), code: e.code.into(), message: e.message.into() });
+                }
+                b'Z' => {
+                    self.tx_status = crate::protocol::ready_status(&f);
+                    return match err {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Consumes messages up to ReadyForQuery; an ErrorResponse on the way becomes an error.
     pub async fn drain_until_ready(&mut self, max: usize) -> Result<(), BackendError> {
         let mut err = None;

@@ -109,6 +109,12 @@ pub struct General {
     pub tls_cert_file: Option<String>,
     #[serde(default)]
     pub tls_key_file: Option<String>,
+    /// Names this router in two-phase commit ids; routers sharing shards need distinct ids.
+    #[serde(default = "d_router_id")]
+    pub router_id: String,
+    /// File where multi-shard commit decisions are recorded (fsynced) before phase two.
+    #[serde(default = "d_decision_log")]
+    pub decision_log: String,
 }
 
 /// A login that clients may use; the same name and password are used towards the servers.
@@ -192,6 +198,12 @@ fn d_max_message_size() -> usize {
 fn d_prepared_cache() -> usize {
     500
 }
+fn d_router_id() -> String {
+    "r1".into()
+}
+fn d_decision_log() -> String {
+    "pgshard-decisions.log".into()
+}
 fn d_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -266,6 +278,9 @@ impl Config {
             if d.pool_size == Some(0) {
                 return bad(format!("databases.{}.pool_size must be at least 1", d.name));
             }
+        }
+        if g.router_id.is_empty() || !g.router_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return bad(format!("general.router_id '{}' must be letters and digits only", g.router_id));
         }
         crate::shardmap::ShardMap::build(&self.sharding, self.shards.len(), 0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;

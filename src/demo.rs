@@ -26,6 +26,51 @@ pub struct DemoArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// The demo's shard map: pgbench's tables hashed by their ids, and a tenant-keyed example.
+const DEMO_SHARDING: &str = r#"[sharding]
+unknown_tables = "refuse"
+
+[[sharding.distributions]]
+name = "by_id"
+strategy = "hash"
+key_type = "bigint"
+
+[[sharding.distributions]]
+name = "by_tenant"
+strategy = "tenant"
+key_type = "text"
+
+[[sharding.tables]]
+name = "pgbench_accounts"
+distribution = "by_id"
+column = "aid"
+
+[[sharding.tables]]
+name = "pgbench_tellers"
+distribution = "by_id"
+column = "tid"
+
+[[sharding.tables]]
+name = "pgbench_branches"
+distribution = "by_id"
+column = "bid"
+
+[[sharding.tables]]
+name = "pgbench_history"
+distribution = "by_id"
+column = "aid"
+
+[[sharding.tables]]
+name = "orders"
+distribution = "by_tenant"
+column = "tenant_id"
+
+[[sharding.tables]]
+name = "order_items"
+distribution = "by_tenant"
+column = "tenant_id"
+"#;
+
 /// The router config for a local cluster.
 pub fn config_for(cluster: &LocalCluster, listen: &str, metrics: &str) -> String {
     let mut s = String::new();
@@ -34,7 +79,8 @@ pub fn config_for(cluster: &LocalCluster, listen: &str, metrics: &str) -> String
         "[general]\nlisten = \"{listen}\"\npool_mode = \"transaction\"\ndefault_pool_size = 20\nadmin_users = [\"admin\"]\nmetrics_listen = \"{metrics}\"\n"
     );
     let _ = writeln!(s, "[[users]]\nname = \"app\"\npassword = \"app\"\n\n[[users]]\nname = \"admin\"\npassword = \"admin\"\n");
-    let _ = writeln!(s, "[[databases]]\nname = \"app\"\n");
+    let _ = writeln!(s, "[[databases]]\nname = \"app\"\nsharded = true\n");
+    let _ = writeln!(s, "{}", DEMO_SHARDING);
     let shards = cluster.servers.iter().filter(|s| matches!(s.role, Role::Primary)).count();
     for shard in 0..shards {
         let p = cluster.primary(shard);

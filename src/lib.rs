@@ -20,6 +20,7 @@ pub mod shardmap;
 pub mod sqlclass;
 pub mod tls;
 pub mod topology;
+pub mod twophase;
 
 /// Runs every decoder that sees untrusted bytes over `data`; the fuzz target and a unit test
 /// call it, and it must never panic.

@@ -31,6 +31,12 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, St
     }
     let app = App::new(config);
     *app.config_path.lock() = path;
+    // In-doubt transactions of an earlier run are settled before clients can read their rows.
+    if let Ok(n) = tokio::time::timeout(Duration::from_secs(15), crate::twophase::resolve(&app)).await {
+        if n > 0 {
+            tracing::info!(resolved = n, "in-doubt prepared transactions resolved");
+        }
+    }
     tracing::info!(listen = %g.listen, "pgshard listening");
     tokio::spawn(crate::frontend::serve(app.clone(), listener, tls));
     let maint = app.clone();
@@ -40,6 +46,9 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, St
             tick.tick().await;
             for p in maint.pools() {
                 p.maintain().await;
+            }
+            if maint.twophase.take_unfinished() {
+                crate::twophase::resolve(&maint).await;
             }
         }
     });

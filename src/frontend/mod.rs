@@ -3,6 +3,7 @@
 
 pub mod login;
 pub mod session;
+pub mod sharded;
 
 use crate::app::{client_state, App, ClientInfo};
 use crate::params::SessionParams;
@@ -316,6 +317,13 @@ async fn run_pooled<S: ClientIo>(app: Arc<App>, s: S, rbuf: FrameBuf, info: Arc<
     let Some((s, pool)) = Box::pin(greet(&app, s, &info, params)).await else { return };
     let startup = SessionParams::from_startup(params);
     let (r, w) = s.into_halves();
+    if sharded::is_sharded(&app, &info.database) {
+        let shards = app.config.load().shards.len();
+        let pools: Option<Vec<_>> = (0..shards).map(|i| app.pool(&info.database, &info.user, i)).collect();
+        let Some(pools) = pools else { return };
+        Box::new(sharded::ShardedSession::new(app, info, pools, r, w, rbuf, startup)).run().await;
+        return;
+    }
     // Boxed before running, so the task's future holds a pointer rather than the state.
     Box::new(session::Session::new(app, info, pool, r, w, rbuf, startup)).run().await;
 }

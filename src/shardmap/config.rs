@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// `[sharding]`: how the databases marked `sharded = true` spread over the shards.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardingConfig {
     /// Hash buckets (a power of two); hash and tenant placement go key → bucket → shard.
@@ -24,6 +24,19 @@ pub struct ShardingConfig {
     pub distributions: Vec<DistributionConfig>,
     #[serde(default)]
     pub tables: Vec<TableConfig>,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig {
+            buckets: d_buckets(),
+            unknown_tables: UnknownTables::default(),
+            default_shard: 0,
+            keyless_writes: true,
+            distributions: Vec::new(),
+            tables: Vec::new(),
+        }
+    }
 }
 
 /// Where statements on undeclared tables go.

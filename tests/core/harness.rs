@@ -90,6 +90,8 @@ pub struct Harness {
     pub dir: PathBuf,
     pub password: String,
     next_router: AtomicUsize,
+    /// The router of the sharding trials, started by the first that needs it.
+    pub sharded_router: std::sync::OnceLock<Router>,
 }
 
 pub const APP_PW: &str = "app-secret";
@@ -104,7 +106,7 @@ impl Harness {
         let dir = std::env::temp_dir().join("pgshard-test-core");
         let mut spec = ClusterSpec::new(2, 1, dir.join("pg"));
         spec.users = vec![("app".into(), APP_PW.into()), ("admin".into(), "admin-secret".into())];
-        spec.databases = vec!["app".into()];
+        spec.databases = vec!["app".into(), "shop".into(), "bench".into()];
         // Per-user server authentication methods, to test pgshard's side of each.
         spec.extra_hba = vec![
             "host all md5user 127.0.0.1/32 md5".into(),
@@ -141,6 +143,7 @@ impl Harness {
             dir: router_dir,
             password: APP_PW.into(),
             next_router: AtomicUsize::new(0),
+            sharded_router: std::sync::OnceLock::new(),
         };
         h.router = h.spawn_router("", "").expect("start router");
         h

@@ -6,6 +6,7 @@ mod harness;
 mod ops;
 mod pooling;
 mod protocol;
+mod sharding;
 
 use harness::{Harness, TestResult};
 use libtest_mimic::{Arguments, Trial};
@@ -30,6 +31,7 @@ fn main() {
     trials.extend(pooling::trials());
     trials.extend(protocol::trials());
     trials.extend(ops::trials());
+    trials.extend(sharding::trials());
     if args.list {
         libtest_mimic::run(&args, trials).exit();
     }

@@ -1,0 +1,295 @@
+//! COPY … FROM STDIN into a sharded table: the client's rows are split by sharding key and
+//! streamed to the shards that own them, inside one (two-phase) transaction.
+
+use super::{Failure, Refusal, ShardedSession};
+use crate::frontend::{ClientWrite, ReadReady, SessionEnd};
+use crate::protocol::messages;
+use crate::router::{CopyFormat, CopySpec, Plan, Route};
+use crate::scatter::{CopyFormat as SplitFormat, CopySplitter};
+use crate::shardmap::{Located, TableRule};
+use bytes::{BufMut, BytesMut};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+/// Rows buffered per shard before they are written to it.
+const SEND_AT: usize = 64 * 1024;
+
+/// Where each row of the COPY goes.
+enum Placement {
+    /// Every row to these shards (reference tables: all; unsharded tables: one).
+    Same(Vec<usize>),
+    /// By the key in column `col` under distribution `dist`.
+    ByKey { dist: usize, col: usize },
+}
+
+impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
+    /// COPY FROM STDIN: split rows by key, one COPY per shard, one `COPY n` for the client.
+    pub(super) async fn copy_in(&mut self, text: &str, plan: &Arc<Plan>, spec: CopySpec) -> Result<(), Failure> {
+        let placement = self.copy_placement(plan, &spec).await?;
+        let shards: Vec<usize> = match &placement {
+            Placement::Same(s) => s.clone(),
+            Placement::ByKey { .. } => (0..self.pools.len()).collect(),
+        };
+        if matches!(placement, Placement::ByKey { .. }) {
+            if spec.format == CopyFormat::Binary {
+                return Err(Refusal::new("0A000", "binary COPY into a sharded table is not supported: use text or CSV").into());
+            }
+            if spec.header {
+                return Err(Refusal::new("0A000", "COPY … HEADER into a sharded table is not supported: drop the header line and the option").into());
+            }
+        }
+        let implicit = !self.tx.active();
+        if implicit {
+            self.tx.begin_implicit();
+        }
+        let r = self.copy_rows(text, &spec, &placement, &shards).await;
+        if implicit {
+            if r.is_ok() && !self.tx.failed_any() {
+                self.commit(false).await?;
+            } else {
+                self.rollback_all().await?;
+                self.tx = super::TxState::default();
+            }
+        }
+        r
+    }
+
+    async fn copy_placement(&mut self, plan: &Plan, spec: &CopySpec) -> Result<Placement, Failure> {
+        match &plan.route {
+            Route::Refuse { sqlstate, message } => Err(Refusal::new(sqlstate, message.clone()).into()),
+            Route::Reference { .. } => Ok(Placement::Same((0..self.pools.len()).collect())),
+            Route::DefaultShard => Ok(Placement::Same(vec![self.map.default_shard])),
+            _ => {
+                let Some(TableRule::Sharded { dist, column, .. }) = self.map.table(&spec.table).cloned() else {
+                    return Err(Refusal::new("0A000", format!("COPY into {}: not a declared table", spec.table)).into());
+                };
+                let col = match spec.key_column {
+                    Some(c) => c,
+                    None if spec.columns.is_empty() => self.key_position(&spec.table, &column).await?,
+                    None => {
+                        return Err(Refusal::new("0A000", format!("COPY into {} must include its sharding key column {column}", spec.table)).into());
+                    }
+                };
+                Ok(Placement::ByKey { dist, col })
+            }
+        }
+    }
+
+    /// Position of `column` among the table's columns (COPY without a column list).
+    async fn key_position(&mut self, table: &str, column: &str) -> Result<usize, Failure> {
+        let sql = format!(
+            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            crate::params::quote_literal(table)
+        );
+        let max = self.max_msg;
+        self.conn(0).await?;
+        let co = self.conns[0].as_mut().expect("held");
+        let rows = co.conn.query_rows(&sql, max).await.map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
+        let names: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+        names
+            .iter()
+            .position(|n| n == column)
+            .ok_or_else(|| Refusal::new("42703", format!("column {column} of {table} not found on shard 0")).into())
+    }
+
+    async fn copy_rows(&mut self, text: &str, spec: &CopySpec, placement: &Placement, shards: &[usize]) -> Result<(), Failure> {
+        // Start the COPY on every shard and wait for each to accept data.
+        for &s in shards {
+            self.conn(s).await?;
+            self.tx.wrote_on(s);
+            let co = self.conns[s].as_mut().expect("held");
+            let mut q = BytesMut::new();
+            messages::query(&mut q, text);
+            co.conn.stream.write_all(&q).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+        }
+        let mut lead_response = None;
+        for &s in shards {
+            let max = self.max_msg;
+            let co = self.conns[s].as_mut().expect("held");
+            let f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            match f.tag {
+                b'G' => {
+                    lead_response.get_or_insert(f.raw);
+                }
+                b'E' => {
+                    self.out.extend_from_slice(&f.raw);
+                    co.conn.drain_until_ready(max).await.ok();
+                    // The others are waiting for data: fail their COPY too.
+                    for &o in shards {
+                        if o != s {
+                            self.copy_fail(o, "COPY failed on another shard").await;
+                        }
+                    }
+                    self.tx.fail_any();
+                    return Ok(());
+                }
+                other => return Err(Refusal::new("08P01", format!("unexpected message '{}' starting COPY", other as char)).into()),
+            }
+        }
+        self.out.extend_from_slice(&lead_response.expect("at least one shard"));
+        self.flush().await.map_err(Failure::End)?;
+
+        let mut bufs: Vec<BytesMut> = (0..self.pools.len()).map(|_| BytesMut::new()).collect();
+        let mut splitter = match placement {
+            Placement::ByKey { col, .. } => Some(CopySplitter::new(
+                if spec.format == CopyFormat::Csv { SplitFormat::Csv } else { SplitFormat::Text },
+                spec.delimiter,
+                spec.quote,
+                spec.escape,
+                false,
+                spec.null.as_bytes().to_vec(),
+                *col,
+            )),
+            Placement::Same(_) => None,
+        };
+        let map = self.map.clone();
+        let mut failure: Option<Refusal> = None;
+        loop {
+            let (tag, len) = match self.cbuf.peek(self.max_msg) {
+                Ok(Some(x)) => x,
+                Ok(None) => {
+                    match self.cr.read_idle(&mut self.cbuf).await {
+                        Ok(0) | Err(_) => return Err(Failure::End(SessionEnd::ClientGone)),
+                        Ok(_) => continue,
+                    }
+                }
+                Err(e) => return Err(Failure::End(self.protocol_end(&e.to_string()))),
+            };
+            let msg = self.cbuf.buf.split_to(len).freeze();
+            match tag {
+                b'd' if failure.is_none() => {
+                    let data = &msg[5..];
+                    match (&mut splitter, placement) {
+                        (Some(sp), Placement::ByKey { dist, .. }) => {
+                            let r = sp.feed(
+                                data,
+                                |key| place(&map, *dist, key),
+                                |shard, row| bufs[shard].extend_from_slice(row),
+                            );
+                            if let Err(e) = r {
+                                failure = Some(Refusal::new("22P04", e.to_string()));
+                            }
+                        }
+                        _ => {
+                            for &s in shards {
+                                bufs[s].extend_from_slice(data);
+                            }
+                        }
+                    }
+                    for &s in shards {
+                        if bufs[s].len() >= SEND_AT {
+                            self.send_copy_data(s, &mut bufs[s]).await?;
+                        }
+                    }
+                }
+                b'd' | b'H' | b'S' => {}
+                b'c' => {
+                    if failure.is_none() {
+                        if let (Some(sp), Placement::ByKey { dist, .. }) = (&mut splitter, placement) {
+                            let r = sp.finish(|key| place(&map, *dist, key), |shard, row| bufs[shard].extend_from_slice(row));
+                            if let Err(e) = r {
+                                failure = Some(Refusal::new("22P04", e.to_string()));
+                            }
+                        }
+                    }
+                    break;
+                }
+                b'f' => {
+                    let why = crate::protocol::Cursor::new(&msg[5..]).str().unwrap_or("").to_string();
+                    failure = Some(Refusal::new("57014", format!("COPY from stdin failed: {why}")));
+                    break;
+                }
+                other => {
+                    failure = Some(Refusal::new("08P01", format!("unexpected message type '{}' during COPY", other as char)));
+                    break;
+                }
+            }
+        }
+        if let Some(f) = failure {
+            for &s in shards {
+                self.copy_fail(s, &f.message).await;
+            }
+            return Err(f.into());
+        }
+        let mut total = 0u64;
+        let mut error = None;
+        for &s in shards {
+            self.send_copy_data(s, &mut bufs[s]).await?;
+            let max = self.max_msg;
+            let co = self.conns[s].as_mut().expect("held");
+            let mut done = BytesMut::new();
+            messages::empty_message(&mut done, b'c');
+            co.conn.stream.write_all(&done).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            loop {
+                let f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+                match f.tag {
+                    b'C' => {
+                        let tag = crate::protocol::Cursor::new(f.body()).str().unwrap_or("");
+                        total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                    }
+                    b'E' => {
+                        error.get_or_insert(f.raw);
+                    }
+                    b'Z' => {
+                        co.conn.tx_status = crate::protocol::ready_status(&f);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match error {
+            Some(raw) => {
+                self.out.extend_from_slice(&raw);
+                self.tx.fail_any();
+            }
+            None => messages::command_complete(&mut self.out, &format!("COPY {total}")),
+        }
+        Ok(())
+    }
+
+    async fn send_copy_data(&mut self, shard: usize, buf: &mut BytesMut) -> Result<(), Failure> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut msg = BytesMut::with_capacity(buf.len() + 5);
+        msg.put_u8(b'd');
+        msg.put_u32(buf.len() as u32 + 4);
+        msg.extend_from_slice(buf);
+        buf.clear();
+        let co = self.conns[shard].as_mut().expect("held");
+        co.conn.stream.write_all(&msg).await.map_err(|e| Refusal::new("08006", e.to_string()).into())
+    }
+
+    /// Ends a shard's COPY with CopyFail and consumes its error.
+    async fn copy_fail(&mut self, shard: usize, why: &str) {
+        let max = self.max_msg;
+        let Some(co) = self.conns[shard].as_mut() else { return };
+        let mut msg = BytesMut::new();
+        msg.put_u8(b'f');
+        msg.put_u32((why.len() + 5) as u32);
+        msg.extend_from_slice(why.as_bytes());
+        msg.put_u8(0);
+        if co.conn.stream.write_all(&msg).await.is_err() || co.conn.drain_until_ready(max).await.is_ok() {
+            // drain_until_ready succeeding means no error arrived, which CopyFail always causes.
+            self.drop_conn(shard, false);
+        }
+    }
+
+    fn protocol_end(&mut self, why: &str) -> SessionEnd {
+        crate::frontend::fatal_and_close(&mut self.out, "08P01", why);
+        SessionEnd::Protocol
+    }
+}
+
+/// The shard of a COPY row's key.
+fn place(map: &crate::shardmap::ShardMap, dist: usize, key: Option<&[u8]>) -> Result<usize, String> {
+    let Some(k) = key else {
+        return Err(format!("a row's sharding key (distribution '{}') is NULL", map.distributions[dist].name));
+    };
+    let v = map.parse_key(dist, k).map_err(|e| e.to_string())?;
+    match map.locate(dist, &v, None).map_err(|e| e.to_string())? {
+        Located::One(s) => Ok(s),
+        Located::Group(_) => Err("COPY into a geo table whose region spans several shards needs its hash column; insert those rows with INSERT".into()),
+    }
+}

@@ -1,0 +1,389 @@
+//! A client session on a sharded database: each statement is routed to the shards that hold
+//! its rows, and a transaction holds one server connection per shard it touched.
+//!
+//! Unlike the pooled session (one server, bytes streamed both ways), this one handles a request
+//! at a time: a simple Query, or an extended-protocol batch up to its Sync, is routed, sent to
+//! its shards, and answered (forwarded from one shard, or merged from several) before the next
+//! request is read. Pipelined requests wait in the client's buffer, which keeps the state
+//! machine small: *idle* (no transaction, no connection) → *in transaction* (connections per
+//! touched shard, BEGIN sent lazily to each) → COMMIT (one shard: plain; several writers:
+//! two-phase commit with a durable decision) → idle.
+
+mod copy;
+mod exec;
+mod extended;
+mod tx;
+
+use super::{fatal_and_close, ClientWrite, ReadReady, SessionEnd};
+use crate::app::{App, ClientInfo};
+use crate::params::SessionParams;
+use crate::pool::{Checkout, Pool};
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::{Cursor, FrameBuf};
+use crate::router::{Kind, Plan};
+use crate::shardmap::ShardMap;
+use bytes::BytesMut;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+pub use tx::{TxState, GID_PREFIX};
+
+/// Write buffered client output once it grows past this, so large results stream.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// A failure to report to the client as an ErrorResponse.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: &str, message: impl Into<String>) -> Refusal {
+        Refusal { code: code.to_string(), message: message.into() }
+    }
+}
+
+impl From<crate::router::RouteError> for Refusal {
+    fn from(e: crate::router::RouteError) -> Refusal {
+        Refusal::new(e.sqlstate, e.message)
+    }
+}
+
+/// Why a request could not be completed.
+pub(crate) enum Failure {
+    /// Reported to the client; the session goes on.
+    Refused(Refusal),
+    /// The session must end (client gone, server lost mid-request, …).
+    End(SessionEnd),
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Failure {
+        Failure::Refused(r)
+    }
+}
+
+/// One client's session on a sharded database.
+pub struct ShardedSession<R, W> {
+    app: Arc<App>,
+    info: Arc<ClientInfo>,
+    /// Primary pool of each shard.
+    pools: Vec<Arc<Pool>>,
+    map: Arc<ShardMap>,
+    max_msg: usize,
+    cr: R,
+    cw: W,
+    cbuf: FrameBuf,
+    out: BytesMut,
+    /// Server connection per shard, held while a transaction (or a COPY) needs it.
+    conns: Vec<Option<Checkout>>,
+    tx: TxState,
+    params: SessionParams,
+    startup_params: SessionParams,
+    ext: extended::ExtendedState,
+}
+
+impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
+    /// A session for a logged-in client of a sharded database.
+    pub fn new(
+        app: Arc<App>,
+        info: Arc<ClientInfo>,
+        pools: Vec<Arc<Pool>>,
+        cr: R,
+        cw: W,
+        cbuf: FrameBuf,
+        startup_params: SessionParams,
+    ) -> Self {
+        let max_msg = app.config.load().general.max_message_size;
+        let map = app.shardmap.load_full();
+        let conns = (0..pools.len()).map(|_| None).collect();
+        ShardedSession {
+            app,
+            info,
+            pools,
+            map,
+            max_msg,
+            cr,
+            cw,
+            cbuf,
+            out: BytesMut::new(),
+            conns,
+            tx: TxState::default(),
+            params: startup_params.clone(),
+            startup_params,
+            ext: extended::ExtendedState::default(),
+        }
+    }
+
+    /// Runs until the client leaves; open transactions are rolled back on every shard.
+    pub async fn run(mut self: Box<Self>) {
+        let end = self.event_loop().await;
+        if !matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone) {
+            tracing::debug!(client = self.info.pid, reason = ?end, "sharded session ended");
+        }
+        if !self.out.is_empty() {
+            let out = std::mem::take(&mut self.out);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.cw.write_all(&out)).await;
+        }
+        let _ = self.cw.shutdown().await;
+        self.abandon().await;
+    }
+
+    async fn event_loop(&mut self) -> SessionEnd {
+        let mut shutdown = self.app.shutdown.subscribe();
+        loop {
+            loop {
+                let (tag, len) = match self.cbuf.peek(self.max_msg) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => break,
+                    Err(e) => {
+                        fatal_and_close(&mut self.out, "08P01", &e.to_string());
+                        return SessionEnd::Protocol;
+                    }
+                };
+                let msg = self.cbuf.buf.split_to(len).freeze();
+                if let Err(end) = self.on_message(tag, &msg).await {
+                    return end;
+                }
+            }
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            if !self.tx.active() && *shutdown.borrow() {
+                fatal_and_close(&mut self.out, "57P01", "pgshard is shutting down");
+                return SessionEnd::Shutdown;
+            }
+            if self.cbuf.is_empty() {
+                self.cbuf.buf = BytesMut::new();
+            }
+            tokio::select! {
+                r = self.cr.read_idle(&mut self.cbuf) => match r {
+                    Ok(0) | Err(_) => return SessionEnd::ClientGone,
+                    Ok(_) => {}
+                },
+                _ = shutdown.changed(), if !self.tx.active() => {}
+            }
+        }
+    }
+
+    /// Writes what is queued for the client.
+    async fn flush(&mut self) -> Result<(), SessionEnd> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        self.cw.write_all(&out).await.map_err(|_| SessionEnd::ClientGone)?;
+        self.cw.flush().await.map_err(|_| SessionEnd::ClientGone)?;
+        self.out = out;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Flushes when enough output is queued, so big results do not pile up in memory.
+    async fn maybe_flush(&mut self) -> Result<(), SessionEnd> {
+        if self.out.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), SessionEnd> {
+        match tag {
+            b'X' => Err(SessionEnd::ClientTerminated),
+            b'Q' => {
+                let text = Cursor::new(&msg[5..]).str().unwrap_or("");
+                let r = self.on_query(text).await;
+                self.settle(r, true)
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
+                self.ext.push(tag, msg);
+                Ok(())
+            }
+            b'S' => {
+                let r = Box::pin(self.on_sync()).await;
+                self.settle(r, true)
+            }
+            // COPY data outside a COPY: the server would ignore it too.
+            b'd' | b'c' | b'f' => Ok(()),
+            b'F' => {
+                let r = Err(Failure::Refused(Refusal::new(
+                    "0A000",
+                    "the function call protocol message is not supported on a sharded database; use SELECT",
+                )));
+                self.settle(r, true)
+            }
+            other => {
+                fatal_and_close(&mut self.out, "08P01", &format!("invalid frontend message type {other}"));
+                Err(SessionEnd::Protocol)
+            }
+        }
+    }
+
+    /// Finishes a request: a refusal becomes an ErrorResponse (failing an open transaction),
+    /// and the request ends with ReadyForQuery.
+    fn settle(&mut self, r: Result<(), Failure>, ready: bool) -> Result<(), SessionEnd> {
+        match r {
+            Ok(()) => {}
+            Err(Failure::End(end)) => return Err(end),
+            Err(Failure::Refused(f)) => {
+                self.pools[0].metrics.errors.inc();
+                messages::error_response(&mut self.out, Severity::Error, &f.code, &f.message, None);
+                self.tx.fail();
+            }
+        }
+        if ready {
+            messages::ready_for_query(&mut self.out, self.tx.status());
+        }
+        Ok(())
+    }
+
+    /// A simple Query: one statement, or several that run as one implicit transaction.
+    async fn on_query(&mut self, text: &str) -> Result<(), Failure> {
+        self.refresh_map();
+        let plan = self.app.plans.plan(text, &self.map);
+        if plan.statements == 0 {
+            messages::empty_message(&mut self.out, b'I');
+            return Ok(());
+        }
+        if plan.statements > 1 {
+            return self.on_multi_statement(text).await;
+        }
+        self.run_statement(text, &plan, &crate::router::Params::NONE, None).await
+    }
+
+    /// Runs each statement of a multi-statement Query in order, inside one transaction, as
+    /// PostgreSQL does; it stops at the first error.
+    async fn on_multi_statement(&mut self, text: &str) -> Result<(), Failure> {
+        let parts = crate::sqlclass::split_statements(text);
+        let implicit = !self.tx.active();
+        if implicit {
+            self.tx.begin_implicit();
+        }
+        for part in parts {
+            let plan = self.app.plans.plan(part, &self.map);
+            if let Err(e) = self.run_statement(part, &plan, &crate::router::Params::NONE, None).await {
+                if implicit {
+                    self.rollback_all().await?;
+                    self.tx = TxState::default();
+                }
+                return Err(e);
+            }
+        }
+        if implicit && self.tx.active() {
+            self.commit(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Picks up a new shard map between transactions (rebalancing swaps it).
+    fn refresh_map(&mut self) {
+        if !self.tx.active() {
+            let current = self.app.shardmap.load();
+            if current.version != self.map.version {
+                self.map = current.clone();
+            }
+        }
+    }
+
+    /// Routes and runs one statement (simple protocol, or an extended batch's statement when
+    /// `batch` is given).
+    async fn run_statement(
+        &mut self,
+        text: &str,
+        plan: &Arc<Plan>,
+        params: &crate::router::Params<'_>,
+        batch: Option<&extended::Batch>,
+    ) -> Result<(), Failure> {
+        if self.tx.failed() && !matches!(plan.kind, Kind::Rollback | Kind::Commit) {
+            return Err(Refusal::new(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            )
+            .into());
+        }
+        match &plan.kind {
+            Kind::Begin { read_only } => return self.begin(text, *read_only, batch).await,
+            Kind::Commit => return self.commit(true).await,
+            Kind::Rollback => return self.rollback(true).await,
+            Kind::Session => return self.session_statement(text, plan, batch).await,
+            Kind::Copy(spec) if spec.from_stdin && batch.is_none() => {
+                return Box::pin(self.copy_in(text, plan, spec.clone())).await;
+            }
+            _ => {}
+        }
+        let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
+        let shards = self.target_shards(&target, plan);
+        if let (Some(split), None) = (&plan.insert, batch) {
+            if shards.len() > 1 {
+                let parts = split.split(&self.map, params.values).map_err(Refusal::from)?;
+                return self.split_insert(parts).await;
+            }
+        }
+        let writes = !matches!(plan.kind, Kind::Read);
+        match &plan.kind {
+            Kind::Utility | Kind::Ddl { transactional: false } => {
+                if self.tx.active() {
+                    return Err(Refusal::new(
+                        "25001",
+                        "this statement cannot run inside a transaction block on a sharded database",
+                    )
+                    .into());
+                }
+                self.run_everywhere_autocommit(text, &shards, batch).await
+            }
+            _ if shards.len() == 1 => self.run_single(shards[0], text, writes, batch).await,
+            _ => {
+                // Writes on several shards are atomic: an implicit transaction committed in two phases.
+                let implicit = writes && !self.tx.active();
+                if implicit {
+                    self.tx.begin_implicit();
+                }
+                let r = self.run_scatter(&shards, text, plan, writes, batch).await;
+                if implicit {
+                    match r {
+                        Ok(()) => self.commit(false).await?,
+                        Err(e) => {
+                            self.rollback_all().await?;
+                            self.tx = TxState::default();
+                            return Err(e);
+                        }
+                    }
+                }
+                r
+            }
+        }
+    }
+
+    /// Shards a target names; reads of reference tables (and table-less statements) go to a
+    /// shard the transaction already holds, else to one chosen by the client's pid.
+    fn target_shards(&self, target: &crate::router::Target, plan: &Plan) -> Vec<usize> {
+        use crate::router::{Route, Target};
+        match target {
+            Target::All => (0..self.pools.len()).collect(),
+            Target::Some(v) => v.clone(),
+            Target::One(s) => {
+                let floating = matches!(plan.route, Route::Any | Route::Reference { write: false }) && plan.hint.is_none();
+                if floating {
+                    if let Some(held) = self.tx.first_touched() {
+                        return vec![held];
+                    }
+                    return vec![self.info.pid.unsigned_abs() as usize % self.pools.len()];
+                }
+                vec![*s]
+            }
+        }
+    }
+
+    /// The client left: roll back whatever is open and return clean connections.
+    async fn abandon(&mut self) {
+        if self.tx.active() || self.conns.iter().any(Option::is_some) {
+            let _ = self.rollback_all().await;
+        }
+    }
+}
+
+/// Whether a database is spread over the shards.
+pub fn is_sharded(app: &App, database: &str) -> bool {
+    app.config.load().database(database).is_some_and(|d| d.sharded)
+}

@@ -1,0 +1,395 @@
+//! The sharding router over the shared 2-shard topology: key routing, split INSERT and COPY,
+//! scatter merges checked against the same data on one unsharded database, refusals,
+//! two-phase commit and its recovery, and pgbench's TPC-B invariant across shards.
+
+use crate::ensure;
+use crate::harness::{block_on, connect_port, first_value as one, sqlstate, Context, Harness, Router, TestResult, APP_PW};
+use crate::trial;
+use libtest_mimic::Trial;
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial("sharding::keys_route_to_the_owning_shard", keys_route),
+        trial("sharding::multi_row_insert_is_split", insert_split),
+        trial("sharding::scatter_merges_match_one_server", scatter_matches),
+        trial("sharding::unsafe_statements_are_refused", refusals),
+        trial("sharding::two_phase_commit_and_rollback", two_phase),
+        trial("sharding::in_doubt_transactions_resolved_at_start", in_doubt),
+        trial("sharding::copy_rows_split_by_key", copy_split),
+        trial("sharding::pgbench_tpcb_invariant_across_shards", pgbench_invariant),
+    ]
+}
+
+const SHARDING: &str = r#"
+[sharding]
+unknown_tables = "refuse"
+
+[[sharding.distributions]]
+name = "ids"
+strategy = "hash"
+key_type = "int8"
+
+[[sharding.distributions]]
+name = "tenants"
+strategy = "tenant"
+key_type = "text"
+tenants = { "big" = 1 }
+
+[[sharding.distributions]]
+name = "ranges"
+strategy = "range"
+key_type = "int8"
+ranges = [{ hi = 1000, shard = 0 }, { lo = 1000, hi = 2000, shard = 1 }]
+
+[[sharding.tables]]
+name = "items"
+distribution = "ids"
+column = "id"
+
+[[sharding.tables]]
+name = "facts"
+distribution = "ids"
+column = "id"
+
+[[sharding.tables]]
+name = "orders"
+distribution = "tenants"
+column = "tenant"
+
+[[sharding.tables]]
+name = "events"
+distribution = "ranges"
+column = "n"
+
+[[sharding.tables]]
+name = "twopc"
+distribution = "ids"
+column = "id"
+
+[[sharding.tables]]
+name = "scat"
+distribution = "ids"
+column = "id"
+
+[[sharding.tables]]
+name = "copied"
+distribution = "ids"
+column = "id"
+
+[[sharding.tables]]
+name = "countries"
+reference = true
+
+[[sharding.tables]]
+name = "pgbench_accounts"
+distribution = "ids"
+column = "aid"
+
+[[sharding.tables]]
+name = "pgbench_branches"
+distribution = "ids"
+column = "bid"
+
+[[sharding.tables]]
+name = "pgbench_tellers"
+distribution = "ids"
+column = "tid"
+
+[[sharding.tables]]
+name = "pgbench_history"
+distribution = "ids"
+column = "aid"
+
+[[databases]]
+name = "shop"
+sharded = true
+
+[[databases]]
+name = "bench"
+sharded = true
+"#;
+
+/// The router serving the sharded databases, started once.
+fn router(h: &Harness) -> &Router {
+    h.sharded_router.get_or_init(|| {
+        let log = h.dir.join("decisions-sharded.log");
+        h.spawn_router(&format!("decision_log = \"{}\"\nrouter_id = \"t1\"", log.display()), SHARDING)
+            .expect("start sharded router")
+    })
+}
+
+/// The shard a bigint key of the `ids` distribution belongs to (2 shards, 4096 buckets).
+fn shard_of(id: i64) -> usize {
+    let b = pgshard::pghash::bucket(&pgshard::pghash::KeyValue::Int(id), 4096).unwrap() as usize;
+    b * 2 / 4096
+}
+
+/// SQL on one shard's primary directly.
+fn on_shard(h: &Harness, shard: usize, db: &str, sql: &str) -> Result<String, String> {
+    h.cluster.psql(h.primary(shard), db, sql).ctx("direct psql").map(|s| s.trim().to_string())
+}
+
+async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
+    connect_port(router(h).port, "app", APP_PW, "shop", "").await
+}
+
+fn keys_route(h: &Harness) -> TestResult {
+    block_on(async {
+        let c = shop(h).await?;
+        c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, name text)").await.ctx("ddl")?;
+        for shard in 0..2 {
+            ensure!(on_shard(h, shard, "shop", "SELECT count(*) FROM items")? == "0", "DDL must reach shard {shard}");
+        }
+        for id in 1..=40i64 {
+            c.simple_query(&format!("INSERT INTO items (id, name) VALUES ({id}, 'n{id}')")).await.ctx("insert literal")?;
+        }
+        // Extended protocol: the key comes from Bind, text and binary.
+        for id in 41..=60i64 {
+            c.execute("INSERT INTO items (id, name) VALUES ($1, $2)", &[&id, &format!("n{id}")]).await.ctx("insert param")?;
+        }
+        for shard in 0..2 {
+            let expected = (1..=60).filter(|&i| shard_of(i) == shard).count();
+            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM items")?.parse().unwrap();
+            ensure!(got == expected, "shard {shard} holds {got} rows, expected {expected}");
+            ensure!(expected > 10, "keys should spread over both shards");
+        }
+        for id in [3i64, 17, 44, 59] {
+            let row = c.query_one("SELECT name FROM items WHERE id = $1", &[&id]).await.ctx("select by key")?;
+            ensure!(row.get::<_, String>(0) == format!("n{id}"), "row {id}");
+        }
+        let n = c.execute("UPDATE items SET name = 'changed' WHERE id = 7", &[]).await.ctx("update by key")?;
+        ensure!(n == 1, "UPDATE by key touched {n} rows");
+        let sh = shard_of(7);
+        ensure!(on_shard(h, sh, "shop", "SELECT name FROM items WHERE id = 7")? == "changed", "update reached the owner");
+        // IN list over both shards, and a keyless count.
+        let rows = c.query("SELECT id FROM items WHERE id IN (1, 2, 3, 4, 5, 6) ORDER BY id", &[]).await.ctx("IN")?;
+        ensure!(rows.len() == 6, "IN list gave {} rows", rows.len());
+        ensure!(one(&c, "SELECT count(*) FROM items").await? == "60", "keyless count over shards");
+        // A tenant directory entry and a range.
+        c.batch_execute("DROP TABLE IF EXISTS orders; CREATE TABLE orders (tenant text, n int)").await.ctx("ddl orders")?;
+        c.batch_execute("INSERT INTO orders (tenant, n) VALUES ('big', 1)").await.ctx("tenant insert")?;
+        ensure!(on_shard(h, 1, "shop", "SELECT count(*) FROM orders WHERE tenant = 'big'")? == "1", "big tenant lives on shard 1");
+        c.batch_execute("DROP TABLE IF EXISTS events; CREATE TABLE events (n bigint)").await.ctx("ddl events")?;
+        c.batch_execute("INSERT INTO events (n) VALUES (5); INSERT INTO events (n) VALUES (1500)").await.ctx("range insert")?;
+        ensure!(on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "5", "range 0");
+        ensure!(on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "1500", "range 1");
+        let e = c.batch_execute("INSERT INTO events (n) VALUES (5000)").await.err().ok_or("a key outside every range must fail")?;
+        ensure!(e.to_string().contains("range"), "range error says why: {e}");
+        Ok(())
+    })
+}
+
+fn insert_split(h: &Harness) -> TestResult {
+    block_on(async {
+        let c = shop(h).await?;
+        c.batch_execute("DROP TABLE IF EXISTS facts; CREATE TABLE facts (id bigint, v int)").await.ctx("ddl")?;
+        let values: Vec<String> = (1..=100).map(|i| format!("({i}, {})", i * 2)).collect();
+        let msgs = c.simple_query(&format!("INSERT INTO facts (id, v) VALUES {}", values.join(", "))).await.ctx("split insert")?;
+        let tag = msgs.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        });
+        ensure!(tag == Some(100), "client sees one INSERT of 100 rows, got {tag:?}");
+        for shard in 0..2 {
+            let expected = (1..=100).filter(|&i| shard_of(i) == shard).count();
+            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM facts")?.parse().unwrap();
+            ensure!(got == expected, "shard {shard}: {got} rows, expected {expected} (never a copy on every shard)");
+        }
+        Ok(())
+    })
+}
+
+/// Keyless queries through the router give exactly what one server gives for the same rows.
+fn scatter_matches(h: &Harness) -> TestResult {
+    block_on(async {
+        let c = shop(h).await?;
+        let reference = connect_port(h.router.port, "app", APP_PW, "app", "").await?;
+        let ddl = "DROP TABLE IF EXISTS sc; CREATE TABLE sc (id bigint, g int, v numeric, f float8, t text, b bool)";
+        reference.batch_execute(ddl).await.ctx("ref ddl")?;
+        let rows: Vec<String> = (1..=300)
+            .map(|i| {
+                let v = if i % 17 == 0 { "NULL".to_string() } else { format!("{}.{}", i * 7 % 101, i % 10) };
+                format!("({i}, {}, {v}, {}, 't{}', {})", i % 5, (i as f64) / 8.0, i % 23, i % 3 != 0)
+            })
+            .collect();
+        let insert = format!("INSERT INTO sc (id, g, v, f, t, b) VALUES {}", rows.join(", "));
+        reference.batch_execute(&insert).await.ctx("ref insert")?;
+        // The same rows in a table sharded by id.
+        c.batch_execute(&ddl.replace(" sc", " scat")).await.ctx("sharded ddl")?;
+        c.batch_execute(&insert.replace("INTO sc", "INTO scat")).await.ctx("sharded insert")?;
+        let queries = [
+            "SELECT count(*) FROM sc",
+            "SELECT count(v), sum(v), min(v), max(v), avg(v) FROM sc",
+            "SELECT sum(f), min(t), max(t), bool_and(b), bool_or(b) FROM sc",
+            "SELECT g, count(*), sum(v), avg(v) FROM sc GROUP BY g ORDER BY g",
+            "SELECT id, t FROM sc ORDER BY id DESC LIMIT 7",
+            "SELECT id FROM sc ORDER BY id LIMIT 5 OFFSET 10",
+            "SELECT id, v FROM sc WHERE g = 2 ORDER BY v NULLS FIRST, id LIMIT 12",
+            "SELECT DISTINCT g FROM sc ORDER BY g",
+            "SELECT t, id FROM sc ORDER BY t, id LIMIT 20",
+        ];
+        for q in queries {
+            let want = rows_text(&reference, q).await?;
+            let got = rows_text(&c, &q.replace(" sc", " scat")).await?;
+            ensure!(got == want, "{q}\n sharded: {got:?}\n one server: {want:?}");
+        }
+        // Keyless write: counts summed across shards.
+        let n = c.execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[]).await.ctx("keyless update")?;
+        ensure!(n == 60, "keyless UPDATE counted {n}, expected 60");
+        Ok(())
+    })
+}
+
+async fn rows_text(c: &tokio_postgres::Client, q: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    let msgs = c.simple_query(q).await.map_err(|e| format!("{q}: {e}"))?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            _ => None,
+        })
+        .collect())
+}
+
+fn refusals(h: &Harness) -> TestResult {
+    block_on(async {
+        let c = shop(h).await?;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)").await.ctx("ddl")?;
+        let cases = [
+            ("UPDATE items SET id = 5 WHERE id = 4", "0A000", "sharding key"),
+            ("SELECT * FROM nowhere_declared", "0A000", "not declared"),
+            ("INSERT INTO items (name) VALUES ('x')", "0A000", "id"),
+        ];
+        for (sql, code, needle) in cases {
+            let e = c.batch_execute(sql).await.err().ok_or(format!("{sql} must be refused"))?;
+            ensure!(sqlstate(&e) == code, "{sql}: SQLSTATE {} ({e})", sqlstate(&e));
+            let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+            ensure!(msg.contains(needle), "{sql}: message should name '{needle}': {msg}");
+        }
+        // The session is still usable afterwards.
+        ensure!(one(&c, "SELECT 1").await? == "1", "session usable after refusals");
+        Ok(())
+    })
+}
+
+fn two_phase(h: &Harness) -> TestResult {
+    block_on(async {
+        let c = shop(h).await?;
+        c.batch_execute("DROP TABLE IF EXISTS twopc; CREATE TABLE twopc (id bigint, v int)").await.ctx("ddl")?;
+        let (a, b) = {
+            let a = (1..).find(|&i| shard_of(i) == 0).unwrap();
+            let b = (1..).find(|&i| shard_of(i) == 1).unwrap();
+            (a, b)
+        };
+        c.batch_execute(&format!("BEGIN; INSERT INTO twopc (id, v) VALUES ({a}, 1); INSERT INTO twopc (id, v) VALUES ({b}, 1); COMMIT"))
+            .await
+            .ctx("2pc commit")?;
+        ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "both rows committed");
+        c.batch_execute(&format!("BEGIN; INSERT INTO twopc (id, v) VALUES ({a}, 2); INSERT INTO twopc (id, v) VALUES ({b}, 2); ROLLBACK"))
+            .await
+            .ctx("rollback")?;
+        ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "rolled back on both shards");
+        // A failure on one shard aborts the whole transaction.
+        c.batch_execute("BEGIN").await.ctx("begin")?;
+        c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({a}, 3)")).await.ctx("ins a")?;
+        ensure!(c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({b}, 'x')")).await.is_err(), "bad value fails");
+        let e = c.batch_execute("SELECT 1").await.err().ok_or("aborted transaction must refuse")?;
+        ensure!(sqlstate(&e) == "25P02", "in failed tx: {}", sqlstate(&e));
+        c.batch_execute("COMMIT").await.ctx("commit of failed tx")?;
+        ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "failed transaction left nothing");
+        for shard in 0..2 {
+            let left = on_shard(h, shard, "shop", "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t1%'")?;
+            ensure!(left == "0", "no prepared transaction left on shard {shard}: {left}");
+        }
+        Ok(())
+    })
+}
+
+/// A router that died between PREPARE and COMMIT PREPARED: its successor commits what the
+/// decision log says was committed and rolls back the rest.
+fn in_doubt(h: &Harness) -> TestResult {
+    block_on(async {
+        let s0 = h.primary(0);
+        h.cluster.psql(s0, "shop", "CREATE TABLE IF NOT EXISTS doubt (n int)").ctx("ddl s0")?;
+        h.cluster.psql(h.primary(1), "shop", "CREATE TABLE IF NOT EXISTS doubt (n int)").ctx("ddl s1")?;
+        // Prepared as the router's user, as its sessions would have.
+        let prep = |shard: usize, gid: &str, n: i32| {
+            h.cluster.psql(
+                h.primary(shard),
+                "shop",
+                &format!("SET ROLE app; BEGIN; INSERT INTO doubt VALUES ({n}); PREPARE TRANSACTION '{gid}'"),
+            )
+        };
+        prep(0, "pgshard_t9_100_0", 1).ctx("prepare committed s0")?;
+        prep(1, "pgshard_t9_100_1", 1).ctx("prepare committed s1")?;
+        prep(0, "pgshard_t9_101_0", 2).ctx("prepare undecided")?;
+        let log = h.dir.join("decisions-t9.log");
+        std::fs::write(&log, "C 100\n").ctx("write log")?;
+        let r = h.spawn_router(&format!("decision_log = \"{}\"\nrouter_id = \"t9\"", log.display()), SHARDING)?;
+        let _ = r;
+        for shard in 0..2 {
+            let left = on_shard(h, shard, "shop", "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'")?;
+            ensure!(left == "0", "shard {shard} still has in-doubt transactions");
+        }
+        ensure!(on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1", "decided commit applied, undecided rolled back");
+        ensure!(on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1", "shard 1 committed too");
+        Ok(())
+    })
+}
+
+fn copy_split(h: &Harness) -> TestResult {
+    block_on(async {
+        use futures_util::SinkExt;
+        let c = shop(h).await?;
+        c.batch_execute("DROP TABLE IF EXISTS copied; CREATE TABLE copied (id bigint, g int, v numeric, f float8, t text, b bool)")
+            .await
+            .ctx("ddl")?;
+        let sink = c.copy_in("COPY copied (id, t) FROM STDIN").await.ctx("copy in")?;
+        let mut data = String::new();
+        for i in 1..=2000 {
+            data.push_str(&format!("{i}\tline\\t{i}\n"));
+        }
+        futures_util::pin_mut!(sink);
+        // Chunks that cut rows in the middle.
+        for chunk in data.as_bytes().chunks(777) {
+            sink.send(bytes::Bytes::copy_from_slice(chunk)).await.ctx("send")?;
+        }
+        let n = sink.finish().await.ctx("finish")?;
+        ensure!(n == 2000, "COPY reported {n}");
+        for shard in 0..2 {
+            let expected = (1..=2000).filter(|&i| shard_of(i) == shard).count();
+            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM copied")?.parse().unwrap();
+            ensure!(got == expected, "shard {shard}: {got} rows, expected {expected}");
+        }
+        ensure!(one(&c, "SELECT t FROM copied WHERE id = 1234").await? == "line\t1234", "escapes kept");
+        Ok(())
+    })
+}
+
+fn pgbench_invariant(h: &Harness) -> TestResult {
+    let port = router(h).port;
+    let o = h.client_program("pgbench", port, "app", APP_PW, &["-i", "-s", "2", "bench"]);
+    ensure!(o.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&o.stderr));
+    for shard in 0..2 {
+        let n: i64 = on_shard(h, shard, "bench", "SELECT count(*) FROM pgbench_accounts")?.parse().unwrap();
+        ensure!(n > 80_000 && n < 120_000, "shard {shard} holds {n} of 200000 accounts");
+    }
+    let o = h.client_program("pgbench", port, "app", APP_PW, &["-c", "4", "-j", "2", "-t", "150", "bench"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(o.status.success(), "pgbench TPC-B: {out}{}", String::from_utf8_lossy(&o.stderr));
+    ensure!(out.contains("number of transactions actually processed: 600/600"), "all transactions ran: {out}");
+    let o = h.client_program("pgbench", port, "app", APP_PW, &["-c", "4", "-j", "2", "-t", "100", "-M", "prepared", "bench"]);
+    ensure!(o.status.success(), "pgbench -M prepared: {}", String::from_utf8_lossy(&o.stderr));
+    block_on(async move {
+        let c = connect_port(port, "app", APP_PW, "bench", "").await?;
+        let a = one(&c, "SELECT sum(abalance) FROM pgbench_accounts").await?;
+        let t = one(&c, "SELECT sum(tbalance) FROM pgbench_tellers").await?;
+        let b = one(&c, "SELECT sum(bbalance) FROM pgbench_branches").await?;
+        let d = one(&c, "SELECT sum(delta) FROM pgbench_history").await?;
+        let n = one(&c, "SELECT count(*) FROM pgbench_history").await?;
+        ensure!(n == "1000", "history rows: {n}");
+        ensure!(a == t && t == b && b == d, "TPC-B invariant: accounts {a}, tellers {t}, branches {b}, history {d}");
+        ensure!(a != "0", "balances moved");
+        Ok(())
+    })
+}
