@@ -17,7 +17,7 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 /// Analyses a statement text (maybe several statements) against the shard map.
 pub fn analyze(sql: &str, map: &ShardMap) -> Plan {
     let hint = fallback::hint(sql);
-    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| match fallback::relaxed_locks(sql) {
+    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| match fallback::relaxed(sql) {
         Some(relaxed) => Parser::parse_sql(&PostgreSqlDialect {}, &relaxed).map_err(|_| e),
         None => Err(e),
     });
@@ -106,10 +106,7 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             t.table_names.iter().for_each(|n| {
                 w.add_table(&n.name, None);
             });
-            let route = match w.decide(true, None).0 {
-                Route::Keys { .. } => Route::AllShards,
-                r => r,
-            };
+            let route = w.whole_tables(true);
             plan_of(Kind::Write, route, w.tables())
         }
         Statement::Copy { source, to, target, options, legacy_options, .. } => {
@@ -157,10 +154,7 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             l.tables.iter().for_each(|t| {
                 w.add_table(&t.name, None);
             });
-            let route = match w.decide(true, None).0 {
-                Route::Keys { .. } => Route::AllShards,
-                r => r,
-            };
+            let route = w.whole_tables(true);
             plan_of(Kind::Write, route, w.tables())
         }
         Statement::CreateIndex(ci) => ddl(!ci.concurrently, &[&ci.table_name], map),

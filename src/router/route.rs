@@ -2,7 +2,7 @@
 
 use super::{Hint, KeyExpr, Params, Plan, Route, RouteError, Target};
 use crate::pghash::KeyValue;
-use crate::shardmap::{Located, MapError, ShardMap};
+use crate::shardmap::{Located, MapError, ShardMap, TableRule};
 
 /// The shards `plan` runs on with these parameters.
 pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, RouteError> {
@@ -43,9 +43,15 @@ fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
             message: format!("hint shard={n} names no shard: there are {} shards (0..{})", map.shards, map.shards),
         }),
         Hint::Key(k) => {
-            let dist = match (&plan.route, map.distributions.len()) {
-                (Route::Keys { dist, .. }, _) => *dist,
-                (_, 1) => 0,
+            let mut dists = plan.tables.iter().filter_map(|t| match super::walk::lookup(map, t) {
+                Some(TableRule::Sharded { dist, .. }) => Some(*dist),
+                _ => None,
+            });
+            let from_tables = dists.next().filter(|d| dists.all(|x| x == *d));
+            let dist = match (&plan.route, from_tables, map.distributions.len()) {
+                (Route::Keys { dist, .. }, _, _) => *dist,
+                (_, Some(d), _) => d,
+                (_, None, 1) => 0,
                 _ => {
                     return Err(RouteError::unsupported(format!(
                         "hint key={k} is ambiguous: the statement names no sharded table and there are {} distributions; use shard=N",

@@ -76,7 +76,7 @@ impl<'m> Walker<'m> {
         if name.0.len() == 1 && self.ctes.contains(&full) {
             return None;
         }
-        let placement = match self.map.table(&full) {
+        let placement = match lookup(self.map, &full) {
             Some(TableRule::Sharded { dist, column, hash_column }) => {
                 Placement::Sharded { dist: *dist, column: column.clone(), hash_column: hash_column.clone() }
             }
@@ -423,29 +423,10 @@ impl<'m> Walker<'m> {
     /// modifies (reference targets must not read sharded tables).
     pub fn decide(&self, write: bool, target: Option<usize>) -> (Route, Vec<String>) {
         let mut problems = Vec::new();
-        let undeclared: Vec<&Rel> = self.rels.iter().filter(|r| matches!(r.placement, Placement::Undeclared)).collect();
         let sharded: Vec<usize> =
             (0..self.rels.len()).filter(|&i| matches!(self.rels[i].placement, Placement::Sharded { .. })).collect();
-        if let Some(u) = undeclared.first() {
-            if self.map.unknown_tables == UnknownTables::Refuse {
-                return (
-                    Route::refuse(format!(
-                        "table {} is not declared in [sharding]; declare it as sharded or reference, or set unknown_tables = \"default_shard\"",
-                        u.name
-                    )),
-                    problems,
-                );
-            }
-            if let Some(&s) = sharded.first() {
-                return (
-                    Route::refuse(format!(
-                        "{} is an undeclared table on the default shard and {} is sharded: one statement cannot use both; declare {} in [sharding]",
-                        u.name, self.rels[s].name, u.name
-                    )),
-                    problems,
-                );
-            }
-            return (Route::DefaultShard, problems);
+        if let Some(r) = self.undeclared_route() {
+            return (r, problems);
         }
         let has_ref = self.rels.iter().any(|r| matches!(r.placement, Placement::Reference));
         let Some(&first) = sharded.first() else {
@@ -520,8 +501,41 @@ impl<'m> Walker<'m> {
         (Route::Keys { dist, keys, within }, problems)
     }
 
+    /// The route of a statement naming undeclared tables, None when it names none.
+    fn undeclared_route(&self) -> Option<Route> {
+        let u = self.rels.iter().find(|r| matches!(r.placement, Placement::Undeclared))?;
+        if self.map.unknown_tables == UnknownTables::Refuse {
+            return Some(Route::refuse(format!(
+                "table {} is not declared in [sharding]; declare it as sharded or reference, or set unknown_tables = \"default_shard\"",
+                u.name
+            )));
+        }
+        if let Some(s) = self.rels.iter().find(|r| matches!(r.placement, Placement::Sharded { .. })) {
+            return Some(Route::refuse(format!(
+                "{} is an undeclared table on the default shard and {} is sharded: one statement cannot use both; declare {} in [sharding]",
+                u.name, s.name, u.name
+            )));
+        }
+        Some(Route::DefaultShard)
+    }
+
+    /// The route of a statement on a list of whole tables (TRUNCATE, LOCK): every shard
+    /// holding any of them.
+    pub fn whole_tables(&self, write: bool) -> Route {
+        if let Some(r) = self.undeclared_route() {
+            return r;
+        }
+        if self.rels.iter().any(|r| matches!(r.placement, Placement::Sharded { .. })) {
+            Route::AllShards
+        } else if self.rels.iter().any(|r| matches!(r.placement, Placement::Reference)) {
+            Route::Reference { write }
+        } else {
+            Route::Any
+        }
+    }
+
     fn join_refusal(&self, a: usize, b: usize) -> Route {
-        let (ra, rb) = (&self.rels[a], &self.rels[b]);
+        let (ra, rb) = (&self.rels[a.min(b)], &self.rels[a.max(b)]);
         let col = |r: &Rel| match &r.placement {
             Placement::Sharded { column, .. } => column.clone(),
             _ => String::new(),
@@ -536,6 +550,14 @@ impl<'m> Walker<'m> {
             col(rb)
         ))
     }
+}
+
+/// The rule for a table as named in SQL; the default search_path finds bare names in public.
+pub(super) fn lookup<'m>(map: &'m ShardMap, name: &str) -> Option<&'m TableRule> {
+    map.table(name).or_else(|| match name.contains('.') {
+        false => map.table(&format!("public.{name}")),
+        true => None,
+    })
 }
 
 /// System catalogs exist on every shard.
