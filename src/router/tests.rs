@@ -110,13 +110,6 @@ fn shard_of(m: &ShardMap, dist: usize, k: i64) -> usize {
     }
 }
 
-/// Two bigint keys of `acct` on different shards.
-fn keys_on_two_shards(m: &ShardMap) -> (i64, i64) {
-    let a = 1;
-    let b = (2..1000).find(|&k| shard_of(m, 0, k) != shard_of(m, 0, a)).unwrap();
-    (a, b)
-}
-
 #[test]
 fn pgbench_statements_route_by_key() {
     let m = map();

@@ -476,6 +476,16 @@ impl<'m> Walker<'m> {
         if comps.len() > 1 {
             if let Some(unpinned) = comps.iter().find(|c| c.2.is_none()) {
                 let other = comps.iter().find(|c| c.0 != unpinned.0).expect("two components");
+                if self.set_operation {
+                    return (
+                        Route::refuse(format!(
+                            "UNION/INTERSECT/EXCEPT over sharded tables {} and {} cannot be combined across shards; pin each side to one shard with its sharding key or a /* pgshard: shard=N */ hint",
+                            self.rels[other.1.min(unpinned.1)].name,
+                            self.rels[other.1.max(unpinned.1)].name
+                        )),
+                        problems,
+                    );
+                }
                 return (self.join_refusal(other.1, unpinned.1), problems);
             }
             problems.push(format!(
