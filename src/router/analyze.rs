@@ -320,7 +320,15 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             };
             rows.push((k, hpos.and_then(cell)));
         }
-        let mut plan = plan_of(Kind::Write, Route::Any, w.tables());
+        // Subqueries in the rows must read reference tables or rows of the same shard.
+        w.pin(t, rows.iter().map(|r| r.0.clone()).collect());
+        v.rows.iter().flat_map(|r| &r.content).for_each(|e| w.expr(e));
+        let (checked, problems) = w.decide(true, Some(t));
+        let mut plan = plan_of(Kind::Write, checked, w.tables());
+        plan.scatter_refusal = refusal(&problems);
+        if !matches!(plan.route, Route::Keys { .. }) {
+            return plan;
+        }
         let within = if rows.len() == 1 { rows[0].1.clone() } else { None };
         plan.route = Route::Keys { dist, keys: rows.iter().map(|r| r.0.clone()).collect(), within };
         if rows.len() > 1 {

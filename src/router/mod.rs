@@ -3,6 +3,7 @@
 
 mod analyze;
 mod cache;
+mod decide;
 mod fallback;
 mod insert;
 mod keys;

@@ -291,6 +291,15 @@ fn updates_and_deletes() {
     assert_eq!(p.kind, Kind::Write);
     let p = analyze("SELECT * FROM pgbench_accounts WHERE aid = 1 FOR NO KEY UPDATE", &m);
     assert_eq!((p.kind.clone(), keys(&p)), (Kind::Write, (0, vec![lit("1")])));
+    let p = analyze(
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT * FROM pgbench_accounts WHERE aid IN (SELECT n FROM r) AND aid = 2",
+        &m,
+    );
+    assert_eq!(keys(&p), (0, vec![lit("2")]));
+    let (_, msg) = refused(&analyze("INSERT INTO pgbench_history (aid, delta) VALUES (1, (SELECT max(bid) FROM pgbench_branches))", &m));
+    assert!(msg.contains("pgbench_branches"), "{msg}");
+    let p = analyze("INSERT INTO pgbench_history (aid, delta) VALUES (1, (SELECT max(code) FROM countries))", &m);
+    assert_eq!(keys(&p), (0, vec![lit("1")]));
     let p = analyze("WITH d AS (DELETE FROM pgbench_history WHERE aid = 4 RETURNING *) SELECT count(*) FROM d", &m);
     assert_eq!((p.kind.clone(), keys(&p)), (Kind::Write, (0, vec![lit("4")])));
 }

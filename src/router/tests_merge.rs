@@ -184,6 +184,9 @@ fn scatter_refusals_are_deferred_to_multi_shard_targets() {
     let (a, b) = two_keys(&m);
     let p = analyze(&format!("SELECT string_agg(x, ',') FROM pgbench_accounts WHERE aid IN ({a}, {b})"), &m);
     assert!(route(&p, &m, &Params::NONE).unwrap_err().message.contains("string_agg"));
+    // A UNION of reference rows in a CTE does not stop a keyless scatter.
+    let p = analyze("WITH c AS (SELECT code FROM countries UNION SELECT 'xx') SELECT count(*) FROM pgbench_accounts a JOIN c ON c.code = a.c", &m);
+    assert_eq!((p.route.clone(), route(&p, &m, &Params::NONE)), (Route::AllShards, Ok(Target::All)));
     // A single-shard cluster runs anything.
     let cfg: crate::shardmap::config::ShardingConfig = toml::from_str(super::tests::MAP.replace("us = [1, 2]", "us = [0]").replace("\"acme\" = 3", "\"acme\" = 0").replace("shard = 1 }", "shard = 0 }").as_str()).unwrap();
     let one = ShardMap::build(&cfg, 1, 1).unwrap();

@@ -2,8 +2,7 @@
 //! which keys pin them; `decide` turns that into a route.
 
 use super::keys::{self, column_equality, conjuncts, object_name, pin_of};
-use super::{KeyExpr, Route};
-use crate::shardmap::config::UnknownTables;
+use super::KeyExpr;
 use crate::shardmap::{ShardMap, TableRule};
 use sqlparser::ast::*;
 
@@ -22,21 +21,21 @@ pub(super) enum Placement {
 pub(super) struct Rel {
     pub name: String,
     /// Alias, or the bare table name.
-    binding: String,
+    pub(super) binding: String,
     pub placement: Placement,
     /// Inside a subquery, CTE or derived table rather than the statement's own FROM.
-    nested: bool,
+    pub(super) nested: bool,
 }
 
 /// Statement walker state.
 pub(super) struct Walker<'m> {
-    map: &'m ShardMap,
+    pub(super) map: &'m ShardMap,
     pub rels: Vec<Rel>,
     scopes: Vec<Vec<usize>>,
     ctes: Vec<String>,
-    links: Vec<(usize, usize)>,
-    pins: Vec<(usize, Vec<KeyExpr>)>,
-    within: Vec<(usize, KeyExpr)>,
+    pub(super) links: Vec<(usize, usize)>,
+    pub(super) pins: Vec<(usize, Vec<KeyExpr>)>,
+    pub(super) within: Vec<(usize, KeyExpr)>,
     /// Query nesting level; 1 is the statement itself (DML sets it before walking).
     pub depth: usize,
     pub modifying_cte: bool,
@@ -98,12 +97,13 @@ impl<'m> Walker<'m> {
         self.depth += 1;
         let ctes_before = self.ctes.len();
         if let Some(with) = &q.with {
+            // Named before walking, so a recursive CTE's reference to itself is not a table.
+            self.ctes.extend(with.cte_tables.iter().map(|c| keys::ident(&c.alias.name)));
             for cte in &with.cte_tables {
                 self.query(&cte.query);
                 if matches!(*cte.query.body, SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)) {
                     self.modifying_cte = true;
                 }
-                self.ctes.push(keys::ident(&cte.alias.name));
             }
         }
         self.set_expr(&q.body);
@@ -121,9 +121,11 @@ impl<'m> Walker<'m> {
             SetExpr::Select(sel) => self.select(sel),
             SetExpr::Query(q) => self.query(q),
             SetExpr::SetOperation { left, right, .. } => {
-                self.set_operation = true;
+                let before = self.rels.len();
                 self.set_expr(left);
                 self.set_expr(right);
+                self.set_operation |=
+                    self.rels[before..].iter().any(|r| matches!(r.placement, Placement::Sharded { .. }));
             }
             SetExpr::Values(v) => v.rows.iter().flat_map(|r| &r.content).for_each(|e| self.expr(e)),
             SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
@@ -315,7 +317,7 @@ impl<'m> Walker<'m> {
         })
     }
 
-    fn key_column(&self, rel: usize) -> Option<&str> {
+    pub(super) fn key_column(&self, rel: usize) -> Option<&str> {
         match &self.rels[rel].placement {
             Placement::Sharded { column, .. } => Some(column),
             _ => None,
@@ -417,148 +419,6 @@ impl<'m> Walker<'m> {
             Expr::Array(a) => a.elem.iter().for_each(|x| self.expr(x)),
             _ => {}
         }
-    }
-
-    /// The route the collected tables, links and pins give. `target` is the table a write
-    /// modifies (reference targets must not read sharded tables).
-    pub fn decide(&self, write: bool, target: Option<usize>) -> (Route, Vec<String>) {
-        let mut problems = Vec::new();
-        let sharded: Vec<usize> =
-            (0..self.rels.len()).filter(|&i| matches!(self.rels[i].placement, Placement::Sharded { .. })).collect();
-        if let Some(r) = self.undeclared_route() {
-            return (r, problems);
-        }
-        let has_ref = self.rels.iter().any(|r| matches!(r.placement, Placement::Reference));
-        let Some(&first) = sharded.first() else {
-            return (if has_ref { Route::Reference { write } } else { Route::Any }, problems);
-        };
-        if let Some(t) = target {
-            if matches!(self.rels[t].placement, Placement::Reference) {
-                return (
-                    Route::refuse(format!(
-                        "a write to reference table {} cannot read sharded table {}: reference tables must be written from reference data only",
-                        self.rels[t].name, self.rels[first].name
-                    )),
-                    problems,
-                );
-            }
-        }
-        let dist_of = |r: usize| match self.rels[r].placement {
-            Placement::Sharded { dist, .. } => dist,
-            _ => usize::MAX,
-        };
-        let dist = dist_of(first);
-        if let Some(&other) = sharded.iter().find(|&&r| dist_of(r) != dist) {
-            return (self.join_refusal(first, other), problems);
-        }
-        // Union-find over the sharded tables joined on their keys.
-        let mut parent: Vec<usize> = (0..self.rels.len()).collect();
-        fn root(p: &mut [usize], mut x: usize) -> usize {
-            while p[x] != x {
-                p[x] = p[p[x]];
-                x = p[x];
-            }
-            x
-        }
-        for &(a, b) in &self.links {
-            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
-            parent[ra] = rb;
-        }
-        let mut comps: Vec<(usize, usize, Option<&Vec<KeyExpr>>)> = Vec::new();
-        for &r in &sharded {
-            let root = root(&mut parent, r);
-            let pin = self.pins.iter().find(|(p, _)| *p == r).map(|(_, k)| k);
-            match comps.iter_mut().find(|c| c.0 == root) {
-                Some(c) => c.2 = c.2.or(pin),
-                None => comps.push((root, r, pin)),
-            }
-        }
-        if comps.len() > 1 {
-            if let Some(unpinned) = comps.iter().find(|c| c.2.is_none()) {
-                let other = comps.iter().find(|c| c.0 != unpinned.0).expect("two components");
-                if self.set_operation {
-                    return (
-                        Route::refuse(format!(
-                            "UNION/INTERSECT/EXCEPT over sharded tables {} and {} cannot be combined across shards; pin each side to one shard with its sharding key or a /* pgshard: shard=N */ hint",
-                            self.rels[other.1.min(unpinned.1)].name,
-                            self.rels[other.1.max(unpinned.1)].name
-                        )),
-                        problems,
-                    );
-                }
-                return (self.join_refusal(other.1, unpinned.1), problems);
-            }
-            problems.push(format!(
-                "{} and {} are not joined on their sharding key, so their keys must all fall on one shard",
-                self.rels[comps[0].1].name, self.rels[comps[1].1].name
-            ));
-        }
-        if self.rels.iter().any(|r| r.nested && matches!(r.placement, Placement::Sharded { .. })) {
-            problems.push("subqueries and CTEs over sharded tables cannot be combined across shards".into());
-        }
-        if self.set_operation {
-            problems.push("UNION/INTERSECT/EXCEPT over sharded tables cannot be combined across shards".into());
-        }
-        if comps.iter().all(|c| c.2.is_none()) {
-            return (Route::AllShards, problems);
-        }
-        let keys: Vec<KeyExpr> = comps.iter().flat_map(|c| c.2.into_iter().flatten().cloned()).collect();
-        let within = if keys.len() == 1 {
-            self.within.iter().find(|(r, _)| sharded.contains(r)).map(|(_, k)| k.clone())
-        } else {
-            None
-        };
-        (Route::Keys { dist, keys, within }, problems)
-    }
-
-    /// The route of a statement naming undeclared tables, None when it names none.
-    fn undeclared_route(&self) -> Option<Route> {
-        let u = self.rels.iter().find(|r| matches!(r.placement, Placement::Undeclared))?;
-        if self.map.unknown_tables == UnknownTables::Refuse {
-            return Some(Route::refuse(format!(
-                "table {} is not declared in [sharding]; declare it as sharded or reference, or set unknown_tables = \"default_shard\"",
-                u.name
-            )));
-        }
-        if let Some(s) = self.rels.iter().find(|r| matches!(r.placement, Placement::Sharded { .. })) {
-            return Some(Route::refuse(format!(
-                "{} is an undeclared table on the default shard and {} is sharded: one statement cannot use both; declare {} in [sharding]",
-                u.name, s.name, u.name
-            )));
-        }
-        Some(Route::DefaultShard)
-    }
-
-    /// The route of a statement on a list of whole tables (TRUNCATE, LOCK): every shard
-    /// holding any of them.
-    pub fn whole_tables(&self, write: bool) -> Route {
-        if let Some(r) = self.undeclared_route() {
-            return r;
-        }
-        if self.rels.iter().any(|r| matches!(r.placement, Placement::Sharded { .. })) {
-            Route::AllShards
-        } else if self.rels.iter().any(|r| matches!(r.placement, Placement::Reference)) {
-            Route::Reference { write }
-        } else {
-            Route::Any
-        }
-    }
-
-    fn join_refusal(&self, a: usize, b: usize) -> Route {
-        let (ra, rb) = (&self.rels[a.min(b)], &self.rels[a.max(b)]);
-        let col = |r: &Rel| match &r.placement {
-            Placement::Sharded { column, .. } => column.clone(),
-            _ => String::new(),
-        };
-        Route::refuse(format!(
-            "join of {} and {} is not on their sharding key: join them with {}.{} = {}.{} (tables of one distribution), or pin each to a key",
-            ra.name,
-            rb.name,
-            ra.binding,
-            col(ra),
-            rb.binding,
-            col(rb)
-        ))
     }
 }
 
