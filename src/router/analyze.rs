@@ -133,9 +133,21 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
         | Statement::LISTEN { .. }
         | Statement::UNLISTEN { .. }
         | Statement::NOTIFY { .. }
-        | Statement::Declare { .. }
         | Statement::Fetch { .. }
         | Statement::Close { .. } => session(),
+        Statement::Declare { stmts, .. } => match stmts.iter().find_map(|d| d.for_query.as_ref()) {
+            // A cursor reads its rows from where its query routes; FETCH cannot merge shards.
+            Some(q) => {
+                let mut p = select(q, map);
+                p.merge = MergeSpec::default();
+                p.scatter_sql = None;
+                p.scatter_refusal = p.scatter_refusal.or_else(|| {
+                    refusal(&["a cursor cannot read from several shards".to_string()])
+                });
+                p
+            }
+            None => session(),
+        },
         Statement::Analyze(_) | Statement::Vacuum(_) => plan_of(Kind::Utility, Route::AllShards, Vec::new()),
         Statement::Explain { statement: inner, analyze, .. } => {
             let mut p = statement(inner, sql, map);

@@ -20,6 +20,8 @@ pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, Rou
             shards.dedup();
             match shards.as_slice() {
                 [one] => Target::One(*one),
+                // `= ANY('{}')` matches no row: any one shard answers that correctly.
+                [] => Target::One(0),
                 _ => Target::Some(shards),
             }
         }

@@ -330,6 +330,11 @@ fn transaction_and_session_statements() {
         assert_eq!((state, msg.as_str()), ("0A000", "pgshard manages two-phase commit itself"), "{s}");
     }
     assert_eq!(analyze("CHECKPOINT", &m).kind, Kind::Utility);
+    let p = analyze("DECLARE c CURSOR FOR SELECT * FROM pgbench_accounts WHERE aid = 5", &m);
+    assert_eq!((p.kind.clone(), keys(&p)), (Kind::Read, (0, vec![lit("5")])));
+    let p = analyze("DECLARE c CURSOR FOR SELECT * FROM pgbench_accounts", &m);
+    let e = route(&p, &m, &Params::NONE).unwrap_err();
+    assert!(e.message.contains("cursor"), "{}", e.message);
     let (_, msg) = refused(&analyze("DO $$ BEGIN PERFORM 1; END $$", &m));
     assert!(msg.starts_with("pgshard cannot parse this statement to route it") && msg.contains("pgshard: shard=N"), "{msg}");
     assert_eq!(analyze("CREATE PUBLICATION p FOR ALL TABLES", &m).kind, Kind::Ddl { transactional: true });

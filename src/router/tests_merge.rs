@@ -79,6 +79,8 @@ fn route_in_lists_and_arrays() {
     }
     let v = [Some(&bin[..])];
     assert_eq!(route(&p, &m, &Params { values: &v, formats: &[1] }), Ok(Target::Some(both)));
+    let v = [Some(&b"{}"[..])];
+    assert_eq!(route(&p, &m, &Params { values: &v, formats: &[] }), Ok(Target::One(0)));
     let v = [Some(&b"{1,NULL}"[..])];
     assert_eq!(route(&p, &m, &Params { values: &v, formats: &[] }).unwrap_err().sqlstate, "22004");
     let v = [Some(&b"{\"a b\",\"c\\\"d\"}"[..])];
@@ -240,6 +242,9 @@ fn keys_of(p: &Plan) -> Vec<String> {
 
 #[test]
 fn cache_hits_guards_collisions_and_invalidates() {
+    fn shared<T: Send + Sync>() {}
+    shared::<PlanCache>();
+    shared::<Plan>();
     let m = map();
     let c = PlanCache::new(100);
     let a = c.plan("SELECT * FROM pgbench_accounts WHERE aid = 1", &m);
