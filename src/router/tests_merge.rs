@@ -149,6 +149,10 @@ fn scatter_select_merge_specs() {
     let p = analyze("SELECT bid, sum(abalance) FROM pgbench_accounts GROUP BY 1 ORDER BY 2 DESC LIMIT 3", &m);
     assert_eq!((p.merge.limit, p.merge.order_by[0].column), (Some(3), 1));
     assert_eq!(p.scatter_sql.as_deref(), Some("SELECT bid, sum(abalance) FROM pgbench_accounts GROUP BY 1 ORDER BY 2 DESC"));
+    let p = analyze("SELECT count(*)::int AS n FROM pgbench_accounts", &m);
+    assert_eq!(p.merge.aggregate.unwrap().aggregates, vec![Aggregate { column: 0, kind: AggKind::Count }]);
+    let p = analyze("SELECT avg(abalance)::int FROM pgbench_accounts", &m);
+    assert!(p.scatter_refusal.unwrap().message.contains("avg under a cast"));
     let p = analyze("SELECT DISTINCT bid FROM pgbench_accounts", &m);
     assert!(p.merge.distinct);
     assert_eq!(analyze("SELECT bool_and(x), bool_or(y) FROM events", &m).merge.aggregate.unwrap().aggregates.len(), 2);
