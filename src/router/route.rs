@@ -252,7 +252,8 @@ pub(super) fn parse_binary_array(b: &[u8]) -> Result<Vec<Option<Vec<u8>>>, Strin
     // ndim, has-null flag, element type oid, then (length, lower bound) of the dimension.
     let count = i32_at(12)?;
     let mut at = 20;
-    let mut out = Vec::with_capacity(count.max(0) as usize);
+    // The count comes from the client: never reserve more than the bytes could hold.
+    let mut out = Vec::with_capacity((count.max(0) as usize).min(b.len() / 4));
     for _ in 0..count {
         let len = i32_at(at)?;
         at += 4;

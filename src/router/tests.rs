@@ -75,11 +75,13 @@ name = "countries"
 reference = true
 "#;
 
+/// The test map (4 shards) with extra top-level settings.
 pub(super) fn map_with(extra: &str, version: u64) -> ShardMap {
     let cfg: ShardingConfig = toml::from_str(&format!("{extra}\n{MAP}")).expect("toml");
     ShardMap::build(&cfg, 4, version).expect("map")
 }
 
+/// The test map with its defaults.
 pub(super) fn map() -> ShardMap {
     map_with("", 1)
 }

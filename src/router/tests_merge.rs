@@ -275,3 +275,25 @@ fn cache_hits_guards_collisions_and_invalidates() {
     assert!(small.len() <= 16 + 15, "{}", small.len());
     assert!(!small.is_empty());
 }
+
+#[test]
+fn no_prefix_of_a_statement_panics() {
+    let m = map();
+    let texts = [
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT a.aid, avg(x)::int, count(DISTINCT y) FROM pgbench_accounts a JOIN pgbench_history h USING (aid) WHERE a.aid = ANY('{1,2}') GROUP BY 1 ORDER BY 2 DESC NULLS LAST LIMIT 3 OFFSET 1",
+        "INSERT INTO users (id, region) VALUES (1, 'us'), (2, 'eu') ON CONFLICT DO NOTHING RETURNING *",
+        "/* pgshard: key=é */ UPDATE pgbench_accounts SET abalance = (SELECT 1) WHERE aid IN ($1, $2)",
+        "COPY (SELECT * FROM events) TO STDOUT WITH (FORMAT csv, HEADER on)",
+        "SELECT * FROM pgbench_accounts WHERE aid = 1 FOR NO KEY UPDATE -- pgshard: shard=1",
+    ];
+    for t in texts {
+        for (i, _) in t.char_indices() {
+            let p = analyze(&t[..i], &m);
+            let _ = route(&p, &m, &Params::NONE);
+        }
+    }
+    // Hostile binary arrays.
+    for raw in [&[0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 20, 127, 255, 255, 255][..], &[0, 0, 0, 1], &[]] {
+        assert!(route::parse_binary_array(raw).is_err());
+    }
+}

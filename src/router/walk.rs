@@ -43,6 +43,7 @@ pub(super) struct Walker<'m> {
 }
 
 impl<'m> Walker<'m> {
+    /// An empty walker over `map`.
     pub fn new(map: &'m ShardMap) -> Self {
         Walker {
             map,
@@ -93,6 +94,7 @@ impl<'m> Walker<'m> {
         Some(id)
     }
 
+    /// Walks a query one nesting level down.
     pub fn query(&mut self, q: &Query) {
         self.depth += 1;
         let ctes_before = self.ctes.len();
@@ -252,6 +254,7 @@ impl<'m> Walker<'m> {
         }
     }
 
+    /// Registers the tables of one FROM item.
     pub fn table_factor(&mut self, tf: &TableFactor) {
         match tf {
             TableFactor::Table { name, alias, .. } => {
@@ -317,6 +320,7 @@ impl<'m> Walker<'m> {
         })
     }
 
+    /// The sharding key column of a sharded table.
     pub(super) fn key_column(&self, rel: usize) -> Option<&str> {
         match &self.rels[rel].placement {
             Placement::Sharded { column, .. } => Some(column),
