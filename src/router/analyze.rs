@@ -358,6 +358,7 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             } else if let Some((qual, col)) = keys::column_ref(e) {
                 if let Some(r) = w.find_source(before, qual.as_deref(), &col) {
                     w.link(t, r);
+                    w.receives_pins(t);
                 }
             }
         }

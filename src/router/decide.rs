@@ -51,13 +51,31 @@ impl Walker<'_> {
             let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
             parent[ra] = rb;
         }
+        // A pin reaches tables joined on the key at the same or a deeper query level: a
+        // subquery's pin restricts the rows it reads, not the rows of the query around it.
+        let mut reached: Vec<Option<&Vec<KeyExpr>>> = vec![None; self.rels.len()];
+        for (r, k) in &self.pins {
+            reached[*r] = reached[*r].or(Some(k));
+        }
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for &(a, b) in &self.links {
+                for (x, y) in [(a, b), (b, a)] {
+                    if reached[x].is_some() && reached[y].is_none() && self.rels[y].level >= self.rels[x].level {
+                        reached[y] = reached[x];
+                        changed = true;
+                    }
+                }
+            }
+        }
+        // (root, first table, keys when every table of the component is pinned)
         let mut comps: Vec<(usize, usize, Option<&Vec<KeyExpr>>)> = Vec::new();
         for &r in &sharded {
             let root = root(&mut parent, r);
-            let pin = self.pins.iter().find(|(p, _)| *p == r).map(|(_, k)| k);
             match comps.iter_mut().find(|c| c.0 == root) {
-                Some(c) => c.2 = c.2.or(pin),
-                None => comps.push((root, r, pin)),
+                Some(c) => c.2 = c.2.and(reached[r]),
+                None => comps.push((root, r, reached[r])),
             }
         }
         if comps.len() > 1 {
@@ -86,7 +104,7 @@ impl Walker<'_> {
         if self.set_operation {
             problems.push("UNION/INTERSECT/EXCEPT over sharded tables cannot be combined across shards".into());
         }
-        if comps.iter().all(|c| c.2.is_none()) {
+        if comps[0].2.is_none() {
             return (Route::AllShards, problems);
         }
         let keys: Vec<KeyExpr> = comps.iter().flat_map(|c| c.2.into_iter().flatten().cloned()).collect();

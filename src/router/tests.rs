@@ -223,6 +223,20 @@ fn co_located_joins_and_refused_joins() {
     assert_eq!(state, "0A000");
     assert!(msg.contains("join of pgbench_accounts and pgbench_history is not on their sharding key"), "{msg}");
     assert!(msg.contains("a.aid = h.aid"), "{msg}");
+    // A pin inside a subquery under an OR restricts nothing outside it.
+    let p = analyze(
+        "SELECT * FROM pgbench_accounts a WHERE a.bid = 1 OR EXISTS (SELECT 1 FROM pgbench_history h WHERE h.aid = a.aid AND h.aid = 5)",
+        &m,
+    );
+    assert_eq!(p.route, Route::AllShards);
+    let p = analyze("SELECT * FROM pgbench_accounts a WHERE a.bid = 1 OR EXISTS (SELECT 1 FROM countries c WHERE a.aid = 5)", &m);
+    assert_eq!(p.route, Route::AllShards);
+    // An unqualified name in a subquery may be a column of the subquery's own tables.
+    let p = analyze("SELECT * FROM pgbench_accounts WHERE abalance > (SELECT max(x) FROM countries WHERE aid = 3)", &m);
+    assert_eq!(p.route, Route::AllShards);
+    // A pin of the outer query reaches a correlated subquery.
+    let p = analyze("SELECT * FROM pgbench_accounts a WHERE a.aid = 5 AND EXISTS (SELECT 1 FROM pgbench_history h WHERE h.aid = a.aid)", &m);
+    assert_eq!(keys(&p), (0, vec![lit("5")]));
     let (_, msg) = refused(&analyze("SELECT * FROM orders o JOIN events e ON e.id = o.event_id WHERE o.tenant_id = 'a'", &m));
     assert!(msg.contains("orders") && msg.contains("events"), "{msg}");
 }

@@ -25,6 +25,8 @@ pub(super) struct Rel {
     pub placement: Placement,
     /// Inside a subquery, CTE or derived table rather than the statement's own FROM.
     pub(super) nested: bool,
+    /// Scope nesting level the table was added at.
+    pub(super) level: usize,
 }
 
 /// Statement walker state.
@@ -89,7 +91,7 @@ impl<'m> Walker<'m> {
             None => full.rsplit('.').next().unwrap_or(&full).to_string(),
         };
         let id = self.rels.len();
-        self.rels.push(Rel { name: full, binding, placement, nested: self.depth > 1 });
+        self.rels.push(Rel { name: full, binding, placement, nested: self.depth > 1, level: self.scopes.len() });
         self.scopes.last_mut().expect("scope").push(id);
         Some(id)
     }
@@ -290,9 +292,14 @@ impl<'m> Walker<'m> {
             }
             if pinning {
                 if let Some(p) = pin_of(c) {
-                    if let Some(r) = self.resolve(&p.qual, &p.column, false) {
+                    // Only the current query's own tables: a condition in a subquery may sit
+                    // under an OR of the outer query and restrict nothing there.
+                    let here = |r: &usize| self.scopes.last().is_some_and(|s| s.contains(r));
+                    if let Some(r) = self.resolve(&p.qual, &p.column, false).filter(here) {
                         self.pins.push((r, p.keys));
-                    } else if let (Some(r), [k]) = (self.resolve(&p.qual, &p.column, true), p.keys.as_slice()) {
+                    } else if let (Some(r), [k]) =
+                        (self.resolve(&p.qual, &p.column, true).filter(here), p.keys.as_slice())
+                    {
                         self.within.push((r, k.clone()));
                     }
                     continue;
@@ -305,6 +312,11 @@ impl<'m> Walker<'m> {
     /// Records that `rel`'s key is one of `keys`.
     pub fn pin(&mut self, rel: usize, keys: Vec<KeyExpr>) {
         self.pins.push((rel, keys));
+    }
+
+    /// Lets every pin reach `rel` (the target of INSERT ... SELECT gets exactly the selected rows).
+    pub fn receives_pins(&mut self, rel: usize) {
+        self.rels[rel].level = usize::MAX;
     }
 
     /// Records that two tables are joined on their keys.
@@ -348,11 +360,9 @@ impl<'m> Walker<'m> {
                         return matches(r).then_some(r);
                     }
                 }
-                None => {
-                    if let Some(&r) = scope.iter().find(|&&r| matches(r)) {
-                        return Some(r);
-                    }
-                }
+                // An unqualified name may be a column of any table of an inner query that we
+                // know no columns of, so it only names a key in the innermost query.
+                None => return scope.iter().copied().find(|&r| matches(r)),
             }
         }
         None
