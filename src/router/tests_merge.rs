@@ -231,6 +231,37 @@ fn insert_split_per_shard() {
     assert_eq!(ins.split(&m, &[None, Some(ta.as_bytes())]).unwrap_err().sqlstate, "22004");
 }
 
+#[test]
+fn geo_insert_split_uses_each_rows_hash_column() {
+    let m = map();
+    let within = |id: i64| match m.locate(3, &KeyValue::Text(b"us"), Some(&KeyValue::Int(id))).unwrap() {
+        Located::One(s) => s,
+        g => panic!("{g:?}"),
+    };
+    let (a, b) = (1, (2..1000).find(|&i| within(i) != within(1)).unwrap());
+    let sql = format!("INSERT INTO users (id, region) VALUES ({a}, 'us'), ({b}, 'us'), (7, 'eu')");
+    let p = analyze(&sql, &m);
+    // Without the split the rows' group is the best the route can say.
+    assert_eq!(route(&p, &m, &Params::NONE), Ok(Target::Some(vec![0, 1, 2])));
+    let mut split = p.insert.unwrap().split(&m, &[]).unwrap();
+    split.sort();
+    assert_eq!(split.len(), 3);
+    assert_eq!(split[0], (0, "INSERT INTO users (id, region) VALUES (7, 'eu')".to_string(), 1));
+    let on_a = split.iter().find(|s| s.0 == within(a)).unwrap();
+    assert_eq!(on_a.1, format!("INSERT INTO users (id, region) VALUES ({a}, 'us')"));
+}
+
+#[test]
+fn key_hint_uses_the_statements_distribution() {
+    let m = map();
+    let p = analyze("/* pgshard: key=42 */ SELECT * FROM pgbench_accounts WHERE aid = $1", &m);
+    assert_eq!(route(&p, &m, &Params::NONE), Ok(Target::One(shard(&m, 0, &KeyValue::Int(42)))));
+    let p = analyze("/* pgshard: key=1500 */ SELECT count(*) FROM events", &m);
+    assert_eq!(route(&p, &m, &Params::NONE), Ok(Target::One(1)));
+    let p = analyze("/* pgshard: key=notanumber */ SELECT count(*) FROM events", &m);
+    assert_eq!(route(&p, &m, &Params::NONE).unwrap_err().sqlstate, "22P02");
+}
+
 fn keys_of(p: &Plan) -> Vec<String> {
     match &p.route {
         Route::Keys { keys, .. } => keys
