@@ -17,7 +17,7 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 /// Analyses a statement text (maybe several statements) against the shard map.
 pub fn analyze(sql: &str, map: &ShardMap) -> Plan {
     let hint = fallback::hint(sql);
-    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| match fallback::relaxed_locks(sql) {
+    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| match fallback::relaxed(sql) {
         Some(relaxed) => Parser::parse_sql(&PostgreSqlDialect {}, &relaxed).map_err(|_| e),
         None => Err(e),
     });
@@ -106,10 +106,7 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             t.table_names.iter().for_each(|n| {
                 w.add_table(&n.name, None);
             });
-            let route = match w.decide(true, None).0 {
-                Route::Keys { .. } => Route::AllShards,
-                r => r,
-            };
+            let route = w.whole_tables(true);
             plan_of(Kind::Write, route, w.tables())
         }
         Statement::Copy { source, to, target, options, legacy_options, .. } => {
@@ -136,9 +133,21 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
         | Statement::LISTEN { .. }
         | Statement::UNLISTEN { .. }
         | Statement::NOTIFY { .. }
-        | Statement::Declare { .. }
         | Statement::Fetch { .. }
         | Statement::Close { .. } => session(),
+        Statement::Declare { stmts, .. } => match stmts.iter().find_map(|d| d.for_query.as_ref()) {
+            // A cursor reads its rows from where its query routes; FETCH cannot merge shards.
+            Some(q) => {
+                let mut p = select(q, map);
+                p.merge = MergeSpec::default();
+                p.scatter_sql = None;
+                p.scatter_refusal = p.scatter_refusal.or_else(|| {
+                    refusal(&["a cursor cannot read from several shards".to_string()])
+                });
+                p
+            }
+            None => session(),
+        },
         Statement::Analyze(_) | Statement::Vacuum(_) => plan_of(Kind::Utility, Route::AllShards, Vec::new()),
         Statement::Explain { statement: inner, analyze, .. } => {
             let mut p = statement(inner, sql, map);
@@ -157,10 +166,7 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             l.tables.iter().for_each(|t| {
                 w.add_table(&t.name, None);
             });
-            let route = match w.decide(true, None).0 {
-                Route::Keys { .. } => Route::AllShards,
-                r => r,
-            };
+            let route = w.whole_tables(true);
             plan_of(Kind::Write, route, w.tables())
         }
         Statement::CreateIndex(ci) => ddl(!ci.concurrently, &[&ci.table_name], map),
@@ -326,7 +332,15 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             };
             rows.push((k, hpos.and_then(cell)));
         }
-        let mut plan = plan_of(Kind::Write, Route::Any, w.tables());
+        // Subqueries in the rows must read reference tables or rows of the same shard.
+        w.pin(t, rows.iter().map(|r| r.0.clone()).collect());
+        v.rows.iter().flat_map(|r| &r.content).for_each(|e| w.expr(e));
+        let (checked, problems) = w.decide(true, Some(t));
+        let mut plan = plan_of(Kind::Write, checked, w.tables());
+        plan.scatter_refusal = refusal(&problems);
+        if !matches!(plan.route, Route::Keys { .. }) {
+            return plan;
+        }
         let within = if rows.len() == 1 { rows[0].1.clone() } else { None };
         plan.route = Route::Keys { dist, keys: rows.iter().map(|r| r.0.clone()).collect(), within };
         if rows.len() > 1 {
@@ -344,6 +358,7 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             } else if let Some((qual, col)) = keys::column_ref(e) {
                 if let Some(r) = w.find_source(before, qual.as_deref(), &col) {
                     w.link(t, r);
+                    w.receives_pins(t);
                 }
             }
         }

@@ -40,6 +40,7 @@ impl PlanCache {
         self.plan_hashed(xxhash_rust::xxh3::xxh3_64(sql.as_bytes()), sql, map)
     }
 
+    /// `plan` with the hash given (tests force collisions through it).
     pub(super) fn plan_hashed(&self, hash: u64, sql: &str, map: &ShardMap) -> Arc<Plan> {
         let stripe = &self.stripes[(hash as usize) % STRIPES];
         if let Some(e) = stripe.lock().get(&hash) {

@@ -89,10 +89,28 @@ pub(super) fn classify(sql: &str, error: &str) -> (Kind, Route) {
     }
 }
 
-/// A text the parser rejects only for a lock strength it does not know, rewritten to the
-/// nearest one it does (only used for analysis; the original text is what runs).
-pub(super) fn relaxed_locks(sql: &str) -> Option<String> {
+/// A text the parser rejects for syntax it does not know but routing does not depend on,
+/// rewritten to syntax it knows (only analysed; the original text is what runs): lock
+/// strengths FOR NO KEY UPDATE / FOR KEY SHARE, and COPY's boolean options spelled on/off.
+pub(super) fn relaxed(sql: &str) -> Option<String> {
     let upper = sql.to_ascii_uppercase();
+    if words(sql).first().map(String::as_str) == Some("COPY") {
+        let mut out = String::with_capacity(sql.len());
+        let mut changed = false;
+        for (i, piece) in sql.split_inclusive(|c: char| !c.is_alphanumeric() && c != '_').enumerate() {
+            let word = piece.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_');
+            let tail = &piece[word.len()..];
+            let swap = match word.to_ascii_lowercase().as_str() {
+                "on" if i > 0 => "true",
+                "off" if i > 0 => "false",
+                _ => word,
+            };
+            changed |= swap != word;
+            out.push_str(swap);
+            out.push_str(tail);
+        }
+        return changed.then_some(out);
+    }
     let mut out = sql.to_string();
     let mut changed = false;
     for (from, to) in [("FOR NO KEY UPDATE", "FOR UPDATE       "), ("FOR KEY SHARE", "FOR SHARE    ")] {

@@ -19,6 +19,7 @@ pub struct InsertSplit {
 }
 
 impl InsertSplit {
+    /// A split of `statement`'s VALUES rows, each with its key.
     pub(super) fn new(
         dist: usize,
         rows: Vec<(KeyExpr, Option<KeyExpr>)>,

@@ -37,7 +37,10 @@ pub(super) fn strip(mut e: &Expr) -> &Expr {
 }
 
 /// A column reference: (qualifier, column), both folded.
-pub(super) fn column_ref(e: &Expr) -> Option<(Option<String>, String)> {
+pub(super) type ColumnRef = (Option<String>, String);
+
+/// The column an expression names, through parentheses and casts.
+pub(super) fn column_ref(e: &Expr) -> Option<ColumnRef> {
     match strip(e) {
         Expr::Identifier(id) => Some((None, ident(id))),
         Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
@@ -155,7 +158,7 @@ fn array_keys(e: &Expr) -> Option<Vec<KeyExpr>> {
 }
 
 /// `a = b` between two column references.
-pub(super) fn column_equality(e: &Expr) -> Option<((Option<String>, String), (Option<String>, String))> {
+pub(super) fn column_equality(e: &Expr) -> Option<(ColumnRef, ColumnRef)> {
     match strip(e) {
         Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => Some((column_ref(left)?, column_ref(right)?)),
         _ => None,

@@ -231,11 +231,11 @@ fn combinable(e: &Expr) -> Result<Option<AggKind>, String> {
             }
         }
     }
-    let mut e = e;
-    while let Expr::Nested(inner) = e {
-        e = inner;
+    let cast = has_cast(e);
+    let Expr::Function(f) = strip(e) else { return Ok(None) };
+    if cast && agg_name(f).as_deref() == Some("avg") {
+        return Err(format!("{e}: avg under a cast cannot be combined across shards; cast outside pgshard or drop the cast"));
     }
-    let Expr::Function(f) = e else { return Ok(None) };
     Ok(match agg_name(f).as_deref() {
         Some("count") => Some(AggKind::Count),
         Some("sum") => Some(AggKind::Sum),
@@ -246,6 +246,17 @@ fn combinable(e: &Expr) -> Result<Option<AggKind>, String> {
         Some("bool_or") => Some(AggKind::BoolOr),
         _ => None,
     })
+}
+
+/// Whether casts wrap the expression (a cast partial result still combines, except avg's).
+fn has_cast(mut e: &Expr) -> bool {
+    loop {
+        match e {
+            Expr::Nested(inner) => e = inner,
+            Expr::Cast { .. } => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Function calls in an expression (not inside subqueries).

@@ -3,6 +3,7 @@
 
 mod analyze;
 mod cache;
+mod decide;
 mod fallback;
 mod insert;
 mod keys;
@@ -22,7 +23,9 @@ use crate::scatter::spec::MergeSpec;
 pub struct Plan {
     /// Statements in the text (a simple Query may carry several).
     pub statements: usize,
+    /// Class of the statement (of the first one that writes, for several).
     pub kind: Kind,
+    /// Where it goes before parameters are known.
     pub route: Route,
     /// How to combine the shards' results when a SELECT runs on several shards.
     pub merge: MergeSpec,
@@ -51,39 +54,52 @@ pub enum Kind {
     Ddl { transactional: bool },
     /// VACUUM, ANALYZE, CHECKPOINT: run on all shards outside a transaction.
     Utility,
+    /// BEGIN / START TRANSACTION, READ ONLY or not.
     Begin { read_only: bool },
+    /// COMMIT / END.
     Commit,
+    /// ROLLBACK / ABORT.
     Rollback,
     /// SAVEPOINT, RELEASE, ROLLBACK TO.
     Savepoint,
     /// SET, RESET, DISCARD, SHOW, LISTEN, PREPARE/EXECUTE/DEALLOCATE, cursors: session state
     /// the caller handles itself.
     Session,
+    /// COPY FROM STDIN / TO STDOUT, with what its data looks like.
     Copy(CopySpec),
 }
 
 /// COPY data format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyFormat {
+    /// Tab-separated text (the default).
     Text,
+    /// FORMAT csv.
     Csv,
+    /// FORMAT binary.
     Binary,
 }
 
 /// What the COPY data stream looks like, so the caller can split it by key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopySpec {
+    /// Table as named in the statement; empty for COPY (query).
     pub table: String,
     /// Column list; empty = all columns in table order.
     pub columns: Vec<String>,
     /// true = FROM STDIN, false = TO STDOUT.
     pub from_stdin: bool,
+    /// Data format.
     pub format: CopyFormat,
+    /// Field separator: tab for text, comma for CSV unless set.
     pub delimiter: u8,
+    /// CSV HEADER: the first line names the columns.
     pub header: bool,
     /// NULL marker: `\N` for text, empty for CSV unless set.
     pub null: String,
+    /// CSV quote character.
     pub quote: u8,
+    /// CSV escape character (the quote unless set).
     pub escape: u8,
     /// Index of the sharding key within `columns`; None when `columns` is empty or lacks it.
     pub key_column: Option<usize>,
@@ -105,6 +121,7 @@ pub enum Route {
     DefaultShard,
     /// No table at all: any one shard.
     Any,
+    /// Not routable: the error to send the client.
     Refuse { sqlstate: &'static str, message: String },
 }
 
@@ -117,22 +134,27 @@ pub enum KeyExpr {
     Param(usize),
     /// `key = ANY($n)`: an array parameter.
     ParamArray(usize),
+    /// A NULL literal: no shard holds it, so routing fails.
     Null,
 }
 
 /// A routing hint from a comment: `/* pgshard: shard=1 */` or `/* pgshard: key=42 */`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
+    /// Run on this shard.
     Shard(usize),
+    /// Run where this key of the statement's distribution lives.
     Key(String),
 }
 
 /// The shards a routed statement runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
+    /// A single shard.
     One(usize),
     /// Sorted, without duplicates.
     Some(Vec<usize>),
+    /// Every shard.
     All,
 }
 
@@ -140,7 +162,9 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct RouteError {
+    /// SQLSTATE for the ErrorResponse.
     pub sqlstate: &'static str,
+    /// Message for the client, naming what to change.
     pub message: String,
 }
 
@@ -154,6 +178,7 @@ impl RouteError {
 /// Bind parameters of an extended-protocol execution.
 #[derive(Debug, Clone, Copy)]
 pub struct Params<'a> {
+    /// Parameter values; None is SQL NULL.
     pub values: &'a [Option<&'a [u8]>],
     /// Bind's parameter format codes: 0 or 1 entries apply to all, else one per parameter.
     pub formats: &'a [i16],

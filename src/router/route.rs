@@ -2,7 +2,7 @@
 
 use super::{Hint, KeyExpr, Params, Plan, Route, RouteError, Target};
 use crate::pghash::KeyValue;
-use crate::shardmap::{Located, MapError, ShardMap};
+use crate::shardmap::{Located, MapError, ShardMap, TableRule};
 
 /// The shards `plan` runs on with these parameters.
 pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, RouteError> {
@@ -20,6 +20,8 @@ pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, Rou
             shards.dedup();
             match shards.as_slice() {
                 [one] => Target::One(*one),
+                // `= ANY('{}')` matches no row: any one shard answers that correctly.
+                [] => Target::One(0),
                 _ => Target::Some(shards),
             }
         }
@@ -43,9 +45,15 @@ fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
             message: format!("hint shard={n} names no shard: there are {} shards (0..{})", map.shards, map.shards),
         }),
         Hint::Key(k) => {
-            let dist = match (&plan.route, map.distributions.len()) {
-                (Route::Keys { dist, .. }, _) => *dist,
-                (_, 1) => 0,
+            let mut dists = plan.tables.iter().filter_map(|t| match super::walk::lookup(map, t) {
+                Some(TableRule::Sharded { dist, .. }) => Some(*dist),
+                _ => None,
+            });
+            let from_tables = dists.next().filter(|d| dists.all(|x| x == *d));
+            let dist = match (&plan.route, from_tables, map.distributions.len()) {
+                (Route::Keys { dist, .. }, _, _) => *dist,
+                (_, Some(d), _) => d,
+                (_, None, 1) => 0,
                 _ => {
                     return Err(RouteError::unsupported(format!(
                         "hint key={k} is ambiguous: the statement names no sharded table and there are {} distributions; use shard=N",
@@ -244,7 +252,8 @@ pub(super) fn parse_binary_array(b: &[u8]) -> Result<Vec<Option<Vec<u8>>>, Strin
     // ndim, has-null flag, element type oid, then (length, lower bound) of the dimension.
     let count = i32_at(12)?;
     let mut at = 20;
-    let mut out = Vec::with_capacity(count.max(0) as usize);
+    // The count comes from the client: never reserve more than the bytes could hold.
+    let mut out = Vec::with_capacity((count.max(0) as usize).min(b.len() / 4));
     for _ in 0..count {
         let len = i32_at(at)?;
         at += 4;

@@ -2,8 +2,7 @@
 //! which keys pin them; `decide` turns that into a route.
 
 use super::keys::{self, column_equality, conjuncts, object_name, pin_of};
-use super::{KeyExpr, Route};
-use crate::shardmap::config::UnknownTables;
+use super::KeyExpr;
 use crate::shardmap::{ShardMap, TableRule};
 use sqlparser::ast::*;
 
@@ -22,21 +21,23 @@ pub(super) enum Placement {
 pub(super) struct Rel {
     pub name: String,
     /// Alias, or the bare table name.
-    binding: String,
+    pub(super) binding: String,
     pub placement: Placement,
     /// Inside a subquery, CTE or derived table rather than the statement's own FROM.
-    nested: bool,
+    pub(super) nested: bool,
+    /// Scope nesting level the table was added at.
+    pub(super) level: usize,
 }
 
 /// Statement walker state.
 pub(super) struct Walker<'m> {
-    map: &'m ShardMap,
+    pub(super) map: &'m ShardMap,
     pub rels: Vec<Rel>,
     scopes: Vec<Vec<usize>>,
     ctes: Vec<String>,
-    links: Vec<(usize, usize)>,
-    pins: Vec<(usize, Vec<KeyExpr>)>,
-    within: Vec<(usize, KeyExpr)>,
+    pub(super) links: Vec<(usize, usize)>,
+    pub(super) pins: Vec<(usize, Vec<KeyExpr>)>,
+    pub(super) within: Vec<(usize, KeyExpr)>,
     /// Query nesting level; 1 is the statement itself (DML sets it before walking).
     pub depth: usize,
     pub modifying_cte: bool,
@@ -44,6 +45,7 @@ pub(super) struct Walker<'m> {
 }
 
 impl<'m> Walker<'m> {
+    /// An empty walker over `map`.
     pub fn new(map: &'m ShardMap) -> Self {
         Walker {
             map,
@@ -76,7 +78,7 @@ impl<'m> Walker<'m> {
         if name.0.len() == 1 && self.ctes.contains(&full) {
             return None;
         }
-        let placement = match self.map.table(&full) {
+        let placement = match lookup(self.map, &full) {
             Some(TableRule::Sharded { dist, column, hash_column }) => {
                 Placement::Sharded { dist: *dist, column: column.clone(), hash_column: hash_column.clone() }
             }
@@ -89,21 +91,23 @@ impl<'m> Walker<'m> {
             None => full.rsplit('.').next().unwrap_or(&full).to_string(),
         };
         let id = self.rels.len();
-        self.rels.push(Rel { name: full, binding, placement, nested: self.depth > 1 });
+        self.rels.push(Rel { name: full, binding, placement, nested: self.depth > 1, level: self.scopes.len() });
         self.scopes.last_mut().expect("scope").push(id);
         Some(id)
     }
 
+    /// Walks a query one nesting level down.
     pub fn query(&mut self, q: &Query) {
         self.depth += 1;
         let ctes_before = self.ctes.len();
         if let Some(with) = &q.with {
+            // Named before walking, so a recursive CTE's reference to itself is not a table.
+            self.ctes.extend(with.cte_tables.iter().map(|c| keys::ident(&c.alias.name)));
             for cte in &with.cte_tables {
                 self.query(&cte.query);
                 if matches!(*cte.query.body, SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)) {
                     self.modifying_cte = true;
                 }
-                self.ctes.push(keys::ident(&cte.alias.name));
             }
         }
         self.set_expr(&q.body);
@@ -121,9 +125,11 @@ impl<'m> Walker<'m> {
             SetExpr::Select(sel) => self.select(sel),
             SetExpr::Query(q) => self.query(q),
             SetExpr::SetOperation { left, right, .. } => {
-                self.set_operation = true;
+                let before = self.rels.len();
                 self.set_expr(left);
                 self.set_expr(right);
+                self.set_operation |=
+                    self.rels[before..].iter().any(|r| matches!(r.placement, Placement::Sharded { .. }));
             }
             SetExpr::Values(v) => v.rows.iter().flat_map(|r| &r.content).for_each(|e| self.expr(e)),
             SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
@@ -250,6 +256,7 @@ impl<'m> Walker<'m> {
         }
     }
 
+    /// Registers the tables of one FROM item.
     pub fn table_factor(&mut self, tf: &TableFactor) {
         match tf {
             TableFactor::Table { name, alias, .. } => {
@@ -285,9 +292,14 @@ impl<'m> Walker<'m> {
             }
             if pinning {
                 if let Some(p) = pin_of(c) {
-                    if let Some(r) = self.resolve(&p.qual, &p.column, false) {
+                    // Only the current query's own tables: a condition in a subquery may sit
+                    // under an OR of the outer query and restrict nothing there.
+                    let here = |r: &usize| self.scopes.last().is_some_and(|s| s.contains(r));
+                    if let Some(r) = self.resolve(&p.qual, &p.column, false).filter(here) {
                         self.pins.push((r, p.keys));
-                    } else if let (Some(r), [k]) = (self.resolve(&p.qual, &p.column, true), p.keys.as_slice()) {
+                    } else if let (Some(r), [k]) =
+                        (self.resolve(&p.qual, &p.column, true).filter(here), p.keys.as_slice())
+                    {
                         self.within.push((r, k.clone()));
                     }
                     continue;
@@ -300,6 +312,11 @@ impl<'m> Walker<'m> {
     /// Records that `rel`'s key is one of `keys`.
     pub fn pin(&mut self, rel: usize, keys: Vec<KeyExpr>) {
         self.pins.push((rel, keys));
+    }
+
+    /// Lets every pin reach `rel` (the target of INSERT ... SELECT gets exactly the selected rows).
+    pub fn receives_pins(&mut self, rel: usize) {
+        self.rels[rel].level = usize::MAX;
     }
 
     /// Records that two tables are joined on their keys.
@@ -315,7 +332,8 @@ impl<'m> Walker<'m> {
         })
     }
 
-    fn key_column(&self, rel: usize) -> Option<&str> {
+    /// The sharding key column of a sharded table.
+    pub(super) fn key_column(&self, rel: usize) -> Option<&str> {
         match &self.rels[rel].placement {
             Placement::Sharded { column, .. } => Some(column),
             _ => None,
@@ -342,11 +360,9 @@ impl<'m> Walker<'m> {
                         return matches(r).then_some(r);
                     }
                 }
-                None => {
-                    if let Some(&r) = scope.iter().find(|&&r| matches(r)) {
-                        return Some(r);
-                    }
-                }
+                // An unqualified name may be a column of any table of an inner query that we
+                // know no columns of, so it only names a key in the innermost query.
+                None => return scope.iter().copied().find(|&r| matches(r)),
             }
         }
         None
@@ -418,124 +434,14 @@ impl<'m> Walker<'m> {
             _ => {}
         }
     }
+}
 
-    /// The route the collected tables, links and pins give. `target` is the table a write
-    /// modifies (reference targets must not read sharded tables).
-    pub fn decide(&self, write: bool, target: Option<usize>) -> (Route, Vec<String>) {
-        let mut problems = Vec::new();
-        let undeclared: Vec<&Rel> = self.rels.iter().filter(|r| matches!(r.placement, Placement::Undeclared)).collect();
-        let sharded: Vec<usize> =
-            (0..self.rels.len()).filter(|&i| matches!(self.rels[i].placement, Placement::Sharded { .. })).collect();
-        if let Some(u) = undeclared.first() {
-            if self.map.unknown_tables == UnknownTables::Refuse {
-                return (
-                    Route::refuse(format!(
-                        "table {} is not declared in [sharding]; declare it as sharded or reference, or set unknown_tables = \"default_shard\"",
-                        u.name
-                    )),
-                    problems,
-                );
-            }
-            if let Some(&s) = sharded.first() {
-                return (
-                    Route::refuse(format!(
-                        "{} is an undeclared table on the default shard and {} is sharded: one statement cannot use both; declare {} in [sharding]",
-                        u.name, self.rels[s].name, u.name
-                    )),
-                    problems,
-                );
-            }
-            return (Route::DefaultShard, problems);
-        }
-        let has_ref = self.rels.iter().any(|r| matches!(r.placement, Placement::Reference));
-        let Some(&first) = sharded.first() else {
-            return (if has_ref { Route::Reference { write } } else { Route::Any }, problems);
-        };
-        if let Some(t) = target {
-            if matches!(self.rels[t].placement, Placement::Reference) {
-                return (
-                    Route::refuse(format!(
-                        "a write to reference table {} cannot read sharded table {}: reference tables must be written from reference data only",
-                        self.rels[t].name, self.rels[first].name
-                    )),
-                    problems,
-                );
-            }
-        }
-        let dist_of = |r: usize| match self.rels[r].placement {
-            Placement::Sharded { dist, .. } => dist,
-            _ => usize::MAX,
-        };
-        let dist = dist_of(first);
-        if let Some(&other) = sharded.iter().find(|&&r| dist_of(r) != dist) {
-            return (self.join_refusal(first, other), problems);
-        }
-        // Union-find over the sharded tables joined on their keys.
-        let mut parent: Vec<usize> = (0..self.rels.len()).collect();
-        fn root(p: &mut [usize], mut x: usize) -> usize {
-            while p[x] != x {
-                p[x] = p[p[x]];
-                x = p[x];
-            }
-            x
-        }
-        for &(a, b) in &self.links {
-            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
-            parent[ra] = rb;
-        }
-        let mut comps: Vec<(usize, usize, Option<&Vec<KeyExpr>>)> = Vec::new();
-        for &r in &sharded {
-            let root = root(&mut parent, r);
-            let pin = self.pins.iter().find(|(p, _)| *p == r).map(|(_, k)| k);
-            match comps.iter_mut().find(|c| c.0 == root) {
-                Some(c) => c.2 = c.2.or(pin),
-                None => comps.push((root, r, pin)),
-            }
-        }
-        if comps.len() > 1 {
-            if let Some(unpinned) = comps.iter().find(|c| c.2.is_none()) {
-                let other = comps.iter().find(|c| c.0 != unpinned.0).expect("two components");
-                return (self.join_refusal(other.1, unpinned.1), problems);
-            }
-            problems.push(format!(
-                "{} and {} are not joined on their sharding key, so their keys must all fall on one shard",
-                self.rels[comps[0].1].name, self.rels[comps[1].1].name
-            ));
-        }
-        if self.rels.iter().any(|r| r.nested && matches!(r.placement, Placement::Sharded { .. })) {
-            problems.push("subqueries and CTEs over sharded tables cannot be combined across shards".into());
-        }
-        if self.set_operation {
-            problems.push("UNION/INTERSECT/EXCEPT over sharded tables cannot be combined across shards".into());
-        }
-        if comps.iter().all(|c| c.2.is_none()) {
-            return (Route::AllShards, problems);
-        }
-        let keys: Vec<KeyExpr> = comps.iter().flat_map(|c| c.2.into_iter().flatten().cloned()).collect();
-        let within = if keys.len() == 1 {
-            self.within.iter().find(|(r, _)| sharded.contains(r)).map(|(_, k)| k.clone())
-        } else {
-            None
-        };
-        (Route::Keys { dist, keys, within }, problems)
-    }
-
-    fn join_refusal(&self, a: usize, b: usize) -> Route {
-        let (ra, rb) = (&self.rels[a], &self.rels[b]);
-        let col = |r: &Rel| match &r.placement {
-            Placement::Sharded { column, .. } => column.clone(),
-            _ => String::new(),
-        };
-        Route::refuse(format!(
-            "join of {} and {} is not on their sharding key: join them with {}.{} = {}.{} (tables of one distribution), or pin each to a key",
-            ra.name,
-            rb.name,
-            ra.binding,
-            col(ra),
-            rb.binding,
-            col(rb)
-        ))
-    }
+/// The rule for a table as named in SQL; the default search_path finds bare names in public.
+pub(super) fn lookup<'m>(map: &'m ShardMap, name: &str) -> Option<&'m TableRule> {
+    map.table(name).or_else(|| match name.contains('.') {
+        false => map.table(&format!("public.{name}")),
+        true => None,
+    })
 }
 
 /// System catalogs exist on every shard.
