@@ -7,6 +7,19 @@ use crate::harness::{block_on, connect_port, first_value as one, sqlstate, Conte
 use crate::trial;
 use libtest_mimic::Trial;
 
+/// Test context for driver errors, with the server's message and SQLSTATE.
+trait PgContext<T> {
+    fn pgx(self, what: &str) -> Result<T, String>;
+}
+impl<T> PgContext<T> for Result<T, tokio_postgres::Error> {
+    fn pgx(self, what: &str) -> Result<T, String> {
+        self.map_err(|e| match e.as_db_error() {
+            Some(d) => format!("{what}: {} ({})", d.message(), d.code().code()),
+            None => format!("{what}: {e:?}"),
+        })
+    }
+}
+
 pub fn trials() -> Vec<Trial> {
     vec![
         trial("sharding::keys_route_to_the_owning_shard", keys_route),
@@ -136,16 +149,16 @@ async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
 fn keys_route(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, name text)").await.ctx("ddl")?;
+        c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, name text)").await.pgx("ddl")?;
         for shard in 0..2 {
             ensure!(on_shard(h, shard, "shop", "SELECT count(*) FROM items")? == "0", "DDL must reach shard {shard}");
         }
         for id in 1..=40i64 {
-            c.simple_query(&format!("INSERT INTO items (id, name) VALUES ({id}, 'n{id}')")).await.ctx("insert literal")?;
+            c.simple_query(&format!("INSERT INTO items (id, name) VALUES ({id}, 'n{id}')")).await.pgx("insert literal")?;
         }
         // Extended protocol: the key comes from Bind, text and binary.
         for id in 41..=60i64 {
-            c.execute("INSERT INTO items (id, name) VALUES ($1, $2)", &[&id, &format!("n{id}")]).await.ctx("insert param")?;
+            c.execute("INSERT INTO items (id, name) VALUES ($1, $2)", &[&id, &format!("n{id}")]).await.pgx("insert param")?;
         }
         for shard in 0..2 {
             let expected = (1..=60).filter(|&i| shard_of(i) == shard).count();
@@ -154,27 +167,28 @@ fn keys_route(h: &Harness) -> TestResult {
             ensure!(expected > 10, "keys should spread over both shards");
         }
         for id in [3i64, 17, 44, 59] {
-            let row = c.query_one("SELECT name FROM items WHERE id = $1", &[&id]).await.ctx("select by key")?;
+            let row = c.query_one("SELECT name FROM items WHERE id = $1", &[&id]).await.pgx("select by key")?;
             ensure!(row.get::<_, String>(0) == format!("n{id}"), "row {id}");
         }
-        let n = c.execute("UPDATE items SET name = 'changed' WHERE id = 7", &[]).await.ctx("update by key")?;
+        let n = c.execute("UPDATE items SET name = 'changed' WHERE id = 7", &[]).await.pgx("update by key")?;
         ensure!(n == 1, "UPDATE by key touched {n} rows");
         let sh = shard_of(7);
         ensure!(on_shard(h, sh, "shop", "SELECT name FROM items WHERE id = 7")? == "changed", "update reached the owner");
         // IN list over both shards, and a keyless count.
-        let rows = c.query("SELECT id FROM items WHERE id IN (1, 2, 3, 4, 5, 6) ORDER BY id", &[]).await.ctx("IN")?;
+        let rows = c.query("SELECT id FROM items WHERE id IN (1, 2, 3, 4, 5, 6) ORDER BY id", &[]).await.pgx("IN")?;
         ensure!(rows.len() == 6, "IN list gave {} rows", rows.len());
         ensure!(one(&c, "SELECT count(*) FROM items").await? == "60", "keyless count over shards");
         // A tenant directory entry and a range.
-        c.batch_execute("DROP TABLE IF EXISTS orders; CREATE TABLE orders (tenant text, n int)").await.ctx("ddl orders")?;
-        c.batch_execute("INSERT INTO orders (tenant, n) VALUES ('big', 1)").await.ctx("tenant insert")?;
+        c.batch_execute("DROP TABLE IF EXISTS orders; CREATE TABLE orders (tenant text, n int)").await.pgx("ddl orders")?;
+        c.batch_execute("INSERT INTO orders (tenant, n) VALUES ('big', 1)").await.pgx("tenant insert")?;
         ensure!(on_shard(h, 1, "shop", "SELECT count(*) FROM orders WHERE tenant = 'big'")? == "1", "big tenant lives on shard 1");
-        c.batch_execute("DROP TABLE IF EXISTS events; CREATE TABLE events (n bigint)").await.ctx("ddl events")?;
-        c.batch_execute("INSERT INTO events (n) VALUES (5); INSERT INTO events (n) VALUES (1500)").await.ctx("range insert")?;
+        c.batch_execute("DROP TABLE IF EXISTS events; CREATE TABLE events (n bigint)").await.pgx("ddl events")?;
+        c.batch_execute("INSERT INTO events (n) VALUES (5); INSERT INTO events (n) VALUES (1500)").await.pgx("range insert")?;
         ensure!(on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "5", "range 0");
         ensure!(on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "1500", "range 1");
         let e = c.batch_execute("INSERT INTO events (n) VALUES (5000)").await.err().ok_or("a key outside every range must fail")?;
-        ensure!(e.to_string().contains("range"), "range error says why: {e}");
+        let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        ensure!(msg.contains("range"), "range error says why: {msg}");
         Ok(())
     })
 }
@@ -182,9 +196,9 @@ fn keys_route(h: &Harness) -> TestResult {
 fn insert_split(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("DROP TABLE IF EXISTS facts; CREATE TABLE facts (id bigint, v int)").await.ctx("ddl")?;
+        c.batch_execute("DROP TABLE IF EXISTS facts; CREATE TABLE facts (id bigint, v int)").await.pgx("ddl")?;
         let values: Vec<String> = (1..=100).map(|i| format!("({i}, {})", i * 2)).collect();
-        let msgs = c.simple_query(&format!("INSERT INTO facts (id, v) VALUES {}", values.join(", "))).await.ctx("split insert")?;
+        let msgs = c.simple_query(&format!("INSERT INTO facts (id, v) VALUES {}", values.join(", "))).await.pgx("split insert")?;
         let tag = msgs.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
             _ => None,
@@ -205,7 +219,7 @@ fn scatter_matches(h: &Harness) -> TestResult {
         let c = shop(h).await?;
         let reference = connect_port(h.router.port, "app", APP_PW, "app", "").await?;
         let ddl = "DROP TABLE IF EXISTS sc; CREATE TABLE sc (id bigint, g int, v numeric, f float8, t text, b bool)";
-        reference.batch_execute(ddl).await.ctx("ref ddl")?;
+        reference.batch_execute(ddl).await.pgx("ref ddl")?;
         let rows: Vec<String> = (1..=300)
             .map(|i| {
                 let v = if i % 17 == 0 { "NULL".to_string() } else { format!("{}.{}", i * 7 % 101, i % 10) };
@@ -213,10 +227,10 @@ fn scatter_matches(h: &Harness) -> TestResult {
             })
             .collect();
         let insert = format!("INSERT INTO sc (id, g, v, f, t, b) VALUES {}", rows.join(", "));
-        reference.batch_execute(&insert).await.ctx("ref insert")?;
+        reference.batch_execute(&insert).await.pgx("ref insert")?;
         // The same rows in a table sharded by id.
-        c.batch_execute(&ddl.replace(" sc", " scat")).await.ctx("sharded ddl")?;
-        c.batch_execute(&insert.replace("INTO sc", "INTO scat")).await.ctx("sharded insert")?;
+        c.batch_execute(&ddl.replace(" sc", " scat")).await.pgx("sharded ddl")?;
+        c.batch_execute(&insert.replace("INTO sc", "INTO scat")).await.pgx("sharded insert")?;
         let queries = [
             "SELECT count(*) FROM sc",
             "SELECT count(v), sum(v), min(v), max(v), avg(v) FROM sc",
@@ -234,7 +248,7 @@ fn scatter_matches(h: &Harness) -> TestResult {
             ensure!(got == want, "{q}\n sharded: {got:?}\n one server: {want:?}");
         }
         // Keyless write: counts summed across shards.
-        let n = c.execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[]).await.ctx("keyless update")?;
+        let n = c.execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[]).await.pgx("keyless update")?;
         ensure!(n == 60, "keyless UPDATE counted {n}, expected 60");
         Ok(())
     })
@@ -254,7 +268,7 @@ async fn rows_text(c: &tokio_postgres::Client, q: &str) -> Result<Vec<Vec<Option
 fn refusals(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)").await.ctx("ddl")?;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)").await.pgx("ddl")?;
         let cases = [
             ("UPDATE items SET id = 5 WHERE id = 4", "0A000", "sharding key"),
             ("SELECT * FROM nowhere_declared", "0A000", "not declared"),
@@ -275,7 +289,7 @@ fn refusals(h: &Harness) -> TestResult {
 fn two_phase(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("DROP TABLE IF EXISTS twopc; CREATE TABLE twopc (id bigint, v int)").await.ctx("ddl")?;
+        c.batch_execute("DROP TABLE IF EXISTS twopc; CREATE TABLE twopc (id bigint, v int)").await.pgx("ddl")?;
         let (a, b) = {
             let a = (1..).find(|&i| shard_of(i) == 0).unwrap();
             let b = (1..).find(|&i| shard_of(i) == 1).unwrap();
@@ -290,12 +304,12 @@ fn two_phase(h: &Harness) -> TestResult {
             .ctx("rollback")?;
         ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "rolled back on both shards");
         // A failure on one shard aborts the whole transaction.
-        c.batch_execute("BEGIN").await.ctx("begin")?;
-        c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({a}, 3)")).await.ctx("ins a")?;
+        c.batch_execute("BEGIN").await.pgx("begin")?;
+        c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({a}, 3)")).await.pgx("ins a")?;
         ensure!(c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({b}, 'x')")).await.is_err(), "bad value fails");
         let e = c.batch_execute("SELECT 1").await.err().ok_or("aborted transaction must refuse")?;
         ensure!(sqlstate(&e) == "25P02", "in failed tx: {}", sqlstate(&e));
-        c.batch_execute("COMMIT").await.ctx("commit of failed tx")?;
+        c.batch_execute("COMMIT").await.pgx("commit of failed tx")?;
         ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "failed transaction left nothing");
         for shard in 0..2 {
             let left = on_shard(h, shard, "shop", "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t1%'")?;
@@ -344,7 +358,7 @@ fn copy_split(h: &Harness) -> TestResult {
         c.batch_execute("DROP TABLE IF EXISTS copied; CREATE TABLE copied (id bigint, g int, v numeric, f float8, t text, b bool)")
             .await
             .ctx("ddl")?;
-        let sink = c.copy_in("COPY copied (id, t) FROM STDIN").await.ctx("copy in")?;
+        let sink = c.copy_in("COPY copied (id, t) FROM STDIN").await.pgx("copy in")?;
         let mut data = String::new();
         for i in 1..=2000 {
             data.push_str(&format!("{i}\tline\\t{i}\n"));
@@ -352,9 +366,9 @@ fn copy_split(h: &Harness) -> TestResult {
         futures_util::pin_mut!(sink);
         // Chunks that cut rows in the middle.
         for chunk in data.as_bytes().chunks(777) {
-            sink.send(bytes::Bytes::copy_from_slice(chunk)).await.ctx("send")?;
+            sink.send(bytes::Bytes::copy_from_slice(chunk)).await.pgx("send")?;
         }
-        let n = sink.finish().await.ctx("finish")?;
+        let n = sink.finish().await.pgx("finish")?;
         ensure!(n == 2000, "COPY reported {n}");
         for shard in 0..2 {
             let expected = (1..=2000).filter(|&i| shard_of(i) == shard).count();
@@ -378,7 +392,7 @@ fn pgbench_invariant(h: &Harness) -> TestResult {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     ensure!(o.status.success(), "pgbench TPC-B: {out}{}", String::from_utf8_lossy(&o.stderr));
     ensure!(out.contains("number of transactions actually processed: 600/600"), "all transactions ran: {out}");
-    let o = h.client_program("pgbench", port, "app", APP_PW, &["-c", "4", "-j", "2", "-t", "100", "-M", "prepared", "bench"]);
+    let o = h.client_program("pgbench", port, "app", APP_PW, &["-n", "-c", "4", "-j", "2", "-t", "100", "-M", "prepared", "bench"]);
     ensure!(o.status.success(), "pgbench -M prepared: {}", String::from_utf8_lossy(&o.stderr));
     block_on(async move {
         let c = connect_port(port, "app", APP_PW, "bench", "").await?;

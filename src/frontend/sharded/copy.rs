@@ -1,7 +1,7 @@
 //! COPY … FROM STDIN into a sharded table: the client's rows are split by sharding key and
 //! streamed to the shards that own them, inside one (two-phase) transaction.
 
-use super::{Failure, Refusal, ShardedSession};
+use super::{extended::Batch, Failure, Refusal, ShardedSession};
 use crate::frontend::{ClientWrite, ReadReady, SessionEnd};
 use crate::protocol::messages;
 use crate::router::{CopyFormat, CopySpec, Plan, Route};
@@ -24,7 +24,7 @@ enum Placement {
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// COPY FROM STDIN: split rows by key, one COPY per shard, one `COPY n` for the client.
-    pub(super) async fn copy_in(&mut self, text: &str, plan: &Arc<Plan>, spec: CopySpec) -> Result<(), Failure> {
+    pub(super) async fn copy_in(&mut self, text: &str, plan: &Arc<Plan>, spec: CopySpec, batch: Option<&Batch>) -> Result<(), Failure> {
         let placement = self.copy_placement(plan, &spec).await?;
         let shards: Vec<usize> = match &placement {
             Placement::Same(s) => s.clone(),
@@ -42,7 +42,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         if implicit {
             self.tx.begin_implicit();
         }
-        let r = self.copy_rows(text, &spec, &placement, &shards).await;
+        let r = self.copy_rows(text, &spec, &placement, &shards, batch).await;
         if implicit {
             if r.is_ok() && !self.tx.failed_any() {
                 self.commit(false).await?;
@@ -92,21 +92,38 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             .ok_or_else(|| Refusal::new("42703", format!("column {column} of {table} not found on shard 0")).into())
     }
 
-    async fn copy_rows(&mut self, text: &str, spec: &CopySpec, placement: &Placement, shards: &[usize]) -> Result<(), Failure> {
+    async fn copy_rows(&mut self, text: &str, spec: &CopySpec, placement: &Placement, shards: &[usize], batch: Option<&Batch>) -> Result<(), Failure> {
         // Start the COPY on every shard and wait for each to accept data.
         for &s in shards {
             self.conn(s).await?;
             self.tx.wrote_on(s);
-            let co = self.conns[s].as_mut().expect("held");
             let mut q = BytesMut::new();
-            messages::query(&mut q, text);
+            let mut flags = std::collections::VecDeque::new();
+            match batch {
+                // The server ignores this Sync in COPY mode; it only matters if the COPY fails to start.
+                Some(seg) => {
+                    self.render(s, seg, &mut q, &mut flags);
+                    messages::empty_message(&mut q, b'S');
+                }
+                None => messages::query(&mut q, text),
+            }
+            let co = self.conns[s].as_mut().expect("held");
             co.conn.stream.write_all(&q).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
         }
         let mut lead_response = None;
         for &s in shards {
             let max = self.max_msg;
             let co = self.conns[s].as_mut().expect("held");
-            let f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            let mut f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            // Extended protocol: ParseComplete/BindComplete come first; the lead's go to the client.
+            while matches!(f.tag, b'1' | b'2' | b'3' | b'n' | b't' | b'N') {
+                if s == shards[0] {
+                    self.out.extend_from_slice(&f.raw);
+                }
+                let co = self.conns[s].as_mut().expect("held");
+                f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            }
+            let co = self.conns[s].as_mut().expect("held");
             match f.tag {
                 b'G' => {
                     lead_response.get_or_insert(f.raw);
@@ -219,6 +236,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let co = self.conns[s].as_mut().expect("held");
             let mut done = BytesMut::new();
             messages::empty_message(&mut done, b'c');
+            if batch.is_some() {
+                // The Sync sent with the Execute was ignored in COPY mode: this one ends it.
+                messages::empty_message(&mut done, b'S');
+            }
             co.conn.stream.write_all(&done).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
             loop {
                 let f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
@@ -245,6 +266,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             }
             None => messages::command_complete(&mut self.out, &format!("COPY {total}")),
         }
+        // The client's Sync after its Execute was "ignored": it sends another after CopyDone,
+        // and only that one is answered.
+        self.skip_ready = batch.is_some();
         Ok(())
     }
 

@@ -44,7 +44,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             )
             .into());
         }
-        let merger = Merger::new(plan.merge.clone(), shards.len());
+        let mut merger = Merger::new(plan.merge.clone(), shards.len());
+        if let Some(seg) = batch {
+            let desc = seg.stmt.as_ref().and_then(|s| self.ext.row_descs.get(&s.def.key));
+            if let (Some(desc), Some(bind)) = (desc, &seg.bind) {
+                let formats = super::extended::bind_result_formats(bind);
+                merger.describe(desc, &formats).map_err(|e| Refusal::new("0A000", e.to_string()))?;
+            }
+        }
         self.exchange(shards, sql, Some(merger), writes, batch).await
     }
 
@@ -168,6 +175,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             while !r.done {
                 let f = self.read_msg(r.shard).await?;
                 let dest = self.route_msg(r, lead, f.tag, !single, &f.raw);
+                if f.tag == b'T' && single {
+                    if let Some(stmt) = batch.and_then(|b| b.stmt.as_ref()) {
+                        self.ext.row_descs.insert(stmt.def.key, f.raw.clone());
+                    }
+                }
                 if single || r.error {
                     if matches!(dest, Dest::Client | Dest::Merge) {
                         self.out.extend_from_slice(&f.raw);

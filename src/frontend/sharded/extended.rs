@@ -24,6 +24,9 @@ pub struct Stmt {
 pub struct ExtendedState {
     pending: Vec<Bytes>,
     statements: HashMap<Box<[u8]>, Stmt>,
+    /// RowDescription of each statement a shard described, by statement key: a multi-shard
+    /// Execute needs the column types to merge, and its response does not carry them.
+    pub row_descs: HashMap<u128, Bytes>,
 }
 
 impl ExtendedState {
@@ -63,6 +66,26 @@ impl Batch {
             }
         }
     }
+}
+
+/// The result format codes at the end of a Bind body.
+pub fn bind_result_formats(bind: &[u8]) -> Vec<i16> {
+    let mut c = Cursor::new(&bind[5..]);
+    let mut skip = || -> Option<Vec<i16>> {
+        c.cstr()?;
+        c.cstr()?;
+        let nf = c.i16()?.max(0) as usize;
+        c.take(nf * 2)?;
+        for _ in 0..c.i16()?.max(0) {
+            let len = c.i32()?;
+            if len > 0 {
+                c.take(len as usize)?;
+            }
+        }
+        let nr = c.i16()?.max(0) as usize;
+        (0..nr).map(|_| c.i16()).collect()
+    };
+    skip().unwrap_or_default()
 }
 
 /// The parameters of a Bind body: (format codes, values).
@@ -184,8 +207,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let bind = seg.bind.clone().expect("executing segments have a Bind");
         let (formats, values) = bind_params(&bind).ok_or_else(|| Refusal::new("08P01", "malformed Bind"))?;
         let params = crate::router::Params { values: &values, formats: &formats };
-        if matches!(stmt.plan.kind, Kind::Copy(_)) {
-            return Err(Refusal::new("0A000", "COPY through the extended protocol is not supported on a sharded database; use a simple query").into());
+        if matches!(&stmt.plan.kind, Kind::Copy(c) if !c.from_stdin) && !matches!(stmt.plan.route, crate::router::Route::Keys { .. }) {
+            return Err(Refusal::new("0A000", "COPY … TO STDOUT of a sharded table through the extended protocol is not supported; use a simple query").into());
         }
         self.run_statement(&text, &stmt.plan, &params, Some(seg)).await
     }

@@ -82,6 +82,8 @@ pub struct ShardedSession<R, W> {
     params: SessionParams,
     startup_params: SessionParams,
     ext: extended::ExtendedState,
+    /// The next ReadyForQuery is not owed (a Sync the server ignored during an extended COPY).
+    skip_ready: bool,
 }
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
@@ -113,6 +115,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             params: startup_params.clone(),
             startup_params,
             ext: extended::ExtendedState::default(),
+            skip_ready: false,
         }
     }
 
@@ -232,7 +235,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 self.tx.fail();
             }
         }
-        if ready {
+        if ready && !std::mem::take(&mut self.skip_ready) {
             messages::ready_for_query(&mut self.out, self.tx.status());
         }
         Ok(())
@@ -307,8 +310,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Kind::Commit => return self.commit(true).await,
             Kind::Rollback => return self.rollback(true).await,
             Kind::Session => return self.session_statement(text, plan, batch).await,
-            Kind::Copy(spec) if spec.from_stdin && batch.is_none() => {
-                return Box::pin(self.copy_in(text, plan, spec.clone())).await;
+            Kind::Copy(spec) if spec.from_stdin => {
+                return Box::pin(self.copy_in(text, plan, spec.clone(), batch)).await;
             }
             _ => {}
         }
