@@ -140,35 +140,6 @@ impl TwoPhase {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn decisions_survive_in_the_log_and_drive_resolution() {
-        let dir = std::env::temp_dir().join(format!("pgshard-2pc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("log");
-        let _ = std::fs::remove_file(&path);
-        let a = TwoPhase::open("r1", path.clone());
-        let (t1, t2, t3) = (a.next_txid(), a.next_txid(), a.next_txid());
-        a.log_commit(t1).await.unwrap();
-        a.log_commit(t2).await.unwrap();
-        a.log_done(t2).await;
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        // A restarted router reads the log.
-        let b = TwoPhase::open("r1", path.clone());
-        let c = b.committed();
-        assert_eq!(c, HashSet::from([t1]));
-        assert_eq!(b.resolution(&a.gid(t1, 0), &c), Some(true));
-        assert_eq!(b.resolution(&a.gid(t3, 1), &c), Some(false), "undecided before the restart: roll back");
-        assert_eq!(b.resolution(&b.gid(b.next_txid(), 0), &c), None, "in flight now: leave it");
-        assert_eq!(b.resolution("pgshard_r2_5_0", &c), None, "another router's");
-        assert_eq!(b.resolution("something_else", &c), None);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
 /// Finishes prepared transactions this router left in doubt: committed where the log holds the
 /// decision, rolled back where it was never taken. Runs at start and after failed commits.
 pub async fn resolve(app: &crate::app::App) -> usize {
@@ -209,4 +180,33 @@ pub async fn resolve(app: &crate::app::App) -> usize {
         }
     }
     resolved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn decisions_survive_in_the_log_and_drive_resolution() {
+        let dir = std::env::temp_dir().join(format!("pgshard-2pc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log");
+        let _ = std::fs::remove_file(&path);
+        let a = TwoPhase::open("r1", path.clone());
+        let (t1, t2, t3) = (a.next_txid(), a.next_txid(), a.next_txid());
+        a.log_commit(t1).await.unwrap();
+        a.log_commit(t2).await.unwrap();
+        a.log_done(t2).await;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // A restarted router reads the log.
+        let b = TwoPhase::open("r1", path.clone());
+        let c = b.committed();
+        assert_eq!(c, HashSet::from([t1]));
+        assert_eq!(b.resolution(&a.gid(t1, 0), &c), Some(true));
+        assert_eq!(b.resolution(&a.gid(t3, 1), &c), Some(false), "undecided before the restart: roll back");
+        assert_eq!(b.resolution(&b.gid(b.next_txid(), 0), &c), None, "in flight now: leave it");
+        assert_eq!(b.resolution("pgshard_r2_5_0", &c), None, "another router's");
+        assert_eq!(b.resolution("something_else", &c), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -88,8 +88,11 @@ pub fn bind_result_formats(bind: &[u8]) -> Vec<i16> {
     skip().unwrap_or_default()
 }
 
+/// A Bind's parameter format codes and values (None = NULL).
+pub type BindParams<'a> = (Vec<i16>, Vec<Option<&'a [u8]>>);
+
 /// The parameters of a Bind body: (format codes, values).
-pub fn bind_params(bind: &[u8]) -> Option<(Vec<i16>, Vec<Option<&[u8]>>)> {
+pub fn bind_params(bind: &[u8]) -> Option<BindParams<'_>> {
     let mut c = Cursor::new(&bind[5..]);
     c.cstr()?;
     c.cstr()?;
