@@ -58,6 +58,7 @@ fn per_query(c: &mut Criterion) {
         lru.insert(k);
     }
     c.bench_function("server_statements_touch", |b| b.iter(|| lru.touch(black_box(250))));
+    routing(c);
     c.bench_function("encode_error_response", |b| {
         let mut out = BytesMut::with_capacity(256);
         b.iter(|| {
@@ -70,3 +71,23 @@ fn per_query(c: &mut Criterion) {
 
 criterion_group!(benches, framing, per_query);
 criterion_main!(benches);
+
+/// Statement routing: a plan-cache miss (sqlparser analysis) against a hit, and route().
+fn routing(c: &mut Criterion) {
+    let cfg: pgshard::shardmap::config::ShardingConfig = toml::from_str(
+        "[[distributions]]\nname='ids'\nstrategy='hash'\nkey_type='int8'\n[[tables]]\nname='pgbench_accounts'\ndistribution='ids'\ncolumn='aid'\n",
+    )
+    .expect("sharding config");
+    let map = pgshard::shardmap::ShardMap::build(&cfg, 2, 1).expect("map");
+    let q = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    let u = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
+    c.bench_function("route_analyze_miss_select", |b| b.iter(|| pgshard::router::analyze(black_box(q), &map)));
+    c.bench_function("route_analyze_miss_update", |b| b.iter(|| pgshard::router::analyze(black_box(u), &map)));
+    let cache = pgshard::router::PlanCache::new(1000);
+    cache.plan(q, &map);
+    c.bench_function("route_plan_cache_hit", |b| b.iter(|| cache.plan(black_box(q), &map)));
+    let plan = cache.plan(q, &map);
+    let v: [Option<&[u8]>; 1] = [Some(b"48213")];
+    let params = pgshard::router::Params { values: &v, formats: &[] };
+    c.bench_function("route_with_bind_param", |b| b.iter(|| pgshard::router::route(black_box(&plan), &map, &params)));
+}

@@ -94,7 +94,7 @@ pub async fn run<S: ClientIo>(app: Arc<App>, mut s: S, mut rbuf: FrameBuf, pid: 
 async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
     let cmd: String = sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
     let err = |out: &mut BytesMut, m: &str| {
-        messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW ROUTE <statement>, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
+        messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW ROUTE <statement>, SHOW PLAN_CACHE, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
     };
     if cmd.starts_with("show route ") {
         // The statement keeps its original case and spacing: only the command words are cut.
@@ -110,6 +110,13 @@ async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
         "show stats" => show_stats(app).write(out, "SHOW"),
         "show config" => show_config(app).write(out, "SHOW"),
         "show shards" => show_shards(app).await.write(out, "SHOW"),
+        "show plan_cache" => {
+            let (hits, misses) = app.plans.stats();
+            let rate = if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 };
+            let mut t = Table::new(&["hits", "misses", "entries", "hit_rate"]);
+            t.row(vec![hits.to_string(), misses.to_string(), app.plans.len().to_string(), format!("{rate:.4}")]);
+            t.write(out, "SHOW");
+        }
         "show version" => {
             let mut t = Table::new(&["version"]);
             t.row(vec![format!("pgshard {}", env!("CARGO_PKG_VERSION"))]);

@@ -242,6 +242,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 }
             }
             b'T' | b'D' | b'C' | b'I' | b's' | b'H' | b'd' | b'c' if merging => Dest::Merge,
+            // Every shard sends the same notices for the same statement: one copy is enough.
+            b'N' if merging && !is_lead => Dest::Drop,
             b'N' | b'A' => Dest::Client,
             _ if is_lead => Dest::Client,
             _ => Dest::Drop,
