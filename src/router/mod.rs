@@ -5,6 +5,7 @@ mod analyze;
 mod cache;
 mod decide;
 mod fallback;
+pub mod fingerprint;
 mod insert;
 mod keys;
 mod merge;

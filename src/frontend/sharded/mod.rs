@@ -244,6 +244,22 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// A simple Query: one statement, or several that run as one implicit transaction.
     async fn on_query(&mut self, text: &str) -> Result<(), Failure> {
         self.refresh_map();
+        if let Some(stripped) = crate::router::fingerprint::strip(text) {
+            // One cached plan for every literal value; used only where the literals are mere
+            // key values (a key route, nothing rewritten from the text).
+            let plan = self.app.plans.plan(&stripped.text, &self.map);
+            let usable = plan.statements == 1
+                && matches!(plan.route, crate::router::Route::Keys { .. })
+                && matches!(plan.kind, Kind::Read | Kind::Write)
+                && plan.insert.is_none()
+                && plan.scatter_sql.is_none()
+                && plan.hint.is_none();
+            if usable {
+                let values: Vec<Option<&[u8]>> = stripped.literals.iter().map(|l| Some(l.as_slice())).collect();
+                let params = crate::router::Params { values: &values, formats: &[] };
+                return self.run_statement(text, &plan, &params, None).await;
+            }
+        }
         let plan = self.app.plans.plan(text, &self.map);
         if plan.statements == 0 {
             messages::empty_message(&mut self.out, b'I');
