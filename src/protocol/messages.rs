@@ -12,7 +12,7 @@ pub const GSSENC_REQUEST: i32 = 80877104;
 pub const CANCEL_REQUEST: i32 = 80877102;
 
 /// Starts a typed message; returns the offset of its length field for `finish`.
-fn begin(out: &mut BytesMut, tag: u8) -> usize {
+pub(crate) fn begin(out: &mut BytesMut, tag: u8) -> usize {
     out.put_u8(tag);
     let at = out.len();
     out.put_i32(0);
@@ -20,7 +20,7 @@ fn begin(out: &mut BytesMut, tag: u8) -> usize {
 }
 
 /// Writes the length of a message started with `begin`.
-fn finish(out: &mut BytesMut, at: usize) {
+pub(crate) fn finish(out: &mut BytesMut, at: usize) {
     let len = (out.len() - at) as i32;
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }

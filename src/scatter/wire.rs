@@ -4,6 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::merge::MergeError;
 use crate::protocol::Cursor;
+use crate::protocol::messages::{begin, finish};
 
 /// One field descriptor of a RowDescription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +58,7 @@ pub fn put_row_description(out: &mut BytesMut, fields: &[Field]) {
         out.put_i32(f.typmod);
         out.put_i16(f.format);
     }
-    end(out, at);
+    finish(out, at);
 }
 
 /// A DataRow kept whole, with the position of each column value inside it.
@@ -110,7 +111,7 @@ impl Row {
         let at = begin(&mut out, b'D');
         out.put_i16(keep as i16);
         out.put_slice(&self.msg[7..body_end]);
-        end(&mut out, at);
+        finish(&mut out, at);
         out.freeze()
     }
 
@@ -140,7 +141,7 @@ pub fn put_data_row<'a>(out: &mut BytesMut, values: impl ExactSizeIterator<Item 
             None => out.put_i32(-1),
         }
     }
-    end(out, at);
+    finish(out, at);
 }
 
 /// Appends a CommandComplete.
@@ -148,17 +149,5 @@ pub fn put_command_complete(out: &mut BytesMut, tag: &[u8]) {
     let at = begin(out, b'C');
     out.put_slice(tag);
     out.put_u8(0);
-    end(out, at);
-}
-
-fn begin(out: &mut BytesMut, tag: u8) -> usize {
-    out.put_u8(tag);
-    let at = out.len();
-    out.put_i32(0);
-    at
-}
-
-fn end(out: &mut BytesMut, at: usize) {
-    let len = (out.len() - at) as i32;
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    finish(out, at);
 }

@@ -109,10 +109,34 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 
     /// Sends `sql` (or the batch segment) to `shards` and answers the client from their
     /// responses: forwarded when there is one shard, merged otherwise.
-    async fn exchange(&mut self, shards: &[usize], sql: &str, mut merger: Option<Merger>, writes: bool, batch: Option<&Batch>) -> Result<(), Failure> {
-        let mut readers = Vec::with_capacity(shards.len());
+    async fn exchange(&mut self, shards: &[usize], sql: &str, merger: Option<Merger>, writes: bool, batch: Option<&Batch>) -> Result<(), Failure> {
+        // Every connection first: nothing is sent unless every shard can take it.
         for &s in shards {
             self.conn(s).await?;
+        }
+        let mut readers = Vec::with_capacity(shards.len());
+        let r = self.exchange_io(shards, sql, merger, writes, batch, &mut readers).await;
+        if r.is_err() {
+            // A connection whose response was not read to its end cannot serve anyone again.
+            for &s in shards {
+                if !readers.iter().any(|x: &Reader| x.shard == s && x.done) {
+                    self.drop_conn(s, false);
+                }
+            }
+        }
+        r
+    }
+
+    async fn exchange_io(
+        &mut self,
+        shards: &[usize],
+        sql: &str,
+        mut merger: Option<Merger>,
+        writes: bool,
+        batch: Option<&Batch>,
+        readers: &mut Vec<Reader>,
+    ) -> Result<(), Failure> {
+        for &s in shards {
             let mut payload = BytesMut::new();
             let mut flags = VecDeque::new();
             match batch {
@@ -195,7 +219,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             }
         }
         let errored = readers.iter().any(|r| r.error) || merge_failed.is_some();
-        for r in &readers {
+        for r in readers.iter() {
             if r.error && batch.is_some() {
                 // Statements this batch prepared may not exist after the error: forget them all.
                 self.forget_statements(r.shard).await;
