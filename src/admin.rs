@@ -2,6 +2,7 @@
 //! commands with PgBouncer's column names where one exists.
 
 use crate::app::{client_state, App};
+use crate::health::NodeState;
 use crate::config::{split_host_port, PoolMode};
 use crate::frontend::ClientIo;
 use crate::protocol::messages::{self, Severity};
@@ -320,16 +321,33 @@ fn show_route(app: &App, stmt: &str) -> Table {
 }
 
 async fn show_shards(app: &App) -> Table {
-    let cfg = app.config.load_full();
-    let mut t = Table::new(&["shard", "role", "host", "port", "health"]);
-    for (i, s) in cfg.shards.iter().enumerate() {
-        let nodes = std::iter::once(("primary", &s.primary)).chain(s.replicas.iter().map(|r| ("replica", r)));
-        for (role, addr) in nodes {
-            let Some((host, port)) = split_host_port(addr) else { continue };
-            let up = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect((host.as_str(), port)))
-                .await
-                .is_ok_and(|r| r.is_ok());
-            t.row(vec![i.to_string(), role.into(), host, port.to_string(), if up { "up" } else { "down" }.into()]);
+    let health = app.health.load_full();
+    let mut t = Table::new(&["shard", "role", "host", "port", "health", "state", "writer", "lsn", "lag_ms"]);
+    for (i, s) in health.shards.iter().enumerate() {
+        let writer = health.writer(i);
+        for (n, node) in s.nodes.iter().enumerate() {
+            let Some((host, port)) = split_host_port(&node.addr) else { continue };
+            let state = node.state();
+            // Without replicas nothing checks the servers: probe them now.
+            let up = match state {
+                NodeState::Unknown => tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect((host.as_str(), port)))
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                NodeState::Down => false,
+                _ => true,
+            };
+            let lsn = node.lsn();
+            t.row(vec![
+                i.to_string(),
+                if n == 0 { "primary" } else { "replica" }.into(),
+                host,
+                port.to_string(),
+                if up { "up" } else { "down" }.into(),
+                state.name().into(),
+                (n == writer).to_string(),
+                if lsn == 0 { String::new() } else { format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff) },
+                node.lag_us().map(|l| (l / 1000).to_string()).unwrap_or_default(),
+            ]);
         }
     }
     t

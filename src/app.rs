@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::router::PlanCache;
 use crate::shardmap::ShardMap;
 use crate::twophase::TwoPhase;
+use crate::health::Health;
 
 /// A client's credentials, prepared once per config load.
 pub struct UserAuth {
@@ -118,6 +119,8 @@ pub struct PoolKey {
     pub database: String,
     pub user: String,
     pub shard: usize,
+    /// Server of the shard: 0 is the configured primary, then its replicas in order.
+    pub node: usize,
 }
 
 /// The whole router's shared state.
@@ -141,6 +144,8 @@ pub struct App {
     pub plans: PlanCache,
     /// Two-phase commit ids and decision log.
     pub twophase: TwoPhase,
+    /// Roles, health and lag of every server; replaced when the servers change.
+    pub health: ArcSwap<Health>,
 }
 
 impl App {
@@ -164,6 +169,7 @@ impl App {
             shardmap: ArcSwap::from_pointee(map),
             plans: PlanCache::new(10_000),
             twophase: TwoPhase::open(&config.general.router_id, config.general.decision_log.clone().into()),
+            health: ArcSwap::from_pointee(Health::new(&config.shards)),
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             pools: RwLock::new(HashMap::new()),
@@ -188,26 +194,28 @@ impl App {
         self.users.load().get(user).cloned()
     }
 
-    /// The pool for (database, user, shard), created on first use.
+    /// The pool for (database, user) on the server of `shard` that takes writes now.
     pub fn pool(&self, database: &str, user: &str, shard: usize) -> Option<Arc<Pool>> {
-        let key = PoolKey { database: database.into(), user: user.into(), shard };
+        let node = self.health.load().writer(shard);
+        self.node_pool(database, user, shard, node)
+    }
+
+    /// The pool for (database, user) on server `node` of `shard`, created on first use.
+    pub fn node_pool(&self, database: &str, user: &str, shard: usize, node: usize) -> Option<Arc<Pool>> {
+        let key = PoolKey { database: database.into(), user: user.into(), shard, node };
         if let Some(p) = self.pools.read().get(&key) {
             return Some(p.clone());
         }
         let cfg = self.config.load();
         let db = cfg.database(database)?;
         let u = cfg.user(user)?;
-        let (host, port) = split_host_port(&cfg.shards.get(shard)?.primary)?;
-        let password = u.server_password.clone().or_else(|| match Secret::parse(&u.password) {
-            Ok(Secret::Plain(p)) => Some(p),
-            _ => None,
-        });
+        let (host, port) = split_host_port(server_addr(&cfg, shard, node)?)?;
         let connect = ConnectParams {
             host,
             port,
             user: user.into(),
             database: db.server_database.clone().unwrap_or_else(|| db.name.clone()),
-            password,
+            password: server_password(u),
             connect_timeout: cfg.general.server_connect_timeout,
             max_message_size: cfg.general.max_message_size,
         };
@@ -215,8 +223,21 @@ impl App {
         let mut pools = self.pools.write();
         let p = pools
             .entry(key)
-            .or_insert_with(|| Arc::new(Pool::new(database.into(), user.into(), shard, connect, settings)));
+            .or_insert_with(|| Arc::new(Pool::new(database.into(), user.into(), shard, node, connect, settings)));
         Some(p.clone())
+    }
+
+    /// Every server's pool for (database, user, shard), indexed by server.
+    pub fn shard_pools(&self, database: &str, user: &str, shard: usize) -> Option<Vec<Arc<Pool>>> {
+        let n = self.config.load().shards.get(shard)?.replicas.len() + 1;
+        (0..n).map(|node| self.node_pool(database, user, shard, node)).collect()
+    }
+
+    /// Drops the idle connections to one server (it stopped taking writes).
+    pub fn close_idle_on(&self, shard: usize, node: usize) {
+        for p in self.pools.read().values().filter(|p| p.shard == shard && p.node == node) {
+            p.close_idle();
+        }
     }
 
     /// All pools (admin console, maintenance).
@@ -232,9 +253,12 @@ impl App {
         if let Ok(map) = ShardMap::build(&config.sharding, config.shards.len(), version) {
             self.shardmap.store(Arc::new(map));
         }
+        if !self.health.load().same_servers(&config.shards) {
+            self.health.store(Arc::new(Health::new(&config.shards)));
+        }
         let mut pools = self.pools.write();
         pools.retain(|k, p| {
-            let target = config.shards.get(k.shard).and_then(|s| split_host_port(&s.primary));
+            let target = server_addr(&config, k.shard, k.node).and_then(split_host_port);
             let same = target == Some((p.connect.host.clone(), p.connect.port))
                 && config.database(&k.database).is_some()
                 && config.user(&k.user).is_some();
@@ -248,6 +272,25 @@ impl App {
         drop(pools);
         self.config.store(Arc::new(config));
     }
+}
+
+/// `host:port` of server `node` of `shard`: 0 is the primary, then the replicas.
+fn server_addr(cfg: &Config, shard: usize, node: usize) -> Option<&str> {
+    let s = cfg.shards.get(shard)?;
+    if node == 0 {
+        Some(&s.primary)
+    } else {
+        s.replicas.get(node - 1).map(String::as_str)
+    }
+}
+
+/// The password pgshard logs into servers with as `u`: its server_password, else its password
+/// when that is plaintext (a verifier or hash cannot log in).
+pub fn server_password(u: &crate::config::User) -> Option<String> {
+    u.server_password.clone().or_else(|| match Secret::parse(&u.password) {
+        Ok(Secret::Plain(p)) => Some(p),
+        _ => None,
+    })
 }
 
 fn build_users(config: &Config) -> HashMap<String, Arc<UserAuth>> {

@@ -51,6 +51,8 @@ pub struct Config {
     pub shards: Vec<Shard>,
     #[serde(default)]
     pub sharding: crate::shardmap::config::ShardingConfig,
+    #[serde(default)]
+    pub replicas: crate::health::config::ReplicaConfig,
 }
 
 /// Process-wide settings, named after PgBouncer's where one exists.
@@ -148,6 +150,9 @@ pub struct Database {
     /// Spread over every shard by `[sharding]`; otherwise everything goes to shard 0.
     #[serde(default)]
     pub sharded: bool,
+    /// Overrides `[replicas] reads` for this database.
+    #[serde(default)]
+    pub replica_reads: Option<bool>,
 }
 
 /// One shard: a primary and its replicas, as `host:port`.
@@ -281,6 +286,14 @@ impl Config {
         }
         if g.router_id.is_empty() || !g.router_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return bad(format!("general.router_id '{}' must be letters and digits only", g.router_id));
+        }
+        if let Some(u) = &self.replicas.check_user {
+            if self.user(u).is_none() {
+                return bad(format!("replicas.check_user: '{u}' is not declared in [[users]]"));
+            }
+        }
+        if self.replicas.check_interval.is_zero() || self.replicas.check_timeout.is_zero() {
+            return bad("replicas.check_interval and replicas.check_timeout must be above 0".into());
         }
         crate::shardmap::ShardMap::build(&self.sharding, self.shards.len(), 0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;

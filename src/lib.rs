@@ -7,6 +7,7 @@ pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod health;
 pub mod metrics;
 pub mod params;
 pub mod pghash;

@@ -59,6 +59,8 @@ pub struct Pool {
     pub database: String,
     pub user: String,
     pub shard: usize,
+    /// Server of the shard (0 = configured primary).
+    pub node: usize,
     pub connect: ConnectParams,
     settings: Mutex<PoolSettings>,
     sem: Arc<Semaphore>,
@@ -86,7 +88,7 @@ pub struct Checkout {
 
 impl Pool {
     /// A new, empty pool.
-    pub fn new(database: String, user: String, shard: usize, connect: ConnectParams, settings: PoolSettings) -> Pool {
+    pub fn new(database: String, user: String, shard: usize, node: usize, connect: ConnectParams, settings: PoolSettings) -> Pool {
         let metrics = crate::metrics::Metrics::global().pool(&database, &user, &connect.addr());
         Pool {
             sem: Arc::new(Semaphore::new(settings.size)),
@@ -95,6 +97,7 @@ impl Pool {
             database,
             user,
             shard,
+            node,
             connect,
             idle: Mutex::new(Vec::new()),
             waiters: Mutex::new(BTreeMap::new()),

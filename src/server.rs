@@ -39,6 +39,9 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, St
     }
     tracing::info!(listen = %g.listen, "pgshard listening");
     tokio::spawn(crate::frontend::serve(app.clone(), listener, tls));
+    if app.config.load().shards.iter().any(|s| !s.replicas.is_empty()) {
+        crate::health::monitor::spawn(app.clone());
+    }
     let maint = app.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -319,7 +319,7 @@ async fn run_pooled<S: ClientIo>(app: Arc<App>, s: S, rbuf: FrameBuf, info: Arc<
     let (r, w) = s.into_halves();
     if sharded::is_sharded(&app, &info.database) {
         let shards = app.config.load().shards.len();
-        let pools: Option<Vec<_>> = (0..shards).map(|i| app.pool(&info.database, &info.user, i)).collect();
+        let pools: Option<Vec<_>> = (0..shards).map(|i| app.shard_pools(&info.database, &info.user, i)).collect();
         let Some(pools) = pools else { return };
         Box::new(sharded::ShardedSession::new(app, info, pools, r, w, rbuf, startup)).run().await;
         return;

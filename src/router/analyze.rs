@@ -217,7 +217,7 @@ fn ddl(transactional: bool, names: &[&ObjectName], map: &ShardMap) -> Plan {
 fn select(q: &Query, map: &ShardMap) -> Plan {
     let mut w = Walker::new(map);
     w.query(q);
-    let write = !q.locks.is_empty() || w.modifying_cte;
+    let write = !q.locks.is_empty() || w.modifying_cte || w.writing_function;
     let (mut route, mut problems) = w.decide(write, None);
     let mut plan = plan_of(if write { Kind::Write } else { Kind::Read }, Route::Any, w.tables());
     if matches!(route, Route::Keys { .. } | Route::AllShards) {

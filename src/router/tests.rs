@@ -258,6 +258,11 @@ fn reference_unknown_and_catalog_tables() {
     assert_eq!(analyze("SELECT * FROM information_schema.tables", &m).route, Route::Any);
     assert_eq!(analyze("SELECT 1", &m).route, Route::Any);
     assert_eq!(analyze("SELECT now()", &m).kind, Kind::Read);
+    // Functions a read-only replica would refuse make the SELECT a write (primary only).
+    for sql in ["SELECT nextval('s')", "SELECT pg_advisory_lock(1)", "SELECT 1 WHERE pg_try_advisory_xact_lock(2)", "SELECT x FROM (SELECT setval('s', 3) AS x) t"] {
+        assert_eq!(analyze(sql, &m).kind, Kind::Write, "{sql}");
+    }
+    assert_eq!(analyze("SELECT currval('s'), lower('X')", &m).kind, Kind::Read);
     let d = map_with("unknown_tables = \"default_shard\"\ndefault_shard = 2", 1);
     let p = analyze("SELECT * FROM mystery WHERE id = 1", &d);
     assert_eq!(p.route, Route::DefaultShard);

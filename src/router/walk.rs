@@ -42,6 +42,9 @@ pub(super) struct Walker<'m> {
     pub depth: usize,
     pub modifying_cte: bool,
     pub set_operation: bool,
+    /// Calls a built-in function that writes or takes locks (nextval, advisory locks, …): the
+    /// statement is a write even as a SELECT, so it never goes to a replica.
+    pub writing_function: bool,
 }
 
 impl<'m> Walker<'m> {
@@ -58,6 +61,7 @@ impl<'m> Walker<'m> {
             depth: 0,
             modifying_cte: false,
             set_operation: false,
+            writing_function: false,
         }
     }
 
@@ -408,6 +412,9 @@ impl<'m> Walker<'m> {
                 self.expr(pattern);
             }
             Expr::Function(f) => {
+                if let Some(name) = f.name.0.last().and_then(|p| p.as_ident()) {
+                    self.writing_function |= is_writing_function(&name.value);
+                }
                 match &f.args {
                     FunctionArguments::List(l) => l.args.iter().for_each(|a| self.function_arg(a)),
                     FunctionArguments::Subquery(q) => self.query(q),
@@ -454,4 +461,20 @@ pub(super) fn is_catalog(name: &str) -> bool {
         Some(s) => s == "pg_catalog" || s == "information_schema" || (s.starts_with("pg_") && table.starts_with("pg_")),
         None => table.starts_with("pg_"),
     }
+}
+
+/// Built-in functions that change data or state, or wait on locks: a read-only replica would
+/// refuse them (25006), so statements calling them run on the primary.
+fn is_writing_function(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "nextval", "setval", "pg_notify", "set_config", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
+        "lo_unlink", "lo_from_bytea", "lo_put", "pg_switch_wal", "pg_create_restore_point", "pg_reload_conf",
+        "pg_terminate_backend", "pg_cancel_backend", "pg_drop_replication_slot", "pg_replication_origin_create",
+        "dblink_exec",
+    ];
+    let n = name.to_ascii_lowercase();
+    EXACT.contains(&n.as_str())
+        || n.starts_with("pg_advisory")
+        || n.starts_with("pg_try_advisory")
+        || n.starts_with("pg_create_") && n.ends_with("_slot")
 }

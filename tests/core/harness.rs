@@ -20,6 +20,20 @@ impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
     }
 }
 
+/// Test context for driver errors, with the server's message and SQLSTATE.
+pub trait PgContext<T> {
+    fn pgx(self, what: &str) -> Result<T, String>;
+}
+impl<T> PgContext<T> for Result<T, tokio_postgres::Error> {
+    fn pgx(self, what: &str) -> Result<T, String> {
+        self.map_err(|e| match e.as_db_error() {
+            Some(d) => format!("{what}: {} ({})", d.message(), d.code().code()),
+            None => format!("{what}: {e:?}"),
+        })
+    }
+}
+
+
 /// Fails the test with a message unless `cond`.
 #[macro_export]
 macro_rules! ensure {
@@ -192,12 +206,17 @@ impl Harness {
 
     /// Starts another router with extra settings; it is killed when the handle drops.
     pub fn spawn_router(&self, general: &str, more: &str) -> Result<Router, String> {
+        self.spawn_with(|port, metrics_port| self.config(port, metrics_port, general, more))
+    }
+
+    /// Starts a router whose whole config `config(port, metrics_port)` writes.
+    pub fn spawn_with(&self, config: impl FnOnce(u16, u16) -> String) -> Result<Router, String> {
         let n = self.next_router.fetch_add(1, Ordering::Relaxed);
         let port = free_port();
         let metrics_port = free_port();
         let config_path = self.dir.join(format!("router{n}.toml"));
         let log_path = self.dir.join(format!("router{n}.log"));
-        std::fs::write(&config_path, self.config(port, metrics_port, general, more)).ctx("write config")?;
+        std::fs::write(&config_path, config(port, metrics_port)).ctx("write config")?;
         let log = std::fs::File::create(&log_path).ctx("log file")?;
         let child = Command::new(env!("CARGO_BIN_EXE_pgshard"))
             .arg("--config")
@@ -265,7 +284,7 @@ pub async fn connect_port(port: u16, user: &str, password: &str, db: &str, extra
 
 /// The first column of the first row of a simple query ("" when it returns no rows).
 pub async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
-    let rows = c.simple_query(sql).await.map_err(|e| format!("{sql}: {e}"))?;
+    let rows = c.simple_query(sql).await.pgx(sql)?;
     Ok(rows
         .iter()
         .find_map(|m| match m {

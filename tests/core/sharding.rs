@@ -3,22 +3,9 @@
 //! two-phase commit and its recovery, and pgbench's TPC-B invariant across shards.
 
 use crate::ensure;
-use crate::harness::{block_on, connect_port, first_value as one, sqlstate, Context, Harness, Router, TestResult, APP_PW};
+use crate::harness::{block_on, connect_port, first_value as one, sqlstate, Context, Harness, PgContext, Router, TestResult, APP_PW};
 use crate::trial;
 use libtest_mimic::Trial;
-
-/// Test context for driver errors, with the server's message and SQLSTATE.
-trait PgContext<T> {
-    fn pgx(self, what: &str) -> Result<T, String>;
-}
-impl<T> PgContext<T> for Result<T, tokio_postgres::Error> {
-    fn pgx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| match e.as_db_error() {
-            Some(d) => format!("{what}: {} ({})", d.message(), d.code().code()),
-            None => format!("{what}: {e:?}"),
-        })
-    }
-}
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -33,7 +20,7 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-const SHARDING: &str = r#"
+pub(crate) const SHARDING: &str = r#"
 [sharding]
 unknown_tables = "refuse"
 
@@ -132,7 +119,7 @@ fn router(h: &Harness) -> &Router {
 }
 
 /// The shard a bigint key of the `ids` distribution belongs to (2 shards, 4096 buckets).
-fn shard_of(id: i64) -> usize {
+pub(crate) fn shard_of(id: i64) -> usize {
     let b = pgshard::pghash::bucket(&pgshard::pghash::KeyValue::Int(id), 4096).unwrap() as usize;
     b * 2 / 4096
 }
@@ -408,6 +395,9 @@ fn pgbench_invariant(h: &Harness) -> TestResult {
     ensure!(o.status.success(), "pgbench -M prepared: {}", String::from_utf8_lossy(&o.stderr));
     block_on(async move {
         let c = connect_port(port, "app", APP_PW, "bench", "").await?;
+        // A read-write transaction reads the primaries: replicas may not have replayed pgbench's
+        // last commits, made by other sessions.
+        c.batch_execute("BEGIN").await.pgx("begin")?;
         let a = one(&c, "SELECT sum(abalance) FROM pgbench_accounts").await?;
         let t = one(&c, "SELECT sum(tbalance) FROM pgbench_tellers").await?;
         let b = one(&c, "SELECT sum(bbalance) FROM pgbench_branches").await?;

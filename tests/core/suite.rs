@@ -6,6 +6,7 @@ mod harness;
 mod ops;
 mod pooling;
 mod protocol;
+mod replicas;
 mod sharding;
 
 use harness::{Harness, TestResult};
@@ -32,6 +33,7 @@ fn main() {
     trials.extend(protocol::trials());
     trials.extend(ops::trials());
     trials.extend(sharding::trials());
+    trials.extend(replicas::trials());
     if args.list {
         libtest_mimic::run(&args, trials).exit();
     }

@@ -376,6 +376,7 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                 break;
             }
         }
+        self.follow_writer();
         self.info.state.store(client_state::WAITING, Ordering::Relaxed);
         let co = self.pool.checkout().await;
         self.info.state.store(client_state::ACTIVE, Ordering::Relaxed);
@@ -387,6 +388,19 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             return Err((code, m));
         }
         Ok(())
+    }
+
+    /// After a failover, the next transaction goes to the promoted server's pool.
+    fn follow_writer(&mut self) {
+        let writer = self.app.health.load().writer(self.pool.shard);
+        if writer == self.pool.node {
+            return;
+        }
+        if let Some(p) = self.app.node_pool(&self.info.database, &self.info.user, self.pool.shard, writer) {
+            self.pool.metrics.clients_active.dec();
+            p.metrics.clients_active.inc();
+            self.pool = p;
+        }
     }
 
     /// Makes the attached server's settings equal to the client's.

@@ -68,8 +68,14 @@ impl From<Refusal> for Failure {
 pub struct ShardedSession<R, W> {
     app: Arc<App>,
     info: Arc<ClientInfo>,
-    /// Primary pool of each shard.
-    pools: Vec<Arc<Pool>>,
+    /// Pools of each shard's servers: `pools[shard][node]`, node 0 the configured primary.
+    pools: Vec<Vec<Arc<Pool>>>,
+    /// Where reads may go, refreshed with the shard map.
+    reads: ReadPolicy,
+    /// The statement being run may go to a replica.
+    replica_ok: bool,
+    /// The statement being run writes.
+    stmt_writes: bool,
     map: Arc<ShardMap>,
     max_msg: usize,
     cr: R,
@@ -78,6 +84,13 @@ pub struct ShardedSession<R, W> {
     out: BytesMut,
     /// Server connection per shard, held while a transaction (or a COPY) needs it.
     conns: Vec<Option<Checkout>>,
+    /// Server of the shard each held connection is to.
+    conn_node: Vec<usize>,
+    /// A write reached the shard through the held connection: its release sets a read fence.
+    fence_pending: Vec<bool>,
+    /// Per shard: this client's reads need replicas holding what it committed up to then
+    /// (µs on the health clock; 0 = no write yet).
+    read_fence: Vec<u64>,
     tx: TxState,
     params: SessionParams,
     startup_params: SessionParams,
@@ -91,7 +104,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     pub fn new(
         app: Arc<App>,
         info: Arc<ClientInfo>,
-        pools: Vec<Arc<Pool>>,
+        pools: Vec<Vec<Arc<Pool>>>,
         cr: R,
         cw: W,
         cbuf: FrameBuf,
@@ -99,11 +112,19 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     ) -> Self {
         let max_msg = app.config.load().general.max_message_size;
         let map = app.shardmap.load_full();
-        let conns = (0..pools.len()).map(|_| None).collect();
+        let n = pools.len();
+        let conns = (0..n).map(|_| None).collect();
+        let reads = ReadPolicy::of(&app, &info.database);
         ShardedSession {
             app,
             info,
             pools,
+            reads,
+            replica_ok: false,
+            stmt_writes: false,
+            conn_node: vec![0; n],
+            fence_pending: vec![false; n],
+            read_fence: vec![0; n],
             map,
             max_msg,
             cr,
@@ -230,7 +251,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Ok(()) => {}
             Err(Failure::End(end)) => return Err(end),
             Err(Failure::Refused(f)) => {
-                self.pools[0].metrics.errors.inc();
+                self.pools[0][0].metrics.errors.inc();
                 messages::error_response(&mut self.out, Severity::Error, &f.code, &f.message, None);
                 self.tx.fail();
             }
@@ -301,6 +322,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let current = self.app.shardmap.load();
             if current.version != self.map.version {
                 self.map = current.clone();
+                self.reads = ReadPolicy::of(&self.app, &self.info.database);
             }
         }
     }
@@ -321,6 +343,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             )
             .into());
         }
+        self.stmt_writes = !matches!(plan.kind, Kind::Read | Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session);
+        self.replica_ok = self.reads.replicas
+            && if self.tx.active() { self.tx.read_only() } else { matches!(plan.kind, Kind::Read) && plan.hint.is_none() };
         match &plan.kind {
             Kind::Begin { read_only } => return self.begin(text, *read_only, batch).await,
             Kind::Commit => return self.commit(true).await,
@@ -399,6 +424,23 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         if self.tx.active() || self.conns.iter().any(Option::is_some) {
             let _ = self.rollback_all().await;
         }
+    }
+}
+
+/// Where a sharded database's reads may go, from `[replicas]` and the database's override.
+#[derive(Debug, Clone, Copy)]
+struct ReadPolicy {
+    replicas: bool,
+    read_your_writes: bool,
+    max_lag_us: u64,
+}
+
+impl ReadPolicy {
+    fn of(app: &App, database: &str) -> ReadPolicy {
+        let cfg = app.config.load();
+        let r = &cfg.replicas;
+        let replicas = cfg.database(database).and_then(|d| d.replica_reads).unwrap_or(r.reads);
+        ReadPolicy { replicas, read_your_writes: r.read_your_writes, max_lag_us: r.max_lag.as_micros() as u64 }
     }
 }
 

@@ -12,6 +12,8 @@ pub struct TxState {
     /// Inside a transaction block (explicit BEGIN, or pgshard's implicit one).
     open: bool,
     explicit: bool,
+    /// BEGIN READ ONLY (or ISOLATION … READ ONLY): may run on replicas.
+    read_only: bool,
     failed: bool,
     /// The client's BEGIN text, replayed on each shard the transaction reaches.
     begin_sql: String,
@@ -27,6 +29,11 @@ impl TxState {
     /// True inside a transaction block.
     pub fn active(&self) -> bool {
         self.open
+    }
+
+    /// True in a READ ONLY transaction.
+    pub fn read_only(&self) -> bool {
+        self.open && self.read_only
     }
 
     /// True once a statement of the transaction failed.
@@ -97,9 +104,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// with the client's settings applied and, inside a transaction, BEGIN sent.
     pub(super) async fn conn(&mut self, shard: usize) -> Result<&mut crate::pool::Checkout, Failure> {
         if self.conns[shard].is_none() {
-            let co = self.pools[shard].checkout().await.map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
+            let (node, co) = self.checkout(shard).await?;
             self.conns[shard] = Some(co);
+            self.conn_node[shard] = node;
         }
+        self.fence_pending[shard] |= self.stmt_writes;
         let max = self.max_msg;
         let co = self.conns[shard].as_mut().expect("just set");
         if let Some(sql) = co.conn.params.diff_sql(&self.params) {
@@ -124,11 +133,46 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         Ok(self.conns[shard].as_mut().expect("held"))
     }
 
-    /// Returns (clean) or discards a held connection.
+    /// A connection to a replica of `shard` when the statement may read there and one is fit
+    /// (up, within max_lag, past this client's last commit on the shard); else to the writer.
+    async fn checkout(&mut self, shard: usize) -> Result<(usize, crate::pool::Checkout), Failure> {
+        let health = self.app.health.load();
+        let nodes = self.pools[shard].len();
+        let writer = health.writer(shard).min(nodes - 1);
+        if self.replica_ok {
+            let fence_us = if self.reads.read_your_writes { self.read_fence[shard] } else { 0 };
+            let needs = crate::health::ReadNeeds { max_lag_us: self.reads.max_lag_us, fence_us };
+            if let Some(node) = health.reader(shard, needs).filter(|&n| n < nodes) {
+                match self.pools[shard][node].checkout().await {
+                    Ok(co) => {
+                        busy(&health, shard, node, 1);
+                        return Ok((node, co));
+                    }
+                    Err(crate::pool::PoolError::Connect(e)) => {
+                        tracing::warn!(shard, server = %self.pools[shard][node].connect.addr(), error = %e, "replica unreachable: reading from the primary");
+                        health.mark_down(shard, node);
+                    }
+                    Err(e) => return Err(Refusal::new(e.sqlstate(), e.to_string()).into()),
+                }
+            }
+        }
+        let co = self.pools[shard][writer].checkout().await.map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
+        busy(&health, shard, writer, 1);
+        Ok((writer, co))
+    }
+
+    /// Returns (clean) or discards a held connection. Releasing one that carried a write
+    /// starts this client's read fence on the shard: the write has committed (or failed) by now.
     pub(super) fn drop_conn(&mut self, shard: usize, clean: bool) {
         if let Some(co) = self.conns[shard].take() {
+            let node = self.conn_node[shard];
             let ok = clean && co.conn.tx_status == b'I' && co.conn.rbuf.is_empty();
-            self.pools[shard].checkin(co, ok);
+            self.pools[shard][node].checkin(co, ok);
+            let health = self.app.health.load();
+            busy(&health, shard, node, -1);
+            if std::mem::take(&mut self.fence_pending[shard]) {
+                self.read_fence[shard] = health.now_us();
+            }
         }
     }
 
@@ -143,12 +187,18 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 
     /// BEGIN: nothing is sent until a statement reaches a shard.
-    pub(super) async fn begin(&mut self, text: &str, _read_only: bool, batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn begin(&mut self, text: &str, read_only: bool, batch: Option<&Batch>) -> Result<(), Failure> {
         if self.tx.open && self.tx.explicit {
             messages::notice_response(&mut self.out, "25001", "there is already a transaction in progress");
         } else {
             // An extended-protocol BEGIN may carry parameters-free text only; replayed as is.
-            self.tx = TxState { open: true, explicit: true, begin_sql: text.trim().trim_end_matches(';').to_string(), ..TxState::default() };
+            self.tx = TxState {
+                open: true,
+                explicit: true,
+                read_only,
+                begin_sql: text.trim().trim_end_matches(';').to_string(),
+                ..TxState::default()
+            };
         }
         self.complete_synthetic(batch, "BEGIN");
         Ok(())
@@ -315,5 +365,16 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             b.synthetic_prefix(&mut self.out);
         }
         messages::command_complete(&mut self.out, tag);
+    }
+}
+
+/// Counts a connection lent from (+1) or returned to (-1) a server, for least-busy reads.
+fn busy(health: &crate::health::Health, shard: usize, node: usize, delta: isize) {
+    if let Some(n) = health.shards.get(shard).and_then(|s| s.nodes.get(node)) {
+        if delta > 0 {
+            n.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            let _ = n.busy.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |b| b.checked_sub(1));
+        }
     }
 }
