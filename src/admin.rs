@@ -165,7 +165,7 @@ fn mode_name(m: PoolMode) -> &'static str {
 fn show_pools(app: &App) -> Table {
     let mut t = Table::new(&[
         "database", "user", "shard", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login",
-        "maxwait", "maxwait_us", "pool_mode",
+        "maxwait", "maxwait_us", "pool_mode", "server",
     ]);
     for p in app.pools() {
         let s = p.snapshot();
@@ -183,6 +183,7 @@ fn show_pools(app: &App) -> Table {
             s.maxwait.as_secs().to_string(),
             s.maxwait.subsec_micros().to_string(),
             mode_name(s.mode).into(),
+            p.connect.addr(),
         ]);
     }
     t
