@@ -146,6 +146,8 @@ pub struct App {
     pub twophase: TwoPhase,
     /// Roles, health and lag of every server; replaced when the servers change.
     pub health: ArcSwap<Health>,
+    /// The link to the catalog, when the map comes from one.
+    pub catalog: crate::catalog::follow::CatalogState,
 }
 
 impl App {
@@ -170,6 +172,7 @@ impl App {
             plans: PlanCache::new(10_000),
             twophase: TwoPhase::open(&config.general.router_id, config.general.decision_log.clone().into()),
             health: ArcSwap::from_pointee(Health::new(&config.shards)),
+            catalog: Default::default(),
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             pools: RwLock::new(HashMap::new()),
@@ -249,9 +252,12 @@ impl App {
     /// Pools whose server address changed are dropped so new connections go to the new one.
     pub fn reload(&self, config: Config) {
         self.users.store(Arc::new(build_users(&config)));
-        let version = self.shardmap.load().version + 1;
-        if let Ok(map) = ShardMap::build(&config.sharding, config.shards.len(), version) {
-            self.shardmap.store(Arc::new(map));
+        // A catalog-following router takes its map from the catalog only.
+        if !self.catalog.active.load(std::sync::atomic::Ordering::Acquire) {
+            let version = self.shardmap.load().version + 1;
+            if let Ok(map) = ShardMap::build(&config.sharding, config.shards.len(), version) {
+                self.shardmap.store(Arc::new(map));
+            }
         }
         if !self.health.load().same_servers(&config.shards) {
             self.health.store(Arc::new(Health::new(&config.shards)));

@@ -194,6 +194,13 @@ impl ServerConn {
         }
     }
 
+    /// True when an idle server has sent nothing: readable means a FATAL (shutdown, terminate)
+    /// or a closed socket, so the connection is gone even though no query has failed yet.
+    pub fn quiet(&self) -> bool {
+        let mut probe = [0u8; 64];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     /// Reads one whole message (control-plane use: login, resets, health checks).
     pub async fn read_frame(&mut self, max: usize) -> Result<Frame, BackendError> {
         loop {

@@ -53,6 +53,9 @@ pub struct Config {
     pub sharding: crate::shardmap::config::ShardingConfig,
     #[serde(default)]
     pub replicas: crate::health::config::ReplicaConfig,
+    /// Shared shard map for several routers (and rebalancing); without it the map is `[sharding]`.
+    #[serde(default)]
+    pub catalog: Option<crate::catalog::CatalogConfig>,
 }
 
 /// Process-wide settings, named after PgBouncer's where one exists.

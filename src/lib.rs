@@ -4,6 +4,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backend;
+pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod frontend;

@@ -162,7 +162,9 @@ impl Pool {
             match candidate {
                 Some(mut c) => {
                     self.metrics.servers_idle.dec();
-                    if c.created.elapsed() >= settings.lifetime {
+                    // One non-blocking read: a server that was shut down or terminated this
+                    // backend has already said so, and a client's statement must not find out.
+                    if c.created.elapsed() >= settings.lifetime || !c.quiet() {
                         self.closed();
                         continue;
                     }
@@ -264,9 +266,7 @@ impl Pool {
             idle.retain(|c| {
                 // An idle server has nothing to say: readable means it sent a FATAL (e.g. it was
                 // terminated) or closed. Dropping it now keeps clients from finding out first.
-                let mut probe = [0u8; 64];
-                let alive = matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-                if !alive {
+                if !c.quiet() {
                     return false;
                 }
                 let young = c.created.elapsed() < s.lifetime;

@@ -15,6 +15,8 @@ pub enum StartError {
     Metrics { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
 }
 
 /// Binds the listener and spawns the accept loop and background tasks; returns the state.
@@ -24,13 +26,17 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, St
         (Some(c), Some(k)) => Some(crate::tls::acceptor(c, k)?),
         _ => None,
     };
-    let listener =
-        tokio::net::TcpListener::bind(g.listen).await.map_err(|source| StartError::Listen { addr: g.listen, source })?;
     if let Some(addr) = g.metrics_listen {
         crate::metrics::serve(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
     }
     let app = App::new(config);
     *app.config_path.lock() = path;
+    if let Some(cc) = app.config.load().catalog.clone() {
+        crate::catalog::follow::start(app.clone(), cc).await?;
+    }
+    // Bound only once the map is known, so nobody connects to a router that cannot route yet.
+    let listener =
+        tokio::net::TcpListener::bind(g.listen).await.map_err(|source| StartError::Listen { addr: g.listen, source })?;
     // In-doubt transactions of an earlier run are settled before clients can read their rows.
     if let Ok(n) = tokio::time::timeout(Duration::from_secs(15), crate::twophase::resolve(&app)).await {
         if n > 0 {

@@ -1,6 +1,7 @@
 //! Integration tests of the core proxy against real PostgreSQL servers and real clients.
 //! One topology (2 shards × 1 streaming replica) is shared by every trial and stopped at the end.
 
+mod catalog;
 mod clients;
 mod harness;
 mod ops;
@@ -34,6 +35,7 @@ fn main() {
     trials.extend(ops::trials());
     trials.extend(sharding::trials());
     trials.extend(replicas::trials());
+    trials.extend(catalog::trials());
     if args.list {
         libtest_mimic::run(&args, trials).exit();
     }

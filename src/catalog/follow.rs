@@ -1,0 +1,155 @@
+//! A router following the catalog: it loads the current map before serving, then swaps in each
+//! newer version (woken by NOTIFY, or by the periodic poll if a notification is lost), renews
+//! its lease and acknowledges the version it serves.
+
+use super::{Catalog, CatalogConfig, CatalogError, MapRow};
+use crate::app::App;
+use crate::shardmap::ShardMap;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What the rest of the router may know of its catalog link.
+#[derive(Default)]
+pub struct CatalogState {
+    /// The map comes from the catalog (config reloads leave it alone).
+    pub active: AtomicBool,
+    /// Until when the last renewed lease holds, by this process's clock.
+    lease_until: Mutex<Option<Instant>>,
+    /// Map version the catalog was last told this router serves.
+    pub acked: AtomicU64,
+}
+
+impl CatalogState {
+    /// False once a catalog-following router has gone longer than its lease without renewing
+    /// it: other routers may have moved on, so units in motion must not be served.
+    pub fn lease_valid(&self) -> bool {
+        !self.active.load(Ordering::Acquire) || self.lease_until.lock().is_some_and(|t| Instant::now() < t)
+    }
+
+    fn renewed(&self, at: Instant, lease: Duration) {
+        *self.lease_until.lock() = Some(at + lease);
+    }
+}
+
+/// Loads the catalog's map (seeding it from the config file when the catalog is empty),
+/// registers this router, and keeps following in the background. Fails if the catalog cannot
+/// be reached within `lease` or its map does not fit the configured shards.
+pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError> {
+    let deadline = Instant::now() + cc.lease;
+    let (mut cat, rx) = loop {
+        match Catalog::connect(&cc.dsn).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "catalog unreachable, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let applied = cat.migrate().await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "catalog schema migrations applied");
+    }
+    cat.listen().await?;
+    let map = match cat.latest_map().await? {
+        Some(m) => m,
+        None => {
+            let cfg = app.config.load_full();
+            match cat.publish_map(0, &cfg.sharding, cfg.shards.len(), "seeded from the config file").await {
+                Ok(_) | Err(CatalogError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            cat.latest_map().await?.ok_or_else(|| CatalogError::Other("the seeded map vanished".into()))?
+        }
+    };
+    install(&app, &map)?;
+    app.catalog.active.store(true, Ordering::Release);
+    let instance = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+    let me = Me { router_id: app.config.load().general.router_id.clone(), instance, addr: app.config.load().general.listen.to_string() };
+    // A previous run of this router that died keeps its lease until it runs out.
+    let deadline = Instant::now() + cc.lease + Duration::from_secs(1);
+    let t = loop {
+        let t = Instant::now();
+        match cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, map.version).await {
+            Ok(()) => break t,
+            Err(CatalogError::RouterIdTaken(_)) if Instant::now() < deadline => {
+                tracing::warn!(router_id = %me.router_id, "router_id still leased (a previous run?); waiting for the lease to run out");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    app.catalog.renewed(t, cc.lease);
+    app.catalog.acked.store(map.version, Ordering::Release);
+    tracing::info!(version = map.version, router_id = %me.router_id, "following the catalog's shard map");
+    tokio::spawn(follow(app, cc, cat, rx, me));
+    Ok(())
+}
+
+struct Me {
+    router_id: String,
+    instance: String,
+    addr: String,
+}
+
+async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc::UnboundedReceiver<String>, me: Me) {
+    loop {
+        let lost = tokio::select! {
+            n = rx.recv() => n.is_none(),
+            _ = tokio::time::sleep(cc.poll_interval) => false,
+        };
+        // Several notifications may be queued; one refresh covers them all.
+        while rx.try_recv().is_ok() {}
+        let r = if lost { Err(CatalogError::Other("connection lost".into())) } else { refresh(&app, &cat, &cc, &me).await };
+        if let Err(e) = r {
+            if let CatalogError::RouterIdTaken(_) = e {
+                tracing::error!(error = %e, "catalog lease lost to another router");
+            } else {
+                tracing::warn!(error = %e, lease_valid = app.catalog.lease_valid(), "catalog refresh failed; reconnecting");
+            }
+            match Catalog::connect(&cc.dsn).await {
+                Ok((c, r)) => {
+                    if c.listen().await.is_ok() {
+                        cat = c;
+                        rx = r;
+                    }
+                }
+                Err(_) => tokio::time::sleep(cc.poll_interval).await,
+            }
+        }
+    }
+}
+
+/// Installs a newer map if there is one, then renews the lease with the version now served.
+async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me) -> Result<(), CatalogError> {
+    let t = Instant::now();
+    if let Some(map) = cat.latest_map().await? {
+        if map.version > app.shardmap.load().version {
+            install(app, &map)?;
+            tracing::info!(version = map.version, note = %map.note, "new shard map from the catalog");
+        }
+    }
+    let serving = app.shardmap.load().version;
+    cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, serving).await?;
+    app.catalog.renewed(t, cc.lease);
+    app.catalog.acked.store(serving, Ordering::Release);
+    Ok(())
+}
+
+/// Swaps in a catalog map, unless it does not fit this router's shards.
+fn install(app: &App, map: &MapRow) -> Result<(), CatalogError> {
+    let shards = app.config.load().shards.len();
+    if map.shards != shards {
+        return Err(CatalogError::BadMap {
+            version: map.version,
+            reason: format!("it spans {} shards but this router's config lists {shards}", map.shards),
+        });
+    }
+    let built = ShardMap::build(&map.sharding, shards, map.version)
+        .map_err(|e| CatalogError::BadMap { version: map.version, reason: e.to_string() })?;
+    app.shardmap.store(Arc::new(built));
+    Ok(())
+}

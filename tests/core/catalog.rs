@@ -1,0 +1,124 @@
+//! Several routers sharing one shard map through the catalog: seeding, following new versions,
+//! acknowledging them, leases, and restarting from the catalog rather than the config file.
+
+use crate::ensure;
+use crate::harness::{block_on, connect_port, first_value as one, Context, Harness, PgContext, Router, TestResult, APP_PW};
+use crate::trial;
+use libtest_mimic::Trial;
+use pgshard::catalog::{Catalog, CatalogError};
+use std::time::{Duration, Instant};
+
+pub fn trials() -> Vec<Trial> {
+    vec![trial("catalog::routers_share_and_follow_the_map", share_and_follow)]
+}
+
+fn dsn(h: &Harness) -> String {
+    format!("host=127.0.0.1 port={} user=app password={APP_PW} dbname=catalog", h.primary(0).port)
+}
+
+fn catalog_router(h: &Harness, id: &str) -> Result<Router, String> {
+    let more = format!(
+        "[catalog]\ndsn = \"{}\"\nlease = \"2s\"\npoll_interval = \"200ms\"\n{}\n\
+         [[sharding.tables]]\nname = \"cat_orders\"\ndistribution = \"tenants\"\ncolumn = \"tenant\"\n",
+        dsn(h),
+        crate::sharding::SHARDING
+    );
+    h.spawn_router(&format!("router_id = \"{id}\""), &more)
+}
+
+/// The shard `SHOW ROUTE` gives for tenant 'big' on `router`.
+async fn big_goes_to(router: &Router) -> Result<String, String> {
+    let admin = connect_port(router.port, "admin", "admin-secret", "pgshard", "").await?;
+    one(&admin, "SHOW ROUTE SELECT * FROM cat_orders WHERE tenant = 'big'").await
+}
+
+fn share_and_follow(h: &Harness) -> TestResult {
+    h.cluster.psql(h.primary(0), "catalog", "DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset catalog")?;
+    let a = catalog_router(h, "ca")?;
+    let b = catalog_router(h, "cb")?;
+    block_on(async {
+        let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
+        let map = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map seeded")?;
+        ensure!(map.version == 1 && map.note.contains("seeded"), "first router seeds version 1: {} {}", map.version, map.note);
+        ensure!(map.sharding.distributions.iter().any(|d| d.tenants.get("big") == Some(&1)), "seeded from the config file");
+        for r in [&a, &b] {
+            ensure!(big_goes_to(r).await? == "1", "version 1 puts tenant big on shard 1");
+        }
+        let routers = cat.routers().await.map_err(|e| e.to_string())?;
+        let ids: Vec<_> = routers.iter().map(|r| (r.router_id.as_str(), r.acked_version)).collect();
+        ensure!(ids == [("ca", 1), ("cb", 1)], "both routers registered at version 1: {ids:?}");
+
+        // Publish version 2: tenant big moves to shard 0 (it has no rows yet, so nothing to copy).
+        let mut next = map.sharding.clone();
+        for d in &mut next.distributions {
+            if let Some(s) = d.tenants.get_mut("big") {
+                *s = 0;
+            }
+        }
+        let v = cat.publish_map(1, &next, 2, "big to shard 0").await.map_err(|e| e.to_string())?;
+        ensure!(v == 2, "published as version {v}");
+        let t = Instant::now();
+        for r in [&a, &b] {
+            loop {
+                if big_goes_to(r).await? == "0" {
+                    break;
+                }
+                ensure!(t.elapsed() < Duration::from_secs(5), "router on port {} did not follow version 2", r.port);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        eprintln!("catalog: both routers serve version 2 {:?} after publishing", t.elapsed());
+        let t = Instant::now();
+        loop {
+            let acked: Vec<u64> = cat.routers().await.map_err(|e| e.to_string())?.iter().map(|r| r.acked_version).collect();
+            if acked == [2, 2] {
+                break;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(5), "routers did not acknowledge version 2: {acked:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Statements follow: a row of tenant big now lands on shard 0.
+        let c = connect_port(b.port, "app", APP_PW, "shop", "").await?;
+        c.batch_execute("DROP TABLE IF EXISTS cat_orders; CREATE TABLE cat_orders (tenant text, n int)").await.pgx("ddl")?;
+        c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 1)").await.pgx("insert")?;
+        let on0 = h.cluster.psql(h.primary(0), "shop", "SELECT count(*) FROM cat_orders").ctx("shard 0")?;
+        ensure!(on0.trim() == "1", "tenant big's row is on shard 0 ({on0})");
+
+        // Publishing over a stale version, or an invalid map, is refused.
+        match cat.publish_map(1, &next, 2, "stale").await {
+            Err(CatalogError::Conflict { expected: 1, found: 2 }) => {}
+            other => return Err(format!("stale publish: {other:?}")),
+        }
+        let mut bad = next.clone();
+        bad.default_shard = 7;
+        ensure!(matches!(cat.publish_map(2, &bad, 2, "bad").await, Err(CatalogError::BadMap { .. })), "invalid map refused");
+
+        // shardctl reads the same catalog.
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+            .args(["--port", &a.port.to_string(), "--password", "admin-secret", "--catalog", &dsn(h), "status"])
+            .output()
+            .ctx("shardctl")?;
+        let out = String::from_utf8_lossy(&o.stdout);
+        ensure!(o.status.success(), "shardctl status: {}", String::from_utf8_lossy(&o.stderr));
+        ensure!(out.contains("\n  2 | 2 | big to shard 0") && out.matches("| 2 | ").count() >= 3 && out.contains("| current"), "shardctl status: {out}");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl")).args(["--catalog", &dsn(h), "map"]).output().ctx("shardctl map")?;
+        let out = String::from_utf8_lossy(&o.stdout);
+        ensure!(o.status.success() && out.contains("big = 0"), "shardctl map: {out}");
+        Ok(())
+    })?;
+
+    // A second live router cannot take a router_id in use.
+    let dup = catalog_router(h, "ca");
+    ensure!(dup.as_ref().err().is_some_and(|e| e.contains("held by another live router")), "duplicate router_id must be refused");
+    // A router that died restarts from the catalog's map, not its config file's (big = 1).
+    drop(a);
+    let t = Instant::now();
+    let a = catalog_router(h, "ca")?;
+    eprintln!("catalog: restarted router up {:?} after the old one died (lease 2 s)", t.elapsed());
+    block_on(async {
+        ensure!(big_goes_to(&a).await? == "0", "restarted router serves the catalog's version 2");
+        Ok(())
+    })?;
+    drop(b);
+    Ok(())
+}
