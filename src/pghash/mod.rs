@@ -301,7 +301,7 @@ const QUOTED_KEYWORDS: &[&str] = &[
 
 /// Quotes a bare column name the way PostgreSQL's quote_ident does, so names like "order" or
 /// "UserId" still refer to the right column; None for names SQL cannot express.
-fn quote_ident(name: &str) -> Option<String> {
+pub fn quote_ident(name: &str) -> Option<String> {
     if name.is_empty() || name.contains('\0') {
         return None;
     }

@@ -24,6 +24,9 @@ pub struct ShardingConfig {
     pub distributions: Vec<DistributionConfig>,
     #[serde(default)]
     pub tables: Vec<TableConfig>,
+    /// Units in motion between shards; written by `shardctl move` into the catalog's maps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<MoveConfig>,
 }
 
 impl Default for ShardingConfig {
@@ -35,6 +38,7 @@ impl Default for ShardingConfig {
             keyless_writes: true,
             distributions: Vec::new(),
             tables: Vec::new(),
+            moves: Vec::new(),
         }
     }
 }
@@ -175,4 +179,34 @@ reference = true
         let again: ShardingConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(format!("{c:?}"), format!("{again:?}"));
     }
+}
+
+/// A unit in motion: one tenant, or sets of buckets, of a distribution going from `source` to
+/// `target`. Exactly one of `tenant` and `buckets` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveConfig {
+    /// The move's id in the catalog's `pgshard.moves`.
+    pub id: u64,
+    pub distribution: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Inclusive bucket ranges `[from, to]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<[u32; 2]>,
+    pub source: usize,
+    pub target: usize,
+    pub phase: MovePhase,
+}
+
+/// How far a move has gone, as far as routers are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    /// Rows are being copied to the target: key-less reads there must not see them.
+    Copying,
+    /// New statements for the unit wait while the target catches up to the last write.
+    Fenced,
+    /// The unit is served by the target; its old rows on the source are hidden until deleted.
+    Switched,
 }

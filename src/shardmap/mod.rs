@@ -2,6 +2,7 @@
 //! rebalancing, per catalog version) and read from an immutable snapshot on the hot path.
 
 pub mod config;
+pub mod motion;
 
 use crate::pghash::{self, KeyError, KeyValue};
 use config::{Bound, ShardingConfig, StrategyName, UnknownTables};
@@ -91,6 +92,8 @@ pub struct ShardMap {
     pub keyless_writes: bool,
     pub distributions: Vec<Distribution>,
     tables: HashMap<String, TableRule>,
+    /// Units in motion (empty unless a move runs): checked only when non-empty.
+    pub motions: Vec<motion::Motion>,
 }
 
 impl ShardMap {
@@ -228,7 +231,9 @@ impl ShardMap {
                 return bad(format!("table '{}' is declared twice", t.name));
             }
         }
+        let motions = motion::build(&cfg.moves, &by_name, &distributions, cfg.buckets, shards)?;
         Ok(ShardMap {
+            motions,
             version,
             shards,
             buckets: cfg.buckets,
@@ -297,6 +302,31 @@ impl ShardMap {
                 }
             }
         })
+    }
+
+    /// The move in flight for a table, with the table's key column.
+    pub fn motion_of(&self, table: &str) -> Option<(&motion::Motion, &str)> {
+        if self.motions.is_empty() {
+            return None;
+        }
+        match self.table(table)? {
+            TableRule::Sharded { dist, column, .. } => self.motions.iter().find(|m| m.dist == *dist).map(|m| (m, column.as_str())),
+            TableRule::Reference => None,
+        }
+    }
+
+    /// Tables of distribution `dist` with their key columns.
+    pub fn tables_of(&self, dist: usize) -> Vec<(&str, &str)> {
+        let mut v: Vec<(&str, &str)> = self
+            .tables
+            .iter()
+            .filter_map(|(name, rule)| match rule {
+                TableRule::Sharded { dist: d, column, .. } if *d == dist => Some((name.as_str(), column.as_str())),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// The bucket of a hash or tenant key (for rebalancing and SHOW ROUTE).

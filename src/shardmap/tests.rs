@@ -128,3 +128,52 @@ fn bad_maps_are_refused_with_the_reason() {
         assert!(err.contains(needle), "{text}: {err}");
     }
 }
+
+fn with_move(mv: &str) -> Result<ShardMap, MapError> {
+    map(&format!("{ALL}\n[[moves]]\n{mv}"), 3)
+}
+
+#[test]
+fn moves_are_validated_against_placement() {
+    // tenant acme lives on shard 2 (directory); a move from 2 to 0 is valid while copying…
+    let m = with_move("id = 1\ndistribution = \"tenant\"\ntenant = \"acme\"\nsource = 2\ntarget = 0\nphase = \"copying\"").unwrap();
+    assert_eq!(m.motions.len(), 1);
+    assert_eq!(m.motions[0].shadow_shard(), 0);
+    assert_eq!(m.motion_of("public.orders").map(|(mv, col)| (mv.id, col)), Some((1, "tenant_id")));
+    assert!(m.motion_of("accounts").is_none());
+    // …but not once switched, until the directory says shard 0.
+    let e = with_move("id = 1\ndistribution = \"tenant\"\ntenant = \"acme\"\nsource = 2\ntarget = 0\nphase = \"switched\"").unwrap_err();
+    assert!(e.to_string().contains("tenant acme is on shard 2, not 0"), "{e}");
+    // Buckets must all be on the source; 4096 buckets over 3 shards: 0..=1365 on shard 0.
+    assert!(with_move("id = 2\ndistribution = \"acct\"\nbuckets = [[0, 255]]\nsource = 0\ntarget = 1\nphase = \"fenced\"").is_ok());
+    let e = with_move("id = 2\ndistribution = \"acct\"\nbuckets = [[1300, 1400]]\nsource = 0\ntarget = 1\nphase = \"copying\"").unwrap_err();
+    assert!(e.to_string().contains("bucket 1366 is on shard 1"), "{e}");
+    for bad in [
+        "id = 3\ndistribution = \"acct\"\ntenant = \"x\"\nsource = 0\ntarget = 1\nphase = \"copying\"",
+        "id = 3\ndistribution = \"acct\"\nbuckets = [[0, 1]]\nsource = 0\ntarget = 0\nphase = \"copying\"",
+        "id = 3\ndistribution = \"events\"\nbuckets = [[0, 1]]\nsource = 0\ntarget = 1\nphase = \"copying\"",
+        "id = 3\ndistribution = \"nope\"\nbuckets = [[0, 1]]\nsource = 0\ntarget = 1\nphase = \"copying\"",
+        "id = 3\ndistribution = \"acct\"\nbuckets = [[0, 9999]]\nsource = 0\ntarget = 1\nphase = \"copying\"",
+    ] {
+        assert!(with_move(bad).is_err(), "accepted: {bad}");
+    }
+}
+
+#[test]
+fn unit_predicates_name_the_same_rows_as_owns() {
+    let m = with_move("id = 1\ndistribution = \"tenant\"\nbuckets = [[0, 99], [200, 200]]\nsource = 0\ntarget = 1\nphase = \"copying\"").unwrap();
+    let mv = &m.motions[0];
+    let sql = mv.predicate_sql("tenant_id", "text", 4096).unwrap();
+    assert!(sql.contains("BETWEEN 0 AND 99") && sql.contains("= 200") && sql.ends_with("NOT IN ('acme')"), "{sql}");
+    assert_eq!(mv.describe(), "buckets 0-99,200");
+    // The directory tenant never belongs to a bucket unit, whatever its bucket.
+    assert!(!mv.owns(&KeyValue::Text(b"acme"), 4096));
+    let owned = (0..2000).filter(|i| mv.owns(&KeyValue::Text(format!("t{i}").as_bytes()), 4096)).count();
+    // 101 of 4096 buckets: about 49 of 2000 keys.
+    assert!((25..80).contains(&owned), "{owned}");
+    let Located::One(src) = map(ALL, 3).unwrap().locate(1, &KeyValue::Text(b"o'neil"), None).unwrap() else { panic!() };
+    let t = with_move(&format!("id = 1\ndistribution = \"tenant\"\ntenant = \"o'neil\"\nsource = {src}\ntarget = {}\nphase = \"copying\"", (src + 1) % 3));
+    let t = t.unwrap();
+    assert_eq!(t.motions[0].predicate_sql("tenant_id", "text", 4096).unwrap(), "tenant_id = 'o''neil'");
+    assert!(t.motions[0].owns(&KeyValue::Text(b"o'neil"), 4096) && !t.motions[0].owns(&KeyValue::Text(b"oneil"), 4096));
+}

@@ -9,7 +9,10 @@ use pgshard::catalog::{Catalog, CatalogError};
 use std::time::{Duration, Instant};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial("catalog::routers_share_and_follow_the_map", share_and_follow)]
+    vec![
+        trial("catalog::routers_share_and_follow_the_map", share_and_follow),
+        trial("catalog::unit_predicates_match_postgres", unit_predicates),
+    ]
 }
 
 fn dsn(h: &Harness) -> String {
@@ -104,6 +107,45 @@ fn share_and_follow(h: &Harness) -> TestResult {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl")).args(["--catalog", &dsn(h), "map"]).output().ctx("shardctl map")?;
         let out = String::from_utf8_lossy(&o.stdout);
         ensure!(o.status.success() && out.contains("big = 0"), "shardctl map: {out}");
+
+        // Version 3 puts tenant big in motion (shard 0 → 1): key-routed statements run, anything
+        // that could see or change the unit on both shards is refused with 55006.
+        let mut moving = next.clone();
+        moving.moves.push(pgshard::shardmap::config::MoveConfig {
+            id: 1,
+            distribution: "tenants".into(),
+            tenant: Some("big".into()),
+            buckets: vec![],
+            source: 0,
+            target: 1,
+            phase: pgshard::shardmap::config::MovePhase::Copying,
+        });
+        cat.publish_map(2, &moving, 2, "big in motion").await.map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        loop {
+            match c.simple_query("SELECT count(*) FROM cat_orders").await {
+                Err(e) if crate::harness::sqlstate(&e) == "55006" => break,
+                _ => ensure!(t.elapsed() < Duration::from_secs(5), "router did not pick up version 3"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for sql in ["DELETE FROM cat_orders", "ALTER TABLE cat_orders ADD COLUMN x int", "TRUNCATE cat_orders", "SELECT * FROM cat_orders /* pgshard: shard=1 */"] {
+            let e = c.simple_query(sql).await.err().ok_or_else(|| format!("{sql}: ran on a table in motion"))?;
+            ensure!(crate::harness::sqlstate(&e) == "55006", "{sql}: {e:?}");
+        }
+        let e = c.simple_query("SELECT 1 FROM cat_orders").await.err().ok_or("key-less read ran")?;
+        let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        ensure!(msg.contains("move 1: tenant 'big' from shard 0 to shard 1") && msg.contains("add the key"), "message: {msg}");
+        c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 2); INSERT INTO cat_orders (tenant, n) VALUES ('big', 3), ('small', 4)").await.pgx("keyed inserts")?;
+        ensure!(one(&c, "SELECT sum(n) FROM cat_orders WHERE tenant = 'big'").await? == "6", "keyed read of the moving tenant");
+        // Dropping the move (version 4) lifts the refusals.
+        cat.publish_map(3, &next, 2, "move 1 aborted").await.map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        while c.simple_query("SELECT count(*) FROM cat_orders").await.is_err() {
+            ensure!(t.elapsed() < Duration::from_secs(5), "refusals outlived the move");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ensure!(one(&c, "SELECT count(*) FROM cat_orders").await? == "4", "rows after the move was dropped");
         Ok(())
     })?;
 
@@ -120,5 +162,33 @@ fn share_and_follow(h: &Harness) -> TestResult {
         Ok(())
     })?;
     drop(b);
+    Ok(())
+}
+
+/// A moving unit's SQL predicate (publication filters, copies, cleanup) selects on a real server
+/// exactly the keys the router's own `owns` assigns to the unit.
+fn unit_predicates(h: &Harness) -> TestResult {
+    use pgshard::pghash::KeyValue;
+    use pgshard::shardmap::{config::ShardingConfig, ShardMap};
+    let cfg = |key_type: &str, unit: &str| -> Result<ShardMap, String> {
+        let text = format!(
+            "[[distributions]]\nname = \"d\"\nstrategy = \"tenant\"\nkey_type = \"{key_type}\"\ntenants = {{ \"7\" = 1 }}\n\
+             [[moves]]\nid = 1\ndistribution = \"d\"\n{unit}\nphase = \"copying\"\n"
+        );
+        let c: ShardingConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        ShardMap::build(&c, 2, 1).map_err(|e| e.to_string())
+    };
+    let map = cfg("int8", "buckets = [[0, 300], [1000, 1000], [1500, 1700]]\nsource = 0\ntarget = 1")?;
+    let m = &map.motions[0];
+    let pred = m.predicate_sql("k", "int8", 4096).ok_or("no predicate")?;
+    let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k::text, ',' ORDER BY k) FROM generate_series(-3000, 3000) k WHERE {pred}")).ctx("int predicate")?;
+    let want: Vec<String> = (-3000i64..=3000).filter(|&k| m.owns(&KeyValue::Int(k), 4096)).map(|k| k.to_string()).collect();
+    ensure!(want.len() > 100, "too few keys in the unit to mean anything: {}", want.len());
+    ensure!(got.trim() == want.join(","), "int8 bucket unit: SQL and Rust disagree");
+    let map = cfg("text", "tenant = \"it's\"\nsource = 1\ntarget = 0")?;
+    let m = &map.motions[0];
+    let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
+    let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k, ',') FROM unnest(ARRAY['it''s', 'its', 'it', 'x']) k WHERE {pred}")).ctx("text predicate")?;
+    ensure!(got.trim() == "it's", "tenant unit predicate: {got}");
     Ok(())
 }

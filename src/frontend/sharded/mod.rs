@@ -12,6 +12,7 @@
 mod copy;
 mod exec;
 mod extended;
+mod motion;
 mod tx;
 
 use super::{fatal_and_close, ClientWrite, ReadReady, SessionEnd};
@@ -358,6 +359,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
         let shards = self.target_shards(&target, plan);
+        if !self.map.motions.is_empty() {
+            motion::guard(&self.map, plan, text, &shards, self.app.catalog.lease_valid())?;
+        }
         if let (Some(split), None) = (&plan.insert, batch) {
             if shards.len() > 1 {
                 let parts = split.split(&self.map, params.values).map_err(Refusal::from)?;

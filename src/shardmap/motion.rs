@@ -1,0 +1,166 @@
+//! Units in motion: what routers must do differently for a tenant or a set of buckets while
+//! `shardctl move` carries it from one shard to another (see docs/rebalancing.md).
+
+use super::config::{MoveConfig, MovePhase};
+use super::{MapError, OwnedKey, ShardId, Strategy};
+use crate::pghash::{self, KeyValue};
+
+/// The rows a move carries, in one distribution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unit {
+    /// One tenant of a tenant distribution (its key value as SQL text too).
+    Tenant { key: OwnedKey, literal: String },
+    /// Inclusive bucket ranges of a hash or tenant distribution; in a tenant distribution,
+    /// tenants of the directory stay where the directory puts them.
+    Buckets { ranges: Vec<(u32, u32)>, directory: Vec<String> },
+}
+
+/// A move as routers see it.
+#[derive(Debug, Clone)]
+pub struct Motion {
+    pub id: u64,
+    pub dist: usize,
+    pub unit: Unit,
+    pub source: ShardId,
+    pub target: ShardId,
+    pub phase: MovePhase,
+}
+
+impl Motion {
+    /// The shard whose copy of the unit key-less reads must not see: the target while it is
+    /// being filled, the source once the target serves the unit.
+    pub fn shadow_shard(&self) -> ShardId {
+        match self.phase {
+            MovePhase::Copying | MovePhase::Fenced => self.target,
+            MovePhase::Switched => self.source,
+        }
+    }
+
+    /// True when `key` belongs to the unit (the Rust twin of `predicate_sql`).
+    pub fn owns(&self, key: &KeyValue, buckets: u32) -> bool {
+        match &self.unit {
+            Unit::Tenant { key: k, .. } => OwnedKey::of(key) == *k,
+            Unit::Buckets { ranges, directory } => {
+                let b = pghash::bucket(key, buckets).unwrap_or(u32::MAX);
+                ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi) && !directory.iter().any(|d| literal_matches(d, key))
+            }
+        }
+    }
+
+    /// An immutable SQL condition on `column` true exactly for the unit's rows (publication
+    /// row filters, COPY, verification, cleanup and key-less reads all use it).
+    pub fn predicate_sql(&self, column: &str, key_type: &str, buckets: u32) -> Option<String> {
+        let col = pghash::quote_ident(column)?;
+        Some(match &self.unit {
+            Unit::Tenant { literal, .. } => format!("{col} = {literal}"),
+            Unit::Buckets { ranges, directory } => {
+                let b = pghash::bucket_sql(column, key_type, buckets)?;
+                let within: Vec<String> = ranges
+                    .iter()
+                    .map(|&(lo, hi)| if lo == hi { format!("({b}) = {lo}") } else { format!("({b}) BETWEEN {lo} AND {hi}") })
+                    .collect();
+                let mut p = format!("({})", within.join(" OR "));
+                if !directory.is_empty() {
+                    p = format!("{p} AND {col} NOT IN ({})", directory.join(", "));
+                }
+                p
+            }
+        })
+    }
+
+    /// A short name for messages: `tenant 'big'` or `buckets 0-255`.
+    pub fn describe(&self) -> String {
+        match &self.unit {
+            Unit::Tenant { literal, .. } => format!("tenant {literal}"),
+            Unit::Buckets { ranges, .. } => {
+                let r: Vec<String> = ranges.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+                format!("buckets {}", r.join(","))
+            }
+        }
+    }
+}
+
+/// A key as an SQL literal of the distribution's key type.
+pub fn sql_literal(key_type: &str, text: &str) -> Result<String, MapError> {
+    match pghash::parse_key(key_type, text.as_bytes())? {
+        KeyValue::Int(i) => Ok(i.to_string()),
+        _ => Ok(format!("'{}'", text.replace('\'', "''"))),
+    }
+}
+
+fn literal_matches(literal: &str, key: &KeyValue) -> bool {
+    match key {
+        KeyValue::Int(i) => literal == i.to_string(),
+        KeyValue::Text(t) => literal.len() >= 2 && literal[1..literal.len() - 1].replace("''", "'").as_bytes() == *t,
+        KeyValue::Uuid(_) => false,
+    }
+}
+
+/// Builds and checks the moves of a map: one per distribution, between existing, different
+/// shards, and the unit wholly where its phase says it is.
+pub(super) fn build(
+    moves: &[MoveConfig],
+    by_name: &std::collections::HashMap<String, usize>,
+    dists: &[super::Distribution],
+    buckets: u32,
+    shards: usize,
+) -> Result<Vec<Motion>, MapError> {
+    let mut out: Vec<Motion> = Vec::new();
+    for m in moves {
+        let ctx = format!("move {}", m.id);
+        let bad = |r: String| Err(MapError::Invalid(format!("{ctx}: {r}")));
+        let Some(&dist) = by_name.get(&m.distribution) else {
+            return bad(format!("distribution '{}' is not declared", m.distribution));
+        };
+        if out.iter().any(|o| o.dist == dist) {
+            return bad(format!("distribution '{}' already has a move in flight", m.distribution));
+        }
+        if m.source == m.target || m.source >= shards || m.target >= shards {
+            return bad(format!("source {} and target {} must be different existing shards", m.source, m.target));
+        }
+        let d = &dists[dist];
+        let (directory, bucket_shard) = match &d.strategy {
+            Strategy::Tenant { directory, bucket_shard } => (Some(directory), bucket_shard),
+            Strategy::Hash { bucket_shard } => (None, bucket_shard),
+            _ => return bad("only hash and tenant distributions can move units yet".into()),
+        };
+        let here = if m.phase == MovePhase::Switched { m.target } else { m.source };
+        let unit = match (&m.tenant, m.buckets.is_empty()) {
+            (Some(t), true) => {
+                let Some(directory) = directory else { return bad("a tenant unit needs a tenant distribution".into()) };
+                let kv = pghash::parse_key(&d.key_type, t.as_bytes()).map_err(|e| MapError::Invalid(format!("{ctx}: {e}")))?;
+                let key = OwnedKey::of(&kv);
+                let at = directory.get(&key).copied().unwrap_or_else(|| bucket_shard[pghash::bucket(&kv, buckets).unwrap_or(0) as usize]);
+                if at != here {
+                    return bad(format!("tenant {t} is on shard {at}, not {here}"));
+                }
+                Unit::Tenant { key, literal: sql_literal(&d.key_type, t)? }
+            }
+            (None, false) => {
+                let mut ranges = Vec::new();
+                for &[lo, hi] in &m.buckets {
+                    if lo > hi || hi >= buckets {
+                        return bad(format!("bucket range {lo}-{hi} is out of bounds ({buckets} buckets)"));
+                    }
+                    if let Some(b) = (lo..=hi).find(|&b| bucket_shard[b as usize] != here) {
+                        return bad(format!("bucket {b} is on shard {}, not {here}", bucket_shard[b as usize]));
+                    }
+                    ranges.push((lo, hi));
+                }
+                let mut dir = Vec::new();
+                for (k, _) in directory.into_iter().flatten() {
+                    dir.push(match k {
+                        OwnedKey::Int(i) => i.to_string(),
+                        OwnedKey::Text(t) => format!("'{}'", String::from_utf8_lossy(t).replace('\'', "''")),
+                        OwnedKey::Uuid(_) => return bad("bucket moves of uuid tenant distributions with a directory are not supported".into()),
+                    });
+                }
+                dir.sort();
+                Unit::Buckets { ranges, directory: dir }
+            }
+            _ => return bad("set exactly one of 'tenant' and 'buckets'".into()),
+        };
+        out.push(Motion { id: m.id, dist, unit, source: m.source, target: m.target, phase: m.phase });
+    }
+    Ok(out)
+}
