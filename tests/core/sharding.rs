@@ -17,6 +17,7 @@ pub fn trials() -> Vec<Trial> {
         trial("sharding::in_doubt_transactions_resolved_at_start", in_doubt),
         trial("sharding::copy_rows_split_by_key", copy_split),
         trial("sharding::pgbench_tpcb_invariant_across_shards", pgbench_invariant),
+        trial("sharding::session_hints_route_statements", session_hints),
     ]
 }
 
@@ -406,6 +407,42 @@ fn pgbench_invariant(h: &Harness) -> TestResult {
         ensure!(n == "1000", "history rows: {n}");
         ensure!(a == t && t == b && b == d, "TPC-B invariant: accounts {a}, tellers {t}, branches {b}, history {d}");
         ensure!(a != "0", "balances moved");
+        Ok(())
+    })
+}
+
+/// `SET pgshard.shard` and `SET LOCAL pgshard.shard|key` route statements
+/// that carry no key; a transaction's SET LOCAL ends with it.
+fn session_hints(h: &Harness) -> TestResult {
+    block_on(async {
+        let port = |s: usize| h.primary(s).port.to_string();
+        // In a read-write transaction the statement runs on the shard's primary.
+        async fn port_in_tx(c: &tokio_postgres::Client) -> Result<String, String> {
+            c.batch_execute("BEGIN").await.pgx("begin")?;
+            let p = one(c, "SELECT inet_server_port()").await;
+            c.batch_execute("ROLLBACK").await.pgx("rollback")?;
+            p
+        }
+        let c = shop(h).await?;
+        for shard in [1, 0, 1] {
+            c.batch_execute(&format!("SET pgshard.shard = {shard}")).await.pgx("set hint")?;
+            ensure!(port_in_tx(&c).await? == port(shard), "SET pgshard.shard = {shard} was not followed");
+        }
+        c.batch_execute("BEGIN").await.pgx("begin")?;
+        c.batch_execute("SET LOCAL pgshard.shard = 0").await.pgx("set local")?;
+        ensure!(one(&c, "SELECT inet_server_port()").await? == port(0), "SET LOCAL pgshard.shard = 0 was not followed");
+        c.batch_execute("COMMIT").await.pgx("commit")?;
+        ensure!(port_in_tx(&c).await? == port(1), "SET LOCAL outlived its transaction");
+        c.batch_execute("BEGIN").await.pgx("begin")?;
+        c.batch_execute("SET LOCAL pgshard.key = 'big'").await.pgx("set local key")?;
+        let e = c.simple_query("SELECT inet_server_port()").await.err().ok_or("a key hint without a table must be ambiguous")?;
+        ensure!(format!("{e:?}").contains("hint key=big is ambiguous"), "key hint not taken from SET LOCAL: {e:?}");
+        c.batch_execute("ROLLBACK").await.pgx("rollback")?;
+        c.batch_execute("SET pgshard.shard = 'abc'").await.pgx("set bad")?;
+        let e = c.simple_query("SELECT 1").await.err().ok_or("a bad shard hint was ignored")?;
+        ensure!(crate::harness::sqlstate(&e) == "22023", "bad hint: {e:?}");
+        c.batch_execute("RESET pgshard.shard").await.pgx("reset")?;
+        ensure!(one(&c, "SELECT 1").await? == "1", "RESET pgshard.shard did not clear the hint");
         Ok(())
     })
 }

@@ -357,6 +357,17 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             }
             _ => {}
         }
+        let hinted;
+        let plan = match (&plan.hint, !self.params.is_empty() || self.tx.active()) {
+            (None, true) => match motion::session_hint(|n| self.tx.local_setting(n), &self.params)? {
+                Some(h) => {
+                    hinted = Arc::new(Plan { hint: Some(h), scatter_sql: None, insert: None, ..(**plan).clone() });
+                    &hinted
+                }
+                None => plan,
+            },
+            _ => plan,
+        };
         let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
         let shards = self.target_shards(&target, plan);
         if !self.map.motions.is_empty() {

@@ -46,3 +46,25 @@ pub(super) fn guard(map: &ShardMap, plan: &Plan, text: &str, shards: &[usize], l
     }
     Ok(())
 }
+
+/// The routing hint a session gave with `SET [LOCAL] pgshard.shard = N` / `pgshard.key = 'k'`
+/// ; a transaction's SET LOCAL wins over the session's.
+pub(super) fn session_hint(local: impl Fn(&str) -> Option<String>, session: &crate::params::SessionParams) -> Result<Option<crate::router::Hint>, Refusal> {
+    use crate::router::Hint;
+    let names = ["pgshard.shard", "pgshard.key"];
+    let locals = names.iter().filter_map(|&n| Some((n, local(n)?)));
+    let sessions = names.iter().filter_map(|&n| Some((n, session.get(n)?.to_string())));
+    for (name, raw) in locals.chain(sessions) {
+        let v = raw.trim();
+        let v = if v.len() >= 2 && v.starts_with('\'') && v.ends_with('\'') { v[1..v.len() - 1].replace("''", "'") } else { v.to_string() };
+        if v.is_empty() || v.eq_ignore_ascii_case("default") {
+            continue;
+        }
+        return Ok(Some(if name == "pgshard.shard" {
+            Hint::Shard(v.parse().map_err(|_| Refusal::new("22023", format!("pgshard.shard must be a shard number, not {raw}")))?)
+        } else {
+            Hint::Key(v)
+        }));
+    }
+    Ok(None)
+}

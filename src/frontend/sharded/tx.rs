@@ -94,6 +94,21 @@ impl TxState {
     pub fn local_set(&mut self, sql: &str) {
         self.local_sets.push(sql.to_string());
     }
+
+    /// The latest `SET LOCAL name = value` of this transaction for `name` (value as SQL text).
+    pub fn local_setting(&self, name: &str) -> Option<String> {
+        self.local_sets.iter().rev().find_map(|sql| {
+            let t = sql.trim_start();
+            let rest = t.get(3..)?.trim_start();
+            if !t[..3].eq_ignore_ascii_case("set") || !rest.get(..5)?.eq_ignore_ascii_case("local") {
+                return None;
+            }
+            match crate::sqlclass::classify(&format!("SET {}", rest[5..].trim_start())) {
+                crate::sqlclass::QueryKind::Set { name: n, value } if n.eq_ignore_ascii_case(name) => Some(value),
+                _ => None,
+            }
+        })
+    }
 }
 
 /// Prefix of the global transaction ids pgshard gives prepared transactions.
