@@ -315,20 +315,6 @@ impl ShardMap {
         }
     }
 
-    /// Tables of distribution `dist` with their key columns.
-    pub fn tables_of(&self, dist: usize) -> Vec<(&str, &str)> {
-        let mut v: Vec<(&str, &str)> = self
-            .tables
-            .iter()
-            .filter_map(|(name, rule)| match rule {
-                TableRule::Sharded { dist: d, column, .. } if *d == dist => Some((name.as_str(), column.as_str())),
-                _ => None,
-            })
-            .collect();
-        v.sort();
-        v
-    }
-
     /// The bucket of a hash or tenant key (for rebalancing and SHOW ROUTE).
     pub fn bucket(&self, key: &KeyValue) -> u32 {
         pghash::bucket(key, self.buckets).unwrap_or(0)

@@ -47,8 +47,8 @@ pub(super) fn guard(map: &ShardMap, plan: &Plan, text: &str, shards: &[usize], l
     Ok(())
 }
 
-/// The routing hint a session gave with `SET [LOCAL] pgshard.shard = N` / `pgshard.key = 'k'`
-/// ; a transaction's SET LOCAL wins over the session's.
+/// The routing hint a session gave with `SET [LOCAL] pgshard.shard = N` / `pgshard.key = 'k'`;
+/// a transaction's SET LOCAL wins over the session's.
 pub(super) fn session_hint(local: impl Fn(&str) -> Option<String>, session: &crate::params::SessionParams) -> Result<Option<crate::router::Hint>, Refusal> {
     use crate::router::Hint;
     let names = ["pgshard.shard", "pgshard.key"];

@@ -23,6 +23,8 @@ pub struct TxState {
     wrote: Vec<usize>,
     /// SET LOCAL statements, replayed on shards touched later.
     local_sets: Vec<String>,
+    /// The pgshard.* settings among them (routing hints), parsed once when recorded.
+    local_hints: Vec<(String, String)>,
 }
 
 impl TxState {
@@ -93,21 +95,19 @@ impl TxState {
     /// Remembers a SET LOCAL for shards the transaction reaches later.
     pub fn local_set(&mut self, sql: &str) {
         self.local_sets.push(sql.to_string());
+        // `SET LOCAL name = value` read as `SET name = value`: only pgshard's own hints matter here.
+        let t = sql.trim_start();
+        let rest = t.get(3..).map(str::trim_start).and_then(|r| r.get(5..)).unwrap_or("");
+        if let crate::sqlclass::QueryKind::Set { name, value } = crate::sqlclass::classify(&format!("SET {}", rest.trim_start())) {
+            if name.to_ascii_lowercase().starts_with("pgshard.") {
+                self.local_hints.push((name.to_ascii_lowercase(), value));
+            }
+        }
     }
 
-    /// The latest `SET LOCAL name = value` of this transaction for `name` (value as SQL text).
+    /// The latest `SET LOCAL name = value` of this transaction for a pgshard.* `name`.
     pub fn local_setting(&self, name: &str) -> Option<String> {
-        self.local_sets.iter().rev().find_map(|sql| {
-            let t = sql.trim_start();
-            let rest = t.get(3..)?.trim_start();
-            if !t[..3].eq_ignore_ascii_case("set") || !rest.get(..5)?.eq_ignore_ascii_case("local") {
-                return None;
-            }
-            match crate::sqlclass::classify(&format!("SET {}", rest[5..].trim_start())) {
-                crate::sqlclass::QueryKind::Set { name: n, value } if n.eq_ignore_ascii_case(name) => Some(value),
-                _ => None,
-            }
-        })
+        self.local_hints.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone())
     }
 }
 
