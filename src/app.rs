@@ -148,6 +148,10 @@ pub struct App {
     pub health: ArcSwap<Health>,
     /// The link to the catalog, when the map comes from one.
     pub catalog: crate::catalog::follow::CatalogState,
+    /// The current epoch: requests hold it while they run (see catalog::epoch).
+    pub epoch: ArcSwap<crate::catalog::epoch::Epoch>,
+    /// Woken whenever a new shard map is installed (statements waiting on a fenced unit).
+    pub map_changed: tokio::sync::Notify,
 }
 
 impl App {
@@ -173,6 +177,8 @@ impl App {
             twophase: TwoPhase::open(&config.general.router_id, config.general.decision_log.clone().into()),
             health: ArcSwap::from_pointee(Health::new(&config.shards)),
             catalog: Default::default(),
+            epoch: ArcSwap::new(crate::catalog::epoch::Epoch::new(1)),
+            map_changed: tokio::sync::Notify::new(),
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             pools: RwLock::new(HashMap::new()),

@@ -2,6 +2,7 @@
 //! newer version (woken by NOTIFY, or by the periodic poll if a notification is lost), renews
 //! its lease and acknowledges the version it serves.
 
+use super::epoch::{Draining, Epoch};
 use super::{Catalog, CatalogConfig, CatalogError, MapRow};
 use crate::app::App;
 use crate::shardmap::ShardMap;
@@ -20,6 +21,8 @@ pub struct CatalogState {
     lease_until: Mutex<Option<Instant>>,
     /// Map version the catalog was last told this router serves.
     pub acked: AtomicU64,
+    /// How long a statement for a fenced unit may wait, in milliseconds.
+    pub fence_wait_ms: AtomicU64,
 }
 
 impl CatalogState {
@@ -67,6 +70,7 @@ pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError>
     };
     install(&app, &map)?;
     app.catalog.active.store(true, Ordering::Release);
+    app.catalog.fence_wait_ms.store(cc.fence_wait.as_millis() as u64, Ordering::Relaxed);
     let instance = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
     let me = Me { router_id: app.config.load().general.router_id.clone(), instance, addr: app.config.load().general.listen.to_string() };
     // A previous run of this router that died keeps its lease until it runs out.
@@ -96,6 +100,7 @@ struct Me {
 }
 
 async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc::UnboundedReceiver<String>, me: Me) {
+    let mut draining = Draining::default();
     loop {
         let lost = tokio::select! {
             n = rx.recv() => n.is_none(),
@@ -103,7 +108,7 @@ async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc
         };
         // Several notifications may be queued; one refresh covers them all.
         while rx.try_recv().is_ok() {}
-        let r = if lost { Err(CatalogError::Other("connection lost".into())) } else { refresh(&app, &cat, &cc, &me).await };
+        let r = if lost { Err(CatalogError::Other("connection lost".into())) } else { refresh(&app, &cat, &cc, &me, &mut draining).await };
         if let Err(e) = r {
             if let CatalogError::RouterIdTaken(_) = e {
                 tracing::error!(error = %e, "catalog lease lost to another router");
@@ -123,24 +128,29 @@ async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc
     }
 }
 
-/// Installs a newer map if there is one, then renews the lease with the version now served.
-async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me) -> Result<(), CatalogError> {
+/// Installs a newer map if there is one, waits for requests begun under older versions to
+/// end, then renews the lease with the version now served (or, if some are still running,
+/// with the version acknowledged before: the catalog must never be told too much).
+async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me, draining: &mut Draining) -> Result<(), CatalogError> {
     let t = Instant::now();
     if let Some(map) = cat.latest_map().await? {
         if map.version > app.shardmap.load().version {
-            install(app, &map)?;
+            draining.push(install(app, &map)?);
             tracing::info!(version = map.version, note = %map.note, "new shard map from the catalog");
         }
     }
     let serving = app.shardmap.load().version;
-    cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, serving).await?;
+    let drained = draining.settle(cc.drain_timeout, cc.poll_interval).await;
+    let ack = if drained { serving } else { app.catalog.acked.load(Ordering::Acquire) };
+    cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, ack).await?;
     app.catalog.renewed(t, cc.lease);
-    app.catalog.acked.store(serving, Ordering::Release);
+    app.catalog.acked.store(ack, Ordering::Release);
     Ok(())
 }
 
-/// Swaps in a catalog map, unless it does not fit this router's shards.
-fn install(app: &App, map: &MapRow) -> Result<(), CatalogError> {
+/// Swaps in a catalog map (unless it does not fit this router's shards) and starts a new
+/// epoch; returns the old epoch, whose holders must end before the version is acknowledged.
+fn install(app: &App, map: &MapRow) -> Result<Arc<Epoch>, CatalogError> {
     let shards = app.config.load().shards.len();
     if map.shards != shards {
         return Err(CatalogError::BadMap {
@@ -151,5 +161,8 @@ fn install(app: &App, map: &MapRow) -> Result<(), CatalogError> {
     let built = ShardMap::build(&map.sharding, shards, map.version)
         .map_err(|e| CatalogError::BadMap { version: map.version, reason: e.to_string() })?;
     app.shardmap.store(Arc::new(built));
-    Ok(())
+    // Sessions read the epoch before the map: whoever sees the new epoch sees the new map.
+    let old = app.epoch.swap(Epoch::new(map.version));
+    app.map_changed.notify_waiters();
+    Ok(old)
 }

@@ -4,6 +4,7 @@
 //! Maps are rows of `pgshard.maps`, never updated: publishing is inserting version n+1, which
 //! succeeds for exactly one writer (primary key) and notifies the routers. See docs/catalog.md.
 
+pub mod epoch;
 pub mod follow;
 pub mod migrate;
 
@@ -25,6 +26,13 @@ pub struct CatalogConfig {
     /// How often the router renews its lease and looks for a newer map (besides notifications).
     #[serde(default = "d_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// After a new map arrives, how long transactions begun under the old one may run before
+    /// they are rolled back (40001); the new version is acknowledged only once they are gone.
+    #[serde(default = "d_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// How long a statement for a fenced unit waits for the move to switch before it gets 40001.
+    #[serde(default = "d_fence_wait", with = "humantime_serde")]
+    pub fence_wait: Duration,
 }
 
 fn d_lease() -> Duration {
@@ -32,6 +40,12 @@ fn d_lease() -> Duration {
 }
 fn d_poll() -> Duration {
     Duration::from_secs(1)
+}
+fn d_drain() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_fence_wait() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// What went wrong talking to the catalog.

@@ -22,7 +22,7 @@ pub struct Stmt {
 /// Client statements and the batch being collected.
 #[derive(Default)]
 pub struct ExtendedState {
-    pending: Vec<Bytes>,
+    pub(super) pending: Vec<Bytes>,
     statements: HashMap<Box<[u8]>, Stmt>,
     /// RowDescription of each statement a shard described, by statement key: a multi-shard
     /// Execute needs the column types to merge, and its response does not carry them.

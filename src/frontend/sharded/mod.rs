@@ -98,6 +98,10 @@ pub struct ShardedSession<R, W> {
     ext: extended::ExtendedState,
     /// The next ReadyForQuery is not owed (a Sync the server ignored during an extended COPY).
     skip_ready: bool,
+    /// The map epoch this request or transaction runs under (see catalog::epoch).
+    epoch: Option<Arc<crate::catalog::epoch::Epoch>>,
+    /// The transaction was rolled back because its epoch was revoked; the client has yet to hear.
+    revoked: bool,
 }
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
@@ -138,6 +142,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             startup_params,
             ext: extended::ExtendedState::default(),
             skip_ready: false,
+            epoch: None,
+            revoked: false,
         }
     }
 
@@ -182,12 +188,15 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             if self.cbuf.is_empty() {
                 self.cbuf.buf = BytesMut::new();
             }
+            // An idle transaction holding an old epoch wakes up if a fence revokes it.
+            let epoch = self.epoch.clone().filter(|_| self.tx.active());
             tokio::select! {
                 r = self.cr.read_idle(&mut self.cbuf) => match r {
                     Ok(0) | Err(_) => return SessionEnd::ClientGone,
                     Ok(_) => {}
                 },
                 _ = shutdown.changed(), if !self.tx.active() => {}
+                _ = async { epoch.as_ref().unwrap().wait_revoked().await }, if epoch.is_some() => self.surrender().await,
             }
         }
     }
@@ -218,6 +227,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             b'X' => Err(SessionEnd::ClientTerminated),
             b'Q' => {
                 let text = Cursor::new(&msg[5..]).str().unwrap_or("");
+                if let Some(refusal) = self.revocation(Some(text)).await {
+                    return self.settle(Err(refusal.into()), true);
+                }
                 let r = self.on_query(text).await;
                 self.settle(r, true)
             }
@@ -226,6 +238,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 Ok(())
             }
             b'S' => {
+                if let Some(refusal) = self.revocation(None).await {
+                    self.ext.pending.clear();
+                    return self.settle(Err(refusal.into()), true);
+                }
                 let r = Box::pin(self.on_sync()).await;
                 self.settle(r, true)
             }
@@ -259,6 +275,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         if ready && !std::mem::take(&mut self.skip_ready) {
             messages::ready_for_query(&mut self.out, self.tx.status());
+        }
+        if ready && !self.tx.active() {
+            self.epoch = None;
         }
         Ok(())
     }
@@ -317,9 +336,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         Ok(())
     }
 
-    /// Picks up a new shard map between transactions (rebalancing swaps it).
+    /// Picks up a new shard map between transactions (rebalancing swaps it), and the epoch the
+    /// request runs under (taken first: a new epoch is published after its map).
     fn refresh_map(&mut self) {
         if !self.tx.active() {
+            self.epoch = Some(self.app.epoch.load_full());
             let current = self.app.shardmap.load();
             if current.version != self.map.version {
                 self.map = current.clone();
@@ -369,9 +390,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             _ => plan,
         };
         let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
-        let shards = self.target_shards(&target, plan);
+        let mut shards = self.target_shards(&target, plan);
         if !self.map.motions.is_empty() {
-            motion::guard(&self.map, plan, text, &shards, self.app.catalog.lease_valid())?;
+            shards = self.through_motion(plan, params, text, shards).await?;
         }
         if let (Some(split), None) = (&plan.insert, batch) {
             if shards.len() > 1 {

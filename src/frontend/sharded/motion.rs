@@ -1,10 +1,16 @@
 //! Statements on tables whose distribution has a unit in motion. Until key-less reads can
 //! exclude the unit's second copy (docs/rebalancing.md), only statements routed by their key
 //! to one shard run; anything that could see or change both copies is refused, never guessed.
+//! While a unit is fenced, statements reaching its source shard wait for the switch; a
+//! transaction a fence gave up on is rolled back and its client told (40001).
 
-use super::Refusal;
+use super::{Refusal, ShardedSession, TxState};
+use crate::frontend::{ClientWrite, ReadReady};
 use crate::router::{Kind, Plan, Route};
+use crate::shardmap::config::MovePhase;
 use crate::shardmap::ShardMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// Refuses a statement that touches a table in motion unless its key puts it on one shard.
 /// Called only when the map has motions.
@@ -67,4 +73,79 @@ pub(super) fn session_hint(local: impl Fn(&str) -> Option<String>, session: &cra
         }));
     }
     Ok(None)
+}
+
+/// True when a statement routed to `shards` must wait: a unit of one of its tables is fenced
+/// and the statement reaches the unit's source shard (whose copy is being frozen).
+fn fenced(map: &ShardMap, plan: &Plan, shards: &[usize]) -> Option<u64> {
+    plan.tables.iter().find_map(|t| {
+        let (mv, _) = map.motion_of(t)?;
+        (mv.phase == MovePhase::Fenced && shards.contains(&mv.source)).then_some(mv.id)
+    })
+}
+
+impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
+    /// Checks a statement on tables in motion (`guard`) and holds it while its unit is fenced,
+    /// re-routing with each newer map; returns the shards it goes to.
+    pub(super) async fn through_motion(
+        &mut self,
+        plan: &Plan,
+        params: &crate::router::Params<'_>,
+        text: &str,
+        mut shards: Vec<usize>,
+    ) -> Result<Vec<usize>, Refusal> {
+        let wait_ms = match self.app.catalog.fence_wait_ms.load(Ordering::Relaxed) {
+            0 => 5000,
+            ms => ms,
+        };
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        loop {
+            guard(&self.map, plan, text, &shards, self.app.catalog.lease_valid())?;
+            let Some(id) = fenced(&self.map, plan, &shards) else { return Ok(shards) };
+            let changed = self.app.map_changed.notified();
+            if self.app.shardmap.load().version == self.map.version {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if tokio::time::timeout(left, changed).await.is_err() {
+                    return Err(Refusal::new(
+                        "40001",
+                        format!("move {id} is switching this statement's rows to another shard and did not finish within {wait_ms} ms; retry the transaction"),
+                    ));
+                }
+            }
+            self.map = self.app.shardmap.load_full();
+            let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
+            shards = self.target_shards(&target, plan);
+        }
+    }
+
+    /// Rolls back a transaction whose epoch a fence revoked: the servers let go of it now, and
+    /// the client's block stays failed until it ends it.
+    pub(super) async fn surrender(&mut self) {
+        let explicit = self.tx.explicit();
+        let _ = self.rollback_all().await;
+        self.tx = if explicit { TxState::abandoned() } else { TxState::default() };
+        self.epoch = None;
+        self.revoked = true;
+    }
+
+    /// At the start of a request: a revoked transaction is rolled back, and the first request
+    /// after that (unless it ends the block) is told so.
+    pub(super) async fn revocation(&mut self, text: Option<&str>) -> Option<Refusal> {
+        if self.tx.active() && self.epoch.as_ref().is_some_and(|e| e.revoked()) {
+            self.surrender().await;
+        }
+        if !std::mem::take(&mut self.revoked) {
+            return None;
+        }
+        let ends = text.is_some_and(|t| {
+            let w = t.trim_start();
+            ["rollback", "abort"].iter().any(|k| w.get(..k.len()).is_some_and(|p| p.eq_ignore_ascii_case(k)))
+        });
+        (!ends).then(|| {
+            Refusal::new(
+                "40001",
+                "this transaction was rolled back: a shard move needed it to finish and it did not within the drain timeout; retry the transaction",
+            )
+        })
+    }
 }

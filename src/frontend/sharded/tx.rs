@@ -71,6 +71,16 @@ impl TxState {
         }
     }
 
+    /// An explicit transaction rolled back behind the client's back: failed until it ends it.
+    pub fn abandoned() -> TxState {
+        TxState { open: true, explicit: true, failed: true, ..TxState::default() }
+    }
+
+    /// True for a transaction the client opened with BEGIN.
+    pub fn explicit(&self) -> bool {
+        self.open && self.explicit
+    }
+
     /// Opens pgshard's own transaction around a multi-shard write.
     pub fn begin_implicit(&mut self) {
         *self = TxState { open: true, begin_sql: "BEGIN".into(), ..TxState::default() };
