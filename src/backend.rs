@@ -87,6 +87,11 @@ pub struct ServerConn {
 impl ServerConn {
     /// Opens and authenticates a connection.
     pub async fn connect(p: &ConnectParams, prepared_cache: usize) -> Result<ServerConn, BackendError> {
+        Self::connect_with(p, prepared_cache, &[]).await
+    }
+
+    /// Opens a connection with extra startup parameters (e.g. `replication=database`).
+    pub async fn connect_with(p: &ConnectParams, prepared_cache: usize, extra: &[(&str, &str)]) -> Result<ServerConn, BackendError> {
         let addr = p.addr();
         let stream = tokio::time::timeout(p.connect_timeout, TcpStream::connect((p.host.as_str(), p.port)))
             .await
@@ -108,16 +113,18 @@ impl ServerConn {
             params: SessionParams::default(),
             tx_status: b'I',
         };
-        tokio::time::timeout(p.connect_timeout, conn.login(p))
+        tokio::time::timeout(p.connect_timeout, conn.login(p, extra))
             .await
             .map_err(|_| BackendError::ConnectTimeout(addr))??;
         Ok(conn)
     }
 
-    async fn login(&mut self, p: &ConnectParams) -> Result<(), BackendError> {
+    async fn login(&mut self, p: &ConnectParams, extra: &[(&str, &str)]) -> Result<(), BackendError> {
         let addr = p.addr();
         let mut out = BytesMut::new();
-        messages::startup(&mut out, &[("user", &p.user), ("database", &p.database)]);
+        let mut params = vec![("user", p.user.as_str()), ("database", p.database.as_str())];
+        params.extend_from_slice(extra);
+        messages::startup(&mut out, &params);
         self.stream.write_all(&out).await?;
         let mut scram: Option<ScramSha256> = None;
         loop {

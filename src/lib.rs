@@ -15,6 +15,7 @@ pub mod pghash;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
+pub mod rebalance;
 pub mod router;
 pub mod scatter;
 pub mod server;

@@ -40,6 +40,42 @@ enum Command {
     Map,
     /// Re-read the router's config file.
     Reload,
+    /// Move a unit (one tenant, or hash buckets) of a distribution to another shard while
+    /// routers keep serving it: copy, catch up, fence, switch, verify, clean up.
+    /// Exit status: 0 done, 2 refused or aborted (no trace left), 3 switched but verification failed.
+    Move(MoveArgs),
+}
+
+#[derive(clap::Args)]
+struct MoveArgs {
+    /// The distribution the unit belongs to.
+    #[arg(long)]
+    distribution: String,
+    /// Move this tenant (tenant distributions).
+    #[arg(long, conflicts_with = "buckets", required_unless_present = "buckets")]
+    tenant: Option<String>,
+    /// Move these buckets, e.g. `0-255,1024`.
+    #[arg(long)]
+    buckets: Option<String>,
+    /// Target shard.
+    #[arg(long)]
+    to: usize,
+    /// The routers' config file: shard addresses and server credentials.
+    #[arg(long, env = "PGSHARD_CONFIG")]
+    config: std::path::PathBuf,
+    /// Sharded database to move rows in (default: the first sharded database of the config).
+    #[arg(long)]
+    database: Option<String>,
+    /// Server user to connect as (needs REPLICATION and ownership of the tables; default: the
+    /// config's first user).
+    #[arg(long)]
+    server_user: Option<String>,
+    /// How long routers may take to acknowledge each map version.
+    #[arg(long, default_value = "30s")]
+    ack_timeout: humantime::Duration,
+    /// Test-only negative control: switch without waiting for the fence marker.
+    #[arg(long, hide = true)]
+    unsafe_skip_marker_wait: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -60,6 +96,10 @@ async fn main() -> anyhow::Result<()> {
             console(&cli).await?.simple_query("RELOAD").await?;
             println!("reloaded");
         }
+        Command::Move(args) => {
+            let dsn = cli.catalog.as_deref().context("shardctl move needs --catalog (or PGSHARD_CATALOG)")?;
+            std::process::exit(run_move(dsn, &args, cli.json).await?);
+        }
         Command::Map => {
             let dsn = cli.catalog.as_deref().context("shardctl map needs --catalog (or PGSHARD_CATALOG)")?;
             let (cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
@@ -69,6 +109,101 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a move; returns the exit status.
+async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32> {
+    use pgshard::rebalance::{self, MoveError, MoveRequest, ShardLink, UnitSpec};
+    let cfg = pgshard::config::Config::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
+    let db = match &args.database {
+        Some(d) => cfg.database(d).with_context(|| format!("database {d} is not in the config"))?,
+        None => cfg.databases.iter().find(|d| d.sharded).context("the config has no sharded database")?,
+    };
+    let user = match &args.server_user {
+        Some(u) => cfg.users.iter().find(|x| &x.name == u).with_context(|| format!("user {u} is not in the config"))?,
+        None => cfg.users.first().context("the config has no users")?,
+    };
+    let password = pgshard::app::server_password(user);
+    let database = db.server_database.clone().unwrap_or_else(|| db.name.clone());
+    let mut shards = Vec::new();
+    for s in &cfg.shards {
+        let (host, port) = pgshard::config::split_host_port(&s.primary).with_context(|| format!("bad shard address {}", s.primary))?;
+        let pw = password.as_deref().map(|p| format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))).unwrap_or_default();
+        shards.push(ShardLink {
+            dsn: format!("host={host} port={port} user='{}' dbname='{database}'{pw}", user.name),
+            connect: pgshard::backend::ConnectParams {
+                host,
+                port,
+                user: user.name.clone(),
+                database: database.clone(),
+                password: password.clone(),
+                connect_timeout: cfg.general.server_connect_timeout,
+                max_message_size: cfg.general.max_message_size,
+            },
+        });
+    }
+    let unit = match (&args.tenant, &args.buckets) {
+        (Some(t), _) => UnitSpec::Tenant(t.clone()),
+        (None, Some(b)) => UnitSpec::Buckets(parse_buckets(b)?),
+        (None, None) => anyhow::bail!("name a --tenant or --buckets"),
+    };
+    let req = MoveRequest {
+        distribution: args.distribution.clone(),
+        unit,
+        target: args.to,
+        ack_timeout: args.ack_timeout.into(),
+        skip_marker_wait: args.unsafe_skip_marker_wait,
+    };
+    let (mut cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+    cat.migrate().await?;
+    let quiet = json;
+    let progress = move |line: &str| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    match rebalance::run(&cat, &shards, &req, &progress).await {
+        Ok(r) => {
+            let cols = ["move", "source", "target", "rows_copied", "bytes_copied", "copy_ms", "changes_applied", "catchup_ms", "pause_ms", "fence_ack_ms", "marker_ms", "groups_verified", "rows_verified", "rows_deleted_on_source"].map(String::from);
+            let vals = vec![
+                r.id.to_string(),
+                r.source.to_string(),
+                r.target.to_string(),
+                r.rows_copied.to_string(),
+                r.bytes_copied.to_string(),
+                r.copy_ms.to_string(),
+                r.changes_applied.to_string(),
+                r.catchup_ms.to_string(),
+                format!("{:.1}", r.pause_ms),
+                format!("{:.1}", r.fence_ack_ms),
+                format!("{:.1}", r.marker_ms),
+                r.groups_verified.to_string(),
+                r.rows_verified.to_string(),
+                r.rows_deleted_on_source.to_string(),
+            ];
+            print_rows("move", &cols, &[vals], json);
+            Ok(0)
+        }
+        Err(e @ MoveError::Mismatch(_)) => {
+            eprintln!("shardctl move: {e}\nthe unit was switched; its rows are still on the source shard for inspection");
+            Ok(3)
+        }
+        Err(e) => {
+            eprintln!("shardctl move: {e}");
+            Ok(2)
+        }
+    }
+}
+
+/// `0-255,1024` → [[0, 255], [1024, 1024]].
+fn parse_buckets(s: &str) -> anyhow::Result<Vec<[u32; 2]>> {
+    s.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            Ok([a.trim().parse().with_context(|| format!("bad bucket {a}"))?, b.trim().parse().with_context(|| format!("bad bucket {b}"))?])
+        })
+        .collect()
 }
 
 /// The admin console of the router named on the command line.

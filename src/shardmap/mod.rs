@@ -304,6 +304,20 @@ impl ShardMap {
         })
     }
 
+    /// Tables placed by distribution `dist`, with their key columns, sorted by name.
+    pub fn tables_of(&self, dist: usize) -> Vec<(String, String)> {
+        let mut out: Vec<_> = self
+            .tables
+            .iter()
+            .filter_map(|(name, rule)| match rule {
+                TableRule::Sharded { dist: d, column, .. } if *d == dist => Some((name.clone(), column.clone())),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The move in flight for a table, with the table's key column.
     pub fn motion_of(&self, table: &str) -> Option<(&motion::Motion, &str)> {
         if self.motions.is_empty() {

@@ -120,7 +120,7 @@ impl Harness {
         let dir = std::env::temp_dir().join("pgshard-test-core");
         let mut spec = ClusterSpec::new(2, 1, dir.join("pg"));
         spec.users = vec![("app".into(), APP_PW.into()), ("admin".into(), "admin-secret".into())];
-        spec.databases = vec!["app".into(), "shop".into(), "bench".into(), "catalog".into()];
+        spec.databases = vec!["app".into(), "shop".into(), "bench".into(), "catalog".into(), "movecat".into()];
         // Per-user server authentication methods, to test pgshard's side of each.
         spec.extra_hba = vec![
             "host all md5user 127.0.0.1/32 md5".into(),

@@ -7,6 +7,7 @@ mod harness;
 mod ops;
 mod pooling;
 mod protocol;
+mod rebalance;
 mod replicas;
 mod sharding;
 
@@ -36,6 +37,7 @@ fn main() {
     trials.extend(sharding::trials());
     trials.extend(replicas::trials());
     trials.extend(catalog::trials());
+    trials.extend(rebalance::trials());
     if args.list {
         libtest_mimic::run(&args, trials).exit();
     }

@@ -1,0 +1,511 @@
+//! The mover behind `shardctl move`: carries one unit (a tenant, or a set of hash buckets) of a
+//! distribution from its shard to another while routers keep serving it. Steps, each published
+//! to every router through the catalog (docs/rebalancing.md):
+//! validate → map with the move (copying) → publication + slot + snapshot copy → catch-up →
+//! fence (routers drain and hold the unit) → marker → switch → verify → cleanup.
+//! Control plane only: tokio-postgres and a replication connection, never the data path.
+
+pub mod apply;
+pub mod copy;
+pub mod stream;
+
+use crate::backend::{BackendError, ConnectParams};
+use crate::catalog::{Catalog, CatalogError};
+use crate::shardmap::config::{BucketRange, MoveConfig, MovePhase, ShardingConfig};
+use crate::shardmap::{Located, ShardMap, Strategy};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use stream::{ChangeStream, Event};
+use tokio_postgres::{Client, NoTls};
+
+/// Why a move stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("replication stream: {0}")]
+    Stream(String),
+    #[error("verification failed: {0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How the mover reaches one shard's primary.
+#[derive(Debug, Clone)]
+pub struct ShardLink {
+    /// libpq-style connection string for ordinary connections.
+    pub dsn: String,
+    /// The same server for the replication connection.
+    pub connect: ConnectParams,
+}
+
+/// What to move.
+#[derive(Debug, Clone)]
+pub enum UnitSpec {
+    Tenant(String),
+    /// Inclusive bucket ranges.
+    Buckets(Vec<[u32; 2]>),
+}
+
+/// A move as asked on the command line.
+#[derive(Debug, Clone)]
+pub struct MoveRequest {
+    pub distribution: String,
+    pub unit: UnitSpec,
+    pub target: usize,
+    /// How long every live router may take to acknowledge a map version.
+    pub ack_timeout: Duration,
+    /// Negative control for tests: switch without waiting for the marker (loses writes, which
+    /// verification must catch).
+    pub skip_marker_wait: bool,
+}
+
+/// What a finished move measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MoveReport {
+    pub id: u64,
+    pub source: usize,
+    pub target: usize,
+    pub rows_copied: u64,
+    pub bytes_copied: u64,
+    pub copy_ms: u64,
+    pub changes_applied: u64,
+    pub catchup_ms: u64,
+    /// Fence published → switch published: the longest any statement for the unit waited.
+    pub pause_ms: f64,
+    /// Parts of the pause: routers acknowledging the fence, then applying up to the marker.
+    pub fence_ack_ms: f64,
+    pub marker_ms: f64,
+    pub groups_verified: usize,
+    pub rows_verified: i64,
+    pub rows_deleted_on_source: u64,
+}
+
+/// Runs a move to the end (or aborts it, leaving no trace, if anything fails before the switch).
+pub async fn run(cat: &Catalog, shards: &[ShardLink], req: &MoveRequest, progress: &dyn Fn(&str)) -> Result<MoveReport, MoveError> {
+    let mut m = Mover::plan(cat, shards, req).await?;
+    progress(&format!("move {}: {} of {} from shard {} to shard {}", m.id, m.describe, req.distribution, m.source, m.target));
+    let r = m.before_switch(progress).await;
+    if let Err(e) = r {
+        progress(&format!("move {}: {e}; aborting", m.id));
+        m.abort().await;
+        return Err(e);
+    }
+    // Switched: from here on the target serves the unit, so failures never undo the copy.
+    let src = connect(&shards[m.source].dsn).await?;
+    if let Err(e) = m.verify(&src).await {
+        m.drop_replication(&src).await;
+        return Err(e);
+    }
+    m.after_switch(&src, progress).await?;
+    Ok(m.report)
+}
+
+struct Mover<'a> {
+    cat: &'a Catalog,
+    shards: &'a [ShardLink],
+    req: &'a MoveRequest,
+    id: u64,
+    source: usize,
+    target: usize,
+    describe: String,
+    config: MoveConfig,
+    /// Tables of the distribution with their unit predicate and per-bucket grouping.
+    tables: Vec<(String, String, String)>,
+    key_columns: HashMap<String, String>,
+    moving: Arc<ShardMap>,
+    published: bool,
+    slot: Option<String>,
+    stream: Option<ChangeStream>,
+    applier: Option<apply::Applier>,
+    /// A target connection holding a snapshot taken just before the switch.
+    at_switch: Option<Client>,
+    report: MoveReport,
+}
+
+impl<'a> Mover<'a> {
+    /// Checks the request against the current map and records the move in the catalog.
+    async fn plan(cat: &'a Catalog, shards: &'a [ShardLink], req: &'a MoveRequest) -> Result<Mover<'a>, MoveError> {
+        let base = cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
+        let map = ShardMap::build(&base.sharding, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?;
+        if !map.motions.is_empty() {
+            return Err(MoveError::Refused(format!("move {} is still in flight; finish or abort it first", map.motions[0].id)));
+        }
+        let dist = map
+            .distributions
+            .iter()
+            .position(|d| d.name == req.distribution)
+            .ok_or_else(|| MoveError::Refused(format!("no distribution named {}", req.distribution)))?;
+        let source = match &req.unit {
+            UnitSpec::Tenant(t) => {
+                let k = map.parse_key(dist, t.as_bytes()).map_err(|e| MoveError::Refused(e.to_string()))?;
+                match map.locate(dist, &k, None).map_err(|e| MoveError::Refused(e.to_string()))? {
+                    Located::One(s) => s,
+                    Located::Group(_) => return Err(MoveError::Refused("geo units cannot move yet".into())),
+                }
+            }
+            UnitSpec::Buckets(r) => match (&map.distributions[dist].strategy, r.first()) {
+                (Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. }, Some(&[lo, _])) if (lo as usize) < bucket_shard.len() => {
+                    bucket_shard[lo as usize]
+                }
+                _ => return Err(MoveError::Refused("bucket units need a hash or tenant distribution and valid bucket ranges".into())),
+            },
+        };
+        if req.target >= shards.len() || req.target == source {
+            return Err(MoveError::Refused(format!("target shard {} must be another existing shard (the unit is on {source})", req.target)));
+        }
+        let row = cat
+            .client()
+            .query_one(
+                "INSERT INTO pgshard.moves (distribution, unit, source, target, state) VALUES ($1, $2, $3, $4, 'planned') RETURNING id",
+                &[&req.distribution, &format!("{:?}", req.unit), &(source as i32), &(req.target as i32)],
+            )
+            .await
+            .map_err(CatalogError::from)?;
+        let id = row.get::<_, i64>(0) as u64;
+        let config = MoveConfig {
+            id,
+            distribution: req.distribution.clone(),
+            tenant: match &req.unit {
+                UnitSpec::Tenant(t) => Some(t.clone()),
+                UnitSpec::Buckets(_) => None,
+            },
+            buckets: match &req.unit {
+                UnitSpec::Buckets(r) => r.clone(),
+                UnitSpec::Tenant(_) => vec![],
+            },
+            source,
+            target: req.target,
+            phase: MovePhase::Copying,
+        };
+        let mut with = base.sharding.clone();
+        with.moves.push(config.clone());
+        let moving = Arc::new(ShardMap::build(&with, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?);
+        let motion = &moving.motions[0];
+        let d = &moving.distributions[dist];
+        let group = match &req.unit {
+            UnitSpec::Tenant(_) => "0".to_string(),
+            UnitSpec::Buckets(_) => String::new(),
+        };
+        let mut tables = Vec::new();
+        let mut key_columns = HashMap::new();
+        for (name, column) in moving.tables_of(dist) {
+            let pred = motion.predicate_sql(&column, &d.key_type, moving.buckets).ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
+            let g = if group.is_empty() { crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets).unwrap_or_else(|| "0".into()) } else { group.clone() };
+            key_columns.insert(name.clone(), column);
+            tables.push((name, pred, g));
+        }
+        if tables.is_empty() {
+            return Err(MoveError::Refused(format!("no table is placed by distribution {}", req.distribution)));
+        }
+        let describe = motion.describe();
+        Ok(Mover {
+            cat,
+            shards,
+            req,
+            id,
+            source,
+            target: req.target,
+            describe,
+            config,
+            tables,
+            key_columns,
+            moving,
+            published: false,
+            slot: None,
+            stream: None,
+            applier: None,
+            at_switch: None,
+            report: MoveReport { id, source, target: req.target, ..Default::default() },
+        })
+    }
+
+    fn name(&self) -> String {
+        format!("pgshard_move_{}", self.id)
+    }
+
+    async fn state(&self, state: &str, detail: &str) {
+        let _ = self
+            .cat
+            .client()
+            .execute("UPDATE pgshard.moves SET state = $2, detail = $3, updated_at = now() WHERE id = $1", &[&(self.id as i64), &state, &detail])
+            .await;
+    }
+
+    /// Publishes the latest map changed by `edit`, retrying if another writer got in first.
+    async fn publish(&self, note: &str, edit: impl Fn(&mut ShardingConfig)) -> Result<u64, MoveError> {
+        for _ in 0..5 {
+            let latest = self.cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog lost its map".into()))?;
+            let mut next = latest.sharding.clone();
+            edit(&mut next);
+            match self.cat.publish_map(latest.version, &next, latest.shards, note).await {
+                Ok(v) => return Ok(v),
+                Err(CatalogError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(MoveError::Refused("the catalog map keeps changing under the move".into()))
+    }
+
+    /// Waits until every router holding a live lease serves version `v` or later.
+    async fn acks(&self, v: u64) -> Result<(), MoveError> {
+        let deadline = Instant::now() + self.req.ack_timeout;
+        loop {
+            let routers = self.cat.routers().await?;
+            let behind: Vec<String> = routers.iter().filter(|r| r.lease_left > 0.0 && r.acked_version < v).map(|r| r.router_id.clone()).collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(MoveError::Refused(format!(
+                    "routers {} did not acknowledge map version {v} within {:?} (long transactions, or unreachable routers)",
+                    behind.join(", "),
+                    self.req.ack_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn before_switch(&mut self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+        let mut src = connect(&self.shards[self.source].dsn).await?;
+        let tgt = connect(&self.shards[self.target].dsn).await?;
+        // A declared table the source does not have holds none of the unit's rows.
+        let mut present = Vec::new();
+        for t in std::mem::take(&mut self.tables) {
+            if copy::exists(&src, &t.0).await? {
+                present.push(t);
+            } else {
+                progress(&format!("move {}: table {} does not exist on shard {}; nothing of it to move", self.id, t.0, self.source));
+            }
+        }
+        if present.is_empty() {
+            return Err(MoveError::Refused(format!("no table of distribution {} exists on shard {}", self.req.distribution, self.source)));
+        }
+        self.tables = present;
+        for (table, _, _) in &self.tables {
+            copy::validate(&src, &tgt, table, &self.key_columns[table]).await?;
+        }
+        // Routers must hide the target's copy from key-less statements before rows arrive.
+        let cfg = self.config.clone();
+        let v = self.publish(&format!("move {}: copying", self.id), |s| s.moves.push(cfg.clone())).await?;
+        self.published = true;
+        self.acks(v).await?;
+        self.state("copying", "").await;
+        tgt.batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgshard; CREATE TABLE IF NOT EXISTS pgshard.move_progress \
+             (move_id bigint PRIMARY KEY, applied_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        for (table, pred, _) in &self.tables {
+            copy::delete_unit(&tgt, table, pred, 10_000).await?;
+        }
+        let filters: Result<Vec<String>, MoveError> =
+            self.tables.iter().map(|(t, p, _)| Ok(format!("{} WHERE ({p})", apply::table_ident(t)?))).collect();
+        src.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", self.name(), filters?.join(", "))).await?;
+        let mut repl = stream::ReplicationConn::open(&self.shards[self.source].connect).await?;
+        let slot = repl.create_slot(&self.name()).await?;
+        self.slot = Some(slot.name.clone());
+        let t = Instant::now();
+        for (table, pred, _) in &self.tables {
+            let (rows, bytes) = copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred).await?;
+            progress(&format!("move {}: copied {rows} rows ({bytes} bytes) of {table}", self.id));
+            self.report.rows_copied += rows;
+            self.report.bytes_copied += bytes;
+        }
+        self.report.copy_ms = t.elapsed().as_millis() as u64;
+        self.stream = Some(repl.start(&slot.name, slot.consistent_point, &self.name()).await?);
+        let moving = self.moving.clone();
+        let owns: apply::Owns = Box::new(move |_table, key| {
+            let m = &moving.motions[0];
+            let k = moving.parse_key(m.dist, key.as_bytes()).ok()?;
+            Some(m.owns(&k, moving.buckets))
+        });
+        self.applier = Some(apply::Applier::new(self.id, self.key_columns.clone(), owns, slot.consistent_point));
+
+        // Catch up until a probe marker comes back quickly: the target is close behind.
+        let t = Instant::now();
+        for round in 0.. {
+            let r = Instant::now();
+            self.marker(&src, &tgt, &format!("probe {round}")).await?;
+            if r.elapsed() < Duration::from_millis(200) || round >= 50 {
+                break;
+            }
+        }
+        self.report.catchup_ms = t.elapsed().as_millis() as u64;
+        progress(&format!("move {}: caught up ({} changes applied); fencing", self.id, self.applier.as_ref().map_or(0, |a| a.changes)));
+
+        let verify = connect(&self.shards[self.target].dsn).await?;
+        // Fence: routers hold new statements for the unit and drain what began before.
+        let fence_start = Instant::now();
+        let v = self.publish(&format!("move {}: fenced", self.id), |s| set_phase(s, self.id, MovePhase::Fenced)).await?;
+        self.state("fenced", "").await;
+        self.acks(v).await?;
+        self.report.fence_ack_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
+        let t = Instant::now();
+        if self.req.skip_marker_wait {
+            src.query_one("SELECT pg_logical_emit_message(true, $1, 'fence')", &[&self.name()]).await?;
+        } else {
+            self.marker(&src, &tgt, "fence").await?;
+        }
+        self.report.marker_ms = t.elapsed().as_secs_f64() * 1000.0;
+        // The target as of the switch, for verification after it.
+        verify.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1").await?;
+        let (target, unit) = (self.target, self.config.clone());
+        let owner = match &self.moving.distributions[self.moving.motions[0].dist].strategy {
+            Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => bucket_shard.clone(),
+            _ => vec![],
+        };
+        let id = self.id;
+        self.publish(&format!("move {id}: switched"), |s| switch(s, &unit, target, &owner)).await?;
+        self.report.pause_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
+        self.published = false;
+        self.state("switched", "").await;
+        progress(&format!("move {}: switched after a {:.1} ms pause; verifying", self.id, self.report.pause_ms));
+        self.report.changes_applied = self.applier.as_ref().map_or(0, |a| a.changes);
+        self.at_switch = Some(verify);
+        Ok(())
+    }
+
+    /// Emits a transactional marker on the source and applies the stream up to it.
+    async fn marker(&mut self, src: &Client, tgt: &Client, label: &str) -> Result<(), MoveError> {
+        src.query_one("SELECT pg_logical_emit_message(true, $1, $2::text)", &[&self.name(), &label]).await?;
+        let prefix = self.name();
+        let (Some(stream), Some(applier)) = (self.stream.as_mut(), self.applier.as_mut()) else {
+            return Err(MoveError::Stream("no stream".into()));
+        };
+        let mut seen = false;
+        loop {
+            if applier.pending() && !stream.buffered() {
+                applier.flush(tgt).await?;
+                stream.feedback(applier.applied).await?;
+            }
+            let ev = stream.next(applier.applied).await?;
+            if let Event::Message { prefix: p, content } = &ev {
+                seen |= *p == prefix && content == label.as_bytes();
+            }
+            let rel = match &ev {
+                Event::Insert { rel, .. } | Event::Update { rel, .. } | Event::Delete { rel, .. } => stream.relation(*rel),
+                _ => None,
+            };
+            applier.on_event(rel, &ev)?;
+            if seen && matches!(ev, Event::Commit { .. }) {
+                applier.flush(tgt).await?;
+                stream.feedback(applier.applied).await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Compares the unit on the source (frozen since the fence) with the target as of the switch.
+    async fn verify(&mut self, src: &Client) -> Result<(), MoveError> {
+        let verify = self.at_switch.take().ok_or_else(|| MoveError::Refused("no snapshot of the switch".into()))?;
+        let verify = &verify;
+        for (table, pred, group) in &self.tables {
+            let a = copy::fingerprint(src, table, pred, group).await?;
+            let b = copy::fingerprint(verify, table, pred, group).await?;
+            if a != b {
+                let bad: Vec<i64> = a.iter().filter(|x| !b.contains(x)).chain(b.iter().filter(|x| !a.contains(x))).map(|x| x.0).collect();
+                let detail = format!("table {table}: groups {bad:?} differ between source and target (source {} rows, target {} rows)",
+                    a.iter().map(|x| x.1).sum::<i64>(), b.iter().map(|x| x.1).sum::<i64>());
+                self.state("switched-unverified", &detail).await;
+                return Err(MoveError::Mismatch(detail));
+            }
+            self.report.groups_verified += a.len();
+            self.report.rows_verified += a.iter().map(|x| x.1).sum::<i64>();
+        }
+        Ok(())
+    }
+
+    /// After the switch: drop replication, delete the unit from the source, end the move.
+    async fn after_switch(&mut self, src: &Client, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+        self.drop_replication(src).await;
+        let v = self.cat.latest_map().await?.map_or(0, |m| m.version);
+        self.acks(v).await?;
+        for (table, pred, _) in &self.tables {
+            self.report.rows_deleted_on_source += copy::delete_unit(src, table, pred, 10_000).await?;
+        }
+        let id = self.id;
+        self.publish(&format!("move {id}: done"), |s| s.moves.retain(|m| m.id != id)).await?;
+        self.state("done", "").await;
+        progress(&format!("move {}: done; {} rows removed from shard {}", self.id, self.report.rows_deleted_on_source, self.source));
+        Ok(())
+    }
+
+    async fn drop_replication(&mut self, src: &Client) {
+        self.stream = None;
+        if let Some(slot) = self.slot.take() {
+            // The walsender lets go of the slot a moment after its connection closes.
+            for _ in 0..50 {
+                if src.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let _ = src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name())).await;
+    }
+
+    /// Undoes a move that has not switched: routers forget it, replication is dropped, and the
+    /// target's partial copy is deleted.
+    async fn abort(&mut self) {
+        let id = self.id;
+        if self.published {
+            let _ = self.publish(&format!("move {id}: aborted"), |s| s.moves.retain(|m| m.id != id)).await;
+        }
+        if let Ok(src) = connect(&self.shards[self.source].dsn).await {
+            self.drop_replication(&src).await;
+        }
+        if let Ok(tgt) = connect(&self.shards[self.target].dsn).await {
+            for (table, pred, _) in &self.tables {
+                let _ = copy::delete_unit(&tgt, table, pred, 10_000).await;
+            }
+        }
+        self.state("aborted", "").await;
+    }
+}
+
+fn set_phase(s: &mut ShardingConfig, id: u64, phase: MovePhase) {
+    for m in s.moves.iter_mut().filter(|m| m.id == id) {
+        m.phase = phase;
+    }
+}
+
+/// The map with the unit placed on `target` and the move marked switched; `owner` is the
+/// distribution's bucket → shard placement before the move.
+fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usize]) {
+    set_phase(s, unit.id, MovePhase::Switched);
+    let Some(d) = s.distributions.iter_mut().find(|d| d.name == unit.distribution) else { return };
+    if let Some(t) = &unit.tenant {
+        d.tenants.insert(t.clone(), target);
+        return;
+    }
+    let mut owner = owner.to_vec();
+    for &[lo, hi] in &unit.buckets {
+        for b in lo..=hi {
+            owner[b as usize] = target;
+        }
+    }
+    let mut ranges: Vec<BucketRange> = Vec::new();
+    for (b, &sh) in owner.iter().enumerate() {
+        match ranges.last_mut() {
+            Some(r) if r.shard == sh && r.to + 1 == b as u32 => r.to = b as u32,
+            _ => ranges.push(BucketRange { from: b as u32, to: b as u32, shard: sh }),
+        }
+    }
+    d.bucket_map = ranges;
+}
+
+async fn connect(dsn: &str) -> Result<Client, MoveError> {
+    let (c, conn) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
