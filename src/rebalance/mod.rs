@@ -352,7 +352,7 @@ impl<'a> Mover<'a> {
         self.report.fence_ack_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
         if self.req.skip_marker_wait {
-            src.query_one("SELECT pg_logical_emit_message(true, $1, 'fence')", &[&self.name()]).await?;
+            emit_marker(&src, &self.name(), "fence").await?;
         } else {
             self.marker(&src, &tgt, "fence").await?;
         }
@@ -377,7 +377,7 @@ impl<'a> Mover<'a> {
 
     /// Emits a transactional marker on the source and applies the stream up to it.
     async fn marker(&mut self, src: &Client, tgt: &Client, label: &str) -> Result<(), MoveError> {
-        src.query_one("SELECT pg_logical_emit_message(true, $1, $2::text)", &[&self.name(), &label]).await?;
+        emit_marker(src, &self.name(), label).await?;
         let prefix = self.name();
         let (Some(stream), Some(applier)) = (self.stream.as_mut(), self.applier.as_mut()) else {
             return Err(MoveError::Stream("no stream".into()));
@@ -502,6 +502,18 @@ fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usi
         }
     }
     d.bucket_map = ranges;
+}
+
+/// Writes a transactional marker into the source's WAL. Its commit flushes the WAL even where
+/// `synchronous_commit = off` (the walsender only sends flushed WAL; otherwise the marker would
+/// wait for the WAL writer, up to `wal_writer_delay`, inside the write pause).
+async fn emit_marker(src: &Client, prefix: &str, label: &str) -> Result<(), MoveError> {
+    src.batch_execute(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, '{prefix}', '{}'); COMMIT",
+        label.replace('\'', "''")
+    ))
+    .await?;
+    Ok(())
 }
 
 async fn connect(dsn: &str) -> Result<Client, MoveError> {
