@@ -136,14 +136,14 @@ impl<'a> Mover<'a> {
     async fn plan(cat: &'a Catalog, shards: &'a [ShardLink], req: &'a MoveRequest) -> Result<Mover<'a>, MoveError> {
         let base = cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
         let map = ShardMap::build(&base.sharding, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?;
-        if !map.motions.is_empty() {
-            return Err(MoveError::Refused(format!("move {} is still in flight; finish or abort it first", map.motions[0].id)));
-        }
         let dist = map
             .distributions
             .iter()
             .position(|d| d.name == req.distribution)
             .ok_or_else(|| MoveError::Refused(format!("no distribution named {}", req.distribution)))?;
+        if let Some(m) = map.motions.iter().find(|m| m.dist == dist) {
+            return Err(MoveError::Refused(format!("move {} of {} is still in flight; finish or abort it first", m.id, req.distribution)));
+        }
         let source = match &req.unit {
             UnitSpec::Tenant(t) => {
                 let k = map.parse_key(dist, t.as_bytes()).map_err(|e| MoveError::Refused(e.to_string()))?;
@@ -189,7 +189,7 @@ impl<'a> Mover<'a> {
         let mut with = base.sharding.clone();
         with.moves.push(config.clone());
         let moving = Arc::new(ShardMap::build(&with, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?);
-        let motion = &moving.motions[0];
+        let motion = moving.motions.iter().find(|m| m.id == id).ok_or_else(|| MoveError::Refused("the move did not make it into the map".into()))?;
         let d = &moving.distributions[dist];
         let group = match &req.unit {
             UnitSpec::Tenant(_) => "0".to_string(),
@@ -324,8 +324,9 @@ impl<'a> Mover<'a> {
         self.report.copy_ms = t.elapsed().as_millis() as u64;
         self.stream = Some(repl.start(&slot.name, slot.consistent_point, &self.name()).await?);
         let moving = self.moving.clone();
+        let id = self.id;
         let owns: apply::Owns = Box::new(move |_table, key| {
-            let m = &moving.motions[0];
+            let m = moving.motions.iter().find(|m| m.id == id)?;
             let k = moving.parse_key(m.dist, key.as_bytes()).ok()?;
             Some(m.owns(&k, moving.buckets))
         });
@@ -360,7 +361,8 @@ impl<'a> Mover<'a> {
         // The target as of the switch, for verification after it.
         verify.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1").await?;
         let (target, unit) = (self.target, self.config.clone());
-        let owner = match &self.moving.distributions[self.moving.motions[0].dist].strategy {
+        let dist = self.moving.distributions.iter().position(|d| d.name == self.req.distribution).unwrap_or(0);
+        let owner = match &self.moving.distributions[dist].strategy {
             Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => bucket_shard.clone(),
             _ => vec![],
         };
