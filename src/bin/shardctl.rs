@@ -42,8 +42,42 @@ enum Command {
     Reload,
     /// Move a unit (one tenant, or hash buckets) of a distribution to another shard while
     /// routers keep serving it: copy, catch up, fence, switch, verify, clean up.
-    /// Exit status: 0 done, 2 refused or aborted (no trace left), 3 switched but verification failed.
+    /// Exit status: 0 done, 2 refused or aborted (no trace left), 3 switched but verification
+    /// failed, 4 stopped by a test hook.
     Move(MoveArgs),
+    /// Undo a move that stopped before its switch (e.g. shardctl was killed): routers forget it,
+    /// its slot and publication are dropped, the target's partial copy is deleted.
+    Abort {
+        /// The move's id (shardctl status lists moves in flight).
+        id: u64,
+        #[command(flatten)]
+        shards: ShardArgs,
+    },
+    /// Complete a move that stopped after its switch: drop replication, delete the unit from
+    /// the source, remove the move from the map.
+    Resume {
+        id: u64,
+        #[command(flatten)]
+        shards: ShardArgs,
+    },
+}
+
+/// Where the shards are and how to log in to them.
+#[derive(clap::Args)]
+struct ShardArgs {
+    /// The routers' config file: shard addresses and server credentials.
+    #[arg(long, env = "PGSHARD_CONFIG")]
+    config: std::path::PathBuf,
+    /// Sharded database to move rows in (default: the first sharded database of the config).
+    #[arg(long)]
+    database: Option<String>,
+    /// Server user to connect as (needs REPLICATION and ownership of the tables; default: the
+    /// config's first user).
+    #[arg(long)]
+    server_user: Option<String>,
+    /// How long routers may take to acknowledge each map version.
+    #[arg(long, default_value = "30s")]
+    ack_timeout: humantime::Duration,
 }
 
 #[derive(clap::Args)]
@@ -60,27 +94,20 @@ struct MoveArgs {
     /// Target shard.
     #[arg(long)]
     to: usize,
-    /// The routers' config file: shard addresses and server credentials.
-    #[arg(long, env = "PGSHARD_CONFIG")]
-    config: std::path::PathBuf,
-    /// Sharded database to move rows in (default: the first sharded database of the config).
-    #[arg(long)]
-    database: Option<String>,
-    /// Server user to connect as (needs REPLICATION and ownership of the tables; default: the
-    /// config's first user).
-    #[arg(long)]
-    server_user: Option<String>,
-    /// How long routers may take to acknowledge each map version.
-    #[arg(long, default_value = "30s")]
-    ack_timeout: humantime::Duration,
+    #[command(flatten)]
+    shards: ShardArgs,
     /// Test-only negative control: switch without waiting for the fence marker.
     #[arg(long, hide = true)]
     unsafe_skip_marker_wait: bool,
+    /// Test-only: stop as if killed once this phase is published (copying, fenced, switched).
+    #[arg(long, hide = true)]
+    unsafe_stop_after: Option<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let abort = matches!(cli.command, Command::Abort { .. });
     match cli.command {
         Command::Status => {
             let client = console(&cli).await?;
@@ -100,6 +127,21 @@ async fn main() -> anyhow::Result<()> {
             let dsn = cli.catalog.as_deref().context("shardctl move needs --catalog (or PGSHARD_CATALOG)")?;
             std::process::exit(run_move(dsn, &args, cli.json).await?);
         }
+        Command::Abort { id, shards } | Command::Resume { id, shards } => {
+            let dsn = cli.catalog.as_deref().context("shardctl abort/resume needs --catalog (or PGSHARD_CATALOG)")?;
+            let links = shard_links(&shards)?;
+            let (cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+            let progress = |line: &str| eprintln!("{line}");
+            let r = if abort {
+                pgshard::rebalance::abort(&cat, &links, id, shards.ack_timeout.into(), &progress).await.map(|_| ())
+            } else {
+                pgshard::rebalance::resume(&cat, &links, id, shards.ack_timeout.into(), &progress).await.map(|_| ())
+            };
+            if let Err(e) = r {
+                eprintln!("shardctl: {e}");
+                std::process::exit(2);
+            }
+        }
         Command::Map => {
             let dsn = cli.catalog.as_deref().context("shardctl map needs --catalog (or PGSHARD_CATALOG)")?;
             let (cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
@@ -113,35 +155,9 @@ async fn main() -> anyhow::Result<()> {
 
 /// Runs a move; returns the exit status.
 async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32> {
-    use pgshard::rebalance::{self, MoveError, MoveRequest, ShardLink, UnitSpec};
-    let cfg = pgshard::config::Config::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
-    let db = match &args.database {
-        Some(d) => cfg.database(d).with_context(|| format!("database {d} is not in the config"))?,
-        None => cfg.databases.iter().find(|d| d.sharded).context("the config has no sharded database")?,
-    };
-    let user = match &args.server_user {
-        Some(u) => cfg.users.iter().find(|x| &x.name == u).with_context(|| format!("user {u} is not in the config"))?,
-        None => cfg.users.first().context("the config has no users")?,
-    };
-    let password = pgshard::app::server_password(user);
-    let database = db.server_database.clone().unwrap_or_else(|| db.name.clone());
-    let mut shards = Vec::new();
-    for s in &cfg.shards {
-        let (host, port) = pgshard::config::split_host_port(&s.primary).with_context(|| format!("bad shard address {}", s.primary))?;
-        let pw = password.as_deref().map(|p| format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))).unwrap_or_default();
-        shards.push(ShardLink {
-            dsn: format!("host={host} port={port} user='{}' dbname='{database}'{pw}", user.name),
-            connect: pgshard::backend::ConnectParams {
-                host,
-                port,
-                user: user.name.clone(),
-                database: database.clone(),
-                password: password.clone(),
-                connect_timeout: cfg.general.server_connect_timeout,
-                max_message_size: cfg.general.max_message_size,
-            },
-        });
-    }
+    use pgshard::rebalance::{self, MoveError, MoveRequest, UnitSpec};
+    use pgshard::shardmap::config::MovePhase;
+    let shards = shard_links(&args.shards)?;
     let unit = match (&args.tenant, &args.buckets) {
         (Some(t), _) => UnitSpec::Tenant(t.clone()),
         (None, Some(b)) => UnitSpec::Buckets(parse_buckets(b)?),
@@ -151,8 +167,15 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
         distribution: args.distribution.clone(),
         unit,
         target: args.to,
-        ack_timeout: args.ack_timeout.into(),
+        ack_timeout: args.shards.ack_timeout.into(),
         skip_marker_wait: args.unsafe_skip_marker_wait,
+        stop_after: match args.unsafe_stop_after.as_deref() {
+            None => None,
+            Some("copying") => Some(MovePhase::Copying),
+            Some("fenced") => Some(MovePhase::Fenced),
+            Some("switched") => Some(MovePhase::Switched),
+            Some(other) => anyhow::bail!("unknown phase {other}"),
+        },
     };
     let (mut cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
     cat.migrate().await?;
@@ -184,6 +207,10 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             print_rows("move", &cols, &[vals], json);
             Ok(0)
         }
+        Err(e @ MoveError::Stopped(_)) => {
+            eprintln!("shardctl move: {e}");
+            Ok(4)
+        }
         Err(e @ MoveError::Mismatch(_)) => {
             eprintln!("shardctl move: {e}\nthe unit was switched; its rows are still on the source shard for inspection");
             Ok(3)
@@ -193,6 +220,39 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             Ok(2)
         }
     }
+}
+
+/// How to reach each shard's primary, from the routers' config file.
+fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::ShardLink>> {
+    let cfg = pgshard::config::Config::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
+    let db = match &args.database {
+        Some(d) => cfg.database(d).with_context(|| format!("database {d} is not in the config"))?,
+        None => cfg.databases.iter().find(|d| d.sharded).context("the config has no sharded database")?,
+    };
+    let user = match &args.server_user {
+        Some(u) => cfg.users.iter().find(|x| &x.name == u).with_context(|| format!("user {u} is not in the config"))?,
+        None => cfg.users.first().context("the config has no users")?,
+    };
+    let password = pgshard::app::server_password(user);
+    let database = db.server_database.clone().unwrap_or_else(|| db.name.clone());
+    let mut shards = Vec::new();
+    for s in &cfg.shards {
+        let (host, port) = pgshard::config::split_host_port(&s.primary).with_context(|| format!("bad shard address {}", s.primary))?;
+        let pw = password.as_deref().map(|p| format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))).unwrap_or_default();
+        shards.push(pgshard::rebalance::ShardLink {
+            dsn: format!("host={host} port={port} user='{}' dbname='{database}'{pw}", user.name),
+            connect: pgshard::backend::ConnectParams {
+                host,
+                port,
+                user: user.name.clone(),
+                database: database.clone(),
+                password: password.clone(),
+                connect_timeout: cfg.general.server_connect_timeout,
+                max_message_size: cfg.general.max_message_size,
+            },
+        });
+    }
+    Ok(shards)
 }
 
 /// `0-255,1024` → [[0, 255], [1024, 1024]].
@@ -247,6 +307,18 @@ async fn catalog_status(dsn: &str, json: bool) -> anyhow::Result<()> {
     let built = ShardMap::build(&map.sharding, map.shards, map.version)?;
     let cols = ["distribution", "strategy", "shard", "units"].map(String::from);
     print_rows("units", &cols, &units(&built), json);
+    let mut moves = Vec::new();
+    for m in &built.motions {
+        let state: Option<String> = cat
+            .client()
+            .query_opt("SELECT state || CASE WHEN detail = '' THEN '' ELSE ': ' || detail END FROM pgshard.moves WHERE id = $1", &[&(m.id as i64)])
+            .await?
+            .map(|r| r.get(0));
+        let dist = &built.distributions[m.dist].name;
+        moves.push(vec![m.id.to_string(), dist.clone(), m.describe(), m.source.to_string(), m.target.to_string(), format!("{:?}", m.phase).to_lowercase(), state.unwrap_or_default()]);
+    }
+    let cols = ["move", "distribution", "unit", "source", "target", "phase", "state"].map(String::from);
+    print_rows("moves in flight", &cols, &moves, json);
     Ok(())
 }
 

@@ -36,6 +36,9 @@ pub enum MoveError {
     Catalog(#[from] CatalogError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The request asked to stop after a phase (tests simulate a crash of shardctl this way).
+    #[error("stopped after the {0:?} phase as asked; the move stays in flight")]
+    Stopped(MovePhase),
 }
 
 /// How the mover reaches one shard's primary.
@@ -66,6 +69,8 @@ pub struct MoveRequest {
     /// Negative control for tests: switch without waiting for the marker (loses writes, which
     /// verification must catch).
     pub skip_marker_wait: bool,
+    /// Tests: stop (as if shardctl crashed) once this phase is published.
+    pub stop_after: Option<MovePhase>,
 }
 
 /// What a finished move measured.
@@ -91,9 +96,12 @@ pub struct MoveReport {
 
 /// Runs a move to the end (or aborts it, leaving no trace, if anything fails before the switch).
 pub async fn run(cat: &Catalog, shards: &[ShardLink], req: &MoveRequest, progress: &dyn Fn(&str)) -> Result<MoveReport, MoveError> {
-    let mut m = Mover::plan(cat, shards, req).await?;
+    let mut m = Mover::plan(cat, shards, req.clone()).await?;
     progress(&format!("move {}: {} of {} from shard {} to shard {}", m.id, m.describe, req.distribution, m.source, m.target));
     let r = m.before_switch(progress).await;
+    if let Err(e @ MoveError::Stopped(_)) = r {
+        return Err(e);
+    }
     if let Err(e) = r {
         progress(&format!("move {}: {e}; aborting", m.id));
         m.abort().await;
@@ -105,6 +113,40 @@ pub async fn run(cat: &Catalog, shards: &[ShardLink], req: &MoveRequest, progres
         m.drop_replication(&src).await;
         return Err(e);
     }
+    if m.req.stop_after == Some(MovePhase::Switched) {
+        return Err(MoveError::Stopped(MovePhase::Switched));
+    }
+    m.after_switch(&src, progress).await?;
+    Ok(m.report)
+}
+
+/// Undoes a move that stopped before its switch (shardctl died, or was killed): routers forget
+/// it, its slot and publication are dropped, the target's partial copy deleted.
+pub async fn abort(cat: &Catalog, shards: &[ShardLink], id: u64, ack_timeout: Duration, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+    let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
+    if m.config.phase == MovePhase::Switched {
+        return Err(MoveError::Refused(format!(
+            "move {id} has switched: shard {} serves the unit now; `shardctl resume {id}` completes it (undoing a switched move needs reverse replication, not built yet)",
+            m.target
+        )));
+    }
+    m.abort().await;
+    progress(&format!("move {id}: aborted; the unit stays on shard {}", m.source));
+    Ok(())
+}
+
+/// Completes a move that stopped after its switch: replication dropped, the unit deleted from
+/// the source, the move removed from the map.
+pub async fn resume(cat: &Catalog, shards: &[ShardLink], id: u64, ack_timeout: Duration, progress: &dyn Fn(&str)) -> Result<MoveReport, MoveError> {
+    let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
+    if m.config.phase != MovePhase::Switched {
+        return Err(MoveError::Refused(format!(
+            "move {id} stopped before its switch ({:?}); `shardctl abort {id}` and move again (resuming a copy is not built yet)",
+            m.config.phase
+        )));
+    }
+    let src = connect(&shards[m.source].dsn).await?;
+    m.retain_existing(&src, progress).await?;
     m.after_switch(&src, progress).await?;
     Ok(m.report)
 }
@@ -112,7 +154,7 @@ pub async fn run(cat: &Catalog, shards: &[ShardLink], req: &MoveRequest, progres
 struct Mover<'a> {
     cat: &'a Catalog,
     shards: &'a [ShardLink],
-    req: &'a MoveRequest,
+    req: MoveRequest,
     id: u64,
     source: usize,
     target: usize,
@@ -133,7 +175,7 @@ struct Mover<'a> {
 
 impl<'a> Mover<'a> {
     /// Checks the request against the current map and records the move in the catalog.
-    async fn plan(cat: &'a Catalog, shards: &'a [ShardLink], req: &'a MoveRequest) -> Result<Mover<'a>, MoveError> {
+    async fn plan(cat: &'a Catalog, shards: &'a [ShardLink], req: MoveRequest) -> Result<Mover<'a>, MoveError> {
         let base = cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
         let map = ShardMap::build(&base.sharding, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?;
         let dist = map
@@ -188,32 +230,79 @@ impl<'a> Mover<'a> {
         };
         let mut with = base.sharding.clone();
         with.moves.push(config.clone());
-        let moving = Arc::new(ShardMap::build(&with, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?);
-        let motion = moving.motions.iter().find(|m| m.id == id).ok_or_else(|| MoveError::Refused("the move did not make it into the map".into()))?;
-        let d = &moving.distributions[dist];
-        let group = match &req.unit {
-            UnitSpec::Tenant(_) => "0".to_string(),
-            UnitSpec::Buckets(_) => String::new(),
+        Mover::assemble(cat, shards, req, config, &with, base.shards, base.version)
+    }
+
+    /// A move already in the catalog's map (for abort and resume).
+    async fn existing(cat: &'a Catalog, shards: &'a [ShardLink], id: u64, ack_timeout: Duration) -> Result<Mover<'a>, MoveError> {
+        let base = cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
+        let Some(config) = base.sharding.moves.iter().find(|m| m.id == id).cloned() else {
+            let state: Option<String> = cat
+                .client()
+                .query_opt("SELECT state FROM pgshard.moves WHERE id = $1", &[&(id as i64)])
+                .await
+                .map_err(CatalogError::from)?
+                .map(|r| r.get(0));
+            return Err(MoveError::Refused(match state {
+                Some(s) => format!("move {id} is not in flight (state {s})"),
+                None => format!("there is no move {id}"),
+            }));
         };
+        let req = MoveRequest {
+            distribution: config.distribution.clone(),
+            unit: match &config.tenant {
+                Some(t) => UnitSpec::Tenant(t.clone()),
+                None => UnitSpec::Buckets(config.buckets.clone()),
+            },
+            target: config.target,
+            ack_timeout,
+            skip_marker_wait: false,
+            stop_after: None,
+        };
+        let mut m = Mover::assemble(cat, shards, req, config, &base.sharding, base.shards, base.version)?;
+        m.published = true;
+        m.slot = Some(m.name());
+        Ok(m)
+    }
+
+    /// The mover's working state for `config` within the map `sharding` (which holds the move).
+    fn assemble(
+        cat: &'a Catalog,
+        shards: &'a [ShardLink],
+        req: MoveRequest,
+        config: MoveConfig,
+        sharding: &ShardingConfig,
+        nshards: usize,
+        version: u64,
+    ) -> Result<Mover<'a>, MoveError> {
+        let id = config.id;
+        let moving = Arc::new(ShardMap::build(sharding, nshards, version).map_err(|e| MoveError::Refused(e.to_string()))?);
+        let motion = moving.motions.iter().find(|m| m.id == id).ok_or_else(|| MoveError::Refused("the move did not make it into the map".into()))?;
+        let d = &moving.distributions[motion.dist];
         let mut tables = Vec::new();
         let mut key_columns = HashMap::new();
-        for (name, column) in moving.tables_of(dist) {
+        for (name, column) in moving.tables_of(motion.dist) {
             let pred = motion.predicate_sql(&column, &d.key_type, moving.buckets).ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
-            let g = if group.is_empty() { crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets).unwrap_or_else(|| "0".into()) } else { group.clone() };
+            // Verification compares per bucket, or the tenant as one group.
+            let g = match config.tenant {
+                Some(_) => "0".to_string(),
+                None => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets).unwrap_or_else(|| "0".into()),
+            };
             key_columns.insert(name.clone(), column);
             tables.push((name, pred, g));
         }
         if tables.is_empty() {
-            return Err(MoveError::Refused(format!("no table is placed by distribution {}", req.distribution)));
+            return Err(MoveError::Refused(format!("no table is placed by distribution {}", config.distribution)));
         }
         let describe = motion.describe();
+        let (source, target) = (config.source, config.target);
         Ok(Mover {
             cat,
             shards,
             req,
             id,
             source,
-            target: req.target,
+            target,
             describe,
             config,
             tables,
@@ -224,8 +313,25 @@ impl<'a> Mover<'a> {
             stream: None,
             applier: None,
             at_switch: None,
-            report: MoveReport { id, source, target: req.target, ..Default::default() },
+            report: MoveReport { id, source, target, ..Default::default() },
         })
+    }
+
+    /// Keeps the tables the source has (a declared table it lacks holds none of the unit).
+    async fn retain_existing(&mut self, src: &Client, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+        let mut present = Vec::new();
+        for t in std::mem::take(&mut self.tables) {
+            if copy::exists(src, &t.0).await? {
+                present.push(t);
+            } else {
+                progress(&format!("move {}: table {} does not exist on shard {}; nothing of it to move", self.id, t.0, self.source));
+            }
+        }
+        if present.is_empty() {
+            return Err(MoveError::Refused(format!("no table of distribution {} exists on shard {}", self.req.distribution, self.source)));
+        }
+        self.tables = present;
+        Ok(())
     }
 
     fn name(&self) -> String {
@@ -278,19 +384,7 @@ impl<'a> Mover<'a> {
     async fn before_switch(&mut self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
         let mut src = connect(&self.shards[self.source].dsn).await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
-        // A declared table the source does not have holds none of the unit's rows.
-        let mut present = Vec::new();
-        for t in std::mem::take(&mut self.tables) {
-            if copy::exists(&src, &t.0).await? {
-                present.push(t);
-            } else {
-                progress(&format!("move {}: table {} does not exist on shard {}; nothing of it to move", self.id, t.0, self.source));
-            }
-        }
-        if present.is_empty() {
-            return Err(MoveError::Refused(format!("no table of distribution {} exists on shard {}", self.req.distribution, self.source)));
-        }
-        self.tables = present;
+        self.retain_existing(&src, progress).await?;
         for (table, _, _) in &self.tables {
             copy::validate(&src, &tgt, table, &self.key_columns[table]).await?;
         }
@@ -342,6 +436,9 @@ impl<'a> Mover<'a> {
             }
         }
         self.report.catchup_ms = t.elapsed().as_millis() as u64;
+        if self.req.stop_after == Some(MovePhase::Copying) {
+            return Err(MoveError::Stopped(MovePhase::Copying));
+        }
         progress(&format!("move {}: caught up ({} changes applied); fencing", self.id, self.applier.as_ref().map_or(0, |a| a.changes)));
 
         let verify = connect(&self.shards[self.target].dsn).await?;
@@ -351,6 +448,9 @@ impl<'a> Mover<'a> {
         self.state("fenced", "").await;
         self.acks(v).await?;
         self.report.fence_ack_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
+        if self.req.stop_after == Some(MovePhase::Fenced) {
+            return Err(MoveError::Stopped(MovePhase::Fenced));
+        }
         let t = Instant::now();
         if self.req.skip_marker_wait {
             emit_marker(&src, &self.name(), "fence").await?;
@@ -447,7 +547,8 @@ impl<'a> Mover<'a> {
         if let Some(slot) = self.slot.take() {
             // The walsender lets go of the slot a moment after its connection closes.
             for _ in 0..50 {
-                if src.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+                let sql = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+                if src.execute(sql, &[&slot]).await.is_ok() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -103,16 +103,25 @@ fn shardctl_move(dsn: String, config: &std::path::Path, buckets: &str, to: usize
     std::process::Command::new(env!("CARGO_BIN_EXE_shardctl")).args(&args).output().expect("run shardctl")
 }
 
-/// Runs `shardctl move` while 8 writers (4 per router) work; returns its output and what the
-/// writers had acknowledged.
-async fn move_with_writers(
-    h: &Harness,
-    ports: [u16; 2],
-    config: &std::path::Path,
-    buckets: &str,
-    extra: &[&str],
-    base: i64,
-) -> Result<(std::process::Output, Vec<Result<Acked, String>>, u64), String> {
+/// A `shardctl abort|resume <id>` run.
+fn shardctl_then(dsn: String, config: &std::path::Path, verb: &str, id: u64) -> std::process::Output {
+    let args = ["--catalog".to_string(), dsn, verb.into(), id.to_string(), "--config".into(), config.display().to_string(), "--database".into(), "shop".into()];
+    std::process::Command::new(env!("CARGO_BIN_EXE_shardctl")).args(&args).output().expect("run shardctl")
+}
+
+/// What a move under writers produced.
+struct Run {
+    out: std::process::Output,
+    /// The `abort`/`resume` that followed, if asked.
+    then: Option<std::process::Output>,
+    acked: Vec<Result<Acked, String>>,
+    /// Writes acknowledged while shardctl ran.
+    during: u64,
+}
+
+/// Runs `shardctl move` (then, if asked, `shardctl abort|resume` of the move it left in flight)
+/// while 8 writers (4 per router) work.
+async fn move_with_writers(h: &Harness, ports: [u16; 2], config: &std::path::Path, buckets: &str, to: usize, extra: &[&str], then: Option<&str>, base: i64) -> Result<Run, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let during = Arc::new(AtomicU64::new(0));
     let moving = Arc::new(AtomicBool::new(false));
@@ -122,10 +131,18 @@ async fn move_with_writers(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     moving.store(true, Ordering::Relaxed);
-    let (dsn, config, buckets, extra) = (dsn(h), config.to_path_buf(), buckets.to_string(), extra.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    let out = tokio::task::spawn_blocking(move || shardctl_move(dsn, &config, &buckets, 1, &extra))
-    .await
-    .ctx("shardctl task")?;
+    let (d, cfg, buckets, extra) = (dsn(h), config.to_path_buf(), buckets.to_string(), extra.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let out = tokio::task::spawn_blocking(move || shardctl_move(d, &cfg, &buckets, to, &extra)).await.ctx("shardctl task")?;
+    let then = match then {
+        Some(verb) => {
+            let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
+            let map = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map")?;
+            let id = map.sharding.moves.iter().find(|m| m.distribution == "mv").ok_or("no move left in flight")?.id;
+            let (d, cfg, verb) = (dsn(h), config.to_path_buf(), verb.to_string());
+            Some(tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, &verb, id)).await.ctx("shardctl task")?)
+        }
+        None => None,
+    };
     moving.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -133,7 +150,38 @@ async fn move_with_writers(
     for t in tasks {
         acked.push(t.await.ctx("writer task")?);
     }
-    Ok((out, acked, during.load(Ordering::Relaxed)))
+    Ok(Run { out, then, acked, during: during.load(Ordering::Relaxed) })
+}
+
+/// Adds what the writers acknowledged to the ground truth (all must have succeeded).
+fn record(truth: &mut HashMap<i64, i32>, acked: Vec<Result<Acked, String>>) -> Result<(u64, u64), String> {
+    let (mut ops, mut retried) = (0, 0);
+    for a in acked {
+        let a = a?;
+        truth.extend(a.rows.iter().map(|(k, v)| (*k, *v)));
+        ops += a.ops;
+        retried += a.retried;
+    }
+    Ok((ops, retried))
+}
+
+/// No replication slot or publication of a move is left on any shard.
+async fn no_leftovers(h: &Harness) -> TestResult {
+    for s in 0..2 {
+        let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
+        let n = one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgshard_move_%') + (SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgshard_move_%')").await?;
+        ensure!(n == "0", "shard {s} keeps {n} slots/publications of moves");
+    }
+    Ok(())
+}
+
+/// The catalog's current map, built.
+async fn current_map(h: &Harness) -> Result<(ShardMap, usize, usize), String> {
+    let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
+    let row = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map")?;
+    let map = ShardMap::build(&row.sharding, row.shards, row.version).map_err(|e| e.to_string())?;
+    let dist = map.distributions.iter().position(|d| d.name == "mv").ok_or("mv")?;
+    Ok((map, dist, row.sharding.moves.len()))
 }
 
 fn move_under_writers(h: &Harness) -> TestResult {
@@ -150,42 +198,52 @@ fn move_under_writers(h: &Harness) -> TestResult {
         c.batch_execute(&format!("INSERT INTO mv_items (id, v, note) VALUES {}", values.join(", "))).await.pgx("seed")?;
 
         // Buckets 0-1023 live on shard 0 (4096 buckets over 2 shards); move them to shard 1.
-        let (out, acked, during) = move_with_writers(h, [a.port, b.port], &a.config_path, "0-1023", &[], 1).await?;
-        let acked = acked.into_iter().collect::<Result<Vec<Acked>, String>>()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.code() == Some(0), "shardctl move failed ({:?}): {stderr}{stdout}", out.status.code());
+        let run = move_with_writers(h, [a.port, b.port], &a.config_path, "0-1023", 1, &[], None, 1).await?;
+        let stdout = String::from_utf8_lossy(&run.out.stdout);
+        let stderr = String::from_utf8_lossy(&run.out.stderr);
+        ensure!(run.out.status.code() == Some(0), "shardctl move failed ({:?}): {stderr}{stdout}", run.out.status.code());
         eprintln!("rebalance: {}", stdout.lines().last().unwrap_or(""));
-        eprintln!("rebalance: {} writes acknowledged while the move ran", during);
-        ensure!(during > 50, "writers kept writing during the move ({during} acknowledged)");
-
-        // The catalog's final map puts buckets 0-1023 on shard 1 and has no move left.
-        let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
-        let row = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map")?;
-        ensure!(row.sharding.moves.is_empty(), "the move is finished in the map: {:?}", row.sharding.moves);
-        let map = ShardMap::build(&row.sharding, row.shards, row.version).map_err(|e| e.to_string())?;
-        let dist = map.distributions.iter().position(|d| d.name == "mv").ok_or("mv")?;
+        eprintln!("rebalance: {} writes acknowledged while the move ran", run.during);
+        ensure!(run.during > 50, "writers kept writing during the move ({} acknowledged)", run.during);
 
         // Ground truth: the seed rows plus every acknowledged write.
         let mut truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();
-        for a in &acked {
-            truth.extend(a.rows.iter().map(|(k, v)| (*k, *v)));
-        }
-        let retried: u64 = acked.iter().map(|a| a.retried).sum();
-        eprintln!("rebalance: {} writer ops, {retried} retried (40001)", acked.iter().map(|a| a.ops).sum::<u64>());
+        let (ops, retried) = record(&mut truth, run.acked)?;
+        eprintln!("rebalance: {ops} writer ops, {retried} retried (40001)");
+        // The catalog's final map puts buckets 0-1023 on shard 1 and has no move left.
+        let (map, dist, moves) = current_map(h).await?;
+        ensure!(moves == 0, "the move is finished in the map ({moves} left)");
+        ensure!(map.locate(dist, &pgshard::pghash::KeyValue::Int(1), None).is_ok(), "map usable");
         check_placement(h, &map, dist, &truth).await?;
+        no_leftovers(h).await?;
         // In a read-write transaction: primaries, not replicas that may lag the writers.
         c.batch_execute("BEGIN").await.pgx("begin")?;
         let total = one(&c, "SELECT count(*) FROM mv_items").await?;
         c.batch_execute("COMMIT").await.pgx("commit")?;
         ensure!(total == truth.len().to_string(), "key-less count through the router {total} = ground truth {}", truth.len());
 
-        // Negative control: skipping the marker wait must be caught by verification.
-        // (Writers may see the loss too: an UPDATE of a row the target never got touches 0 rows.)
-        let (out, _, during) = move_with_writers(h, [a.port, b.port], &a.config_path, "1024-2047", &["--unsafe-skip-marker-wait"], 100).await?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.code() == Some(3) && stderr.contains("verification failed"), "negative control not caught ({:?}): {stderr}", out.status.code());
-        ensure!(during > 50, "negative control ran under writes ({during})");
+        // shardctl dying after each phase: before the switch `abort` leaves no trace, after it
+        // `resume` completes the move; writers go on throughout and nothing they were told is lost.
+        // Buckets 2048-2303 live on shard 1.
+        for (phase, verb, base) in [("copying", "abort", 20), ("fenced", "abort", 30), ("switched", "resume", 40)] {
+            let run = move_with_writers(h, [a.port, b.port], &a.config_path, "2048-2303", 0, &["--unsafe-stop-after", phase], Some(verb), base).await?;
+            ensure!(run.out.status.code() == Some(4), "move stopped after {phase}: {:?} {}", run.out.status.code(), String::from_utf8_lossy(&run.out.stderr));
+            let then = run.then.as_ref().ok_or("no abort/resume ran")?;
+            ensure!(then.status.success(), "{verb} after {phase}: {}", String::from_utf8_lossy(&then.stderr));
+            let (ops, retried) = record(&mut truth, run.acked)?;
+            let (map, dist, moves) = current_map(h).await?;
+            ensure!(moves == 0, "after {verb} no move is left in the map");
+            let on = map.locate(dist, &pgshard::pghash::KeyValue::Int(1), None).map_err(|e| e.to_string())?;
+            check_placement(h, &map, dist, &truth).await?;
+            no_leftovers(h).await?;
+            eprintln!("rebalance: stopped after {phase}, {verb}: {ops} writer ops ({retried} retried), map now puts key 1 on {on:?}");
+        }
+        let (map, dist, _) = current_map(h).await?;
+        let bucket_of_shard = |b: u32| match &map.distributions[dist].strategy {
+            pgshard::shardmap::Strategy::Hash { bucket_shard } => bucket_shard[b as usize],
+            _ => usize::MAX,
+        };
+        ensure!(bucket_of_shard(2048) == 0 && bucket_of_shard(2303) == 0 && bucket_of_shard(2304) == 1, "the resumed move placed buckets 2048-2303 on shard 0");
 
         // A tenant moves the same way (no writers: the bucket moves above cover concurrency).
         c.batch_execute("CREATE TABLE mv_orders (tenant text, id int8, amount int, PRIMARY KEY (tenant, id))").await.pgx("ddl")?;
@@ -213,7 +271,15 @@ fn move_under_writers(h: &Harness) -> TestResult {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
+        // Negative control: skipping the marker wait must be caught by verification.
+        // (Writers may see the loss too: an UPDATE of a row the target never got touches 0 rows.)
+        let run = move_with_writers(h, [a.port, b.port], &a.config_path, "1024-2047", 1, &["--unsafe-skip-marker-wait"], None, 100).await?;
+        let stderr = String::from_utf8_lossy(&run.out.stderr);
+        ensure!(run.out.status.code() == Some(3) && stderr.contains("verification failed"), "negative control not caught ({:?}): {stderr}", run.out.status.code());
+        ensure!(run.during > 50, "negative control ran under writes ({})", run.during);
+
         // Leave no move behind for other trials.
+        let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
         let row = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map")?;
         let mut clean = row.sharding.clone();
         clean.moves.clear();
