@@ -55,7 +55,9 @@ pub async fn copy_unit(source: &mut Client, target: &Client, snapshot: &str, tab
     while let Some(chunk) = out.next().await {
         let chunk = chunk?;
         bytes += chunk.len() as u64;
-        sink.send(chunk).await?;
+        // feed, not send: send flushes every row (PostgreSQL sends one CopyData per row);
+        // the sink flushes by itself as its buffer fills.
+        sink.feed(chunk).await?;
     }
     let rows = sink.finish().await?;
     tx.commit().await?;
