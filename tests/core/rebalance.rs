@@ -245,6 +245,23 @@ fn move_under_writers(h: &Harness) -> TestResult {
         };
         ensure!(bucket_of_shard(2048) == 0 && bucket_of_shard(2303) == 0 && bucket_of_shard(2304) == 1, "the resumed move placed buckets 2048-2303 on shard 0");
 
+        // A router that dies holds a move up only until its lease runs out; restarted, it
+        // serves the catalog's newest map. Buckets 2304-2559 live on shard 1.
+        b.signal(libc::SIGKILL);
+        let t = Instant::now();
+        let run = move_with_writers(h, [a.port, a.port], &a.config_path, "2304-2559", 0, &[], None, 50).await?;
+        ensure!(run.out.status.success(), "move with a dead router: {}", String::from_utf8_lossy(&run.out.stderr));
+        record(&mut truth, run.acked)?;
+        let (map, dist, _) = current_map(h).await?;
+        check_placement(h, &map, dist, &truth).await?;
+        no_leftovers(h).await?;
+        eprintln!("rebalance: move with router mb killed took {:?} (its lease: 2 s)", t.elapsed());
+        let b2 = router(h, "mb")?;
+        let moved = (1i64..).find(|&i| (2304..=2559).contains(&map.bucket(&pgshard::pghash::KeyValue::Int(i)))).ok_or("no key")?;
+        let admin_b = connect_port(b2.port, "admin", "admin-secret", "pgshard", "").await?;
+        let route = one(&admin_b, &format!("SHOW ROUTE SELECT * FROM mv_items WHERE id = {moved}")).await?;
+        ensure!(route == "0", "restarted router sends moved key {moved} to shard {route}, not 0");
+
         // A tenant moves the same way (no writers: the bucket moves above cover concurrency).
         c.batch_execute("CREATE TABLE mv_orders (tenant text, id int8, amount int, PRIMARY KEY (tenant, id))").await.pgx("ddl")?;
         let rows: Vec<String> = (0..600).map(|i| format!("('{}', {i}, {i})", ["acme", "zeta", "omega"][i % 3])).collect();
@@ -273,7 +290,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
 
         // Negative control: skipping the marker wait must be caught by verification.
         // (Writers may see the loss too: an UPDATE of a row the target never got touches 0 rows.)
-        let run = move_with_writers(h, [a.port, b.port], &a.config_path, "1024-2047", 1, &["--unsafe-skip-marker-wait"], None, 100).await?;
+        let run = move_with_writers(h, [a.port, b2.port], &a.config_path, "1024-2047", 1, &["--unsafe-skip-marker-wait"], None, 100).await?;
         let stderr = String::from_utf8_lossy(&run.out.stderr);
         ensure!(run.out.status.code() == Some(3) && stderr.contains("verification failed"), "negative control not caught ({:?}): {stderr}", run.out.status.code());
         ensure!(run.during > 50, "negative control ran under writes ({})", run.during);
