@@ -438,6 +438,15 @@ fn session_hints(h: &Harness) -> TestResult {
         let e = c.simple_query("SELECT inet_server_port()").await.err().ok_or("a key hint without a table must be ambiguous")?;
         ensure!(format!("{e:?}").contains("hint key=big is ambiguous"), "key hint not taken from SET LOCAL: {e:?}");
         c.batch_execute("ROLLBACK").await.pgx("rollback")?;
+        // BEGIN inside a multi-statement Query opens the client's transaction, as on PostgreSQL:
+        // it stays open after the Query (with its SET LOCAL), and an error leaves it failed.
+        c.batch_execute("BEGIN; SET LOCAL pgshard.shard = 0").await.pgx("begin; set local")?;
+        ensure!(one(&c, "SELECT inet_server_port()").await? == port(0), "BEGIN; SET LOCAL in one Query did not stay in force");
+        c.batch_execute("COMMIT").await.pgx("commit")?;
+        ensure!(c.batch_execute("BEGIN; SELECT 1/0").await.is_err(), "division by zero");
+        let e = c.simple_query("SELECT 1").await.err().ok_or("the failed transaction was not kept")?;
+        ensure!(crate::harness::sqlstate(&e) == "25P02", "after an error in BEGIN; …: {e:?}");
+        c.batch_execute("ROLLBACK").await.pgx("rollback")?;
         c.batch_execute("SET pgshard.shard = 'abc'").await.pgx("set bad")?;
         let e = c.simple_query("SELECT 1").await.err().ok_or("a bad shard hint was ignored")?;
         ensure!(crate::harness::sqlstate(&e) == "22023", "bad hint: {e:?}");

@@ -323,14 +323,15 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         for part in parts {
             let plan = self.app.plans.plan(part, &self.map);
             if let Err(e) = self.run_statement(part, &plan, &crate::router::Params::NONE, None).await {
-                if implicit {
+                // A BEGIN in the Query made the transaction the client's: it stays, failed.
+                if implicit && !self.tx.explicit() {
                     self.rollback_all().await?;
                     self.tx = TxState::default();
                 }
                 return Err(e);
             }
         }
-        if implicit && self.tx.active() {
+        if implicit && self.tx.active() && !self.tx.explicit() {
             self.commit(false).await?;
         }
         Ok(())

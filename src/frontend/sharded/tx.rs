@@ -215,6 +215,12 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     pub(super) async fn begin(&mut self, text: &str, read_only: bool, batch: Option<&Batch>) -> Result<(), Failure> {
         if self.tx.open && self.tx.explicit {
             messages::notice_response(&mut self.out, "25001", "there is already a transaction in progress");
+        } else if self.tx.open {
+            // BEGIN inside a multi-statement Query: the implicit transaction becomes the
+            // client's, with what it already did (as PostgreSQL does).
+            self.tx.explicit = true;
+            self.tx.read_only = read_only;
+            self.tx.begin_sql = text.trim().trim_end_matches(';').to_string();
         } else {
             // An extended-protocol BEGIN may carry parameters-free text only; replayed as is.
             self.tx = TxState {
