@@ -438,6 +438,9 @@ fn session_hints(h: &Harness) -> TestResult {
         let e = c.simple_query("SELECT inet_server_port()").await.err().ok_or("a key hint without a table must be ambiguous")?;
         ensure!(format!("{e:?}").contains("hint key=big is ambiguous"), "key hint not taken from SET LOCAL: {e:?}");
         c.batch_execute("ROLLBACK").await.pgx("rollback")?;
+        // The startup packet's options carry a session hint too.
+        let o = connect_port(router(h).port, "app", APP_PW, "shop", "options='-c pgshard.shard=0'").await?;
+        ensure!(port_in_tx(&o).await? == port(0), "options=-c pgshard.shard=0 was not followed");
         // BEGIN inside a multi-statement Query opens the client's transaction, as on PostgreSQL:
         // it stays open after the Query (with its SET LOCAL), and an error leaves it failed.
         c.batch_execute("BEGIN; SET LOCAL pgshard.shard = 0").await.pgx("begin; set local")?;
