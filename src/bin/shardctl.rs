@@ -60,6 +60,44 @@ enum Command {
         #[command(flatten)]
         shards: ShardArgs,
     },
+    /// Moves of bucket ranges that even out rows across shards, from rows counted per bucket
+    /// on every shard (a dry run: nothing moves).
+    Plan(PlanArgs),
+    /// Plan, then with --apply run the moves one at a time (without it: the same as plan).
+    Rebalance {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Run the moves.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Move every bucket of a shard onto the others (rebalance --drain SHARD).
+    DrainShard {
+        /// The shard to empty.
+        shard: usize,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// The hash or tenant distribution to balance.
+    #[arg(long)]
+    distribution: String,
+    /// Empty this shard instead of evening out.
+    #[arg(long)]
+    drain: Option<usize>,
+    /// Shards within this fraction above the mean count as balanced.
+    #[arg(long, default_value_t = 0.1)]
+    tolerance: f64,
+    /// At most this many moves.
+    #[arg(long, default_value_t = 16)]
+    max_moves: usize,
+    #[command(flatten)]
+    shards: ShardArgs,
 }
 
 /// Where the shards are and how to log in to them.
@@ -126,6 +164,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Move(args) => {
             let dsn = cli.catalog.as_deref().context("shardctl move needs --catalog (or PGSHARD_CATALOG)")?;
             std::process::exit(run_move(dsn, &args, cli.json).await?);
+        }
+        Command::Plan(args) => {
+            let dsn = cli.catalog.as_deref().context("shardctl plan needs --catalog (or PGSHARD_CATALOG)")?;
+            std::process::exit(rebalance_cmd(dsn, &args, args.drain, false, cli.json).await?);
+        }
+        Command::Rebalance { plan, apply } => {
+            let dsn = cli.catalog.as_deref().context("shardctl rebalance needs --catalog (or PGSHARD_CATALOG)")?;
+            std::process::exit(rebalance_cmd(dsn, &plan, plan.drain, apply, cli.json).await?);
+        }
+        Command::DrainShard { shard, plan, apply } => {
+            let dsn = cli.catalog.as_deref().context("shardctl drain-shard needs --catalog (or PGSHARD_CATALOG)")?;
+            std::process::exit(rebalance_cmd(dsn, &plan, Some(shard), apply, cli.json).await?);
         }
         Command::Abort { id, shards } | Command::Resume { id, shards } => {
             let dsn = cli.catalog.as_deref().context("shardctl abort/resume needs --catalog (or PGSHARD_CATALOG)")?;
@@ -220,6 +270,73 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             Ok(2)
         }
     }
+}
+
+/// Plans moves for a distribution and, with `apply`, runs them one at a time; the exit status.
+async fn rebalance_cmd(dsn: &str, args: &PlanArgs, drain: Option<usize>, apply: bool, json: bool) -> anyhow::Result<i32> {
+    use pgshard::rebalance::{self, plan, MoveError, MoveRequest, UnitSpec};
+    let links = shard_links(&args.shards)?;
+    let (mut cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+    cat.migrate().await?;
+    let row = cat.latest_map().await?.context("the catalog holds no map yet")?;
+    let map = ShardMap::build(&row.sharding, row.shards, row.version)?;
+    let dist = map.distributions.iter().position(|d| d.name == args.distribution).with_context(|| format!("no distribution {}", args.distribution))?;
+    let owner = plan::placement(&map, dist).context("only hash and tenant distributions are planned by bucket")?.to_vec();
+    let rows = plan::bucket_rows(&links, &map, dist).await?;
+    let moves = plan::plan(&owner, &rows, map.shards, drain, args.tolerance, args.max_moves);
+    let per_shard = |owner: &[usize]| {
+        let mut l = vec![0i64; map.shards];
+        owner.iter().zip(&rows).for_each(|(&s, &r)| l[s] += r);
+        l
+    };
+    let mut after = owner.clone();
+    for m in &moves {
+        for r in &m.buckets {
+            (r[0]..=r[1]).for_each(|b| after[b as usize] = m.to);
+        }
+    }
+    let (before, after) = (per_shard(&owner), per_shard(&after));
+    let shard_rows: Vec<Vec<String>> = (0..map.shards).map(|s| vec![s.to_string(), before[s].to_string(), after[s].to_string()]).collect();
+    print_rows("rows per shard", &["shard".into(), "now".into(), "after plan".into()], &shard_rows, json);
+    let plan_rows: Vec<Vec<String>> = moves
+        .iter()
+        .enumerate()
+        .map(|(i, m)| vec![(i + 1).to_string(), plan::ranges_text(&m.buckets), m.from.to_string(), m.to.to_string(), m.rows.to_string()])
+        .collect();
+    print_rows("plan", &["step".into(), "buckets".into(), "from".into(), "to".into(), "rows".into()], &plan_rows, json);
+    if !apply {
+        if !json {
+            eprintln!("dry run: nothing moved (rebalance --apply runs the plan)");
+        }
+        return Ok(0);
+    }
+    for (i, m) in moves.iter().enumerate() {
+        let req = MoveRequest {
+            distribution: args.distribution.clone(),
+            unit: UnitSpec::Buckets(m.buckets.clone()),
+            target: m.to,
+            ack_timeout: args.shards.ack_timeout.into(),
+            skip_marker_wait: false,
+            stop_after: None,
+        };
+        let progress = |line: &str| {
+            if !json {
+                eprintln!("[{}/{}] {line}", i + 1, moves.len());
+            }
+        };
+        match rebalance::run(&cat, &links, &req, &progress).await {
+            Ok(r) => {
+                if !json {
+                    eprintln!("[{}/{}] moved {} rows, pause {:.1} ms", i + 1, moves.len(), r.rows_copied, r.pause_ms);
+                }
+            }
+            Err(e) => {
+                eprintln!("shardctl rebalance: step {}: {e}", i + 1);
+                return Ok(if matches!(e, MoveError::Mismatch(_)) { 3 } else { 2 });
+            }
+        }
+    }
+    Ok(0)
 }
 
 /// How to reach each shard's primary, from the routers' config file.

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod copy;
+pub mod plan;
 pub mod stream;
 
 use crate::backend::{BackendError, ConnectParams};

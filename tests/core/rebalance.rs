@@ -262,6 +262,39 @@ fn move_under_writers(h: &Harness) -> TestResult {
         let route = one(&admin_b, &format!("SHOW ROUTE SELECT * FROM mv_items WHERE id = {moved}")).await?;
         ensure!(route == "0", "restarted router sends moved key {moved} to shard {route}, not 0");
 
+        // plan (a dry run) and rebalance --apply even out the rows the moves above skewed.
+        let ctl = |verb: &'static str, extra: &'static [&'static str]| {
+            let (d, cfg) = (dsn(h), a.config_path.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut args = vec!["--catalog".to_string(), d, verb.into(), "--distribution".into(), "mv".into(), "--config".into(), cfg.display().to_string(), "--database".into(), "shop".into()];
+                args.extend(extra.iter().map(|s| s.to_string()));
+                std::process::Command::new(env!("CARGO_BIN_EXE_shardctl")).args(&args).output().expect("run shardctl")
+            })
+        };
+        let shard_rows = || async {
+            let mut n = Vec::new();
+            for s in 0..2 {
+                let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
+                n.push(one(&d, "SELECT count(*) FROM mv_items").await?.parse::<f64>().map_err(|e| e.to_string())?);
+            }
+            Ok::<_, String>(n)
+        };
+        let before = shard_rows().await?;
+        let dry = ctl("plan", &[]).await.ctx("plan")?;
+        let text = String::from_utf8_lossy(&dry.stdout);
+        ensure!(dry.status.success() && text.contains("plan:") && text.lines().any(|l| l.trim_start().starts_with("1 |")), "plan: {text}");
+        ensure!(shard_rows().await? == before, "plan moved nothing");
+        let run = ctl("rebalance", &["--apply", "--tolerance", "0.05"]).await.ctx("rebalance")?;
+        ensure!(run.status.success(), "rebalance --apply: {}", String::from_utf8_lossy(&run.stderr));
+        let after = shard_rows().await?;
+        let skew = |n: &[f64]| (n[0] - n[1]).abs() / ((n[0] + n[1]) / 2.0);
+        eprintln!("rebalance: rows per shard {before:?} -> {after:?}");
+        ensure!(skew(&after) < 0.15 && skew(&after) < skew(&before), "rebalance evened out rows: {before:?} -> {after:?}");
+        let (map, dist, moves) = current_map(h).await?;
+        ensure!(moves == 0, "rebalance left no move in flight");
+        check_placement(h, &map, dist, &truth).await?;
+        no_leftovers(h).await?;
+
         // A tenant moves the same way (no writers: the bucket moves above cover concurrency).
         c.batch_execute("CREATE TABLE mv_orders (tenant text, id int8, amount int, PRIMARY KEY (tenant, id))").await.pgx("ddl")?;
         let rows: Vec<String> = (0..600).map(|i| format!("('{}', {i}, {i})", ["acme", "zeta", "omega"][i % 3])).collect();
