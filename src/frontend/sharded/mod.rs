@@ -189,7 +189,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 self.cbuf.buf = BytesMut::new();
             }
             // An idle transaction holding an old epoch wakes up if a fence revokes it.
-            let epoch = self.epoch.clone().filter(|_| self.tx.active());
+            let epoch = if self.tx.active() { self.epoch.clone() } else { None };
             tokio::select! {
                 r = self.cr.read_idle(&mut self.cbuf) => match r {
                     Ok(0) | Err(_) => return SessionEnd::ClientGone,
