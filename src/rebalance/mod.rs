@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod copy;
 pub mod plan;
+pub mod standby;
 pub mod stream;
 
 use crate::backend::{BackendError, ConnectParams};
@@ -536,6 +537,15 @@ impl<'a> Mover<'a> {
         for (table, pred, _) in &self.tables {
             self.report.rows_deleted_on_source += copy::delete_unit(src, table, pred, 10_000).await?;
         }
+        // Routers read the unit's tables on replicas again once the move leaves the map.
+        for shard in [self.source, self.target] {
+            let c = connect(&self.shards[shard].dsn).await?;
+            match standby::wait_replayed(&c, Duration::from_secs(30)).await? {
+                standby::Standbys::CaughtUp => {}
+                standby::Standbys::Unseen => progress(&format!("move {}: warning: cannot see shard {shard}'s replicas' replay positions (grant pg_read_all_stats); they may briefly lag the move", self.id)),
+                standby::Standbys::Behind(n) => progress(&format!("move {}: warning: {n} replica(s) of shard {shard} still lag after 30 s; routers skip replicas beyond max_replica_lag", self.id)),
+            }
+        }
         let id = self.id;
         self.publish(&format!("move {id}: done"), |s| s.moves.retain(|m| m.id != id)).await?;
         self.state("done", "").await;
@@ -560,10 +570,13 @@ impl<'a> Mover<'a> {
 
     /// Undoes a move that has not switched: routers forget it, replication is dropped, and the
     /// target's partial copy is deleted.
+    /// The copy is deleted while the move is still in the map: until the move leaves it, routers
+    /// leave the target's copy out of key-less reads.
     async fn abort(&mut self) {
         let id = self.id;
         if self.published {
-            let _ = self.publish(&format!("move {id}: aborted"), |s| s.moves.retain(|m| m.id != id)).await;
+            // Statements held by a fence go on at once.
+            let _ = self.publish(&format!("move {id}: aborting"), |s| set_phase(s, id, MovePhase::Copying)).await;
         }
         if let Ok(src) = connect(&self.shards[self.source].dsn).await {
             self.drop_replication(&src).await;
@@ -572,6 +585,9 @@ impl<'a> Mover<'a> {
             for (table, pred, _) in &self.tables {
                 let _ = copy::delete_unit(&tgt, table, pred, 10_000).await;
             }
+        }
+        if self.published {
+            let _ = self.publish(&format!("move {id}: aborted"), |s| s.moves.retain(|m| m.id != id)).await;
         }
         self.state("aborted", "").await;
     }

@@ -10,6 +10,7 @@ mod insert;
 mod keys;
 mod merge;
 mod route;
+pub mod shadow;
 mod walk;
 
 pub use analyze::analyze;

@@ -108,8 +108,9 @@ fn share_and_follow(h: &Harness) -> TestResult {
         let out = String::from_utf8_lossy(&o.stdout);
         ensure!(o.status.success() && out.contains("big = 0"), "shardctl map: {out}");
 
-        // Version 3 puts tenant big in motion (shard 0 → 1): key-routed statements run, anything
-        // that could see or change the unit on both shards is refused with 55006.
+        // Version 3 puts tenant big in motion (shard 0 → 1): key-routed statements run, key-less
+        // reads leave out the target's copy, anything that could change the unit on both shards
+        // is refused with 55006.
         let mut moving = next.clone();
         moving.moves.push(pgshard::shardmap::config::MoveConfig {
             id: 1,
@@ -123,21 +124,27 @@ fn share_and_follow(h: &Harness) -> TestResult {
         cat.publish_map(2, &moving, 2, "big in motion").await.map_err(|e| e.to_string())?;
         let t = Instant::now();
         loop {
-            match c.simple_query("SELECT count(*) FROM cat_orders").await {
+            match c.simple_query("DELETE FROM cat_orders").await {
                 Err(e) if crate::harness::sqlstate(&e) == "55006" => break,
                 _ => ensure!(t.elapsed() < Duration::from_secs(5), "router did not pick up version 3"),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for sql in ["DELETE FROM cat_orders", "ALTER TABLE cat_orders ADD COLUMN x int", "TRUNCATE cat_orders", "SELECT * FROM cat_orders /* pgshard: shard=1 */"] {
+        for sql in ["DELETE FROM cat_orders", "ALTER TABLE cat_orders ADD COLUMN x int", "TRUNCATE cat_orders", "UPDATE cat_orders SET n = n /* pgshard: shard=1 */"] {
             let e = c.simple_query(sql).await.err().ok_or_else(|| format!("{sql}: ran on a table in motion"))?;
             ensure!(crate::harness::sqlstate(&e) == "55006", "{sql}: {e:?}");
         }
-        let e = c.simple_query("SELECT 1 FROM cat_orders").await.err().ok_or("key-less read ran")?;
+        let e = c.simple_query("UPDATE cat_orders SET n = n + 1").await.err().ok_or("key-less write ran")?;
         let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
         ensure!(msg.contains("move 1: tenant 'big' from shard 0 to shard 1") && msg.contains("add the key"), "message: {msg}");
+        // The target's copy (as a move's COPY leaves it) is not counted by key-less reads.
+        h.cluster.psql(h.primary(1), "shop", "INSERT INTO cat_orders (tenant, n) VALUES ('big', 1)").ctx("copy on shard 1")?;
+        ensure!(one(&c, "SELECT count(*) FROM cat_orders").await? == "1", "key-less count leaves the target's copy out");
+        ensure!(one(&c, "SELECT count(*) FROM cat_orders /* pgshard: shard=1 */").await? == "0", "a hinted read of the target leaves its copy out");
         c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 2); INSERT INTO cat_orders (tenant, n) VALUES ('big', 3), ('small', 4)").await.pgx("keyed inserts")?;
         ensure!(one(&c, "SELECT sum(n) FROM cat_orders WHERE tenant = 'big'").await? == "6", "keyed read of the moving tenant");
+        ensure!(one(&c, "SELECT sum(n) FROM cat_orders").await? == "10", "key-less sum during the move");
+        h.cluster.psql(h.primary(1), "shop", "DELETE FROM cat_orders WHERE tenant = 'big'").ctx("drop the copy")?;
         // Dropping the move (version 4) lifts the refusals.
         cat.publish_map(3, &next, 2, "move 1 aborted").await.map_err(|e| e.to_string())?;
         let t = Instant::now();

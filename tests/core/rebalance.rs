@@ -93,6 +93,41 @@ async fn writer(port: u16, w: i64, stop: Arc<AtomicBool>, during: Arc<AtomicU64>
     Ok(a)
 }
 
+/// Key-less reads of the seed rows (ids 1-4000, which no writer touches) until `stop`, through
+/// the simple and the extended protocol, with a scatter merge too: while the unit's rows are on
+/// two shards every answer must still count each row once. Returns the reads made during the move.
+async fn reader(port: u16, stop: Arc<AtomicBool>, moving: Arc<AtomicBool>) -> Result<u64, String> {
+    let c = connect_port(port, "app", APP_PW, "shop", "").await?;
+    let count = c.prepare("SELECT count(*), sum(v) FROM mv_items WHERE id <= $1").await.pgx("prepare")?;
+    let mut during = 0;
+    let mut n = 0u64;
+    let rows = |m: Vec<tokio_postgres::SimpleQueryMessage>| {
+        let vals = m.iter().filter_map(|x| match x {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).unwrap_or("").to_string()).collect::<Vec<_>>().join(" ")),
+            _ => None,
+        });
+        vals.collect::<Vec<_>>().join(" ")
+    };
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let got = match n % 3 {
+            0 => c.query_one(&count, &[&4000i64]).await.map(|r| format!("{} {}", r.get::<_, i64>(0), r.get::<_, i64>(1))),
+            1 => c.simple_query("SELECT count(*), sum(v) FROM mv_items WHERE id <= 4000").await.map(rows),
+            _ => c.simple_query("SELECT id FROM mv_items WHERE id <= 4000 ORDER BY id DESC LIMIT 2").await.map(rows),
+        };
+        let want = if n % 3 == 2 { "4000 3999" } else { "4000 0" };
+        match got {
+            Ok(g) => ensure!(g == want, "key-less read during a move: got {g}, want {want}"),
+            Err(e) if sqlstate(&e) == "40001" => {}
+            Err(e) => return Err(format!("key-less read during a move: {e:?}")),
+        }
+        if moving.load(Ordering::Relaxed) {
+            during += 1;
+        }
+    }
+    Ok(during)
+}
+
 fn shardctl_move(dsn: String, config: &std::path::Path, buckets: &str, to: usize, extra: &[String]) -> std::process::Output {
     let mut args = vec!["--catalog".to_string(), dsn, "move".into(), "--distribution".into(), "mv".into(), "--buckets".into(), buckets.into()];
     if let Some(t) = buckets.strip_prefix("tenant:") {
@@ -117,6 +152,8 @@ struct Run {
     acked: Vec<Result<Acked, String>>,
     /// Writes acknowledged while shardctl ran.
     during: u64,
+    /// Key-less reads answered while shardctl ran (all of them right).
+    reads: u64,
 }
 
 /// Runs `shardctl move` (then, if asked, `shardctl abort|resume` of the move it left in flight)
@@ -129,6 +166,7 @@ async fn move_with_writers(h: &Harness, ports: [u16; 2], config: &std::path::Pat
     for w in 0..8 {
         tasks.push(tokio::spawn(writer(ports[w as usize % 2], base + w, stop.clone(), during.clone(), moving.clone())));
     }
+    let readers: Vec<_> = ports.iter().map(|&p| tokio::spawn(reader(p, stop.clone(), moving.clone()))).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     moving.store(true, Ordering::Relaxed);
     let (d, cfg, buckets, extra) = (dsn(h), config.to_path_buf(), buckets.to_string(), extra.iter().map(|s| s.to_string()).collect::<Vec<_>>());
@@ -150,7 +188,11 @@ async fn move_with_writers(h: &Harness, ports: [u16; 2], config: &std::path::Pat
     for t in tasks {
         acked.push(t.await.ctx("writer task")?);
     }
-    Ok(Run { out, then, acked, during: during.load(Ordering::Relaxed) })
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.ctx("reader task")??;
+    }
+    Ok(Run { out, then, acked, during: during.load(Ordering::Relaxed), reads })
 }
 
 /// Adds what the writers acknowledged to the ground truth (all must have succeeded).
@@ -205,6 +247,8 @@ fn move_under_writers(h: &Harness) -> TestResult {
         eprintln!("rebalance: {}", stdout.lines().last().unwrap_or(""));
         eprintln!("rebalance: {} writes acknowledged while the move ran", run.during);
         ensure!(run.during > 50, "writers kept writing during the move ({} acknowledged)", run.during);
+        eprintln!("rebalance: {} key-less reads during the move, each counted the 4000 seed rows once", run.reads);
+        ensure!(run.reads > 10, "key-less reads ran during the move ({})", run.reads);
 
         // Ground truth: the seed rows plus every acknowledged write.
         let mut truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();

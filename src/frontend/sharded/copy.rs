@@ -102,7 +102,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             match batch {
                 // The server ignores this Sync in COPY mode; it only matters if the COPY fails to start.
                 Some(seg) => {
-                    self.render(s, seg, &mut q, &mut flags);
+                    self.render(s, seg, None, &mut q, &mut flags);
                     messages::empty_message(&mut q, b'S');
                 }
                 None => messages::query(&mut q, text),

@@ -136,15 +136,17 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         batch: Option<&Batch>,
         readers: &mut Vec<Reader>,
     ) -> Result<(), Failure> {
+        let shadow = std::mem::take(&mut self.shadow);
         for &s in shards {
             let mut payload = BytesMut::new();
             let mut flags = VecDeque::new();
+            let over = shadow.iter().find(|o| o.shard == s);
             match batch {
                 Some(seg) => {
-                    self.render(s, seg, &mut payload, &mut flags);
+                    self.render(s, seg, over.and_then(|o| o.def.as_ref()), &mut payload, &mut flags);
                     messages::empty_message(&mut payload, b'S');
                 }
-                None => messages::query(&mut payload, sql),
+                None => messages::query(&mut payload, over.map_or(sql, |o| o.sql.as_str())),
             }
             let co = self.conns[s].as_mut().expect("held");
             if let Err(e) = co.conn.stream.write_all(&payload).await {

@@ -219,7 +219,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// The bytes of a segment for one server connection: client statement names become global
     /// names, statements the connection lacks are prepared first. `flags` gets one entry per
     /// Parse or Close sent, in order: true when its response ('1' or '3') is pgshard's to swallow.
-    pub(super) fn render(&mut self, shard: usize, seg: &Batch, out: &mut BytesMut, flags: &mut VecDeque<bool>) {
+    /// `over` replaces the segment's statement on this shard (a read around a unit in motion).
+    pub(super) fn render(&mut self, shard: usize, seg: &Batch, over: Option<&Arc<StatementDef>>, out: &mut BytesMut, flags: &mut VecDeque<bool>) {
         let co = self.conns[shard].as_mut().expect("held");
         let stmts = &mut self.ext.statements;
         // Evicts the least recently used statement if the connection's cache is full.
@@ -231,14 +232,37 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             messages::parse(out, &def.global_name, &def.text, &def.param_types);
             flags.push_back(swallow);
         };
+        let replaced = over.and_then(|o| Some((seg.stmt.as_ref()?.def.key, o)));
+        let mut unnamed_parsed = false;
         for m in &seg.msgs {
             let tag = m[0];
-            let named = match tag {
-                b'P' => parse_parse(&m[5..]).map(|(n, _, _)| n).filter(|n| !n.is_empty()),
-                b'B' | b'D' | b'C' => statement_ref(tag, &m[5..]).map(|(_, n, _)| n).filter(|n| !n.is_empty()),
+            let name = match tag {
+                b'P' => parse_parse(&m[5..]).map(|(n, _, _)| n),
+                b'B' | b'D' | b'C' => statement_ref(tag, &m[5..]).map(|(_, n, _)| n),
                 _ => None,
             };
-            let Some(def) = named.and_then(|n| stmts.get(n)).map(|s| s.def.clone()) else {
+            if let (Some((key, o)), Some(b"")) = (replaced, name) {
+                // The unnamed statement is prepared here in its replaced form: from the
+                // client's Parse, or before a Bind of one parsed in an earlier batch.
+                let is_it = stmts.get(&b""[..]).is_some_and(|s| s.def.key == key);
+                if is_it && tag == b'P' {
+                    messages::parse(out, b"", &o.text, &o.param_types);
+                    flags.push_back(false);
+                    unnamed_parsed = true;
+                    continue;
+                }
+                if is_it && tag == b'B' && !unnamed_parsed {
+                    messages::parse(out, b"", &o.text, &o.param_types);
+                    flags.push_back(true);
+                    unnamed_parsed = true;
+                }
+            }
+            let named = name.filter(|n| !n.is_empty());
+            let def = named.and_then(|n| stmts.get(n)).map(|s| match replaced {
+                Some((key, o)) if s.def.key == key => o.clone(),
+                _ => s.def.clone(),
+            });
+            let Some(def) = def else {
                 out.extend_from_slice(m);
                 if matches!(tag, b'P' | b'C') {
                     flags.push_back(false);

@@ -102,6 +102,9 @@ pub struct ShardedSession<R, W> {
     epoch: Option<Arc<crate::catalog::epoch::Epoch>>,
     /// The transaction was rolled back because its epoch was revoked; the client has yet to hear.
     revoked: bool,
+    /// Per-shard texts of the statement about to run (reads around a unit in motion); taken by
+    /// the next exchange.
+    shadow: Vec<motion::Shadowed>,
 }
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
@@ -144,6 +147,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             skip_ready: false,
             epoch: None,
             revoked: false,
+            shadow: Vec::new(),
         }
     }
 
@@ -368,7 +372,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         self.stmt_writes = !matches!(plan.kind, Kind::Read | Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session);
         self.replica_ok = self.reads.replicas
-            && if self.tx.active() { self.tx.read_only() } else { matches!(plan.kind, Kind::Read) && plan.hint.is_none() };
+            && if self.tx.active() { self.tx.read_only() } else { matches!(plan.kind, Kind::Read) && plan.hint.is_none() }
+            // A replica may not yet have the rows a move switched to its primary, or still have
+            // those the move's cleanup deleted: tables in motion are read on primaries.
+            && (self.map.motions.is_empty() || !plan.tables.iter().any(|t| self.map.motion_of(t).is_some()));
         match &plan.kind {
             Kind::Begin { read_only } => return self.begin(text, *read_only, batch).await,
             Kind::Commit => return self.commit(true).await,
@@ -394,6 +401,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let mut shards = self.target_shards(&target, plan);
         if !self.map.motions.is_empty() {
             shards = self.through_motion(plan, params, text, shards).await?;
+            self.shadow = motion::shadows(&self.map, plan, text, &mut shards, batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def))?;
         }
         if let (Some(split), None) = (&plan.insert, batch) {
             if shards.len() > 1 {

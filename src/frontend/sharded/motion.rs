@@ -1,6 +1,7 @@
-//! Statements on tables whose distribution has a unit in motion. Until key-less reads can
-//! exclude the unit's second copy (docs/rebalancing.md), only statements routed by their key
-//! to one shard run; anything that could see or change both copies is refused, never guessed.
+//! Statements on tables whose distribution has a unit in motion. The unit's rows exist on two
+//! shards until the move completes: reads without the key are rewritten on the shard holding
+//! the extra copy to leave it out (`router::shadow`); writes without the key, DDL and TRUNCATE
+//! could change both copies and are refused, never guessed.
 //! While a unit is fenced, statements reaching its source shard wait for the switch; a
 //! transaction a fence gave up on is rolled back and its client told (40001).
 
@@ -9,7 +10,9 @@ use crate::frontend::{ClientWrite, ReadReady};
 use crate::router::{Kind, Plan, Route};
 use crate::shardmap::config::MovePhase;
 use crate::shardmap::ShardMap;
+use crate::prepared::StatementDef;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Refuses a statement that touches a table in motion unless its key puts it on one shard.
@@ -41,16 +44,66 @@ pub(super) fn guard(map: &ShardMap, plan: &Plan, text: &str, shards: &[usize], l
             _ if truncate => {
                 return Err(Refusal::new("55006", format!("{what}: TRUNCATE waits until the move completes or is aborted")));
             }
-            Kind::Read | Kind::Write if keyed => {}
+            Kind::Read => {}
+            Kind::Write if keyed => {}
             _ => {
                 return Err(Refusal::new(
                     "55006",
-                    format!("{what}: statements without its sharding key would see the unit on both shards; add the key, or retry after the move"),
+                    format!("{what}: writes without its sharding key would change the unit on both shards; add the key, or retry after the move"),
                 ));
             }
         }
     }
     Ok(())
+}
+
+/// The statement a shard holding a unit's extra copy gets instead of the client's.
+pub(super) struct Shadowed {
+    pub shard: usize,
+    /// The simple-protocol text.
+    pub sql: String,
+    /// The extended protocol's statement (prepared on that shard under its own name).
+    pub def: Option<Arc<StatementDef>>,
+}
+
+/// For a read that reaches the shard holding a unit's extra copy (the target while it is
+/// filled, the source until it is cleaned up), that shard's text with the unit filtered out of
+/// every table in motion. `shards` is reordered so that a shard reading the plain tables leads
+/// (its RowDescription is the one the client gets). Reads pinned by their key need none: their
+/// keys route to the unit's owner.
+pub(super) fn shadows(map: &ShardMap, plan: &Plan, text: &str, shards: &mut [usize], stmt: Option<&StatementDef>) -> Result<Vec<Shadowed>, Refusal> {
+    if plan.kind != Kind::Read || (matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none()) {
+        return Ok(Vec::new());
+    }
+    let base = match plan.scatter_sql.as_deref() {
+        Some(sql) if shards.len() > 1 => sql,
+        _ => text,
+    };
+    let mut out: Vec<Shadowed> = Vec::new();
+    for &shard in shards.iter() {
+        let mut hide = Vec::new();
+        for table in &plan.tables {
+            let Some((mv, column)) = map.motion_of(table) else { continue };
+            if mv.shadow_shard() != shard {
+                continue;
+            }
+            let d = &map.distributions[mv.dist];
+            let pred = mv.predicate_sql(column, &d.key_type, map.buckets).ok_or_else(|| Refusal::new("55006", format!("table {table} is in motion and its unit has no SQL form")))?;
+            hide.push((table.clone(), pred));
+        }
+        if hide.is_empty() {
+            continue;
+        }
+        let sql = crate::router::shadow::exclude(base, &hide).map_err(|why| {
+            Refusal::new("55006", format!("a key-less read of a table in motion must leave out the copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move"))
+        })?;
+        let def = stmt.map(|d| Arc::new(StatementDef::new(bytes::Bytes::from(sql.clone()), d.param_types.clone())));
+        out.push(Shadowed { shard, sql, def });
+    }
+    if let Some(lead) = shards.iter().position(|s| !out.iter().any(|o| o.shard == *s)) {
+        shards.swap(0, lead);
+    }
+    Ok(out)
 }
 
 /// The routing hint a session gave with `SET [LOCAL] pgshard.shard = N` / `pgshard.key = 'k'`;

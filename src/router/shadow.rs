@@ -1,0 +1,141 @@
+//! Key-less reads while a unit is in motion: the unit's rows exist on two shards (the copy
+//! being filled, or the source not yet cleaned up), so the statement sent to the shard holding
+//! the extra copy reads each such table through a filter that leaves the unit out:
+//! `FROM t` becomes `FROM (SELECT * FROM t WHERE (pred) IS NOT TRUE) AS t`.
+
+use super::keys::object_name;
+use sqlparser::ast::{Ident, Query, SetExpr, Statement, TableAlias, TableFactor, VisitMut, VisitorMut};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::ops::ControlFlow;
+
+/// The placeholder for a filter: the subquery is built as an AST and its predicate spliced into
+/// the printed text, so the predicate never goes through sqlparser's round trip.
+const MARK: &str = "pgshard_shadow_filter_";
+
+/// Rewrites a read so that, for each `(table, predicate)` of `hide` (table as the statement
+/// names it, predicate true for the rows to leave out), every appearance of the table reads
+/// only rows the predicate is not true for. Errors say why the statement cannot be rewritten.
+pub fn exclude(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
+    if sql.to_ascii_lowercase().contains(MARK) {
+        return Err(format!("the statement contains the reserved word {MARK}"));
+    }
+    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+    if stmts.len() != 1 || !matches!(stmts[0], Statement::Query(_)) {
+        return Err("only a single SELECT can be read around a unit in motion".into());
+    }
+    let mut v = Shadow { hide, seen: 0, replaced: 0, cte_clash: None, error: None };
+    let _ = stmts[0].visit(&mut v);
+    if let Some(e) = v.error {
+        return Err(e);
+    }
+    if let Some(name) = v.cte_clash {
+        return Err(format!("a WITH query is named like the table {name} in motion"));
+    }
+    // Every mention of a hidden table (post_visit_relation also sees names outside FROM, like
+    // a function's or a locking clause's) must have become a filtered subquery.
+    if v.seen != v.replaced {
+        return Err("the statement names a table in motion somewhere pgshard cannot filter it".into());
+    }
+    let mut text = stmts[0].to_string();
+    for (i, (_, pred)) in hide.iter().enumerate() {
+        text = text.replace(&format!("{MARK}{i}"), &format!("({pred}) IS NOT TRUE"));
+    }
+    Ok(text)
+}
+
+struct Shadow<'h> {
+    hide: &'h [(String, String)],
+    /// Relations naming a hidden table (before any rewrite).
+    seen: usize,
+    replaced: usize,
+    cte_clash: Option<String>,
+    error: Option<String>,
+}
+
+impl Shadow<'_> {
+    fn hidden(&self, name: &sqlparser::ast::ObjectName) -> Option<usize> {
+        let n = object_name(name);
+        self.hide.iter().position(|(t, _)| *t == n)
+    }
+}
+
+impl VisitorMut for Shadow<'_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                let name = super::keys::ident(&cte.alias.name);
+                if self.hide.iter().any(|(t, _)| t.rsplit('.').next() == Some(name.as_str())) {
+                    self.cte_clash = Some(name);
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_relation(&mut self, r: &mut sqlparser::ast::ObjectName) -> ControlFlow<()> {
+        if self.hidden(r).is_some() {
+            self.seen += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    // After the children: the subquery put in place is not visited again.
+    fn post_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+        let TableFactor::Table { name, alias, args: None, with_hints, version: None, partitions, .. } = tf else {
+            return ControlFlow::Continue(());
+        };
+        let Some(i) = self.hidden(name) else { return ControlFlow::Continue(()) };
+        if !with_hints.is_empty() || !partitions.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        let sql = format!("SELECT * FROM {name} WHERE {MARK}{i}");
+        let sub = match Parser::parse_sql(&PostgreSqlDialect {}, &sql) {
+            Ok(mut s) if s.len() == 1 => match s.remove(0) {
+                Statement::Query(q) if matches!(*q.body, SetExpr::Select(_)) => q,
+                _ => unreachable!("a SELECT parses as a query"),
+            },
+            Ok(_) | Err(_) => {
+                self.error = Some(format!("cannot filter table {name}"));
+                return ControlFlow::Break(());
+            }
+        };
+        let bare = name.0.last().and_then(|p| p.as_ident()).cloned().unwrap_or_else(|| Ident::new(object_name(name)));
+        let alias = alias.take().unwrap_or(TableAlias { explicit: true, name: bare, columns: Vec::new(), at: None });
+        *tf = TableFactor::Derived { lateral: false, subquery: sub, alias: Some(alias), sample: None };
+        self.replaced += 1;
+        ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exclude;
+
+    fn hide(t: &str) -> Vec<(String, String)> {
+        vec![(t.to_string(), "id % 2 = 0".to_string())]
+    }
+
+    #[test]
+    fn every_appearance_is_filtered() {
+        let out = exclude("SELECT count(*) FROM items WHERE v > 1", &hide("items")).unwrap();
+        assert_eq!(out, "SELECT count(*) FROM (SELECT * FROM items WHERE (id % 2 = 0) IS NOT TRUE) AS items WHERE v > 1");
+        let out = exclude("SELECT i.v FROM items i JOIN other o ON o.id = i.id WHERE i.id IN (SELECT id FROM items)", &hide("items")).unwrap();
+        assert_eq!(out.matches("IS NOT TRUE").count(), 2, "{out}");
+        assert!(out.contains(") i JOIN other"), "alias kept: {out}");
+        let out = exclude("SELECT * FROM public.items", &hide("public.items")).unwrap();
+        assert!(out.ends_with("AS items"), "{out}");
+    }
+
+    #[test]
+    fn what_cannot_be_filtered_is_refused() {
+        assert!(exclude("WITH items AS (SELECT 1 AS id) SELECT * FROM items", &hide("items")).is_err());
+        assert!(exclude("SELECT * FROM items(1)", &hide("items")).is_err());
+        assert!(exclude("UPDATE items SET v = 1", &hide("items")).is_err());
+        assert!(exclude("SELECT 'pgshard_shadow_filter_0' FROM items", &hide("items")).is_err());
+        // Other tables are left alone.
+        assert_eq!(exclude("SELECT * FROM other", &hide("items")).unwrap(), "SELECT * FROM other");
+    }
+}
