@@ -124,11 +124,15 @@ struct MoveArgs {
     #[arg(long)]
     distribution: String,
     /// Move this tenant (tenant distributions).
-    #[arg(long, conflicts_with = "buckets", required_unless_present = "buckets")]
+    #[arg(long, group = "unit")]
     tenant: Option<String>,
-    /// Move these buckets, e.g. `0-255,1024`.
-    #[arg(long)]
+    /// Move these buckets, e.g. `0-255,1024` (hash and tenant distributions).
+    #[arg(long, group = "unit")]
     buckets: Option<String>,
+    /// Move the keys `LO..HI` (`LO <= key < HI`; `..HI` or `LO..` leave a side unbounded)
+    /// of a range distribution; they must lie within one of its ranges.
+    #[arg(long, group = "unit")]
+    range: Option<String>,
     /// Target shard.
     #[arg(long)]
     to: usize,
@@ -208,10 +212,11 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
     use pgshard::rebalance::{self, MoveError, MoveRequest, UnitSpec};
     use pgshard::shardmap::config::MovePhase;
     let shards = shard_links(&args.shards)?;
-    let unit = match (&args.tenant, &args.buckets) {
-        (Some(t), _) => UnitSpec::Tenant(t.clone()),
-        (None, Some(b)) => UnitSpec::Buckets(parse_buckets(b)?),
-        (None, None) => anyhow::bail!("name a --tenant or --buckets"),
+    let unit = match (&args.tenant, &args.buckets, &args.range) {
+        (Some(t), _, _) => UnitSpec::Tenant(t.clone()),
+        (None, Some(b), _) => UnitSpec::Buckets(parse_buckets(b)?),
+        (None, None, Some(r)) => UnitSpec::Range(parse_range(r)?),
+        (None, None, None) => anyhow::bail!("name a --tenant, --buckets or --range"),
     };
     let req = MoveRequest {
         distribution: args.distribution.clone(),
@@ -373,6 +378,17 @@ fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::Shard
 }
 
 /// `0-255,1024` → [[0, 255], [1024, 1024]].
+/// `LO..HI`, `..HI` or `LO..`: integer bounds stay integers, anything else is text.
+fn parse_range(s: &str) -> anyhow::Result<pgshard::shardmap::config::KeyRange> {
+    use pgshard::shardmap::config::Bound;
+    let (lo, hi) = s.split_once("..").context("a range is written LO..HI (either side may be empty)")?;
+    let bound = |b: &str| match b {
+        "" => None,
+        b => Some(b.parse::<i64>().map(Bound::Int).unwrap_or_else(|_| Bound::Text(b.to_string()))),
+    };
+    Ok(pgshard::shardmap::config::KeyRange { lo: bound(lo), hi: bound(hi) })
+}
+
 fn parse_buckets(s: &str) -> anyhow::Result<Vec<[u32; 2]>> {
     s.split(',')
         .map(|part| {

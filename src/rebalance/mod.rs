@@ -13,7 +13,7 @@ pub mod stream;
 
 use crate::backend::{BackendError, ConnectParams};
 use crate::catalog::{Catalog, CatalogError};
-use crate::shardmap::config::{BucketRange, MoveConfig, MovePhase, ShardingConfig};
+use crate::shardmap::config::{BucketRange, KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig};
 use crate::shardmap::{Located, ShardMap, Strategy};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +58,8 @@ pub enum UnitSpec {
     Tenant(String),
     /// Inclusive bucket ranges.
     Buckets(Vec<[u32; 2]>),
+    /// Keys `[lo, hi)` of a range distribution.
+    Range(KeyRange),
 }
 
 /// A move as asked on the command line.
@@ -202,6 +204,17 @@ impl<'a> Mover<'a> {
                 }
                 _ => return Err(MoveError::Refused("bucket units need a hash or tenant distribution and valid bucket ranges".into())),
             },
+            UnitSpec::Range(r) => {
+                let d = &map.distributions[dist];
+                let Strategy::Range { ranges } = &d.strategy else {
+                    return Err(MoveError::Refused(format!("{} is not a range distribution", req.distribution)));
+                };
+                let key = |b: &Option<crate::shardmap::config::Bound>| b.as_ref().map(|b| crate::shardmap::bound_key(&d.key_type, b)).transpose();
+                let span = (key(&r.lo).map_err(|e| MoveError::Refused(e.to_string()))?, key(&r.hi).map_err(|e| MoveError::Refused(e.to_string()))?);
+                let e = crate::shardmap::range_entry(ranges, &span)
+                    .ok_or_else(|| MoveError::Refused("the range must lie within one range of the map (`shardctl map` shows them)".into()))?;
+                ranges[e].2
+            }
         };
         if req.target >= shards.len() || req.target == source {
             return Err(MoveError::Refused(format!("target shard {} must be another existing shard (the unit is on {source})", req.target)));
@@ -220,11 +233,15 @@ impl<'a> Mover<'a> {
             distribution: req.distribution.clone(),
             tenant: match &req.unit {
                 UnitSpec::Tenant(t) => Some(t.clone()),
-                UnitSpec::Buckets(_) => None,
+                _ => None,
             },
             buckets: match &req.unit {
                 UnitSpec::Buckets(r) => r.clone(),
-                UnitSpec::Tenant(_) => vec![],
+                _ => vec![],
+            },
+            range: match &req.unit {
+                UnitSpec::Range(r) => Some(r.clone()),
+                _ => None,
             },
             source,
             target: req.target,
@@ -252,9 +269,10 @@ impl<'a> Mover<'a> {
         };
         let req = MoveRequest {
             distribution: config.distribution.clone(),
-            unit: match &config.tenant {
-                Some(t) => UnitSpec::Tenant(t.clone()),
-                None => UnitSpec::Buckets(config.buckets.clone()),
+            unit: match (&config.tenant, &config.range) {
+                (Some(t), _) => UnitSpec::Tenant(t.clone()),
+                (None, Some(r)) => UnitSpec::Range(r.clone()),
+                (None, None) => UnitSpec::Buckets(config.buckets.clone()),
             },
             target: config.target,
             ack_timeout,
@@ -285,10 +303,10 @@ impl<'a> Mover<'a> {
         let mut key_columns = HashMap::new();
         for (name, column) in moving.tables_of(motion.dist) {
             let pred = motion.predicate_sql(&column, &d.key_type, moving.buckets).ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
-            // Verification compares per bucket, or the tenant as one group.
-            let g = match config.tenant {
-                Some(_) => "0".to_string(),
-                None => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets).unwrap_or_else(|| "0".into()),
+            // Verification compares per bucket, or a tenant or key range as one group.
+            let g = match config.buckets.is_empty() {
+                true => "0".to_string(),
+                false => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets).unwrap_or_else(|| "0".into()),
             };
             key_columns.insert(name.clone(), column);
             tables.push((name, pred, g));
@@ -537,7 +555,17 @@ impl<'a> Mover<'a> {
         for (table, pred, _) in &self.tables {
             self.report.rows_deleted_on_source += copy::delete_unit(src, table, pred, 10_000).await?;
         }
-        // Routers read the unit's tables on replicas again once the move leaves the map.
+        self.wait_standbys(progress).await?;
+        let id = self.id;
+        self.publish(&format!("move {id}: done"), |s| s.moves.retain(|m| m.id != id)).await?;
+        self.state("done", "").await;
+        progress(&format!("move {}: done; {} rows removed from shard {}", self.id, self.report.rows_deleted_on_source, self.source));
+        Ok(())
+    }
+
+    /// Routers read the unit's tables on replicas again once the move leaves the map: the
+    /// replicas of both shards must have replayed the copy and the deletions first.
+    async fn wait_standbys(&self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
         for shard in [self.source, self.target] {
             let c = connect(&self.shards[shard].dsn).await?;
             match standby::wait_replayed(&c, Duration::from_secs(30)).await? {
@@ -546,10 +574,6 @@ impl<'a> Mover<'a> {
                 standby::Standbys::Behind(n) => progress(&format!("move {}: warning: {n} replica(s) of shard {shard} still lag after 30 s; routers skip replicas beyond max_replica_lag", self.id)),
             }
         }
-        let id = self.id;
-        self.publish(&format!("move {id}: done"), |s| s.moves.retain(|m| m.id != id)).await?;
-        self.state("done", "").await;
-        progress(&format!("move {}: done; {} rows removed from shard {}", self.id, self.report.rows_deleted_on_source, self.source));
         Ok(())
     }
 
@@ -587,6 +611,7 @@ impl<'a> Mover<'a> {
             }
         }
         if self.published {
+            let _ = self.wait_standbys(&|m| eprintln!("{m}")).await;
             let _ = self.publish(&format!("move {id}: aborted"), |s| s.moves.retain(|m| m.id != id)).await;
         }
         self.state("aborted", "").await;
@@ -608,6 +633,10 @@ fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usi
         d.tenants.insert(t.clone(), target);
         return;
     }
+    if let Some(r) = &unit.range {
+        d.ranges = split_range(&d.ranges, &d.key_type, r, target);
+        return;
+    }
     let mut owner = owner.to_vec();
     for &[lo, hi] in &unit.buckets {
         for b in lo..=hi {
@@ -622,6 +651,29 @@ fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usi
         }
     }
     d.bucket_map = ranges;
+}
+
+/// A range distribution's entries with `[r.lo, r.hi)` cut out of the entry holding it and
+/// given to `target` (the pieces left and right of it stay where they were).
+fn split_range(entries: &[RangeConfig], key_type: &str, r: &KeyRange, target: usize) -> Vec<RangeConfig> {
+    let key = |b: &Option<crate::shardmap::config::Bound>| b.as_ref().and_then(|b| crate::shardmap::bound_key(key_type, b).ok());
+    let span = (key(&r.lo), key(&r.hi));
+    let mut out = Vec::new();
+    for e in entries {
+        let inside = crate::shardmap::range_entry(&[(key(&e.lo), key(&e.hi), e.shard)], &span).is_some();
+        if !inside {
+            out.push(e.clone());
+            continue;
+        }
+        if r.lo.is_some() && key(&e.lo) != span.0 {
+            out.push(RangeConfig { lo: e.lo.clone(), hi: r.lo.clone(), shard: e.shard });
+        }
+        out.push(RangeConfig { lo: r.lo.clone(), hi: r.hi.clone(), shard: target });
+        if r.hi.is_some() && key(&e.hi) != span.1 {
+            out.push(RangeConfig { lo: r.hi.clone(), hi: e.hi.clone(), shard: e.shard });
+        }
+    }
+    out
 }
 
 /// Writes a transactional marker into the source's WAL. Its commit flushes the WAL even where

@@ -110,8 +110,17 @@ pub struct RangeConfig {
     pub shard: usize,
 }
 
+/// Keys `[lo, hi)`; a missing bound is unbounded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct KeyRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lo: Option<Bound>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hi: Option<Bound>,
+}
+
 /// A range bound as written in TOML: an integer or a string.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum Bound {
     Int(i64),
@@ -194,6 +203,9 @@ pub struct MoveConfig {
     /// Inclusive bucket ranges `[from, to]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<[u32; 2]>,
+    /// Keys `[lo, hi)` of a range distribution, within one of its ranges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<KeyRange>,
     pub source: usize,
     pub target: usize,
     pub phase: MovePhase,

@@ -147,12 +147,7 @@ impl ShardMap {
                 }
                 StrategyName::Range => {
                     let bound = |b: &Option<Bound>| -> Result<Option<OwnedKey>, MapError> {
-                        let Some(b) = b else { return Ok(None) };
-                        let text = match b {
-                            Bound::Int(i) => i.to_string(),
-                            Bound::Text(t) => t.clone(),
-                        };
-                        parse(&text).map(Some).map_err(|e| MapError::Invalid(format!("{ctx}: range bound: {e}")))
+                        b.as_ref().map(|b| bound_key(&d.key_type, b)).transpose().map_err(|e| MapError::Invalid(format!("{ctx}: range bound: {e}")))
                     };
                     let mut ranges = Vec::new();
                     for r in &d.ranges {
@@ -333,6 +328,35 @@ impl ShardMap {
     pub fn bucket(&self, key: &KeyValue) -> u32 {
         pghash::bucket(key, self.buckets).unwrap_or(0)
     }
+}
+
+/// A range bound as a key of the distribution's type.
+pub fn bound_key(key_type: &str, b: &Bound) -> Result<OwnedKey, MapError> {
+    let text = match b {
+        Bound::Int(i) => i.to_string(),
+        Bound::Text(t) => t.clone(),
+    };
+    Ok(OwnedKey::of(&pghash::parse_key(key_type, text.as_bytes())?))
+}
+
+/// A range `[lo, hi)` of keys (None = unbounded).
+pub type KeySpan = (Option<OwnedKey>, Option<OwnedKey>);
+
+/// The entry of a range distribution that holds all of `span`.
+pub fn range_entry(ranges: &[(Option<OwnedKey>, Option<OwnedKey>, ShardId)], span: &KeySpan) -> Option<usize> {
+    ranges.iter().position(|(elo, ehi, _)| {
+        let low = match (elo, &span.0) {
+            (None, _) => true,
+            (Some(e), Some(l)) => l >= e,
+            (Some(_), None) => false,
+        };
+        let high = match (ehi, &span.1) {
+            (None, _) => true,
+            (Some(e), Some(h)) => h <= e,
+            (Some(_), None) => false,
+        };
+        low && high
+    })
 }
 
 /// A key as shown in an error message.

@@ -2,7 +2,7 @@
 //! `shardctl move` carries it from one shard to another (see docs/rebalancing.md).
 
 use super::config::{MoveConfig, MovePhase};
-use super::{MapError, OwnedKey, ShardId, Strategy};
+use super::{KeySpan, MapError, OwnedKey, ShardId, Strategy};
 use crate::pghash::{self, KeyValue};
 
 /// The rows a move carries, in one distribution.
@@ -13,6 +13,8 @@ pub enum Unit {
     /// Inclusive bucket ranges of a hash or tenant distribution; in a tenant distribution,
     /// tenants of the directory stay where the directory puts them.
     Buckets { ranges: Vec<(u32, u32)>, directory: Vec<String> },
+    /// Keys `[lo, hi)` of a range distribution (None = unbounded), with their SQL literals.
+    Range { span: KeySpan, lo: Option<String>, hi: Option<String>, text: bool },
 }
 
 /// A move as routers see it.
@@ -44,6 +46,10 @@ impl Motion {
                 let b = pghash::bucket(key, buckets).unwrap_or(u32::MAX);
                 ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi) && !directory.iter().any(|d| literal_matches(d, key))
             }
+            Unit::Range { span: (lo, hi), .. } => {
+                let k = OwnedKey::of(key);
+                lo.as_ref().is_none_or(|lo| &k >= lo) && hi.as_ref().is_none_or(|hi| &k < hi)
+            }
         }
     }
 
@@ -65,6 +71,16 @@ impl Motion {
                 }
                 p
             }
+            Unit::Range { lo, hi, text, .. } => {
+                // Routers compare text keys bytewise, which is the "C" collation's order.
+                let c = if *text { format!("{col} COLLATE \"C\"") } else { col };
+                let parts: Vec<String> = [lo.as_ref().map(|l| format!("{c} >= {l}")), hi.as_ref().map(|h| format!("{c} < {h}"))].into_iter().flatten().collect();
+                if parts.is_empty() {
+                    "TRUE".to_string()
+                } else {
+                    parts.join(" AND ")
+                }
+            }
         })
     }
 
@@ -76,6 +92,7 @@ impl Motion {
                 let r: Vec<String> = ranges.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
                 format!("buckets {}", r.join(","))
             }
+            Unit::Range { lo, hi, .. } => format!("range [{}, {})", lo.as_deref().unwrap_or("-inf"), hi.as_deref().unwrap_or("+inf")),
         }
     }
 }
@@ -119,12 +136,45 @@ pub(super) fn build(
             return bad(format!("source {} and target {} must be different existing shards", m.source, m.target));
         }
         let d = &dists[dist];
+        let here = if m.phase == MovePhase::Switched { m.target } else { m.source };
+        if let Strategy::Range { ranges } = &d.strategy {
+            let Some(r) = m.range.as_ref().filter(|_| m.tenant.is_none() && m.buckets.is_empty()) else {
+                return bad("a range distribution moves a key range: set 'range' only".into());
+            };
+            let key = |b: &Option<super::config::Bound>| b.as_ref().map(|b| super::bound_key(&d.key_type, b)).transpose();
+            let span = (key(&r.lo)?, key(&r.hi)?);
+            if let (Some(l), Some(h)) = &span {
+                if l >= h {
+                    return bad("the range is empty: lo must be below hi".into());
+                }
+            }
+            let Some(e) = super::range_entry(ranges, &span) else {
+                return bad("the range must lie within one range of the map".into());
+            };
+            if ranges[e].2 != here {
+                return bad(format!("the range is on shard {}, not {here}", ranges[e].2));
+            }
+            let lit = |b: &Option<super::config::Bound>| -> Result<Option<String>, MapError> {
+                b.as_ref()
+                    .map(|b| match b {
+                        super::config::Bound::Int(i) => sql_literal(&d.key_type, &i.to_string()),
+                        super::config::Bound::Text(t) => sql_literal(&d.key_type, t),
+                    })
+                    .transpose()
+            };
+            let text = matches!(span.0.as_ref().or(span.1.as_ref()), Some(OwnedKey::Text(_)));
+            let unit = Unit::Range { lo: lit(&r.lo)?, hi: lit(&r.hi)?, span, text };
+            out.push(Motion { id: m.id, dist, unit, source: m.source, target: m.target, phase: m.phase });
+            continue;
+        }
         let (directory, bucket_shard) = match &d.strategy {
             Strategy::Tenant { directory, bucket_shard } => (Some(directory), bucket_shard),
             Strategy::Hash { bucket_shard } => (None, bucket_shard),
-            _ => return bad("only hash and tenant distributions can move units yet".into()),
+            _ => return bad("geo distributions cannot move units yet".into()),
         };
-        let here = if m.phase == MovePhase::Switched { m.target } else { m.source };
+        if m.range.is_some() {
+            return bad("'range' is for range distributions".into());
+        }
         let unit = match (&m.tenant, m.buckets.is_empty()) {
             (Some(t), true) => {
                 let Some(directory) = directory else { return bad("a tenant unit needs a tenant distribution".into()) };

@@ -117,6 +117,7 @@ fn share_and_follow(h: &Harness) -> TestResult {
             distribution: "tenants".into(),
             tenant: Some("big".into()),
             buckets: vec![],
+            range: None,
             source: 0,
             target: 1,
             phase: pgshard::shardmap::config::MovePhase::Copying,
@@ -124,7 +125,8 @@ fn share_and_follow(h: &Harness) -> TestResult {
         cat.publish_map(2, &moving, 2, "big in motion").await.map_err(|e| e.to_string())?;
         let t = Instant::now();
         loop {
-            match c.simple_query("DELETE FROM cat_orders").await {
+            // A key-less write that changes nothing: refused once the move is seen.
+            match c.simple_query("UPDATE cat_orders SET n = n WHERE n < 0").await {
                 Err(e) if crate::harness::sqlstate(&e) == "55006" => break,
                 _ => ensure!(t.elapsed() < Duration::from_secs(5), "router did not pick up version 3"),
             }
@@ -197,5 +199,32 @@ fn unit_predicates(h: &Harness) -> TestResult {
     let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k, ',') FROM unnest(ARRAY['it''s', 'its', 'it', 'x']) k WHERE {pred}")).ctx("text predicate")?;
     ensure!(got.trim() == "it's", "tenant unit predicate: {got}");
+
+    // Range units: the server (its "C" order for text) and the router agree on every key,
+    // including bounds, case and non-ASCII text.
+    let ranged = |key_type: &str, ranges: &str, unit: &str| -> Result<ShardMap, String> {
+        let text = format!(
+            "[[distributions]]\nname = \"d\"\nstrategy = \"range\"\nkey_type = \"{key_type}\"\nranges = {ranges}\n\
+             [[moves]]\nid = 1\ndistribution = \"d\"\nrange = {unit}\nsource = 0\ntarget = 1\nphase = \"copying\"\n"
+        );
+        let c: ShardingConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        ShardMap::build(&c, 2, 1).map_err(|e| e.to_string())
+    };
+    let map = ranged("int8", "[{ hi = 0, shard = 0 }, { lo = 0, shard = 1 }]", "{ lo = -500, hi = -20 }")?;
+    let m = &map.motions[0];
+    let pred = m.predicate_sql("k", "int8", 4096).ok_or("no predicate")?;
+    let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k::text, ',' ORDER BY k) FROM generate_series(-3000, 3000) k WHERE {pred}")).ctx("range predicate")?;
+    let want: Vec<String> = (-3000i64..=3000).filter(|&k| m.owns(&KeyValue::Int(k), 4096)).map(|k| k.to_string()).collect();
+    ensure!(want.len() == 480 && got.trim() == want.join(","), "int8 range unit: SQL and Rust disagree");
+    ensure!(ranged("int8", "[{ hi = 0, shard = 0 }, { lo = 0, shard = 1 }]", "{ lo = -5, hi = 5 }").is_err(), "a range across two entries is refused");
+    let map = ranged("text", "[{ hi = \"m\", shard = 0 }, { lo = \"m\", shard = 1 }]", "{ lo = \"B\", hi = \"b\" }")?;
+    let m = &map.motions[0];
+    let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
+    let words = ["A", "B", "Ba", "Z", "_", "a", "b", "B\u{e9}", "\u{e9}", "b0"];
+    let arr: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k, ',' ORDER BY k COLLATE \"C\") FROM unnest(ARRAY[{}]) k WHERE {pred}", arr.join(","))).ctx("text range")?;
+    let mut want: Vec<&str> = words.iter().copied().filter(|w| m.owns(&KeyValue::Text(w.as_bytes()), 4096)).collect();
+    want.sort();
+    ensure!(want == ["B", "Ba", "B\u{e9}", "Z", "_", "a"] && got.trim() == want.join(","), "text range unit: SQL {got:?}, Rust {want:?}");
     Ok(())
 }

@@ -24,6 +24,9 @@ fn dsn(h: &Harness) -> String {
 /// A distribution of its own, so moves do not disturb the sharding trials' tables.
 const TABLE: &str = "[[sharding.distributions]]\nname = \"mv\"\nstrategy = \"hash\"\nkey_type = \"int8\"\n\n\
                      [[sharding.distributions]]\nname = \"mvt\"\nstrategy = \"tenant\"\nkey_type = \"text\"\n\n\
+                     [[sharding.distributions]]\nname = \"mvr\"\nstrategy = \"range\"\nkey_type = \"int8\"\n\
+                     ranges = [{ hi = 1000000000000000, shard = 0 }, { lo = 1000000000000000, shard = 1 }]\n\n\
+                     [[sharding.tables]]\nname = \"mv_ranges\"\ndistribution = \"mvr\"\ncolumn = \"id\"\n\n\
                      [[sharding.tables]]\nname = \"mv_items\"\ndistribution = \"mv\"\ncolumn = \"id\"\n\n\
                      [[sharding.tables]]\nname = \"mv_orders\"\ndistribution = \"mvt\"\ncolumn = \"tenant\"\n";
 
@@ -47,7 +50,7 @@ struct Acked {
 
 /// Inserts, updates and deletes its own rows until `stop`; every statement's result is checked
 /// (an UPDATE or DELETE of a live row must find it on the shard the router picks).
-async fn writer(port: u16, w: i64, stop: Arc<AtomicBool>, during: Arc<AtomicU64>, moving: Arc<AtomicBool>) -> Result<Acked, String> {
+async fn writer(port: u16, table: &'static str, w: i64, stop: Arc<AtomicBool>, during: Arc<AtomicU64>, moving: Arc<AtomicBool>) -> Result<Acked, String> {
     let c = connect_port(port, "app", APP_PW, "shop", "").await?;
     let mut a = Acked::default();
     let mut n: i64 = 0;
@@ -57,15 +60,15 @@ async fn writer(port: u16, w: i64, stop: Arc<AtomicBool>, during: Arc<AtomicU64>
         let r = match n % 10 {
             7 | 8 if !a.live.is_empty() => {
                 let id = pick(&a);
-                c.execute("UPDATE mv_items SET v = v + 1 WHERE id = $1", &[&id]).await.map(|k| (k, Some((id, a.rows[&id] + 1))))
+                c.execute(&format!("UPDATE {table} SET v = v + 1 WHERE id = $1"), &[&id]).await.map(|k| (k, Some((id, a.rows[&id] + 1))))
             }
             9 if !a.live.is_empty() => {
                 let id = pick(&a);
-                c.execute("DELETE FROM mv_items WHERE id = $1", &[&id]).await.map(|k| (k, Some((id, -1))))
+                c.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id]).await.map(|k| (k, Some((id, -1))))
             }
             _ => {
                 let id = w * 10_000_000 + n;
-                c.simple_query(&format!("INSERT INTO mv_items (id, v, note) VALUES ({id}, 0, 'w{w}')"))
+                c.simple_query(&format!("INSERT INTO {table} (id, v, note) VALUES ({id}, 0, 'w{w}')"))
                     .await
                     .map(|_| (1, Some((id, 0))))
             }
@@ -96,9 +99,9 @@ async fn writer(port: u16, w: i64, stop: Arc<AtomicBool>, during: Arc<AtomicU64>
 /// Key-less reads of the seed rows (ids 1-4000, which no writer touches) until `stop`, through
 /// the simple and the extended protocol, with a scatter merge too: while the unit's rows are on
 /// two shards every answer must still count each row once. Returns the reads made during the move.
-async fn reader(port: u16, stop: Arc<AtomicBool>, moving: Arc<AtomicBool>) -> Result<u64, String> {
+async fn reader(port: u16, table: &'static str, diag_ports: [u16; 4], stop: Arc<AtomicBool>, moving: Arc<AtomicBool>) -> Result<u64, String> {
     let c = connect_port(port, "app", APP_PW, "shop", "").await?;
-    let count = c.prepare("SELECT count(*), sum(v) FROM mv_items WHERE id <= $1").await.pgx("prepare")?;
+    let count = c.prepare(&format!("SELECT count(*), sum(v) FROM {table} WHERE id <= $1")).await.pgx("prepare")?;
     let mut during = 0;
     let mut n = 0u64;
     let rows = |m: Vec<tokio_postgres::SimpleQueryMessage>| {
@@ -112,12 +115,21 @@ async fn reader(port: u16, stop: Arc<AtomicBool>, moving: Arc<AtomicBool>) -> Re
         n += 1;
         let got = match n % 3 {
             0 => c.query_one(&count, &[&4000i64]).await.map(|r| format!("{} {}", r.get::<_, i64>(0), r.get::<_, i64>(1))),
-            1 => c.simple_query("SELECT count(*), sum(v) FROM mv_items WHERE id <= 4000").await.map(rows),
-            _ => c.simple_query("SELECT id FROM mv_items WHERE id <= 4000 ORDER BY id DESC LIMIT 2").await.map(rows),
+            1 => c.simple_query(&format!("SELECT count(*), sum(v) FROM {table} WHERE id <= 4000")).await.map(rows),
+            _ => c.simple_query(&format!("SELECT id FROM {table} WHERE id <= 4000 ORDER BY id DESC LIMIT 2")).await.map(rows),
         };
         let want = if n % 3 == 2 { "4000 3999" } else { "4000 0" };
         match got {
-            Ok(g) => ensure!(g == want, "key-less read during a move: got {g}, want {want}"),
+            Ok(g) if g != want => {
+                // What each server holds right then, to tell a stale replica from a missed filter.
+                let mut held = Vec::new();
+                for p in diag_ports.iter() {
+                    let d = connect_port(*p, "app", APP_PW, "shop", "").await?;
+                    held.push(one(&d, &format!("SELECT count(*) FROM {table} WHERE id <= 4000")).await?);
+                }
+                return Err(format!("key-less read during a move: got {g}, want {want}; servers (p0 r0 p1 r1) hold {held:?}"));
+            }
+            Ok(_) => {}
             Err(e) if sqlstate(&e) == "40001" => {}
             Err(e) => return Err(format!("key-less read during a move: {e:?}")),
         }
@@ -132,6 +144,9 @@ fn shardctl_move(dsn: String, config: &std::path::Path, buckets: &str, to: usize
     let mut args = vec!["--catalog".to_string(), dsn, "move".into(), "--distribution".into(), "mv".into(), "--buckets".into(), buckets.into()];
     if let Some(t) = buckets.strip_prefix("tenant:") {
         args[3..].clone_from_slice(&["--distribution".into(), "mvt".into(), "--tenant".into(), t.into()]);
+    }
+    if let Some(r) = buckets.strip_prefix("range:") {
+        args[3..].clone_from_slice(&["--distribution".into(), "mvr".into(), "--range".into(), r.into()]);
     }
     args.extend(["--to".into(), to.to_string(), "--config".into(), config.display().to_string(), "--database".into(), "shop".into()]);
     args.extend(extra.iter().cloned());
@@ -156,17 +171,28 @@ struct Run {
     reads: u64,
 }
 
+/// The table and distribution a unit as `shardctl_move` takes it belongs to.
+fn table_of(unit: &str) -> (&'static str, &'static str) {
+    if unit.starts_with("range:") {
+        ("mv_ranges", "mvr")
+    } else {
+        ("mv_items", "mv")
+    }
+}
+
 /// Runs `shardctl move` (then, if asked, `shardctl abort|resume` of the move it left in flight)
 /// while 8 writers (4 per router) work.
 async fn move_with_writers(h: &Harness, ports: [u16; 2], config: &std::path::Path, buckets: &str, to: usize, extra: &[&str], then: Option<&str>, base: i64) -> Result<Run, String> {
+    let (table, dist_name) = table_of(buckets);
     let stop = Arc::new(AtomicBool::new(false));
     let during = Arc::new(AtomicU64::new(0));
     let moving = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for w in 0..8 {
-        tasks.push(tokio::spawn(writer(ports[w as usize % 2], base + w, stop.clone(), during.clone(), moving.clone())));
+        tasks.push(tokio::spawn(writer(ports[w as usize % 2], table, base + w, stop.clone(), during.clone(), moving.clone())));
     }
-    let readers: Vec<_> = ports.iter().map(|&p| tokio::spawn(reader(p, stop.clone(), moving.clone()))).collect();
+    let diag = [h.primary(0).port, h.cluster.replicas(0)[0].port, h.primary(1).port, h.cluster.replicas(1)[0].port];
+    let readers: Vec<_> = ports.iter().map(|&p| tokio::spawn(reader(p, table, diag, stop.clone(), moving.clone()))).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     moving.store(true, Ordering::Relaxed);
     let (d, cfg, buckets, extra) = (dsn(h), config.to_path_buf(), buckets.to_string(), extra.iter().map(|s| s.to_string()).collect::<Vec<_>>());
@@ -175,7 +201,7 @@ async fn move_with_writers(h: &Harness, ports: [u16; 2], config: &std::path::Pat
         Some(verb) => {
             let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
             let map = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map")?;
-            let id = map.sharding.moves.iter().find(|m| m.distribution == "mv").ok_or("no move left in flight")?.id;
+            let id = map.sharding.moves.iter().find(|m| m.distribution == dist_name).ok_or("no move left in flight")?.id;
             let (d, cfg, verb) = (dsn(h), config.to_path_buf(), verb.to_string());
             Some(tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, &verb, id)).await.ctx("shardctl task")?)
         }
@@ -190,7 +216,7 @@ async fn move_with_writers(h: &Harness, ports: [u16; 2], config: &std::path::Pat
     }
     let mut reads = 0;
     for r in readers {
-        reads += r.await.ctx("reader task")??;
+        reads += r.await.ctx("reader task")?.map_err(|e| format!("{e}\nshardctl said: {}", String::from_utf8_lossy(&out.stderr)))?;
     }
     Ok(Run { out, then, acked, during: during.load(Ordering::Relaxed), reads })
 }
@@ -217,19 +243,42 @@ async fn no_leftovers(h: &Harness) -> TestResult {
     Ok(())
 }
 
+/// Waits until the shards' replicas hold the 4000 seed rows of `table` (readers outside a move
+/// read replicas; a reader that is not the writer may otherwise see them lag).
+async fn seeds_on_replicas(h: &Harness, table: &str) -> TestResult {
+    let t = Instant::now();
+    loop {
+        let mut n = 0;
+        for s in 0..2 {
+            let r = connect_port(h.cluster.replicas(s)[0].port, "app", APP_PW, "shop", "").await?;
+            n += one(&r, &format!("SELECT count(*) FROM {table} WHERE id <= 4000")).await.unwrap_or_default().parse::<i64>().unwrap_or(0);
+        }
+        if n == 4000 {
+            return Ok(());
+        }
+        ensure!(t.elapsed() < Duration::from_secs(10), "replicas hold {n} of {table}'s 4000 seed rows after 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The catalog's current map, built.
 async fn current_map(h: &Harness) -> Result<(ShardMap, usize, usize), String> {
+    current_map_of(h, "mv").await
+}
+
+/// The catalog's current map, the index of distribution `dist` and the moves in flight.
+async fn current_map_of(h: &Harness, dist: &str) -> Result<(ShardMap, usize, usize), String> {
     let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
     let row = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map")?;
     let map = ShardMap::build(&row.sharding, row.shards, row.version).map_err(|e| e.to_string())?;
-    let dist = map.distributions.iter().position(|d| d.name == "mv").ok_or("mv")?;
+    let dist = map.distributions.iter().position(|d| d.name == dist).ok_or("no such distribution")?;
     Ok((map, dist, row.sharding.moves.len()))
 }
 
 fn move_under_writers(h: &Harness) -> TestResult {
     h.cluster.psql(h.primary(0), "movecat", "DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset catalog")?;
     for s in 0..2 {
-        h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders; DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset shard")?;
+        h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges; DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset shard")?;
     }
     let a = router(h, "ma")?;
     let b = router(h, "mb")?;
@@ -238,6 +287,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         c.batch_execute("CREATE TABLE mv_items (id int8 PRIMARY KEY, v int NOT NULL, note text)").await.pgx("ddl")?;
         let values: Vec<String> = (1..=4000).map(|i| format!("({i}, 0, 'seed')")).collect();
         c.batch_execute(&format!("INSERT INTO mv_items (id, v, note) VALUES {}", values.join(", "))).await.pgx("seed")?;
+        seeds_on_replicas(h, "mv_items").await?;
 
         // Buckets 0-1023 live on shard 0 (4096 buckets over 2 shards); move them to shard 1.
         let run = move_with_writers(h, [a.port, b.port], &a.config_path, "0-1023", 1, &[], None, 1).await?;
@@ -365,6 +415,23 @@ fn move_under_writers(h: &Harness) -> TestResult {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
+        // A key range moves the same way, under writers and readers: keys [0, 10^15) leave
+        // shard 0's range for shard 1, which splits the map's range in two.
+        c.batch_execute("CREATE TABLE mv_ranges (id int8 PRIMARY KEY, v int NOT NULL, note text)").await.pgx("ddl")?;
+        c.batch_execute(&format!("INSERT INTO mv_ranges (id, v, note) VALUES {}", values.join(", "))).await.pgx("seed ranges")?;
+        seeds_on_replicas(h, "mv_ranges").await?;
+        let run = move_with_writers(h, [a.port, b2.port], &a.config_path, "range:0..1000000000000000", 1, &[], None, 200).await?;
+        ensure!(run.out.status.success(), "range move: {}", String::from_utf8_lossy(&run.out.stderr));
+        ensure!(run.during > 50 && run.reads > 10, "the range moved under writes ({}) and reads ({})", run.during, run.reads);
+        let mut range_truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();
+        record(&mut range_truth, run.acked)?;
+        let (map, rdist, moves) = current_map_of(h, "mvr").await?;
+        ensure!(moves == 0, "the range move finished");
+        check_placement_of(h, "mv_ranges", &map, rdist, &range_truth).await?;
+        ensure!(map.locate(rdist, &pgshard::pghash::KeyValue::Int(-1), None) == Ok(Located::One(0)), "keys below the moved range stay on shard 0");
+        no_leftovers(h).await?;
+        eprintln!("rebalance: range [0, 10^15) moved to shard 1 under writers: {} rows checked", range_truth.len());
+
         // Negative control: skipping the marker wait must be caught by verification.
         // (Writers may see the loss too: an UPDATE of a row the target never got touches 0 rows.)
         let run = move_with_writers(h, [a.port, b2.port], &a.config_path, "1024-2047", 1, &["--unsafe-skip-marker-wait"], None, 100).await?;
@@ -381,7 +448,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         Ok(())
     })?;
     for s in 0..2 {
-        h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders").ctx("drop")?;
+        h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges").ctx("drop")?;
     }
     drop((a, b));
     Ok(())
@@ -390,10 +457,15 @@ fn move_under_writers(h: &Harness) -> TestResult {
 /// Every row of `truth` is on the shard the map puts it, exactly once, with its last value;
 /// no other row exists.
 async fn check_placement(h: &Harness, map: &ShardMap, dist: usize, truth: &HashMap<i64, i32>) -> TestResult {
+    check_placement_of(h, "mv_items", map, dist, truth).await
+}
+
+/// `check_placement` for any table of the trial.
+async fn check_placement_of(h: &Harness, table: &str, map: &ShardMap, dist: usize, truth: &HashMap<i64, i32>) -> TestResult {
     let mut seen: HashMap<i64, (usize, i32)> = HashMap::new();
     for s in 0..2 {
         let c = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
-        for r in c.query("SELECT id, v FROM mv_items", &[]).await.pgx("scan shard")? {
+        for r in c.query(&format!("SELECT id, v FROM {table}"), &[]).await.pgx("scan shard")? {
             let (id, v): (i64, i32) = (r.get(0), r.get(1));
             if let Some(prev) = seen.insert(id, (s, v)) {
                 return Err(format!("id {id} is on shard {} and shard {s}", prev.0));
