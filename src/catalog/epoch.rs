@@ -47,32 +47,38 @@ impl Epoch {
 #[derive(Default)]
 pub struct Draining {
     old: Vec<Arc<Epoch>>,
+    /// When the oldest undrained epoch was replaced.
+    since: Option<Instant>,
+    revoked: bool,
 }
 
 impl Draining {
     /// Remembers an epoch that was just replaced.
     pub fn push(&mut self, e: Arc<Epoch>) {
         self.old.push(e);
+        self.since.get_or_insert_with(Instant::now);
     }
 
-    /// Waits up to `drain` for every holder of an old epoch to finish, then revokes the
-    /// stragglers and gives them `grace` to roll back. True when nothing old is left.
-    pub async fn settle(&mut self, drain: Duration, grace: Duration) -> bool {
-        let start = Instant::now();
-        let mut revoked = false;
+    /// Waits, at most `slice` this call, for every holder of an old epoch to finish; stragglers
+    /// still there `drain` after their epoch was replaced are revoked and given `grace` to roll
+    /// back. True when nothing old is left.
+    pub async fn settle(&mut self, drain: Duration, grace: Duration, slice: Duration) -> bool {
+        let call = Instant::now();
         loop {
             // Only this list holds a token nobody uses any more.
             self.old.retain(|e| Arc::strong_count(e) > 1);
-            if self.old.is_empty() {
+            let Some(since) = self.since.filter(|_| !self.old.is_empty()) else {
+                self.since = None;
+                self.revoked = false;
                 return true;
-            }
-            let waited = start.elapsed();
-            if !revoked && waited >= drain {
+            };
+            let waited = since.elapsed();
+            if !self.revoked && waited >= drain {
                 tracing::warn!(transactions = self.old.iter().map(|e| Arc::strong_count(e) - 1).sum::<usize>(), "revoking transactions begun under an older shard map");
                 self.old.iter().for_each(|e| e.revoke());
-                revoked = true;
+                self.revoked = true;
             }
-            if waited >= drain + grace {
+            if waited >= drain + grace || call.elapsed() >= slice {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;

@@ -6,7 +6,6 @@ use super::epoch::{Draining, Epoch};
 use super::{Catalog, CatalogConfig, CatalogError, MapRow};
 use crate::app::App;
 use crate::shardmap::ShardMap;
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +16,8 @@ use tokio::sync::mpsc;
 pub struct CatalogState {
     /// The map comes from the catalog (config reloads leave it alone).
     pub active: AtomicBool,
-    /// Until when the last renewed lease holds, by this process's clock.
-    lease_until: Mutex<Option<Instant>>,
+    /// Until when the last renewed lease holds: µs since `clock_base()` (0 = never renewed).
+    lease_until_us: AtomicU64,
     /// Map version the catalog was last told this router serves.
     pub acked: AtomicU64,
     /// How long a statement for a fenced unit may wait, in milliseconds.
@@ -27,14 +26,20 @@ pub struct CatalogState {
 
 impl CatalogState {
     /// False once a catalog-following router has gone longer than its lease without renewing
-    /// it: other routers may have moved on, so units in motion must not be served.
+    /// it: shardctl no longer waits for it, so a move may have begun that its map does not
+    /// show, and no sharded table may be served. Cheap: checked for every such statement.
     pub fn lease_valid(&self) -> bool {
-        !self.active.load(Ordering::Acquire) || self.lease_until.lock().is_some_and(|t| Instant::now() < t)
+        !self.active.load(Ordering::Acquire) || micros_since_base(Instant::now()) < self.lease_until_us.load(Ordering::Acquire)
     }
 
     fn renewed(&self, at: Instant, lease: Duration) {
-        *self.lease_until.lock() = Some(at + lease);
+        self.lease_until_us.store(micros_since_base(at + lease), Ordering::Release);
     }
+}
+
+fn micros_since_base(t: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    t.saturating_duration_since(*BASE.get_or_init(Instant::now)).as_micros() as u64
 }
 
 /// Loads the catalog's map (seeding it from the config file when the catalog is empty),
@@ -78,7 +83,7 @@ pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError>
     let t = loop {
         let t = Instant::now();
         match cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, map.version).await {
-            Ok(()) => break t,
+            Ok(_) => break t,
             Err(CatalogError::RouterIdTaken(_)) if Instant::now() < deadline => {
                 tracing::warn!(router_id = %me.router_id, "router_id still leased (a previous run?); waiting for the lease to run out");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -101,14 +106,21 @@ struct Me {
 
 async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc::UnboundedReceiver<String>, me: Me) {
     let mut draining = Draining::default();
+    let mut again = false;
     loop {
-        let lost = tokio::select! {
-            n = rx.recv() => n.is_none(),
-            _ = tokio::time::sleep(cc.poll_interval) => false,
+        let lost = match std::mem::take(&mut again) {
+            true => false,
+            false => tokio::select! {
+                n = rx.recv() => n.is_none(),
+                _ = tokio::time::sleep(cc.poll_interval) => false,
+            },
         };
         // Several notifications may be queued; one refresh covers them all.
         while rx.try_recv().is_ok() {}
         let r = if lost { Err(CatalogError::Other("connection lost".into())) } else { refresh(&app, &cat, &cc, &me, &mut draining).await };
+        if let Ok(newer) = r {
+            again = newer;
+        }
         if let Err(e) = r {
             if let CatalogError::RouterIdTaken(_) = e {
                 tracing::error!(error = %e, "catalog lease lost to another router");
@@ -128,10 +140,13 @@ async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc
     }
 }
 
-/// Installs a newer map if there is one, waits for requests begun under older versions to
-/// end, then renews the lease with the version now served (or, if some are still running,
+/// Installs a newer map if there is one, waits a while for requests begun under older versions
+/// to end, then renews the lease with the version now served (or, if some are still running,
 /// with the version acknowledged before: the catalog must never be told too much).
-async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me, draining: &mut Draining) -> Result<(), CatalogError> {
+/// The renewal counts only if no newer map appeared meanwhile: shardctl may have stopped
+/// waiting for this router while its lease was out, so it must not serve a map older than
+/// the catalog's until it has installed the newest. Returns true to be called again at once.
+async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me, draining: &mut Draining) -> Result<bool, CatalogError> {
     let t = Instant::now();
     if let Some(map) = cat.latest_map().await? {
         if map.version > app.shardmap.load().version {
@@ -140,12 +155,16 @@ async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me, draining
         }
     }
     let serving = app.shardmap.load().version;
-    let drained = draining.settle(cc.drain_timeout, cc.poll_interval).await;
+    // A slice at a time, so a long drain does not let the lease run out.
+    let drained = draining.settle(cc.drain_timeout, cc.poll_interval, cc.lease / 4).await;
     let ack = if drained { serving } else { app.catalog.acked.load(Ordering::Acquire) };
-    cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, ack).await?;
-    app.catalog.renewed(t, cc.lease);
+    let latest = cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, ack).await?;
     app.catalog.acked.store(ack, Ordering::Release);
-    Ok(())
+    if latest > serving {
+        return Ok(true);
+    }
+    app.catalog.renewed(t, cc.lease);
+    Ok(false)
 }
 
 /// Swaps in a catalog map (unless it does not fit this router's shards) and starts a new

@@ -20,7 +20,8 @@ pub struct CatalogConfig {
     /// libpq-style connection string of the catalog database, e.g.
     /// `host=127.0.0.1 port=5432 user=pgshard password=… dbname=pgshard_catalog`.
     pub dsn: String,
-    /// A router that cannot renew its lease for this long stops serving units in motion.
+    /// A router that cannot renew its lease for this long stops serving sharded tables (a move
+    /// may have started that it does not know of).
     #[serde(default = "d_lease", with = "humantime_serde")]
     pub lease: Duration,
     /// How often the router renews its lease and looks for a newer map (besides notifications).
@@ -163,10 +164,11 @@ impl Catalog {
 
     /// Registers or renews this router's lease and records the map version it serves. Refuses
     /// when another process holds the same router_id with a live lease.
-    pub async fn heartbeat(&self, router_id: &str, instance: &str, addr: &str, lease: Duration, acked: u64) -> Result<(), CatalogError> {
-        let n = self
+    /// Returns the newest map version at the time of the renewal.
+    pub async fn heartbeat(&self, router_id: &str, instance: &str, addr: &str, lease: Duration, acked: u64) -> Result<u64, CatalogError> {
+        let row = self
             .client
-            .execute(
+            .query_opt(
                 "INSERT INTO pgshard.routers (router_id, addr, instance, lease_until, acked_version)
                  VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
                  ON CONFLICT (router_id) DO UPDATE
@@ -174,14 +176,15 @@ impl Catalog {
                        acked_version = EXCLUDED.acked_version,
                        started_at = CASE WHEN pgshard.routers.instance = EXCLUDED.instance
                                          THEN pgshard.routers.started_at ELSE now() END
-                   WHERE pgshard.routers.instance = EXCLUDED.instance OR pgshard.routers.lease_until < now()",
+                   WHERE pgshard.routers.instance = EXCLUDED.instance OR pgshard.routers.lease_until < now()
+                 RETURNING (SELECT coalesce(max(version), 0) FROM pgshard.maps)",
                 &[&router_id, &addr, &instance, &lease.as_secs_f64(), &(acked as i64)],
             )
             .await?;
-        if n == 0 {
-            return Err(CatalogError::RouterIdTaken(router_id.to_string()));
+        match row {
+            Some(r) => Ok(r.get::<_, i64>(0) as u64),
+            None => Err(CatalogError::RouterIdTaken(router_id.to_string())),
         }
-        Ok(())
     }
 
     /// Every registered router.

@@ -168,6 +168,30 @@ fn share_and_follow(h: &Harness) -> TestResult {
     eprintln!("catalog: restarted router up {:?} after the old one died (lease 2 s)", t.elapsed());
     block_on(async {
         ensure!(big_goes_to(&a).await? == "0", "restarted router serves the catalog's version 2");
+        // Cut off from the catalog for longer than its lease, a router stops serving sharded
+        // tables (a move may have begun that it cannot see); reachable again, it serves.
+        let c = connect_port(a.port, "app", APP_PW, "shop", "").await?;
+        ensure!(one(&c, "SELECT count(*) FROM cat_orders WHERE tenant = 'small'").await.is_ok(), "served with a live lease");
+        let cut = "ALTER DATABASE catalog ALLOW_CONNECTIONS false; SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'catalog' AND pid <> pg_backend_pid()";
+        h.cluster.psql(h.primary(0), "postgres", cut).ctx("cut the catalog off")?;
+        let t = Instant::now();
+        let refused = loop {
+            match c.simple_query("SELECT count(*) FROM cat_orders WHERE tenant = 'small'").await {
+                Err(e) => break e,
+                Ok(_) => ensure!(t.elapsed() < Duration::from_secs(6), "router kept serving sharded tables 6 s after losing its 2 s lease"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let lapse = t.elapsed();
+        h.cluster.psql(h.primary(0), "postgres", "ALTER DATABASE catalog ALLOW_CONNECTIONS true").ctx("reconnect the catalog")?;
+        ensure!(crate::harness::sqlstate(&refused) == "57P03", "refusal without a lease: {refused:?}");
+        ensure!(lapse >= Duration::from_millis(1500), "refused only once the lease ran out, not after {lapse:?}");
+        let t = Instant::now();
+        while one(&c, "SELECT count(*) FROM cat_orders WHERE tenant = 'small'").await.is_err() {
+            ensure!(t.elapsed() < Duration::from_secs(10), "router did not serve again after the catalog came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("catalog: without its catalog the router refused sharded tables after {lapse:?} (lease 2 s), served again {:?} after reconnecting", t.elapsed());
         Ok(())
     })?;
     drop(b);

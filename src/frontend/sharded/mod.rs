@@ -376,6 +376,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             // A replica may not yet have the rows a move switched to its primary, or still have
             // those the move's cleanup deleted: tables in motion are read on primaries.
             && (self.map.motions.is_empty() || !plan.tables.iter().any(|t| self.map.motion_of(t).is_some()));
+        let sharded = matches!(plan.route, crate::router::Route::Keys { .. } | crate::router::Route::AllShards);
+        if sharded && !self.app.catalog.lease_valid() && !matches!(plan.kind, Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session) {
+            return Err(Refusal::new(
+                "57P03",
+                "this router could not renew its catalog lease in time, so a shard move may have begun that it does not know of; sharded tables are served again once the catalog is reachable",
+            )
+            .into());
+        }
         match &plan.kind {
             Kind::Begin { read_only } => return self.begin(text, *read_only, batch).await,
             Kind::Commit => return self.commit(true).await,
