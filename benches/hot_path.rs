@@ -48,22 +48,39 @@ fn framing(c: &mut Criterion) {
 
 fn per_query(c: &mut Criterion) {
     let q = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
-    c.bench_function("classify_pgbench_select", |b| b.iter(|| pgshard::sqlclass::classify(black_box(q))));
-    c.bench_function("classify_set", |b| b.iter(|| pgshard::sqlclass::classify(black_box("SET search_path = a, b"))));
+    c.bench_function("classify_pgbench_select", |b| {
+        b.iter(|| pgshard::sqlclass::classify(black_box(q)))
+    });
+    c.bench_function("classify_set", |b| {
+        b.iter(|| pgshard::sqlclass::classify(black_box("SET search_path = a, b")))
+    });
     c.bench_function("statement_def_hash", |b| {
-        b.iter(|| StatementDef::new(bytes::Bytes::from_static(q.as_bytes()), bytes::Bytes::from_static(b"\0\0")))
+        b.iter(|| {
+            StatementDef::new(
+                bytes::Bytes::from_static(q.as_bytes()),
+                bytes::Bytes::from_static(b"\0\0"),
+            )
+        })
     });
     let mut lru = ServerStatements::new(500);
     for k in 0..500u128 {
         lru.insert(k);
     }
-    c.bench_function("server_statements_touch", |b| b.iter(|| lru.touch(black_box(250))));
+    c.bench_function("server_statements_touch", |b| {
+        b.iter(|| lru.touch(black_box(250)))
+    });
     routing(c);
     c.bench_function("encode_error_response", |b| {
         let mut out = BytesMut::with_capacity(256);
         b.iter(|| {
             out.clear();
-            messages::error_response(&mut out, messages::Severity::Error, "53300", "no server connection", None);
+            messages::error_response(
+                &mut out,
+                messages::Severity::Error,
+                "53300",
+                "no server connection",
+                None,
+            );
             black_box(out.len())
         })
     });
@@ -81,13 +98,24 @@ fn routing(c: &mut Criterion) {
     let map = pgshard::shardmap::ShardMap::build(&cfg, 2, 1).expect("map");
     let q = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
     let u = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
-    c.bench_function("route_analyze_miss_select", |b| b.iter(|| pgshard::router::analyze(black_box(q), &map)));
-    c.bench_function("route_analyze_miss_update", |b| b.iter(|| pgshard::router::analyze(black_box(u), &map)));
+    c.bench_function("route_analyze_miss_select", |b| {
+        b.iter(|| pgshard::router::analyze(black_box(q), &map))
+    });
+    c.bench_function("route_analyze_miss_update", |b| {
+        b.iter(|| pgshard::router::analyze(black_box(u), &map))
+    });
     let cache = pgshard::router::PlanCache::new(1000);
     cache.plan(q, &map);
-    c.bench_function("route_plan_cache_hit", |b| b.iter(|| cache.plan(black_box(q), &map)));
+    c.bench_function("route_plan_cache_hit", |b| {
+        b.iter(|| cache.plan(black_box(q), &map))
+    });
     let plan = cache.plan(q, &map);
     let v: [Option<&[u8]>; 1] = [Some(b"48213")];
-    let params = pgshard::router::Params { values: &v, formats: &[] };
-    c.bench_function("route_with_bind_param", |b| b.iter(|| pgshard::router::route(black_box(&plan), &map, &params)));
+    let params = pgshard::router::Params {
+        values: &v,
+        formats: &[],
+    };
+    c.bench_function("route_with_bind_param", |b| {
+        b.iter(|| pgshard::router::route(black_box(&plan), &map, &params))
+    });
 }

@@ -2,9 +2,9 @@
 //! commands with PgBouncer's column names where one exists.
 
 use crate::app::{client_state, App};
-use crate::health::NodeState;
 use crate::config::{split_host_port, PoolMode};
 use crate::frontend::ClientIo;
+use crate::health::NodeState;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::{Cursor, FrameBuf};
 use bytes::BytesMut;
@@ -23,7 +23,10 @@ struct Table {
 
 impl Table {
     fn new(columns: &[&'static str]) -> Self {
-        Table { columns: columns.to_vec(), rows: Vec::new() }
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
     }
     fn row(&mut self, values: Vec<String>) {
         self.rows.push(values.into_iter().map(Some).collect());
@@ -83,7 +86,13 @@ pub async fn run<S: ClientIo>(app: Arc<App>, mut s: S, mut rbuf: FrameBuf, pid: 
             }
             b'X' => return,
             b'S' => {
-                messages::error_response(&mut out, Severity::Error, "0A000", "the admin console supports only simple queries", None);
+                messages::error_response(
+                    &mut out,
+                    Severity::Error,
+                    "0A000",
+                    "the admin console supports only simple queries",
+                    None,
+                );
                 messages::ready_for_query(&mut out, b'I');
             }
             _ => {}
@@ -93,13 +102,24 @@ pub async fn run<S: ClientIo>(app: Arc<App>, mut s: S, mut rbuf: FrameBuf, pid: 
 
 /// Runs one admin command; returns true when the connection should close afterwards.
 async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
-    let cmd: String = sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
+    let cmd: String = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_lowercase();
     let err = |out: &mut BytesMut, m: &str| {
         messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW ROUTE <statement>, SHOW PLAN_CACHE, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
     };
     if cmd.starts_with("show route ") {
         // The statement keeps its original case and spacing: only the command words are cut.
-        let stmt = sql.trim().splitn(3, char::is_whitespace).nth(2).unwrap_or("").trim();
+        let stmt = sql
+            .trim()
+            .splitn(3, char::is_whitespace)
+            .nth(2)
+            .unwrap_or("")
+            .trim();
         show_route(app, stmt).write(out, "SHOW");
         return false;
     }
@@ -113,9 +133,18 @@ async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
         "show shards" => show_shards(app).await.write(out, "SHOW"),
         "show plan_cache" => {
             let (hits, misses) = app.plans.stats();
-            let rate = if hits + misses > 0 { hits as f64 / (hits + misses) as f64 } else { 0.0 };
+            let rate = if hits + misses > 0 {
+                hits as f64 / (hits + misses) as f64
+            } else {
+                0.0
+            };
             let mut t = Table::new(&["hits", "misses", "entries", "hit_rate"]);
-            t.row(vec![hits.to_string(), misses.to_string(), app.plans.len().to_string(), format!("{rate:.4}")]);
+            t.row(vec![
+                hits.to_string(),
+                misses.to_string(),
+                app.plans.len().to_string(),
+                format!("{rate:.4}"),
+            ]);
             t.write(out, "SHOW");
         }
         "show version" => {
@@ -130,7 +159,11 @@ async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
         "pause" => {
             app.paused.send_replace(true);
             // PAUSE returns once no server connection is in use, as in PgBouncer.
-            while app.pools().iter().any(|p| p.metrics.servers_active.get() > 0) {
+            while app
+                .pools()
+                .iter()
+                .any(|p| p.metrics.servers_active.get() > 0)
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             messages::command_complete(out, "PAUSE");
@@ -164,8 +197,20 @@ fn mode_name(m: PoolMode) -> &'static str {
 
 fn show_pools(app: &App) -> Table {
     let mut t = Table::new(&[
-        "database", "user", "shard", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login",
-        "maxwait", "maxwait_us", "pool_mode", "server",
+        "database",
+        "user",
+        "shard",
+        "cl_active",
+        "cl_waiting",
+        "sv_active",
+        "sv_idle",
+        "sv_used",
+        "sv_tested",
+        "sv_login",
+        "maxwait",
+        "maxwait_us",
+        "pool_mode",
+        "server",
     ]);
     for p in app.pools() {
         let s = p.snapshot();
@@ -190,7 +235,17 @@ fn show_pools(app: &App) -> Table {
 }
 
 fn show_clients(app: &App) -> Table {
-    let mut t = Table::new(&["type", "user", "database", "state", "addr", "port", "connect_time", "pid", "application_name"]);
+    let mut t = Table::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "connect_time",
+        "pid",
+        "application_name",
+    ]);
     for c in app.clients.all() {
         let state = match c.state.load(std::sync::atomic::Ordering::Relaxed) {
             client_state::ACTIVE => "active",
@@ -213,7 +268,16 @@ fn show_clients(app: &App) -> Table {
 }
 
 fn show_servers(app: &App) -> Table {
-    let mut t = Table::new(&["type", "user", "database", "state", "addr", "port", "remote_pid", "client_pid"]);
+    let mut t = Table::new(&[
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "remote_pid",
+        "client_pid",
+    ]);
     for p in app.pools() {
         for (_, pid, _, _) in p.idle_servers() {
             t.row(vec![
@@ -247,8 +311,16 @@ fn show_servers(app: &App) -> Table {
 
 fn show_stats(app: &App) -> Table {
     let mut t = Table::new(&[
-        "database", "user", "shard", "total_xact_count", "total_query_count", "total_received", "total_sent",
-        "total_xact_time", "total_wait_time", "total_errors",
+        "database",
+        "user",
+        "shard",
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+        "total_xact_time",
+        "total_wait_time",
+        "total_errors",
     ]);
     for p in app.pools() {
         let m = &p.metrics;
@@ -285,13 +357,22 @@ fn show_config(app: &App) -> Table {
         ("server_idle_timeout", d(g.server_idle_timeout)),
         ("idle_transaction_timeout", d(g.idle_transaction_timeout)),
         ("server_connect_timeout", d(g.server_connect_timeout)),
-        ("server_connect_retries", g.server_connect_retries.to_string()),
+        (
+            "server_connect_retries",
+            g.server_connect_retries.to_string(),
+        ),
         ("server_check_delay", d(g.server_check_delay)),
         ("max_message_size", g.max_message_size.to_string()),
-        ("prepared_statements_cache_size", g.prepared_statements_cache_size.to_string()),
+        (
+            "prepared_statements_cache_size",
+            g.prepared_statements_cache_size.to_string(),
+        ),
         ("shutdown_timeout", d(g.shutdown_timeout)),
         ("admin_users", g.admin_users.join(",")),
-        ("metrics_listen", g.metrics_listen.map(|a| a.to_string()).unwrap_or_default()),
+        (
+            "metrics_listen",
+            g.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
+        ),
         ("tls", (g.tls_cert_file.is_some()).to_string()),
     ] {
         t.row(vec![k.to_string(), v]);
@@ -305,10 +386,25 @@ fn show_route(app: &App, stmt: &str) -> Table {
     let plan = app.plans.plan(stmt, &map);
     let mut t = Table::new(&["shards", "kind", "route", "tables", "map_version", "note"]);
     let (shards, note) = match crate::router::route(&plan, &map, &crate::router::Params::NONE) {
-        Ok(crate::router::Target::All) => ((0..map.shards).map(|s| s.to_string()).collect::<Vec<_>>().join(","), String::new()),
-        Ok(crate::router::Target::Some(v)) => (v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), String::new()),
+        Ok(crate::router::Target::All) => (
+            (0..map.shards)
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            String::new(),
+        ),
+        Ok(crate::router::Target::Some(v)) => (
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            String::new(),
+        ),
         Ok(crate::router::Target::One(s)) => (s.to_string(), String::new()),
-        Err(e) => (String::new(), format!("refused ({}): {}", e.sqlstate, e.message)),
+        Err(e) => (
+            String::new(),
+            format!("refused ({}): {}", e.sqlstate, e.message),
+        ),
     };
     t.row(vec![
         shards,
@@ -323,17 +419,24 @@ fn show_route(app: &App, stmt: &str) -> Table {
 
 async fn show_shards(app: &App) -> Table {
     let health = app.health.load_full();
-    let mut t = Table::new(&["shard", "role", "host", "port", "health", "state", "writer", "lsn", "lag_ms"]);
+    let mut t = Table::new(&[
+        "shard", "role", "host", "port", "health", "state", "writer", "lsn", "lag_ms",
+    ]);
     for (i, s) in health.shards.iter().enumerate() {
         let writer = health.writer(i);
         for (n, node) in s.nodes.iter().enumerate() {
-            let Some((host, port)) = split_host_port(&node.addr) else { continue };
+            let Some((host, port)) = split_host_port(&node.addr) else {
+                continue;
+            };
             let state = node.state();
             // Without replicas nothing checks the servers: probe them now.
             let up = match state {
-                NodeState::Unknown => tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect((host.as_str(), port)))
-                    .await
-                    .is_ok_and(|r| r.is_ok()),
+                NodeState::Unknown => tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect((host.as_str(), port)),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok()),
                 NodeState::Down => false,
                 _ => true,
             };
@@ -346,8 +449,14 @@ async fn show_shards(app: &App) -> Table {
                 if up { "up" } else { "down" }.into(),
                 state.name().into(),
                 (n == writer).to_string(),
-                if lsn == 0 { String::new() } else { format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff) },
-                node.lag_us().map(|l| (l / 1000).to_string()).unwrap_or_default(),
+                if lsn == 0 {
+                    String::new()
+                } else {
+                    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+                },
+                node.lag_us()
+                    .map(|l| (l / 1000).to_string())
+                    .unwrap_or_default(),
             ]);
         }
     }

@@ -1,9 +1,13 @@
 //! Process-wide state: the config snapshot, the pools, the connected clients.
 
-use crate::auth::{Secret, ScramVerifier};
+use crate::auth::{ScramVerifier, Secret};
 use crate::backend::ConnectParams;
 use crate::config::{split_host_port, Config, PoolMode};
+use crate::health::Health;
 use crate::pool::{Pool, PoolSettings};
+use crate::router::PlanCache;
+use crate::shardmap::ShardMap;
+use crate::twophase::TwoPhase;
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -12,10 +16,6 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
-use crate::router::PlanCache;
-use crate::shardmap::ShardMap;
-use crate::twophase::TwoPhase;
-use crate::health::Health;
 
 /// A client's credentials, prepared once per config load.
 pub struct UserAuth {
@@ -85,26 +85,38 @@ impl ClientRegistry {
             self.count.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        self.shards[info.pid as usize % CLIENT_SHARDS].lock().insert(info.pid, info);
+        self.shards[info.pid as usize % CLIENT_SHARDS]
+            .lock()
+            .insert(info.pid, info);
         true
     }
 
     /// Removes a client.
     pub fn unregister(&self, pid: i32) {
-        if self.shards[pid as usize % CLIENT_SHARDS].lock().remove(&pid).is_some() {
+        if self.shards[pid as usize % CLIENT_SHARDS]
+            .lock()
+            .remove(&pid)
+            .is_some()
+        {
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// The client holding backend key (pid, secret).
     pub fn find(&self, pid: i32, secret: i32) -> Option<Arc<ClientInfo>> {
-        let c = self.shards[pid.max(0) as usize % CLIENT_SHARDS].lock().get(&pid).cloned()?;
+        let c = self.shards[pid.max(0) as usize % CLIENT_SHARDS]
+            .lock()
+            .get(&pid)
+            .cloned()?;
         (c.secret == secret).then_some(c)
     }
 
     /// All clients (admin console).
     pub fn all(&self) -> Vec<Arc<ClientInfo>> {
-        self.shards.iter().flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>()).collect()
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     /// Number of connected clients.
@@ -158,7 +170,9 @@ impl App {
     /// Re-reads the config file and applies it; the old config stays if the new one is bad.
     pub fn reload_from_file(&self) -> Result<(), crate::config::ConfigError> {
         let Some(path) = self.config_path.lock().clone() else {
-            return Err(crate::config::ConfigError::Invalid("no config file to reload".into()));
+            return Err(crate::config::ConfigError::Invalid(
+                "no config file to reload".into(),
+            ));
         };
         let cfg = Config::load(&path)?;
         self.reload(cfg);
@@ -170,11 +184,15 @@ impl App {
     pub fn new(config: Config) -> Arc<App> {
         let users = build_users(&config);
         // Validated with the config, so building cannot fail here.
-        let map = ShardMap::build(&config.sharding, config.shards.len(), 1).expect("validated config");
+        let map =
+            ShardMap::build(&config.sharding, config.shards.len(), 1).expect("validated config");
         Arc::new(App {
             shardmap: ArcSwap::from_pointee(map),
             plans: PlanCache::new(10_000),
-            twophase: TwoPhase::open(&config.general.router_id, config.general.decision_log.clone().into()),
+            twophase: TwoPhase::open(
+                &config.general.router_id,
+                config.general.decision_log.clone().into(),
+            ),
             health: ArcSwap::from_pointee(Health::new(&config.shards)),
             catalog: Default::default(),
             epoch: ArcSwap::new(crate::catalog::epoch::Epoch::new(1)),
@@ -195,7 +213,10 @@ impl App {
     /// as a wrong password so a client cannot tell which user names exist.
     pub fn unknown_user_auth(&self, user: &str) -> UserAuth {
         let verifier = ScramVerifier::mock(user, &self.mock_seed);
-        UserAuth { secret: Secret::from(verifier.clone()), scram: Some(verifier) }
+        UserAuth {
+            secret: Secret::from(verifier.clone()),
+            scram: Some(verifier),
+        }
     }
 
     /// Credentials of `user`.
@@ -210,8 +231,19 @@ impl App {
     }
 
     /// The pool for (database, user) on server `node` of `shard`, created on first use.
-    pub fn node_pool(&self, database: &str, user: &str, shard: usize, node: usize) -> Option<Arc<Pool>> {
-        let key = PoolKey { database: database.into(), user: user.into(), shard, node };
+    pub fn node_pool(
+        &self,
+        database: &str,
+        user: &str,
+        shard: usize,
+        node: usize,
+    ) -> Option<Arc<Pool>> {
+        let key = PoolKey {
+            database: database.into(),
+            user: user.into(),
+            shard,
+            node,
+        };
         if let Some(p) = self.pools.read().get(&key) {
             return Some(p.clone());
         }
@@ -223,28 +255,45 @@ impl App {
             host,
             port,
             user: user.into(),
-            database: db.server_database.clone().unwrap_or_else(|| db.name.clone()),
+            database: db
+                .server_database
+                .clone()
+                .unwrap_or_else(|| db.name.clone()),
             password: server_password(u),
             connect_timeout: cfg.general.server_connect_timeout,
             max_message_size: cfg.general.max_message_size,
         };
         let settings = pool_settings(&cfg, database, user);
         let mut pools = self.pools.write();
-        let p = pools
-            .entry(key)
-            .or_insert_with(|| Arc::new(Pool::new(database.into(), user.into(), shard, node, connect, settings)));
+        let p = pools.entry(key).or_insert_with(|| {
+            Arc::new(Pool::new(
+                database.into(),
+                user.into(),
+                shard,
+                node,
+                connect,
+                settings,
+            ))
+        });
         Some(p.clone())
     }
 
     /// Every server's pool for (database, user, shard), indexed by server.
     pub fn shard_pools(&self, database: &str, user: &str, shard: usize) -> Option<Vec<Arc<Pool>>> {
         let n = self.config.load().shards.get(shard)?.replicas.len() + 1;
-        (0..n).map(|node| self.node_pool(database, user, shard, node)).collect()
+        (0..n)
+            .map(|node| self.node_pool(database, user, shard, node))
+            .collect()
     }
 
     /// Drops the idle connections to one server (it stopped taking writes).
     pub fn close_idle_on(&self, shard: usize, node: usize) {
-        for p in self.pools.read().values().filter(|p| p.shard == shard && p.node == node) {
+        for p in self
+            .pools
+            .read()
+            .values()
+            .filter(|p| p.shard == shard && p.node == node)
+        {
             p.close_idle();
         }
     }
@@ -259,7 +308,11 @@ impl App {
     pub fn reload(&self, config: Config) {
         self.users.store(Arc::new(build_users(&config)));
         // A catalog-following router takes its map from the catalog only.
-        if !self.catalog.active.load(std::sync::atomic::Ordering::Acquire) {
+        if !self
+            .catalog
+            .active
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             let version = self.shardmap.load().version + 1;
             if let Ok(map) = ShardMap::build(&config.sharding, config.shards.len(), version) {
                 self.shardmap.store(Arc::new(map));
@@ -299,10 +352,12 @@ fn server_addr(cfg: &Config, shard: usize, node: usize) -> Option<&str> {
 /// The password pgshard logs into servers with as `u`: its server_password, else its password
 /// when that is plaintext (a verifier or hash cannot log in).
 pub fn server_password(u: &crate::config::User) -> Option<String> {
-    u.server_password.clone().or_else(|| match Secret::parse(&u.password) {
-        Ok(Secret::Plain(p)) => Some(p),
-        _ => None,
-    })
+    u.server_password
+        .clone()
+        .or_else(|| match Secret::parse(&u.password) {
+            Ok(Secret::Plain(p)) => Some(p),
+            _ => None,
+        })
 }
 
 fn build_users(config: &Config) -> HashMap<String, Arc<UserAuth>> {
@@ -312,7 +367,8 @@ fn build_users(config: &Config) -> HashMap<String, Arc<UserAuth>> {
         .map(|u| {
             // Config validation refuses unparseable secrets, so this cannot fail here; an entry
             // that somehow did gets a secret nobody can match rather than a plaintext guess.
-            let secret = Secret::parse(&u.password).unwrap_or_else(|_| Secret::from(ScramVerifier::mock(&u.name, b"invalid")));
+            let secret = Secret::parse(&u.password)
+                .unwrap_or_else(|_| Secret::from(ScramVerifier::mock(&u.name, b"invalid")));
             let scram = secret.scram_verifier();
             (u.name.clone(), Arc::new(UserAuth { secret, scram }))
         })

@@ -14,11 +14,18 @@ use tokio::net::TcpStream;
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot connect to server {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("timed out connecting to server {0}")]
     ConnectTimeout(String),
     #[error("server {addr} refused the login: {message} (SQLSTATE {code})")]
-    Refused { addr: String, code: String, message: String },
+    Refused {
+        addr: String,
+        code: String,
+        message: String,
+    },
     #[error("server {addr} asks for a password but none is configured for this user")]
     NoPassword { addr: String },
     #[error("server {addr} asks for unsupported authentication method {method}")]
@@ -86,17 +93,30 @@ pub struct ServerConn {
 
 impl ServerConn {
     /// Opens and authenticates a connection.
-    pub async fn connect(p: &ConnectParams, prepared_cache: usize) -> Result<ServerConn, BackendError> {
+    pub async fn connect(
+        p: &ConnectParams,
+        prepared_cache: usize,
+    ) -> Result<ServerConn, BackendError> {
         Self::connect_with(p, prepared_cache, &[]).await
     }
 
     /// Opens a connection with extra startup parameters (e.g. `replication=database`).
-    pub async fn connect_with(p: &ConnectParams, prepared_cache: usize, extra: &[(&str, &str)]) -> Result<ServerConn, BackendError> {
+    pub async fn connect_with(
+        p: &ConnectParams,
+        prepared_cache: usize,
+        extra: &[(&str, &str)],
+    ) -> Result<ServerConn, BackendError> {
         let addr = p.addr();
-        let stream = tokio::time::timeout(p.connect_timeout, TcpStream::connect((p.host.as_str(), p.port)))
-            .await
-            .map_err(|_| BackendError::ConnectTimeout(addr.clone()))?
-            .map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
+        let stream = tokio::time::timeout(
+            p.connect_timeout,
+            TcpStream::connect((p.host.as_str(), p.port)),
+        )
+        .await
+        .map_err(|_| BackendError::ConnectTimeout(addr.clone()))?
+        .map_err(|source| BackendError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
         let mut conn = ServerConn {
@@ -119,7 +139,11 @@ impl ServerConn {
         Ok(conn)
     }
 
-    async fn login(&mut self, p: &ConnectParams, extra: &[(&str, &str)]) -> Result<(), BackendError> {
+    async fn login(
+        &mut self,
+        p: &ConnectParams,
+        extra: &[(&str, &str)],
+    ) -> Result<(), BackendError> {
         let addr = p.addr();
         let mut out = BytesMut::new();
         let mut params = vec![("user", p.user.as_str()), ("database", p.database.as_str())];
@@ -133,7 +157,11 @@ impl ServerConn {
             match f.tag {
                 b'R' => {
                     let code = c.i32().unwrap_or(-1);
-                    let password = || p.password.as_deref().ok_or(BackendError::NoPassword { addr: addr.clone() });
+                    let password = || {
+                        p.password
+                            .as_deref()
+                            .ok_or(BackendError::NoPassword { addr: addr.clone() })
+                    };
                     out.clear();
                     match code {
                         0 => continue,
@@ -164,20 +192,34 @@ impl ServerConn {
                             if !offered {
                                 return Err(BackendError::UnsupportedAuth { addr, method: code });
                             }
-                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                            let s = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
                             messages::sasl_initial(&mut out, "SCRAM-SHA-256", s.message());
                             scram = Some(s);
                         }
                         11 | 12 => {
-                            let s = scram.as_mut().ok_or_else(|| proto(&addr, "SASL message out of order"))?;
-                            let r = if code == 11 { s.update(c.rest()) } else { s.finish(c.rest()) };
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| proto(&addr, "SASL message out of order"))?;
+                            let r = if code == 11 {
+                                s.update(c.rest())
+                            } else {
+                                s.finish(c.rest())
+                            };
                             r.map_err(|e| proto(&addr, &format!("SCRAM: {e}")))?;
                             if code == 12 {
                                 continue;
                             }
                             messages::password(&mut out, s.message());
                         }
-                        other => return Err(BackendError::UnsupportedAuth { addr, method: other }),
+                        other => {
+                            return Err(BackendError::UnsupportedAuth {
+                                addr,
+                                method: other,
+                            })
+                        }
                     }
                     self.stream.write_all(&out).await?;
                 }
@@ -193,10 +235,19 @@ impl ServerConn {
                 b'Z' => return Ok(()),
                 b'E' => {
                     let e = messages::parse_error_fields(f.body());
-                    return Err(BackendError::Refused { addr, code: e.code.into(), message: e.message.into() });
+                    return Err(BackendError::Refused {
+                        addr,
+                        code: e.code.into(),
+                        message: e.message.into(),
+                    });
                 }
                 b'N' => {}
-                other => return Err(proto(&addr, &format!("unexpected message '{}' during login", other as char))),
+                other => {
+                    return Err(proto(
+                        &addr,
+                        &format!("unexpected message '{}' during login", other as char),
+                    ))
+                }
             }
         }
     }
@@ -229,7 +280,11 @@ impl ServerConn {
     }
 
     /// Runs a simple query and returns its rows as text (control plane: catalogs, recovery).
-    pub async fn query_rows(&mut self, sql: &str, max: usize) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+        max: usize,
+    ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
         self.stream.write_all(&out).await?;
@@ -244,13 +299,22 @@ impl ServerConn {
                     let mut row = Vec::with_capacity(n as usize);
                     for _ in 0..n {
                         let len = c.i32().unwrap_or(-1);
-                        row.push(if len < 0 { None } else { c.take(len as usize).map(|v| String::from_utf8_lossy(v).into_owned()) });
+                        row.push(if len < 0 {
+                            None
+                        } else {
+                            c.take(len as usize)
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                        });
                     }
                     rows.push(row);
                 }
                 b'E' if err.is_none() => {
                     let e = messages::parse_error_fields(f.body());
-                    err = Some(BackendError::Refused { addr: self.peer.to_string(), code: e.code.into(), message: e.message.into() });
+                    err = Some(BackendError::Refused {
+                        addr: self.peer.to_string(),
+                        code: e.code.into(),
+                        message: e.message.into(),
+                    });
                 }
                 b'Z' => {
                     self.tx_status = crate::protocol::ready_status(&f);
@@ -292,5 +356,8 @@ impl ServerConn {
 }
 
 fn proto(addr: &str, what: &str) -> BackendError {
-    BackendError::Protocol { addr: addr.to_string(), what: what.to_string() }
+    BackendError::Protocol {
+        addr: addr.to_string(),
+        what: what.to_string(),
+    }
 }

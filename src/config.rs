@@ -10,7 +10,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid config: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("invalid config: {0}")]
@@ -246,7 +249,9 @@ impl Config {
             return bad("general.max_message_size must be at least 1024 bytes".into());
         }
         if g.tls_cert_file.is_some() != g.tls_key_file.is_some() {
-            return bad("general.tls_cert_file and general.tls_key_file must be set together".into());
+            return bad(
+                "general.tls_cert_file and general.tls_key_file must be set together".into(),
+            );
         }
         if self.shards.is_empty() {
             return bad("at least one [[shards]] entry is required".into());
@@ -272,7 +277,9 @@ impl Config {
         }
         for a in &g.admin_users {
             if !self.users.iter().any(|u| &u.name == a) {
-                return bad(format!("general.admin_users: '{a}' is not declared in [[users]]"));
+                return bad(format!(
+                    "general.admin_users: '{a}' is not declared in [[users]]"
+                ));
             }
         }
         let mut seen = HashSet::new();
@@ -281,22 +288,32 @@ impl Config {
                 return bad(format!("databases: '{}' is declared twice", d.name));
             }
             if d.name == crate::admin::ADMIN_DB {
-                return bad(format!("databases: '{}' is reserved for the admin console", d.name));
+                return bad(format!(
+                    "databases: '{}' is reserved for the admin console",
+                    d.name
+                ));
             }
             if d.pool_size == Some(0) {
                 return bad(format!("databases.{}.pool_size must be at least 1", d.name));
             }
         }
         if g.router_id.is_empty() || !g.router_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return bad(format!("general.router_id '{}' must be letters and digits only", g.router_id));
+            return bad(format!(
+                "general.router_id '{}' must be letters and digits only",
+                g.router_id
+            ));
         }
         if let Some(u) = &self.replicas.check_user {
             if self.user(u).is_none() {
-                return bad(format!("replicas.check_user: '{u}' is not declared in [[users]]"));
+                return bad(format!(
+                    "replicas.check_user: '{u}' is not declared in [[users]]"
+                ));
             }
         }
         if self.replicas.check_interval.is_zero() || self.replicas.check_timeout.is_zero() {
-            return bad("replicas.check_interval and replicas.check_timeout must be above 0".into());
+            return bad(
+                "replicas.check_interval and replicas.check_timeout must be above 0".into(),
+            );
         }
         crate::shardmap::ShardMap::build(&self.sharding, self.shards.len(), 0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -341,7 +358,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::parse(&format!("{MIN}\n[general2]\n")).unwrap_err().to_string();
+        let err = Config::parse(&format!("{MIN}\n[general2]\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("general2"), "{err}");
         let err = Config::parse("[general]\npool_size = 3\n[[shards]]\nprimary=\"a:1\"\n")
             .unwrap_err()
@@ -351,15 +370,20 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let err = Config::parse("[general]\npool_mode = \"statement\"\n[[shards]]\nprimary=\"a:1\"\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::parse("[general]\npool_mode = \"statement\"\n[[shards]]\nprimary=\"a:1\"\n")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("statement"), "{err}");
-        let err = Config::parse("[general]\nquery_wait_timeout = \"soon\"\n[[shards]]\nprimary=\"a:1\"\n")
+        let err = Config::parse(
+            "[general]\nquery_wait_timeout = \"soon\"\n[[shards]]\nprimary=\"a:1\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("query_wait_timeout"), "{err}");
+        let err = Config::parse("[general]\n[[shards]]\nprimary=\"nohost\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("query_wait_timeout"), "{err}");
-        let err = Config::parse("[general]\n[[shards]]\nprimary=\"nohost\"\n").unwrap_err().to_string();
         assert!(err.contains("nohost"), "{err}");
         let err = Config::parse("[general]\nadmin_users=[\"x\"]\n[[shards]]\nprimary=\"a:1\"\n")
             .unwrap_err()
@@ -376,7 +400,10 @@ mod tests {
 
     #[test]
     fn host_port_split() {
-        assert_eq!(split_host_port("127.0.0.1:5432"), Some(("127.0.0.1".into(), 5432)));
+        assert_eq!(
+            split_host_port("127.0.0.1:5432"),
+            Some(("127.0.0.1".into(), 5432))
+        );
         assert_eq!(split_host_port("[::1]:5"), Some(("::1".into(), 5)));
         assert_eq!(split_host_port(":5"), None);
         assert_eq!(split_host_port("h:x"), None);

@@ -81,24 +81,48 @@ pub fn config_for(cluster: &LocalCluster, listen: &str, metrics: &str) -> String
     let _ = writeln!(s, "[[users]]\nname = \"app\"\npassword = \"app\"\n\n[[users]]\nname = \"admin\"\npassword = \"admin\"\n");
     let _ = writeln!(s, "[[databases]]\nname = \"app\"\nsharded = true\n");
     let _ = writeln!(s, "{}", DEMO_SHARDING);
-    let shards = cluster.servers.iter().filter(|s| matches!(s.role, Role::Primary)).count();
+    let shards = cluster
+        .servers
+        .iter()
+        .filter(|s| matches!(s.role, Role::Primary))
+        .count();
     for shard in 0..shards {
         let p = cluster.primary(shard);
-        let replicas: Vec<String> =
-            cluster.replicas(shard).iter().map(|r| format!("\"{}:{}\"", r.host, r.port)).collect();
-        let _ = writeln!(s, "[[shards]]\nprimary = \"{}:{}\"\nreplicas = [{}]\n", p.host, p.port, replicas.join(", "));
+        let replicas: Vec<String> = cluster
+            .replicas(shard)
+            .iter()
+            .map(|r| format!("\"{}:{}\"", r.host, r.port))
+            .collect();
+        let _ = writeln!(
+            s,
+            "[[shards]]\nprimary = \"{}:{}\"\nreplicas = [{}]\n",
+            p.host,
+            p.port,
+            replicas.join(", ")
+        );
     }
     s
 }
 
 /// Starts the topology and the router; stops both on Ctrl-C or SIGTERM.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let dir = args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join("pgshard-demo"));
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("pgshard-demo"));
     let mut spec = ClusterSpec::new(args.shards, args.replicas, dir.clone());
     spec.first_port = Some(args.first_port);
-    spec.users = vec![("app".into(), "app".into()), ("admin".into(), "admin".into())];
+    spec.users = vec![
+        ("app".into(), "app".into()),
+        ("admin".into(), "admin".into()),
+    ];
     spec.databases = vec!["app".into()];
-    println!("starting {} shard(s) with {} replica(s) each under {} ...", args.shards, args.replicas, dir.display());
+    println!(
+        "starting {} shard(s) with {} replica(s) each under {} ...",
+        args.shards,
+        args.replicas,
+        dir.display()
+    );
     let mut cluster = LocalCluster::start(spec)?;
     let metrics = "127.0.0.1:9930";
     let text = config_for(&cluster, &args.listen, metrics);
@@ -107,15 +131,27 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = Config::parse(&text)?;
     println!("\nshards:");
     for s in &cluster.servers {
-        println!("  shard {} {:?}: {}:{}  (log: {})", s.shard, s.role, s.host, s.port, s.log_file.display());
+        println!(
+            "  shard {} {:?}: {}:{}  (log: {})",
+            s.shard,
+            s.role,
+            s.host,
+            s.port,
+            s.log_file.display()
+        );
     }
-    let (host, port) = args.listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6432"));
+    let (host, port) = args
+        .listen
+        .rsplit_once(':')
+        .unwrap_or(("127.0.0.1", "6432"));
     println!("\nconfig: {}", config_path.display());
     println!("connect:  psql \"postgres://app:app@{host}:{port}/app\"");
     println!("admin:    psql \"postgres://admin:admin@{host}:{port}/pgshard\" -c 'SHOW POOLS'");
     println!("metrics:  curl http://{metrics}/metrics");
     println!("press Ctrl-C to stop pgshard and the PostgreSQL servers\n");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(async {
         let app = crate::server::start(config, Some(config_path)).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

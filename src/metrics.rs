@@ -2,8 +2,8 @@
 //! atomic adds on handles it already holds.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::OnceLock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,8 +60,11 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounterVec {
 }
 
 fn histogram(r: &Registry, name: &str, help: &str) -> HistogramVec {
-    let buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), POOL_LABELS).expect("valid metric");
+    let buckets = vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), POOL_LABELS)
+        .expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
 }
@@ -69,22 +72,55 @@ fn histogram(r: &Registry, name: &str, help: &str) -> HistogramVec {
 impl Metrics {
     fn new() -> Metrics {
         let r = Registry::new();
-        let client_connections = IntGauge::new("pgshard_client_connections", "Open client connections").unwrap();
+        let client_connections =
+            IntGauge::new("pgshard_client_connections", "Open client connections").unwrap();
         r.register(Box::new(client_connections.clone())).unwrap();
-        let clients_refused = IntCounter::new("pgshard_clients_refused_total", "Client connections refused").unwrap();
+        let clients_refused = IntCounter::new(
+            "pgshard_clients_refused_total",
+            "Client connections refused",
+        )
+        .unwrap();
         r.register(Box::new(clients_refused.clone())).unwrap();
         Metrics {
-            clients_active: gauge(&r, "pgshard_pool_clients_active", "Clients holding a server connection"),
-            clients_waiting: gauge(&r, "pgshard_pool_clients_waiting", "Clients waiting for a server connection"),
-            servers_active: gauge(&r, "pgshard_pool_servers_active", "Server connections in use"),
+            clients_active: gauge(
+                &r,
+                "pgshard_pool_clients_active",
+                "Clients holding a server connection",
+            ),
+            clients_waiting: gauge(
+                &r,
+                "pgshard_pool_clients_waiting",
+                "Clients waiting for a server connection",
+            ),
+            servers_active: gauge(
+                &r,
+                "pgshard_pool_servers_active",
+                "Server connections in use",
+            ),
             servers_idle: gauge(&r, "pgshard_pool_servers_idle", "Idle server connections"),
-            transactions: counter(&r, "pgshard_transactions_total", "Transactions (server checkouts) completed"),
+            transactions: counter(
+                &r,
+                "pgshard_transactions_total",
+                "Transactions (server checkouts) completed",
+            ),
             queries: counter(&r, "pgshard_queries_total", "Queries and Syncs forwarded"),
             errors: counter(&r, "pgshard_errors_total", "ErrorResponses sent to clients"),
-            bytes_received: counter(&r, "pgshard_bytes_received_total", "Bytes received from clients"),
+            bytes_received: counter(
+                &r,
+                "pgshard_bytes_received_total",
+                "Bytes received from clients",
+            ),
             bytes_sent: counter(&r, "pgshard_bytes_sent_total", "Bytes sent to clients"),
-            transaction_time: histogram(&r, "pgshard_transaction_seconds", "Time a server connection was held"),
-            wait_time: histogram(&r, "pgshard_wait_seconds", "Time clients waited for a server connection"),
+            transaction_time: histogram(
+                &r,
+                "pgshard_transaction_seconds",
+                "Time a server connection was held",
+            ),
+            wait_time: histogram(
+                &r,
+                "pgshard_wait_seconds",
+                "Time clients waited for a server connection",
+            ),
             client_connections,
             clients_refused,
             registry: r,
@@ -129,7 +165,9 @@ pub async fn serve(addr: std::net::SocketAddr) -> std::io::Result<()> {
     tracing::info!(%addr, "metrics endpoint listening");
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let mut req = Vec::with_capacity(1024);
                 let mut buf = [0u8; 1024];
@@ -148,8 +186,11 @@ pub async fn serve(addr: std::net::SocketAddr) -> std::io::Result<()> {
                     return;
                 }
                 let ok = req.starts_with(b"GET /metrics ") || req.starts_with(b"GET / ");
-                let (status, body) =
-                    if ok { ("200 OK", Metrics::global().encode()) } else { ("404 Not Found", "not found\n".into()) };
+                let (status, body) = if ok {
+                    ("200 OK", Metrics::global().encode())
+                } else {
+                    ("404 Not Found", "not found\n".into())
+                };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

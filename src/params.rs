@@ -64,7 +64,10 @@ impl SessionParams {
 
     /// The value expression of `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.items.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.items
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Number of settings.
@@ -141,7 +144,9 @@ pub fn parse_options(s: &str) -> Vec<(String, String)> {
         let kv = if w == "-c" {
             it.next()
         } else {
-            w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).map(str::to_string)
+            w.strip_prefix("--")
+                .or_else(|| w.strip_prefix("-c"))
+                .map(str::to_string)
         };
         if let Some((k, v)) = kv.as_deref().and_then(|kv| kv.split_once('=')) {
             out.push((k.replace('-', "_"), v.to_string()));
@@ -170,7 +175,9 @@ pub fn quote_literal(s: &str) -> String {
 
 /// A SQL identifier, quoted when needed (dotted custom settings keep their dots unquoted).
 pub fn quote_ident(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+    if s.chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
         s.to_string()
     } else {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -186,7 +193,10 @@ mod tests {
         let p = SessionParams::from_startup(&[
             ("user".into(), "u".into()),
             ("application_name".into(), "psql".into()),
-            ("options".into(), "-c search_path=a,b --statement-timeout=5s -cwork_mem=64kB".into()),
+            (
+                "options".into(),
+                "-c search_path=a,b --statement-timeout=5s -cwork_mem=64kB".into(),
+            ),
         ]);
         assert_eq!(p.get("application_name"), Some("'psql'"));
         assert_eq!(p.get("search_path"), Some("'a,b'"));
@@ -203,7 +213,10 @@ mod tests {
         let mut client = SessionParams::default();
         client.set("TimeZone", "'UTC'");
         client.set("search_path", "'x'");
-        assert_eq!(server.diff_sql(&client).unwrap(), "SET search_path = 'x';RESET work_mem;");
+        assert_eq!(
+            server.diff_sql(&client).unwrap(),
+            "SET search_path = 'x';RESET work_mem;"
+        );
         assert_eq!(client.diff_sql(&client.clone()), None);
     }
 

@@ -88,7 +88,14 @@ pub struct Checkout {
 
 impl Pool {
     /// A new, empty pool.
-    pub fn new(database: String, user: String, shard: usize, node: usize, connect: ConnectParams, settings: PoolSettings) -> Pool {
+    pub fn new(
+        database: String,
+        user: String,
+        shard: usize,
+        node: usize,
+        connect: ConnectParams,
+        settings: PoolSettings,
+    ) -> Pool {
         let metrics = crate::metrics::Metrics::global().pool(&database, &user, &connect.addr());
         Pool {
             sem: Arc::new(Semaphore::new(settings.size)),
@@ -147,7 +154,11 @@ impl Pool {
                 self.waiters.lock().insert(id, start);
                 self.metrics.clients_waiting.inc();
                 // Boxed: only waiting clients need the timer and queue entry.
-                let r = Box::pin(tokio::time::timeout(settings.wait_timeout, self.sem.clone().acquire_owned())).await;
+                let r = Box::pin(tokio::time::timeout(
+                    settings.wait_timeout,
+                    self.sem.clone().acquire_owned(),
+                ))
+                .await;
                 self.metrics.clients_waiting.dec();
                 self.waiters.lock().remove(&id);
                 match r {
@@ -171,7 +182,9 @@ impl Pool {
                     // A connection idle for long may have been cut by a firewall or a server
                     // restart: test it before a client's query finds out.
                     if c.last_used.elapsed() >= settings.check_delay
-                        && Box::pin(c.exec_quiet(";", self.connect.max_message_size)).await.is_err()
+                        && Box::pin(c.exec_quiet(";", self.connect.max_message_size))
+                            .await
+                            .is_err()
                     {
                         self.closed();
                         continue;
@@ -184,8 +197,14 @@ impl Pool {
             }
         };
         self.metrics.servers_active.inc();
-        self.metrics.wait_time.observe(start.elapsed().as_secs_f64());
-        Ok(Checkout { conn, _permit: permit, since: Instant::now() })
+        self.metrics
+            .wait_time
+            .observe(start.elapsed().as_secs_f64());
+        Ok(Checkout {
+            conn,
+            _permit: permit,
+            since: Instant::now(),
+        })
     }
 
     async fn connect_new(&self, settings: &PoolSettings) -> Result<ServerConn, PoolError> {
@@ -197,7 +216,10 @@ impl Pool {
                     self.remember_params(&c);
                     return Ok(c);
                 }
-                Err(e) if attempt < settings.connect_retries && !matches!(e, BackendError::Refused { .. }) => {
+                Err(e)
+                    if attempt < settings.connect_retries
+                        && !matches!(e, BackendError::Refused { .. }) =>
+                {
                     attempt += 1;
                     tracing::warn!(server = %self.connect.addr(), error = %e, attempt, "server connect failed, retrying");
                     tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
@@ -232,9 +254,15 @@ impl Pool {
     pub fn checkin(&self, mut c: Checkout, clean: bool) {
         self.metrics.servers_active.dec();
         self.metrics.transactions.inc();
-        self.metrics.transaction_time.observe(c.since.elapsed().as_secs_f64());
+        self.metrics
+            .transaction_time
+            .observe(c.since.elapsed().as_secs_f64());
         let lifetime = self.settings.lock().lifetime;
-        if !clean || c.conn.tx_status != b'I' || !c.conn.rbuf.is_empty() || c.conn.created.elapsed() >= lifetime {
+        if !clean
+            || c.conn.tx_status != b'I'
+            || !c.conn.rbuf.is_empty()
+            || c.conn.created.elapsed() >= lifetime
+        {
             self.closed();
             return;
         }
@@ -306,14 +334,24 @@ impl Pool {
 
     /// Idle connections for SHOW SERVERS: (id, server pid, age, idle time).
     pub fn idle_servers(&self) -> Vec<(u64, i32, Duration, Duration)> {
-        self.idle.lock().iter().map(|c| (c.id, c.pid, c.created.elapsed(), c.last_used.elapsed())).collect()
+        self.idle
+            .lock()
+            .iter()
+            .map(|c| (c.id, c.pid, c.created.elapsed(), c.last_used.elapsed()))
+            .collect()
     }
 
     /// Figures for SHOW POOLS.
     pub fn snapshot(&self) -> PoolSnapshot {
         let idle = self.idle.lock().len();
         let open = self.open.load(Ordering::Relaxed);
-        let maxwait = self.waiters.lock().values().next().map(|t| t.elapsed()).unwrap_or_default();
+        let maxwait = self
+            .waiters
+            .lock()
+            .values()
+            .next()
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
         PoolSnapshot {
             cl_active: self.metrics.clients_active.get(),
             cl_waiting: self.metrics.clients_waiting.get(),

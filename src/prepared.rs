@@ -31,7 +31,12 @@ impl StatementDef {
         h.update(&[0]);
         h.update(&param_types);
         let key = h.digest128();
-        StatementDef { key, global_name: format!("pgshard_{key:032x}").into_bytes().into(), text, param_types }
+        StatementDef {
+            key,
+            global_name: format!("pgshard_{key:032x}").into_bytes().into(),
+            text,
+            param_types,
+        }
     }
 }
 
@@ -91,7 +96,11 @@ pub struct ServerStatements {
 impl ServerStatements {
     /// An empty cache holding at most `cap` statements.
     pub fn new(cap: usize) -> Self {
-        ServerStatements { last_use: HashMap::new(), tick: 0, cap: cap.max(1) }
+        ServerStatements {
+            last_use: HashMap::new(),
+            tick: 0,
+            cap: cap.max(1),
+        }
     }
 
     /// True (and marks it used) if statement `key` is prepared here.
@@ -152,9 +161,18 @@ mod tests {
 
     #[test]
     fn same_text_same_global_name() {
-        let a = StatementDef::new(Bytes::from_static(b"select $1"), Bytes::from_static(b"\0\0"));
-        let b = StatementDef::new(Bytes::from_static(b"select $1"), Bytes::from_static(b"\0\0"));
-        let c = StatementDef::new(Bytes::from_static(b"select $1"), Bytes::from_static(b"\0\x01\0\0\0\x17"));
+        let a = StatementDef::new(
+            Bytes::from_static(b"select $1"),
+            Bytes::from_static(b"\0\0"),
+        );
+        let b = StatementDef::new(
+            Bytes::from_static(b"select $1"),
+            Bytes::from_static(b"\0\0"),
+        );
+        let c = StatementDef::new(
+            Bytes::from_static(b"select $1"),
+            Bytes::from_static(b"\0\x01\0\0\0\x17"),
+        );
         assert_eq!(a.global_name, b.global_name);
         assert_ne!(a.global_name, c.global_name);
         assert_eq!(&*a.global_name, global_name(a.key).as_slice());
@@ -163,8 +181,14 @@ mod tests {
     #[test]
     fn client_name_conflicts_detected() {
         let mut cs = ClientStatements::default();
-        let a = Arc::new(StatementDef::new(Bytes::from_static(b"select 1"), Bytes::new()));
-        let b = Arc::new(StatementDef::new(Bytes::from_static(b"select 2"), Bytes::new()));
+        let a = Arc::new(StatementDef::new(
+            Bytes::from_static(b"select 1"),
+            Bytes::new(),
+        ));
+        let b = Arc::new(StatementDef::new(
+            Bytes::from_static(b"select 2"),
+            Bytes::new(),
+        ));
         assert!(cs.insert(b"s1", a.clone()));
         assert!(cs.insert(b"s1", a));
         assert!(!cs.insert(b"s1", b));

@@ -10,9 +10,15 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
@@ -27,7 +33,9 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, St
         _ => None,
     };
     if let Some(addr) = g.metrics_listen {
-        crate::metrics::serve(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+        crate::metrics::serve(addr)
+            .await
+            .map_err(|source| StartError::Metrics { addr, source })?;
     }
     let app = App::new(config);
     *app.config_path.lock() = path;
@@ -35,17 +43,29 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> Result<Arc<App>, St
         crate::catalog::follow::start(app.clone(), cc).await?;
     }
     // Bound only once the map is known, so nobody connects to a router that cannot route yet.
-    let listener =
-        tokio::net::TcpListener::bind(g.listen).await.map_err(|source| StartError::Listen { addr: g.listen, source })?;
+    let listener = tokio::net::TcpListener::bind(g.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: g.listen,
+            source,
+        })?;
     // In-doubt transactions of an earlier run are settled before clients can read their rows.
-    if let Ok(n) = tokio::time::timeout(Duration::from_secs(15), crate::twophase::resolve(&app)).await {
+    if let Ok(n) =
+        tokio::time::timeout(Duration::from_secs(15), crate::twophase::resolve(&app)).await
+    {
         if n > 0 {
             tracing::info!(resolved = n, "in-doubt prepared transactions resolved");
         }
     }
     tracing::info!(listen = %g.listen, "pgshard listening");
     tokio::spawn(crate::frontend::serve(app.clone(), listener, tls));
-    if app.config.load().shards.iter().any(|s| !s.replicas.is_empty()) {
+    if app
+        .config
+        .load()
+        .shards
+        .iter()
+        .any(|s| !s.replicas.is_empty())
+    {
         crate::health::monitor::spawn(app.clone());
     }
     let maint = app.clone();

@@ -70,10 +70,13 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
             }
             b'$' => {
                 // A dollar-quote tag: $$ or $tag$ where tag is an identifier.
-                let tag_end = b[i + 1..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'));
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'));
                 if let Some(off) = tag_end {
                     let end = i + 1 + off;
-                    if b[end] == b'$' && !b[i + 1..end].first().is_some_and(|c| c.is_ascii_digit()) {
+                    if b[end] == b'$' && !b[i + 1..end].first().is_some_and(|c| c.is_ascii_digit())
+                    {
                         let tag = &b[i..=end];
                         let body = end + 1;
                         match find(&b[body..], tag) {
@@ -114,7 +117,9 @@ fn words(stmt: &str, max: usize) -> Vec<String> {
         if rest.is_empty() {
             break;
         }
-        let end = word_end(rest, |c| c.is_whitespace() || c == '=' || c == ';' || c == '(' || c == ',');
+        let end = word_end(rest, |c| {
+            c.is_whitespace() || c == '=' || c == ';' || c == '(' || c == ','
+        });
         out.push(rest[..end].to_ascii_lowercase());
         rest = &rest[end..];
     }
@@ -148,7 +153,9 @@ fn skip_space_and_comments(mut s: &str) -> &str {
 /// True when `hay` contains `needle` (lower case ASCII) ignoring ASCII case.
 fn contains_ci(hay: &str, needle: &str) -> bool {
     let n = needle.as_bytes();
-    hay.as_bytes().windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+    hay.as_bytes()
+        .windows(n.len())
+        .any(|w| w.eq_ignore_ascii_case(n))
 }
 
 /// Session state a statement creates that must pin its server connection, if any.
@@ -159,18 +166,27 @@ pub fn pin_reason(stmt: &str) -> Option<&'static str> {
         "prepare" if w.get(1).map(String::as_str) != Some("transaction") => {
             return Some("SQL PREPARE creates a session-level statement")
         }
-        "listen" => return Some("LISTEN needs the same server connection to receive notifications"),
+        "listen" => {
+            return Some("LISTEN needs the same server connection to receive notifications")
+        }
         "load" => return Some("LOAD changes the server session"),
-        "declare" if contains_ci(stmt, "with hold") => return Some("a WITH HOLD cursor outlives its transaction"),
+        "declare" if contains_ci(stmt, "with hold") => {
+            return Some("a WITH HOLD cursor outlives its transaction")
+        }
         "create" => {
-            let temp = w.iter().skip(1).take(2).any(|x| x == "temp" || x == "temporary");
+            let temp = w
+                .iter()
+                .skip(1)
+                .take(2)
+                .any(|x| x == "temp" || x == "temporary");
             if temp && !contains_ci(stmt, "on commit drop") {
                 return Some("a temporary table lives for the whole session");
             }
         }
-        "set" if matches!(w.get(1).map(String::as_str), Some("role") | Some("session"))
-            && (w.get(1).map(String::as_str) == Some("role")
-                || w.get(2).map(String::as_str) == Some("authorization")) =>
+        "set"
+            if matches!(w.get(1).map(String::as_str), Some("role") | Some("session"))
+                && (w.get(1).map(String::as_str) == Some("role")
+                    || w.get(2).map(String::as_str) == Some("authorization")) =>
         {
             return Some("SET ROLE / SESSION AUTHORIZATION changes the session's identity")
         }
@@ -192,13 +208,21 @@ pub fn classify_one(stmt: &str) -> QueryKind {
         Some("set") => classify_set(stmt, &w),
         Some("reset") => match w.get(1).map(String::as_str) {
             Some("all") => QueryKind::ResetAll,
-            Some(name) => QueryKind::Reset { name: unquote(name) },
+            Some(name) => QueryKind::Reset {
+                name: unquote(name),
+            },
             None => QueryKind::Plain,
         },
         Some("discard") if w.get(1).map(String::as_str) == Some("all") => QueryKind::DiscardAll,
-        Some("discard") => QueryKind::Pin { reason: "DISCARD of part of the session state" },
+        Some("discard") => QueryKind::Pin {
+            reason: "DISCARD of part of the session state",
+        },
         Some("deallocate") => {
-            let name = if w.get(1).map(String::as_str) == Some("prepare") { w.get(2) } else { w.get(1) };
+            let name = if w.get(1).map(String::as_str) == Some("prepare") {
+                w.get(2)
+            } else {
+                w.get(1)
+            };
             match name.map(String::as_str) {
                 Some("all") => QueryKind::DeallocateAll,
                 Some(n) => QueryKind::Deallocate { name: unquote(n) },
@@ -217,7 +241,9 @@ fn classify_set(stmt: &str, w: &[String]) -> QueryKind {
         Some("transaction") | Some("constraints") => return QueryKind::Plain,
         _ => {}
     }
-    let Some(name) = w.get(i) else { return QueryKind::Plain };
+    let Some(name) = w.get(i) else {
+        return QueryKind::Plain;
+    };
     // SET TIME ZONE x / SET SCHEMA x / SET NAMES x are spellings of ordinary settings.
     let (name, value_words) = match name.as_str() {
         "time" if w.get(i + 1).map(String::as_str) == Some("zone") => ("timezone".to_string(), 1),
@@ -241,13 +267,17 @@ fn value_text(stmt: &str, skip: usize) -> String {
     let mut rest = stmt;
     for _ in 0..skip {
         rest = skip_space_and_comments(rest);
-        let end = word_end(rest, |c| c.is_whitespace() || c == '=' || c == '(' || c == ',');
+        let end = word_end(rest, |c| {
+            c.is_whitespace() || c == '=' || c == '(' || c == ','
+        });
         rest = &rest[end..];
     }
     let mut rest = skip_space_and_comments(rest);
     if let Some(r) = rest.strip_prefix('=') {
         rest = r;
-    } else if rest.get(..2).is_some_and(|w| w.eq_ignore_ascii_case("to")) && rest[2..].starts_with(char::is_whitespace) {
+    } else if rest.get(..2).is_some_and(|w| w.eq_ignore_ascii_case("to"))
+        && rest[2..].starts_with(char::is_whitespace)
+    {
         rest = &rest[2..];
     }
     rest.trim().trim_end_matches(';').trim().to_string()
@@ -258,16 +288,30 @@ fn unquote(s: &str) -> String {
 }
 
 /// First words that may start a statement the pooler must track.
-const TRACKED_FIRST_WORDS: &[&str] =
-    &["set", "reset", "discard", "deallocate", "prepare", "listen", "load", "declare", "create"];
+const TRACKED_FIRST_WORDS: &[&str] = &[
+    "set",
+    "reset",
+    "discard",
+    "deallocate",
+    "prepare",
+    "listen",
+    "load",
+    "declare",
+    "create",
+];
 
 /// Cheap test, without allocating, that a query can only be `QueryKind::Plain`: most queries
 /// start with another keyword, take no advisory lock and hold one statement.
 fn surely_plain(sql: &str) -> bool {
     let s = skip_space_and_comments(sql);
-    let end = s.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let end = s
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(s.len());
     let first = &s[..end];
-    if TRACKED_FIRST_WORDS.iter().any(|w| w.eq_ignore_ascii_case(first)) {
+    if TRACKED_FIRST_WORDS
+        .iter()
+        .any(|w| w.eq_ignore_ascii_case(first))
+    {
         return false;
     }
     let body = s.trim_end().trim_end_matches(';');
@@ -307,29 +351,72 @@ mod tests {
 
     #[test]
     fn splits_respecting_quotes() {
-        assert_eq!(split_statements("select ';'; select 2;"), vec!["select ';'", "select 2"]);
-        assert_eq!(split_statements("do $x$ a; b $x$; select 1"), vec!["do $x$ a; b $x$", "select 1"]);
-        assert_eq!(split_statements("select 1 -- ;\n; /* ; */ select 2"), vec!["select 1 -- ;", "/* ; */ select 2"]);
-        assert_eq!(split_statements("select $1; select 2"), vec!["select $1", "select 2"]);
+        assert_eq!(
+            split_statements("select ';'; select 2;"),
+            vec!["select ';'", "select 2"]
+        );
+        assert_eq!(
+            split_statements("do $x$ a; b $x$; select 1"),
+            vec!["do $x$ a; b $x$", "select 1"]
+        );
+        assert_eq!(
+            split_statements("select 1 -- ;\n; /* ; */ select 2"),
+            vec!["select 1 -- ;", "/* ; */ select 2"]
+        );
+        assert_eq!(
+            split_statements("select $1; select 2"),
+            vec!["select $1", "select 2"]
+        );
     }
 
     #[test]
     fn set_forms() {
         assert_eq!(
             classify("SET search_path TO a, b"),
-            QueryKind::Set { name: "search_path".into(), value: "a, b".into() }
+            QueryKind::Set {
+                name: "search_path".into(),
+                value: "a, b".into()
+            }
         );
-        assert_eq!(classify("set statement_timeout='5s';"), QueryKind::Set {
-            name: "statement_timeout".into(),
-            value: "'5s'".into()
-        });
-        assert_eq!(classify("SET TIME ZONE 'UTC'"), QueryKind::Set { name: "timezone".into(), value: "'UTC'".into() });
-        assert_eq!(classify("set session work_mem = 100"), QueryKind::Set { name: "work_mem".into(), value: "100".into() });
+        assert_eq!(
+            classify("set statement_timeout='5s';"),
+            QueryKind::Set {
+                name: "statement_timeout".into(),
+                value: "'5s'".into()
+            }
+        );
+        assert_eq!(
+            classify("SET TIME ZONE 'UTC'"),
+            QueryKind::Set {
+                name: "timezone".into(),
+                value: "'UTC'".into()
+            }
+        );
+        assert_eq!(
+            classify("set session work_mem = 100"),
+            QueryKind::Set {
+                name: "work_mem".into(),
+                value: "100".into()
+            }
+        );
         assert_eq!(classify("SET LOCAL work_mem = 100"), QueryKind::SetLocal);
-        assert_eq!(classify("set work_mem to default"), QueryKind::Reset { name: "work_mem".into() });
-        assert_eq!(classify("RESET work_mem"), QueryKind::Reset { name: "work_mem".into() });
+        assert_eq!(
+            classify("set work_mem to default"),
+            QueryKind::Reset {
+                name: "work_mem".into()
+            }
+        );
+        assert_eq!(
+            classify("RESET work_mem"),
+            QueryKind::Reset {
+                name: "work_mem".into()
+            }
+        );
         assert_eq!(classify("reset all"), QueryKind::ResetAll);
-        assert_eq!(classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), QueryKind::Plain);
+        assert_eq!(
+            classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            QueryKind::Plain
+        );
     }
 
     #[test]
@@ -358,11 +445,18 @@ mod tests {
 
     #[test]
     fn fast_path_agrees() {
-        for q in ["SELECT abalance FROM pgbench_accounts WHERE aid = 5;", "  /* c */ update t set a = 1"] {
+        for q in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 5;",
+            "  /* c */ update t set a = 1",
+        ] {
             assert!(surely_plain(q), "{q}");
             assert_eq!(classify(q), QueryKind::Plain);
         }
-        for q in ["set x = 1", "SELECT pg_advisory_lock(1)", "select 1; set a = 2"] {
+        for q in [
+            "set x = 1",
+            "SELECT pg_advisory_lock(1)",
+            "select 1; set a = 2",
+        ] {
             assert!(!surely_plain(q), "{q}");
         }
         assert_eq!(classify("insert into t values (';')"), QueryKind::Plain);
@@ -373,14 +467,29 @@ mod tests {
         // Found by the fuzzer: a SET whose value starts with a 4-byte character.
         let q = "set\x0c\x0c\x0c,\u{10c689}(\x0c";
         let _ = classify(q);
-        assert_eq!(classify("SET x = \u{e9}t\u{e9}"), QueryKind::Set { name: "x".into(), value: "\u{e9}t\u{e9}".into() });
-        assert_eq!(classify("set \u{65e5}\u{672c} to 1"), QueryKind::Set { name: "\u{65e5}\u{672c}".into(), value: "1".into() });
+        assert_eq!(
+            classify("SET x = \u{e9}t\u{e9}"),
+            QueryKind::Set {
+                name: "x".into(),
+                value: "\u{e9}t\u{e9}".into()
+            }
+        );
+        assert_eq!(
+            classify("set \u{65e5}\u{672c} to 1"),
+            QueryKind::Set {
+                name: "\u{65e5}\u{672c}".into(),
+                value: "1".into()
+            }
+        );
         let _ = classify("SET a t\u{10c689}");
     }
 
     #[test]
     fn deallocate_and_discard() {
-        assert_eq!(classify("DEALLOCATE s1"), QueryKind::Deallocate { name: "s1".into() });
+        assert_eq!(
+            classify("DEALLOCATE s1"),
+            QueryKind::Deallocate { name: "s1".into() }
+        );
         assert_eq!(classify("deallocate prepare all"), QueryKind::DeallocateAll);
         assert_eq!(classify("DISCARD ALL"), QueryKind::DiscardAll);
     }

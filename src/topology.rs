@@ -106,7 +106,11 @@ fn run(mut cmd: Command, what: &str) -> Result<Output, TopologyError> {
     if !out.status.success() {
         return Err(TopologyError::Command {
             cmd: what.to_string(),
-            detail: format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout)),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            ),
         });
     }
     Ok(out)
@@ -127,12 +131,19 @@ fn chown_postgres(path: &Path) -> Result<(), TopologyError> {
 }
 
 /// Runs `f` on every item at once (one thread each) and returns the first failure.
-fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<(), TopologyError> + Sync) -> Result<(), TopologyError> {
+fn in_parallel<T: Sync>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<(), TopologyError> + Sync,
+) -> Result<(), TopologyError> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = items.iter().map(|item| scope.spawn(|| f(item))).collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(TopologyError::Timeout("worker thread panicked".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(TopologyError::Timeout("worker thread panicked".into()))
+                })
+            })
             .collect::<Result<Vec<()>, _>>()
             .map(|_| ())
     })
@@ -140,7 +151,9 @@ fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<(), TopologyError>
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> Result<u16, TopologyError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn quote(s: &str) -> String {
@@ -154,10 +167,17 @@ impl LocalCluster {
             return PathBuf::from(d);
         }
         let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path().join("bin"))
+                    .filter(|p| p.join("initdb").exists())
+                    .collect()
+            })
             .unwrap_or_default();
         versions.sort();
-        versions.pop().unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+        versions
+            .pop()
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
     }
 
     /// initdb, configure and start every server; replicas are streaming when this returns.
@@ -210,7 +230,12 @@ impl LocalCluster {
                 });
             }
         }
-        let mut cluster = LocalCluster { servers, spec, socket_dir, stopped: false };
+        let mut cluster = LocalCluster {
+            servers,
+            spec,
+            socket_dir,
+            stopped: false,
+        };
         cluster.start_primaries()?;
         cluster.start_replicas()?;
         Ok(cluster)
@@ -226,7 +251,11 @@ impl LocalCluster {
              password_encryption = {}\n",
             s.port,
             self.socket_dir.display(),
-            if self.spec.host_auth == "md5" { "md5" } else { "'scram-sha-256'" },
+            if self.spec.host_auth == "md5" {
+                "md5"
+            } else {
+                "'scram-sha-256'"
+            },
         );
         for l in &self.spec.extra_conf {
             c.push_str(l);
@@ -249,11 +278,25 @@ impl LocalCluster {
     }
 
     fn start_primaries(&mut self) -> Result<(), TopologyError> {
-        let primaries: Vec<Server> = self.servers.iter().filter(|s| s.role == Role::Primary).cloned().collect();
+        let primaries: Vec<Server> = self
+            .servers
+            .iter()
+            .filter(|s| s.role == Role::Primary)
+            .cloned()
+            .collect();
         // initdb is the slow part (~1 s each): run them in parallel.
         in_parallel(&primaries, |s| {
             let mut c = pg_command("initdb");
-            c.arg("-D").arg(&s.data_dir).args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+            c.arg("-D").arg(&s.data_dir).args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]);
             run(c, "initdb").map(|_| ())
         })?;
         for s in &primaries {
@@ -263,15 +306,35 @@ impl LocalCluster {
         for s in &primaries {
             self.wait_ready(s)?;
             let mut sql = String::new();
-            let first_pw = self.spec.users.first().map(|u| u.1.clone()).unwrap_or_else(|| "postgres".into());
-            sql.push_str(&format!("ALTER ROLE postgres PASSWORD {};\n", quote(&first_pw)));
+            let first_pw = self
+                .spec
+                .users
+                .first()
+                .map(|u| u.1.clone())
+                .unwrap_or_else(|| "postgres".into());
+            sql.push_str(&format!(
+                "ALTER ROLE postgres PASSWORD {};\n",
+                quote(&first_pw)
+            ));
             for (u, pw) in &self.spec.users {
-                sql.push_str(&format!("CREATE ROLE \"{u}\" LOGIN SUPERUSER REPLICATION PASSWORD {};\n", quote(pw)));
+                sql.push_str(&format!(
+                    "CREATE ROLE \"{u}\" LOGIN SUPERUSER REPLICATION PASSWORD {};\n",
+                    quote(pw)
+                ));
             }
             self.psql(s, "postgres", &sql)?;
-            let owner = self.spec.users.first().map(|u| u.0.clone()).unwrap_or_else(|| "postgres".into());
+            let owner = self
+                .spec
+                .users
+                .first()
+                .map(|u| u.0.clone())
+                .unwrap_or_else(|| "postgres".into());
             for db in &self.spec.databases {
-                self.psql(s, "postgres", &format!("CREATE DATABASE \"{db}\" OWNER \"{owner}\""))?;
+                self.psql(
+                    s,
+                    "postgres",
+                    &format!("CREATE DATABASE \"{db}\" OWNER \"{owner}\""),
+                )?;
             }
         }
         Ok(())
@@ -289,17 +352,37 @@ impl LocalCluster {
 
     fn pg_ctl_start(&self, s: &Server) -> Result<(), TopologyError> {
         let mut c = pg_command("pg_ctl");
-        c.arg("-D").arg(&s.data_dir).arg("-l").arg(&s.log_file).args(["-w", "-t", "60", "start"]);
+        c.arg("-D")
+            .arg(&s.data_dir)
+            .arg("-l")
+            .arg(&s.log_file)
+            .args(["-w", "-t", "60", "start"]);
         run(c, &format!("pg_ctl start ({})", s.data_dir.display())).map(|_| ())
     }
 
     fn start_replicas(&mut self) -> Result<(), TopologyError> {
-        let replicas: Vec<Server> = self.servers.iter().filter(|s| s.role == Role::Replica).cloned().collect();
+        let replicas: Vec<Server> = self
+            .servers
+            .iter()
+            .filter(|s| s.role == Role::Replica)
+            .cloned()
+            .collect();
         in_parallel(&replicas, |r| {
             let primary_port = self.primary(r.shard).port.to_string();
             let mut c = pg_command("pg_basebackup");
-            c.arg("-D").arg(&r.data_dir).args(["-h", "127.0.0.1", "-p", &primary_port]);
-            c.args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+            c.arg("-D")
+                .arg(&r.data_dir)
+                .args(["-h", "127.0.0.1", "-p", &primary_port]);
+            c.args([
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ]);
             run(c, "pg_basebackup").map(|_| ())
         })?;
         for r in &replicas {
@@ -321,7 +404,10 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(TopologyError::Timeout(format!("server on port {} did not accept connections", s.port)))
+        Err(TopologyError::Timeout(format!(
+            "server on port {} did not accept connections",
+            s.port
+        )))
     }
 
     /// Waits until a replica is in recovery and its primary reports it streaming.
@@ -330,34 +416,60 @@ impl LocalCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let streaming = self
-                .psql(&primary, "postgres", "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+                .psql(
+                    &primary,
+                    "postgres",
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                )
                 .map(|o| o.trim().parse::<usize>().unwrap_or(0))
                 .unwrap_or(0);
-            let in_recovery = self.psql(r, "postgres", "SELECT pg_is_in_recovery()").map(|o| o.trim() == "t").unwrap_or(false);
+            let in_recovery = self
+                .psql(r, "postgres", "SELECT pg_is_in_recovery()")
+                .map(|o| o.trim() == "t")
+                .unwrap_or(false);
             if in_recovery && streaming >= self.replicas(r.shard).len() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(TopologyError::Timeout(format!("replica on port {} is not streaming", r.port)))
+        Err(TopologyError::Timeout(format!(
+            "replica on port {} is not streaming",
+            r.port
+        )))
     }
 
     /// The primary of `shard`.
     pub fn primary(&self, shard: usize) -> &Server {
-        self.servers.iter().find(|s| s.shard == shard && s.role == Role::Primary).expect("shard exists")
+        self.servers
+            .iter()
+            .find(|s| s.shard == shard && s.role == Role::Primary)
+            .expect("shard exists")
     }
 
     /// The replicas of `shard`.
     pub fn replicas(&self, shard: usize) -> Vec<&Server> {
-        self.servers.iter().filter(|s| s.shard == shard && s.role == Role::Replica).collect()
+        self.servers
+            .iter()
+            .filter(|s| s.shard == shard && s.role == Role::Replica)
+            .collect()
     }
 
     /// Runs SQL as the postgres superuser over the unix socket; returns unaligned output.
     pub fn psql(&self, s: &Server, db: &str, sql: &str) -> Result<String, TopologyError> {
         let mut c = pg_command("psql");
-        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
-            .arg(&self.socket_dir)
-            .args(["-p", &s.port.to_string(), "-d", db, "-c", sql]);
+        c.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-h",
+        ])
+        .arg(&self.socket_dir)
+        .args(["-p", &s.port.to_string(), "-d", db, "-c", sql]);
         let out = run(c, &format!("psql on port {}", s.port))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -372,7 +484,9 @@ impl LocalCluster {
     /// Stops one server immediately (failure tests).
     pub fn stop_server(&self, s: &Server) -> Result<(), TopologyError> {
         let mut c = pg_command("pg_ctl");
-        c.arg("-D").arg(&s.data_dir).args(["-m", "immediate", "-w", "stop"]);
+        c.arg("-D")
+            .arg(&s.data_dir)
+            .args(["-m", "immediate", "-w", "stop"]);
         run(c, "pg_ctl stop").map(|_| ())
     }
 
@@ -391,7 +505,9 @@ impl LocalCluster {
         // Replicas first, so primaries do not wait on walsenders.
         for s in self.servers.iter().rev() {
             let mut c = pg_command("pg_ctl");
-            c.arg("-D").arg(&s.data_dir).args(["-m", "fast", "-w", "-t", "30", "stop"]);
+            c.arg("-D")
+                .arg(&s.data_dir)
+                .args(["-m", "fast", "-w", "-t", "30", "stop"]);
             let _ = c.output();
         }
         let _ = std::fs::remove_dir_all(&self.socket_dir);
@@ -406,12 +522,16 @@ impl Drop for LocalCluster {
 
 /// Stops servers left running in `base` by a run that crashed.
 fn stop_leftovers(base: &Path) {
-    let Ok(rd) = std::fs::read_dir(base) else { return };
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
     for e in rd.flatten() {
         let dir = e.path();
         if dir.join("postmaster.pid").exists() {
             let mut c = pg_command("pg_ctl");
-            c.arg("-D").arg(&dir).args(["-m", "immediate", "-w", "stop"]);
+            c.arg("-D")
+                .arg(&dir)
+                .args(["-m", "immediate", "-w", "stop"]);
             let _ = c.output();
         }
     }

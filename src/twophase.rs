@@ -36,7 +36,10 @@ impl TwoPhase {
     /// Opens (creating) the decision log. txids start at the current time in microseconds, so
     /// they grow across restarts without reading the log.
     pub fn open(router_id: &str, path: PathBuf) -> TwoPhase {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
         TwoPhase {
             router_id: router_id.to_string(),
             next: AtomicU64::new(now),
@@ -54,12 +57,22 @@ impl TwoPhase {
 
     /// The prepared-transaction name of `txid` on `shard`.
     pub fn gid(&self, txid: u64, shard: usize) -> String {
-        format!("{}_{}_{}_{}", crate::frontend::sharded::GID_PREFIX, self.router_id, txid, shard)
+        format!(
+            "{}_{}_{}_{}",
+            crate::frontend::sharded::GID_PREFIX,
+            self.router_id,
+            txid,
+            shard
+        )
     }
 
     /// The LIKE pattern matching this router's gids.
     pub fn gid_pattern(&self) -> String {
-        format!("{}\\_{}\\_%", crate::frontend::sharded::GID_PREFIX, self.router_id.replace('_', "\\_"))
+        format!(
+            "{}\\_{}\\_%",
+            crate::frontend::sharded::GID_PREFIX,
+            self.router_id.replace('_', "\\_")
+        )
     }
 
     /// Records the commit decision durably (fsync) before any COMMIT PREPARED is sent.
@@ -91,7 +104,12 @@ impl TwoPhase {
         let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut f = file.lock();
             if f.is_none() {
-                *f = Some(std::fs::OpenOptions::new().create(true).append(true).open(&path)?);
+                *f = Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)?,
+                );
             }
             let fh = f.as_mut().expect("opened");
             fh.write_all(line.as_bytes())?;
@@ -102,7 +120,10 @@ impl TwoPhase {
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        r.map_err(|source| LogError { path: self.path.display().to_string(), source })
+        r.map_err(|source| LogError {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     /// Transactions decided as committed and not yet marked done.
@@ -127,8 +148,12 @@ impl TwoPhase {
     /// What to do with a prepared transaction named `gid` found on a server: Some(true) commit,
     /// Some(false) roll back, None leave it (another router's, or in flight right now).
     pub fn resolution(&self, gid: &str, committed: &HashSet<u64>) -> Option<bool> {
-        let rest = gid.strip_prefix(crate::frontend::sharded::GID_PREFIX)?.strip_prefix('_')?;
-        let rest = rest.strip_prefix(self.router_id.as_str())?.strip_prefix('_')?;
+        let rest = gid
+            .strip_prefix(crate::frontend::sharded::GID_PREFIX)?
+            .strip_prefix('_')?;
+        let rest = rest
+            .strip_prefix(self.router_id.as_str())?
+            .strip_prefix('_')?;
         let txid: u64 = rest.split('_').next()?.parse().ok()?;
         if committed.contains(&txid) {
             Some(true)
@@ -151,20 +176,33 @@ pub async fn resolve(app: &crate::app::App) -> usize {
     for db in cfg.databases.iter().filter(|d| d.sharded) {
         for user in &cfg.users {
             for shard in 0..cfg.shards.len() {
-                let Some(pool) = app.pool(&db.name, &user.name, shard) else { continue };
-                let Ok(mut co) = pool.checkout().await else { continue };
+                let Some(pool) = app.pool(&db.name, &user.name, shard) else {
+                    continue;
+                };
+                let Ok(mut co) = pool.checkout().await else {
+                    continue;
+                };
                 let sql = format!(
                     "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE '{pattern}' AND database = current_database() AND owner = current_user"
                 );
                 let gids = match co.conn.query_rows(&sql, max).await {
-                    Ok(rows) => rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect::<Vec<_>>(),
+                    Ok(rows) => rows
+                        .into_iter()
+                        .filter_map(|r| r.into_iter().next().flatten())
+                        .collect::<Vec<_>>(),
                     Err(_) => Vec::new(),
                 };
                 let mut clean = true;
                 for gid in gids {
-                    let Some(commit) = app.twophase.resolution(&gid, &committed) else { continue };
+                    let Some(commit) = app.twophase.resolution(&gid, &committed) else {
+                        continue;
+                    };
                     let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-                    match co.conn.exec_quiet(&format!("{verb} PREPARED '{gid}'"), max).await {
+                    match co
+                        .conn
+                        .exec_quiet(&format!("{verb} PREPARED '{gid}'"), max)
+                        .await
+                    {
                         Ok(()) => {
                             resolved += 1;
                             tracing::info!(%gid, shard, action = verb, "resolved in-doubt prepared transaction");
@@ -203,8 +241,16 @@ mod tests {
         let c = b.committed();
         assert_eq!(c, HashSet::from([t1]));
         assert_eq!(b.resolution(&a.gid(t1, 0), &c), Some(true));
-        assert_eq!(b.resolution(&a.gid(t3, 1), &c), Some(false), "undecided before the restart: roll back");
-        assert_eq!(b.resolution(&b.gid(b.next_txid(), 0), &c), None, "in flight now: leave it");
+        assert_eq!(
+            b.resolution(&a.gid(t3, 1), &c),
+            Some(false),
+            "undecided before the restart: roll back"
+        );
+        assert_eq!(
+            b.resolution(&b.gid(b.next_txid(), 0), &c),
+            None,
+            "in flight now: leave it"
+        );
         assert_eq!(b.resolution("pgshard_r2_5_0", &c), None, "another router's");
         assert_eq!(b.resolution("something_else", &c), None);
         let _ = std::fs::remove_dir_all(&dir);

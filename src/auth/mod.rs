@@ -84,7 +84,9 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Secret::Plain(_) => f.write_str("Secret::Plain(<redacted>)"),
-            Secret::Scram { iterations, .. } => write!(f, "Secret::Scram {{ iterations: {iterations}, .. }}"),
+            Secret::Scram { iterations, .. } => {
+                write!(f, "Secret::Scram {{ iterations: {iterations}, .. }}")
+            }
             Secret::Md5(_) => f.write_str("Secret::Md5(<redacted>)"),
         }
     }
@@ -111,8 +113,15 @@ impl Secret {
             Secret::Plain(p) if p.is_empty() => None,
             // postgres-protocol derives exactly as PostgreSQL does (16-byte random salt, 4096
             // iterations) and, unlike from_password, applies SASLprep to non-ASCII passwords.
-            Secret::Plain(p) => ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(p.as_bytes())).ok(),
-            Secret::Scram { iterations, salt, stored_key, server_key } => Some(ScramVerifier {
+            Secret::Plain(p) => {
+                ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(p.as_bytes())).ok()
+            }
+            Secret::Scram {
+                iterations,
+                salt,
+                stored_key,
+                server_key,
+            } => Some(ScramVerifier {
                 iterations: *iterations,
                 salt: salt.clone(),
                 stored_key: *stored_key,
@@ -125,13 +134,19 @@ impl Secret {
 
 impl From<ScramVerifier> for Secret {
     fn from(v: ScramVerifier) -> Secret {
-        Secret::Scram { iterations: v.iterations, salt: v.salt, stored_key: v.stored_key, server_key: v.server_key }
+        Secret::Scram {
+            iterations: v.iterations,
+            salt: v.salt,
+            stored_key: v.stored_key,
+            server_key: v.server_key,
+        }
     }
 }
 
 fn is_md5_secret(s: &str) -> bool {
-    s.strip_prefix("md5")
-        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    s.strip_prefix("md5").is_some_and(|hex| {
+        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// SCRAM-SHA-256 keys of one password, as PostgreSQL stores them.
@@ -173,23 +188,34 @@ impl ScramVerifier {
     /// Parses `SCRAM-SHA-256$<iter>:<salt b64>$<StoredKey b64>:<ServerKey b64>`.
     pub fn parse(s: &str) -> Result<ScramVerifier, AuthError> {
         let bad = AuthError::BadVerifier;
-        let rest = s.strip_prefix(SCRAM_PREFIX).ok_or(bad("does not start with \"SCRAM-SHA-256$\""))?;
-        let (params, keys) = rest.split_once('$').ok_or(bad("missing '$' between salt and keys"))?;
-        let (iterations, salt) = params.split_once(':').ok_or(bad("missing ':' between iterations and salt"))?;
-        let (stored_key, server_key) =
-            keys.split_once(':').ok_or(bad("missing ':' between StoredKey and ServerKey"))?;
+        let rest = s
+            .strip_prefix(SCRAM_PREFIX)
+            .ok_or(bad("does not start with \"SCRAM-SHA-256$\""))?;
+        let (params, keys) = rest
+            .split_once('$')
+            .ok_or(bad("missing '$' between salt and keys"))?;
+        let (iterations, salt) = params
+            .split_once(':')
+            .ok_or(bad("missing ':' between iterations and salt"))?;
+        let (stored_key, server_key) = keys
+            .split_once(':')
+            .ok_or(bad("missing ':' between StoredKey and ServerKey"))?;
         // str::parse accepts a leading '+'; the stored form never has one.
         if iterations.is_empty() || !iterations.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad("iteration count is not a decimal number"));
         }
-        let iterations: u32 = iterations.parse().map_err(|_| bad("iteration count is too large"))?;
+        let iterations: u32 = iterations
+            .parse()
+            .map_err(|_| bad("iteration count is too large"))?;
         if iterations == 0 {
             return Err(bad("iteration count is zero"));
         }
         if iterations > MAX_ITERATIONS {
             return Err(bad("iteration count is above 10000000"));
         }
-        let salt = B64.decode(salt).map_err(|_| bad("salt is not valid base64"))?;
+        let salt = B64
+            .decode(salt)
+            .map_err(|_| bad("salt is not valid base64"))?;
         if salt.is_empty() {
             return Err(bad("salt is empty"));
         }
@@ -302,59 +328,96 @@ impl ScramServer {
 
     /// Fixed nonces exist only so recorded exchanges can be replayed in tests.
     fn with_server_nonce(verifier: ScramVerifier, server_nonce: String) -> Self {
-        ScramServer { verifier, server_nonce, state: ScramState::AwaitingClientFirst }
+        ScramServer {
+            verifier,
+            server_nonce,
+            state: ScramState::AwaitingClientFirst,
+        }
     }
 
     /// Takes the body of SASLInitialResponse's data (client-first-message), returns server-first-message bytes.
     pub fn client_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
         if !matches!(self.state, ScramState::AwaitingClientFirst) {
-            return Err(AuthError::OutOfOrder("client-first-message after the exchange started"));
+            return Err(AuthError::OutOfOrder(
+                "client-first-message after the exchange started",
+            ));
         }
         self.state = ScramState::Finished;
-        let msg = std::str::from_utf8(msg).map_err(|_| AuthError::BadMessage("client-first-message is not UTF-8"))?;
+        let msg = std::str::from_utf8(msg)
+            .map_err(|_| AuthError::BadMessage("client-first-message is not UTF-8"))?;
         let (gs2_header, bare) = parse_gs2_header(msg)?;
         let client_nonce = parse_client_first_bare(bare)?;
         let nonce = format!("{client_nonce}{}", self.server_nonce);
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&self.verifier.salt), self.verifier.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&self.verifier.salt),
+            self.verifier.iterations
+        );
         let out = server_first.clone().into_bytes();
-        self.state =
-            ScramState::AwaitingClientFinal { gs2_header, client_first_bare: bare.to_owned(), server_first, nonce };
+        self.state = ScramState::AwaitingClientFinal {
+            gs2_header,
+            client_first_bare: bare.to_owned(),
+            server_first,
+            nonce,
+        };
         Ok(out)
     }
 
     /// Takes client-final-message, checks the proof, returns server-final-message (`v=…`) bytes.
     pub fn client_final(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
-        let ScramState::AwaitingClientFinal { gs2_header, client_first_bare, server_first, nonce } =
-            std::mem::replace(&mut self.state, ScramState::Finished)
+        let ScramState::AwaitingClientFinal {
+            gs2_header,
+            client_first_bare,
+            server_first,
+            nonce,
+        } = std::mem::replace(&mut self.state, ScramState::Finished)
         else {
-            return Err(AuthError::OutOfOrder("client-final-message without a pending client-first-message"));
+            return Err(AuthError::OutOfOrder(
+                "client-final-message without a pending client-first-message",
+            ));
         };
         let bad = AuthError::BadMessage;
         let msg = std::str::from_utf8(msg).map_err(|_| bad("client-final-message is not UTF-8"))?;
         // The proof must come last; everything before it is part of the signed AuthMessage.
-        let (without_proof, proof) = msg.rsplit_once(',').ok_or(bad("client-final-message has no proof"))?;
-        let proof =
-            proof.strip_prefix("p=").ok_or(bad("the last attribute of client-final-message must be the proof (p=)"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(',')
+            .ok_or(bad("client-final-message has no proof"))?;
+        let proof = proof.strip_prefix("p=").ok_or(bad(
+            "the last attribute of client-final-message must be the proof (p=)",
+        ))?;
         let mut attrs = without_proof.split(',');
-        let cbind =
-            attrs.next().and_then(|a| a.strip_prefix("c=")).ok_or(bad("client-final-message must start with c="))?;
-        let client_nonce =
-            attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or(bad("missing nonce (r=) in client-final-message"))?;
+        let cbind = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("c="))
+            .ok_or(bad("client-final-message must start with c="))?;
+        let client_nonce = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("r="))
+            .ok_or(bad("missing nonce (r=) in client-final-message"))?;
         attrs.try_for_each(check_extension)?;
-        let cbind = B64.decode(cbind).map_err(|_| bad("channel-binding attribute is not valid base64"))?;
+        let cbind = B64
+            .decode(cbind)
+            .map_err(|_| bad("channel-binding attribute is not valid base64"))?;
         if cbind != gs2_header.as_bytes() {
-            return Err(bad("channel-binding attribute does not match the gs2 header"));
+            return Err(bad(
+                "channel-binding attribute does not match the gs2 header",
+            ));
         }
         if client_nonce != nonce {
             return Err(bad("nonce does not match"));
         }
-        let proof = B64.decode(proof).map_err(|_| bad("proof is not valid base64"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| bad("proof is not valid base64"))?;
         let proof: [u8; 32] = proof.try_into().map_err(|_| bad("proof is not 32 bytes"))?;
 
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = proof;
-        client_key.iter_mut().zip(client_signature).for_each(|(k, s)| *k ^= s);
+        client_key
+            .iter_mut()
+            .zip(client_signature)
+            .for_each(|(k, s)| *k ^= s);
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         if !ct_eq(&stored_key, &self.verifier.stored_key) {
             return Err(AuthError::PasswordMismatch);
@@ -376,7 +439,9 @@ fn parse_gs2_header(msg: &str) -> Result<(&'static str, &str), AuthError> {
         f if f.starts_with("p=") => return Err(AuthError::ChannelBindingUnsupported),
         _ => return Err(bad("unexpected channel-binding flag")),
     };
-    let (authzid, bare) = rest.split_once(',').ok_or(bad("gs2 header is not terminated"))?;
+    let (authzid, bare) = rest
+        .split_once(',')
+        .ok_or(bad("gs2 header is not terminated"))?;
     match authzid {
         "" => Ok((header, bare)),
         a if a.starts_with("a=") => Err(bad("authorization identity is not supported")),
@@ -397,8 +462,10 @@ fn parse_client_first_bare(bare: &str) -> Result<&str, AuthError> {
     if !user.starts_with("n=") {
         return Err(bad("missing user name (n=) in client-first-message"));
     }
-    let nonce =
-        attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or(bad("missing nonce (r=) in client-first-message"))?;
+    let nonce = attrs
+        .next()
+        .and_then(|a| a.strip_prefix("r="))
+        .ok_or(bad("missing nonce (r=) in client-first-message"))?;
     // We echo the nonce back; RFC 5802 allows printable ASCII except ','.
     if nonce.is_empty() || !nonce.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         return Err(bad("client nonce is empty or not printable ASCII"));
@@ -411,9 +478,9 @@ fn parse_client_first_bare(bare: &str) -> Result<&str, AuthError> {
 fn check_extension(attr: &str) -> Result<(), AuthError> {
     match attr.as_bytes() {
         // Letters RFC 5802 already assigns would be a repeated or misplaced attribute.
-        [k, b'=', ..] if b"acimnprsv".contains(k) => {
-            Err(AuthError::BadMessage("repeated or misplaced SCRAM attribute"))
-        }
+        [k, b'=', ..] if b"acimnprsv".contains(k) => Err(AuthError::BadMessage(
+            "repeated or misplaced SCRAM attribute",
+        )),
         [k, b'=', v @ ..] if k.is_ascii_alphabetic() && !v.contains(&0) => Ok(()),
         _ => Err(AuthError::BadMessage("malformed SCRAM attribute")),
     }
@@ -445,11 +512,18 @@ fn md5_secret_hex(secret: &str) -> Result<&[u8], AuthError> {
 }
 
 /// Checks an md5 PasswordMessage (without its NUL): "md5" + hex(md5(hex(md5(password || user)) || salt)).
-pub fn verify_md5(secret: &Secret, user: &str, salt: [u8; 4], response: &[u8]) -> Result<(), AuthError> {
+pub fn verify_md5(
+    secret: &Secret,
+    user: &str,
+    salt: [u8; 4],
+    response: &[u8],
+) -> Result<(), AuthError> {
     let inner = match secret {
         Secret::Plain(p) if p.is_empty() => return Err(AuthError::PasswordMismatch),
         Secret::Plain(p) => md5_hex(&[p.as_bytes(), user.as_bytes()]),
-        Secret::Md5(h) => md5_secret_hex(h)?.try_into().map_err(|_| AuthError::BadMd5Secret)?,
+        Secret::Md5(h) => md5_secret_hex(h)?
+            .try_into()
+            .map_err(|_| AuthError::BadMd5Secret)?,
         Secret::Scram { .. } => return Err(AuthError::Md5NeedsPlainOrMd5Secret),
     };
     let mut expected = *b"md5________________________________";
@@ -495,7 +569,9 @@ fn scram_password_matches(v: &ScramVerifier, password: &[u8]) -> bool {
     // let the client prove the password to our own server side in memory.
     let mut client = ScramSha256::new(password, ChannelBinding::unsupported());
     let mut server = ScramServer::new(v.clone());
-    let Ok(first) = server.client_first(client.message()) else { return false };
+    let Ok(first) = server.client_first(client.message()) else {
+        return false;
+    };
     client.update(&first).is_ok() && server.client_final(client.message()).is_ok()
 }
 

@@ -9,7 +9,11 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
-#[command(name = "pgshard", version, about = "PostgreSQL sharding router and connection pooler")]
+#[command(
+    name = "pgshard",
+    version,
+    about = "PostgreSQL sharding router and connection pooler"
+)]
 struct Cli {
     /// Config file (TOML).
     #[arg(short, long, default_value = "config/pgshard.toml")]
@@ -34,8 +38,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Demo(args)) = cli.command {
         return pgshard::demo::run(args);
     }
-    let config = Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let config =
+        Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(config, Some(cli.config)))
 }
 

@@ -7,7 +7,11 @@ use pgshard::shardmap::{ShardMap, Strategy};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 #[derive(Parser)]
-#[command(name = "shardctl", version, about = "Operate pgshard through its admin console")]
+#[command(
+    name = "shardctl",
+    version,
+    about = "Operate pgshard through its admin console"
+)]
 struct Cli {
     /// Router host.
     #[arg(long, default_value = "127.0.0.1", env = "PGSHARD_HOST")]
@@ -166,30 +170,51 @@ async fn main() -> anyhow::Result<()> {
             println!("reloaded");
         }
         Command::Move(args) => {
-            let dsn = cli.catalog.as_deref().context("shardctl move needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl move needs --catalog (or PGSHARD_CATALOG)")?;
             std::process::exit(run_move(dsn, &args, cli.json).await?);
         }
         Command::Plan(args) => {
-            let dsn = cli.catalog.as_deref().context("shardctl plan needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl plan needs --catalog (or PGSHARD_CATALOG)")?;
             std::process::exit(rebalance_cmd(dsn, &args, args.drain, false, cli.json).await?);
         }
         Command::Rebalance { plan, apply } => {
-            let dsn = cli.catalog.as_deref().context("shardctl rebalance needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl rebalance needs --catalog (or PGSHARD_CATALOG)")?;
             std::process::exit(rebalance_cmd(dsn, &plan, plan.drain, apply, cli.json).await?);
         }
         Command::DrainShard { shard, plan, apply } => {
-            let dsn = cli.catalog.as_deref().context("shardctl drain-shard needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl drain-shard needs --catalog (or PGSHARD_CATALOG)")?;
             std::process::exit(rebalance_cmd(dsn, &plan, Some(shard), apply, cli.json).await?);
         }
         Command::Abort { id, shards } | Command::Resume { id, shards } => {
-            let dsn = cli.catalog.as_deref().context("shardctl abort/resume needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl abort/resume needs --catalog (or PGSHARD_CATALOG)")?;
             let links = shard_links(&shards)?;
-            let (cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+            let (cat, _) = Catalog::connect(dsn)
+                .await
+                .context("connecting to the catalog")?;
             let progress = |line: &str| eprintln!("{line}");
             let r = if abort {
-                pgshard::rebalance::abort(&cat, &links, id, shards.ack_timeout.into(), &progress).await.map(|_| ())
+                pgshard::rebalance::abort(&cat, &links, id, shards.ack_timeout.into(), &progress)
+                    .await
+                    .map(|_| ())
             } else {
-                pgshard::rebalance::resume(&cat, &links, id, shards.ack_timeout.into(), &progress).await.map(|_| ())
+                pgshard::rebalance::resume(&cat, &links, id, shards.ack_timeout.into(), &progress)
+                    .await
+                    .map(|_| ())
             };
             if let Err(e) = r {
                 eprintln!("shardctl: {e}");
@@ -197,10 +222,20 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Map => {
-            let dsn = cli.catalog.as_deref().context("shardctl map needs --catalog (or PGSHARD_CATALOG)")?;
-            let (cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
-            let map = cat.latest_map().await?.context("the catalog holds no map yet: start a router with [catalog] to seed it")?;
-            println!("# map version {} over {} shards: {}", map.version, map.shards, map.note);
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl map needs --catalog (or PGSHARD_CATALOG)")?;
+            let (cat, _) = Catalog::connect(dsn)
+                .await
+                .context("connecting to the catalog")?;
+            let map = cat.latest_map().await?.context(
+                "the catalog holds no map yet: start a router with [catalog] to seed it",
+            )?;
+            println!(
+                "# map version {} over {} shards: {}",
+                map.version, map.shards, map.note
+            );
             print!("{}", toml::to_string(&map.sharding)?);
         }
     }
@@ -232,7 +267,9 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             Some(other) => anyhow::bail!("unknown phase {other}"),
         },
     };
-    let (mut cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+    let (mut cat, _) = Catalog::connect(dsn)
+        .await
+        .context("connecting to the catalog")?;
     cat.migrate().await?;
     let quiet = json;
     let progress = move |line: &str| {
@@ -242,7 +279,23 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
     };
     match rebalance::run(&cat, &shards, &req, &progress).await {
         Ok(r) => {
-            let cols = ["move", "source", "target", "rows_copied", "bytes_copied", "copy_ms", "changes_applied", "catchup_ms", "pause_ms", "fence_ack_ms", "marker_ms", "groups_verified", "rows_verified", "rows_deleted_on_source"].map(String::from);
+            let cols = [
+                "move",
+                "source",
+                "target",
+                "rows_copied",
+                "bytes_copied",
+                "copy_ms",
+                "changes_applied",
+                "catchup_ms",
+                "pause_ms",
+                "fence_ack_ms",
+                "marker_ms",
+                "groups_verified",
+                "rows_verified",
+                "rows_deleted_on_source",
+            ]
+            .map(String::from);
             let vals = vec![
                 r.id.to_string(),
                 r.source.to_string(),
@@ -278,17 +331,41 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
 }
 
 /// Plans moves for a distribution and, with `apply`, runs them one at a time; the exit status.
-async fn rebalance_cmd(dsn: &str, args: &PlanArgs, drain: Option<usize>, apply: bool, json: bool) -> anyhow::Result<i32> {
+async fn rebalance_cmd(
+    dsn: &str,
+    args: &PlanArgs,
+    drain: Option<usize>,
+    apply: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     use pgshard::rebalance::{self, plan, MoveError, MoveRequest, UnitSpec};
     let links = shard_links(&args.shards)?;
-    let (mut cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+    let (mut cat, _) = Catalog::connect(dsn)
+        .await
+        .context("connecting to the catalog")?;
     cat.migrate().await?;
-    let row = cat.latest_map().await?.context("the catalog holds no map yet")?;
+    let row = cat
+        .latest_map()
+        .await?
+        .context("the catalog holds no map yet")?;
     let map = ShardMap::build(&row.sharding, row.shards, row.version)?;
-    let dist = map.distributions.iter().position(|d| d.name == args.distribution).with_context(|| format!("no distribution {}", args.distribution))?;
-    let owner = plan::placement(&map, dist).context("only hash and tenant distributions are planned by bucket")?.to_vec();
+    let dist = map
+        .distributions
+        .iter()
+        .position(|d| d.name == args.distribution)
+        .with_context(|| format!("no distribution {}", args.distribution))?;
+    let owner = plan::placement(&map, dist)
+        .context("only hash and tenant distributions are planned by bucket")?
+        .to_vec();
     let rows = plan::bucket_rows(&links, &map, dist).await?;
-    let moves = plan::plan(&owner, &rows, map.shards, drain, args.tolerance, args.max_moves);
+    let moves = plan::plan(
+        &owner,
+        &rows,
+        map.shards,
+        drain,
+        args.tolerance,
+        args.max_moves,
+    );
     let per_shard = |owner: &[usize]| {
         let mut l = vec![0i64; map.shards];
         owner.iter().zip(&rows).for_each(|(&s, &r)| l[s] += r);
@@ -301,14 +378,40 @@ async fn rebalance_cmd(dsn: &str, args: &PlanArgs, drain: Option<usize>, apply: 
         }
     }
     let (before, after) = (per_shard(&owner), per_shard(&after));
-    let shard_rows: Vec<Vec<String>> = (0..map.shards).map(|s| vec![s.to_string(), before[s].to_string(), after[s].to_string()]).collect();
-    print_rows("rows per shard", &["shard".into(), "now".into(), "after plan".into()], &shard_rows, json);
+    let shard_rows: Vec<Vec<String>> = (0..map.shards)
+        .map(|s| vec![s.to_string(), before[s].to_string(), after[s].to_string()])
+        .collect();
+    print_rows(
+        "rows per shard",
+        &["shard".into(), "now".into(), "after plan".into()],
+        &shard_rows,
+        json,
+    );
     let plan_rows: Vec<Vec<String>> = moves
         .iter()
         .enumerate()
-        .map(|(i, m)| vec![(i + 1).to_string(), plan::ranges_text(&m.buckets), m.from.to_string(), m.to.to_string(), m.rows.to_string()])
+        .map(|(i, m)| {
+            vec![
+                (i + 1).to_string(),
+                plan::ranges_text(&m.buckets),
+                m.from.to_string(),
+                m.to.to_string(),
+                m.rows.to_string(),
+            ]
+        })
         .collect();
-    print_rows("plan", &["step".into(), "buckets".into(), "from".into(), "to".into(), "rows".into()], &plan_rows, json);
+    print_rows(
+        "plan",
+        &[
+            "step".into(),
+            "buckets".into(),
+            "from".into(),
+            "to".into(),
+            "rows".into(),
+        ],
+        &plan_rows,
+        json,
+    );
     if !apply {
         if !json {
             eprintln!("dry run: nothing moved (rebalance --apply runs the plan)");
@@ -332,12 +435,22 @@ async fn rebalance_cmd(dsn: &str, args: &PlanArgs, drain: Option<usize>, apply: 
         match rebalance::run(&cat, &links, &req, &progress).await {
             Ok(r) => {
                 if !json {
-                    eprintln!("[{}/{}] moved {} rows, pause {:.1} ms", i + 1, moves.len(), r.rows_copied, r.pause_ms);
+                    eprintln!(
+                        "[{}/{}] moved {} rows, pause {:.1} ms",
+                        i + 1,
+                        moves.len(),
+                        r.rows_copied,
+                        r.pause_ms
+                    );
                 }
             }
             Err(e) => {
                 eprintln!("shardctl rebalance: step {}: {e}", i + 1);
-                return Ok(if matches!(e, MoveError::Mismatch(_)) { 3 } else { 2 });
+                return Ok(if matches!(e, MoveError::Mismatch(_)) {
+                    3
+                } else {
+                    2
+                });
             }
         }
     }
@@ -346,23 +459,49 @@ async fn rebalance_cmd(dsn: &str, args: &PlanArgs, drain: Option<usize>, apply: 
 
 /// How to reach each shard's primary, from the routers' config file.
 fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::ShardLink>> {
-    let cfg = pgshard::config::Config::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
+    let cfg = pgshard::config::Config::load(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
     let db = match &args.database {
-        Some(d) => cfg.database(d).with_context(|| format!("database {d} is not in the config"))?,
-        None => cfg.databases.iter().find(|d| d.sharded).context("the config has no sharded database")?,
+        Some(d) => cfg
+            .database(d)
+            .with_context(|| format!("database {d} is not in the config"))?,
+        None => cfg
+            .databases
+            .iter()
+            .find(|d| d.sharded)
+            .context("the config has no sharded database")?,
     };
     let user = match &args.server_user {
-        Some(u) => cfg.users.iter().find(|x| &x.name == u).with_context(|| format!("user {u} is not in the config"))?,
+        Some(u) => cfg
+            .users
+            .iter()
+            .find(|x| &x.name == u)
+            .with_context(|| format!("user {u} is not in the config"))?,
         None => cfg.users.first().context("the config has no users")?,
     };
     let password = pgshard::app::server_password(user);
-    let database = db.server_database.clone().unwrap_or_else(|| db.name.clone());
+    let database = db
+        .server_database
+        .clone()
+        .unwrap_or_else(|| db.name.clone());
     let mut shards = Vec::new();
     for s in &cfg.shards {
-        let (host, port) = pgshard::config::split_host_port(&s.primary).with_context(|| format!("bad shard address {}", s.primary))?;
-        let pw = password.as_deref().map(|p| format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))).unwrap_or_default();
+        let (host, port) = pgshard::config::split_host_port(&s.primary)
+            .with_context(|| format!("bad shard address {}", s.primary))?;
+        let pw = password
+            .as_deref()
+            .map(|p| {
+                format!(
+                    " password='{}'",
+                    p.replace('\\', "\\\\").replace('\'', "\\'")
+                )
+            })
+            .unwrap_or_default();
         shards.push(pgshard::rebalance::ShardLink {
-            dsn: format!("host={host} port={port} user='{}' dbname='{database}'{pw}", user.name),
+            dsn: format!(
+                "host={host} port={port} user='{}' dbname='{database}'{pw}",
+                user.name
+            ),
             connect: pgshard::backend::ConnectParams {
                 host,
                 port,
@@ -381,12 +520,21 @@ fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::Shard
 /// `LO..HI`, `..HI` or `LO..`: integer bounds stay integers, anything else is text.
 fn parse_range(s: &str) -> anyhow::Result<pgshard::shardmap::config::KeyRange> {
     use pgshard::shardmap::config::Bound;
-    let (lo, hi) = s.split_once("..").context("a range is written LO..HI (either side may be empty)")?;
+    let (lo, hi) = s
+        .split_once("..")
+        .context("a range is written LO..HI (either side may be empty)")?;
     let bound = |b: &str| match b {
         "" => None,
-        b => Some(b.parse::<i64>().map(Bound::Int).unwrap_or_else(|_| Bound::Text(b.to_string()))),
+        b => Some(
+            b.parse::<i64>()
+                .map(Bound::Int)
+                .unwrap_or_else(|_| Bound::Text(b.to_string())),
+        ),
     };
-    Ok(pgshard::shardmap::config::KeyRange { lo: bound(lo), hi: bound(hi) })
+    Ok(pgshard::shardmap::config::KeyRange {
+        lo: bound(lo),
+        hi: bound(hi),
+    })
 }
 
 fn parse_buckets(s: &str) -> anyhow::Result<Vec<[u32; 2]>> {
@@ -394,7 +542,14 @@ fn parse_buckets(s: &str) -> anyhow::Result<Vec<[u32; 2]>> {
         .map(|part| {
             let part = part.trim();
             let (a, b) = part.split_once('-').unwrap_or((part, part));
-            Ok([a.trim().parse().with_context(|| format!("bad bucket {a}"))?, b.trim().parse().with_context(|| format!("bad bucket {b}"))?])
+            Ok([
+                a.trim()
+                    .parse()
+                    .with_context(|| format!("bad bucket {a}"))?,
+                b.trim()
+                    .parse()
+                    .with_context(|| format!("bad bucket {b}"))?,
+            ])
         })
         .collect()
 }
@@ -410,13 +565,20 @@ async fn console(cli: &Cli) -> anyhow::Result<tokio_postgres::Client> {
     );
     let (client, connection) = tokio_postgres::connect(&conn, NoTls)
         .await
-        .with_context(|| format!("connecting to the pgshard admin console at {}:{}", cli.host, cli.port))?;
+        .with_context(|| {
+            format!(
+                "connecting to the pgshard admin console at {}:{}",
+                cli.host, cli.port
+            )
+        })?;
     tokio::spawn(connection);
     Ok(client)
 }
 
 async fn catalog_status(dsn: &str, json: bool) -> anyhow::Result<()> {
-    let (cat, _) = Catalog::connect(dsn).await.context("connecting to the catalog")?;
+    let (cat, _) = Catalog::connect(dsn)
+        .await
+        .context("connecting to the catalog")?;
     let Some(map) = cat.latest_map().await? else {
         println!("catalog: no map published yet");
         return Ok(());
@@ -425,17 +587,40 @@ async fn catalog_status(dsn: &str, json: bool) -> anyhow::Result<()> {
     print_rows(
         "catalog",
         &["map_version".into(), "shards".into(), "note".into()],
-        &[vec![map.version.to_string(), map.shards.to_string(), map.note.clone()]],
+        &[vec![
+            map.version.to_string(),
+            map.shards.to_string(),
+            map.note.clone(),
+        ]],
         json,
     );
     let rows: Vec<Vec<String>> = routers
         .iter()
         .map(|r| {
-            let state = if r.lease_left < 0.0 { "expired" } else if r.acked_version == map.version { "current" } else { "behind" };
-            vec![r.router_id.clone(), r.addr.clone(), r.acked_version.to_string(), format!("{:.1}", r.lease_left), state.into()]
+            let state = if r.lease_left < 0.0 {
+                "expired"
+            } else if r.acked_version == map.version {
+                "current"
+            } else {
+                "behind"
+            };
+            vec![
+                r.router_id.clone(),
+                r.addr.clone(),
+                r.acked_version.to_string(),
+                format!("{:.1}", r.lease_left),
+                state.into(),
+            ]
         })
         .collect();
-    let cols = ["router_id", "addr", "acked_version", "lease_left_s", "state"].map(String::from);
+    let cols = [
+        "router_id",
+        "addr",
+        "acked_version",
+        "lease_left_s",
+        "state",
+    ]
+    .map(String::from);
     print_rows("routers", &cols, &rows, json);
     let built = ShardMap::build(&map.sharding, map.shards, map.version)?;
     let cols = ["distribution", "strategy", "shard", "units"].map(String::from);
@@ -448,9 +633,26 @@ async fn catalog_status(dsn: &str, json: bool) -> anyhow::Result<()> {
             .await?
             .map(|r| r.get(0));
         let dist = &built.distributions[m.dist].name;
-        moves.push(vec![m.id.to_string(), dist.clone(), m.describe(), m.source.to_string(), m.target.to_string(), format!("{:?}", m.phase).to_lowercase(), state.unwrap_or_default()]);
+        moves.push(vec![
+            m.id.to_string(),
+            dist.clone(),
+            m.describe(),
+            m.source.to_string(),
+            m.target.to_string(),
+            format!("{:?}", m.phase).to_lowercase(),
+            state.unwrap_or_default(),
+        ]);
     }
-    let cols = ["move", "distribution", "unit", "source", "target", "phase", "state"].map(String::from);
+    let cols = [
+        "move",
+        "distribution",
+        "unit",
+        "source",
+        "target",
+        "phase",
+        "state",
+    ]
+    .map(String::from);
     print_rows("moves in flight", &cols, &moves, json);
     Ok(())
 }
@@ -461,8 +663,17 @@ fn units(map: &ShardMap) -> Vec<Vec<String>> {
     for d in &map.distributions {
         for shard in 0..map.shards {
             let (strategy, what) = match &d.strategy {
-                Strategy::Hash { bucket_shard } => ("hash", format!("{} buckets", bucket_shard.iter().filter(|&&s| s == shard).count())),
-                Strategy::Tenant { directory, bucket_shard } => (
+                Strategy::Hash { bucket_shard } => (
+                    "hash",
+                    format!(
+                        "{} buckets",
+                        bucket_shard.iter().filter(|&&s| s == shard).count()
+                    ),
+                ),
+                Strategy::Tenant {
+                    directory,
+                    bucket_shard,
+                } => (
                     "tenant",
                     format!(
                         "{} buckets, {} pinned tenants",
@@ -470,12 +681,24 @@ fn units(map: &ShardMap) -> Vec<Vec<String>> {
                         directory.values().filter(|&&s| s == shard).count()
                     ),
                 ),
-                Strategy::Range { ranges } => ("range", format!("{} ranges", ranges.iter().filter(|r| r.2 == shard).count())),
-                Strategy::Geo { regions, .. } => {
-                    ("geo", format!("{} regions", regions.values().filter(|g| g.contains(&shard)).count()))
-                }
+                Strategy::Range { ranges } => (
+                    "range",
+                    format!("{} ranges", ranges.iter().filter(|r| r.2 == shard).count()),
+                ),
+                Strategy::Geo { regions, .. } => (
+                    "geo",
+                    format!(
+                        "{} regions",
+                        regions.values().filter(|g| g.contains(&shard)).count()
+                    ),
+                ),
             };
-            out.push(vec![d.name.clone(), strategy.into(), shard.to_string(), what]);
+            out.push(vec![
+                d.name.clone(),
+                strategy.into(),
+                shard.to_string(),
+                what,
+            ]);
         }
     }
     out
@@ -490,8 +713,18 @@ fn table(msgs: &[SimpleQueryMessage]) -> (Vec<String>, Vec<Vec<String>>) {
             _ => None,
         })
         .collect();
-    let cols = rows.first().map(|r| r.columns().iter().map(|c| c.name().to_string()).collect()).unwrap_or_default();
-    let vals = rows.iter().map(|r| (0..r.len()).map(|i| r.get(i).unwrap_or("").to_string()).collect()).collect();
+    let cols = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    let vals = rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get(i).unwrap_or("").to_string())
+                .collect()
+        })
+        .collect();
     (cols, vals)
 }
 
@@ -500,7 +733,11 @@ fn print_rows(title: &str, cols: &[String], rows: &[Vec<String>], json: bool) {
         let items: Vec<String> = rows
             .iter()
             .map(|r| {
-                let fields: Vec<String> = cols.iter().zip(r).map(|(c, v)| format!("{c:?}:{v:?}")).collect();
+                let fields: Vec<String> = cols
+                    .iter()
+                    .zip(r)
+                    .map(|(c, v)| format!("{c:?}:{v:?}"))
+                    .collect();
                 format!("{{{}}}", fields.join(","))
             })
             .collect();

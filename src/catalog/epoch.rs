@@ -20,7 +20,10 @@ pub struct Epoch {
 impl Epoch {
     /// A token for map `version`.
     pub fn new(version: u64) -> Arc<Epoch> {
-        Arc::new(Epoch { version, ..Default::default() })
+        Arc::new(Epoch {
+            version,
+            ..Default::default()
+        })
     }
 
     /// True once the router gave up waiting for this epoch's transactions to end: a session
@@ -74,7 +77,14 @@ impl Draining {
             };
             let waited = since.elapsed();
             if !self.revoked && waited >= drain {
-                tracing::warn!(transactions = self.old.iter().map(|e| Arc::strong_count(e) - 1).sum::<usize>(), "revoking transactions begun under an older shard map");
+                tracing::warn!(
+                    transactions = self
+                        .old
+                        .iter()
+                        .map(|e| Arc::strong_count(e) - 1)
+                        .sum::<usize>(),
+                    "revoking transactions begun under an older shard map"
+                );
                 self.old.iter().for_each(|e| e.revoke());
                 self.revoked = true;
             }

@@ -29,17 +29,20 @@ impl CatalogState {
     /// it: shardctl no longer waits for it, so a move may have begun that its map does not
     /// show, and no sharded table may be served. Cheap: checked for every such statement.
     pub fn lease_valid(&self) -> bool {
-        !self.active.load(Ordering::Acquire) || micros_since_base(Instant::now()) < self.lease_until_us.load(Ordering::Acquire)
+        !self.active.load(Ordering::Acquire)
+            || micros_since_base(Instant::now()) < self.lease_until_us.load(Ordering::Acquire)
     }
 
     fn renewed(&self, at: Instant, lease: Duration) {
-        self.lease_until_us.store(micros_since_base(at + lease), Ordering::Release);
+        self.lease_until_us
+            .store(micros_since_base(at + lease), Ordering::Release);
     }
 }
 
 fn micros_since_base(t: Instant) -> u64 {
     static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    t.saturating_duration_since(*BASE.get_or_init(Instant::now)).as_micros() as u64
+    t.saturating_duration_since(*BASE.get_or_init(Instant::now))
+        .as_micros() as u64
 }
 
 /// Loads the catalog's map (seeding it from the config file when the catalog is empty),
@@ -66,23 +69,42 @@ pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError>
         Some(m) => m,
         None => {
             let cfg = app.config.load_full();
-            match cat.publish_map(0, &cfg.sharding, cfg.shards.len(), "seeded from the config file").await {
+            match cat
+                .publish_map(
+                    0,
+                    &cfg.sharding,
+                    cfg.shards.len(),
+                    "seeded from the config file",
+                )
+                .await
+            {
                 Ok(_) | Err(CatalogError::Conflict { .. }) => {}
                 Err(e) => return Err(e),
             }
-            cat.latest_map().await?.ok_or_else(|| CatalogError::Other("the seeded map vanished".into()))?
+            cat.latest_map()
+                .await?
+                .ok_or_else(|| CatalogError::Other("the seeded map vanished".into()))?
         }
     };
     install(&app, &map)?;
     app.catalog.active.store(true, Ordering::Release);
-    app.catalog.fence_wait_ms.store(cc.fence_wait.as_millis() as u64, Ordering::Relaxed);
+    app.catalog
+        .fence_wait_ms
+        .store(cc.fence_wait.as_millis() as u64, Ordering::Relaxed);
     let instance = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
-    let me = Me { router_id: app.config.load().general.router_id.clone(), instance, addr: app.config.load().general.listen.to_string() };
+    let me = Me {
+        router_id: app.config.load().general.router_id.clone(),
+        instance,
+        addr: app.config.load().general.listen.to_string(),
+    };
     // A previous run of this router that died keeps its lease until it runs out.
     let deadline = Instant::now() + cc.lease + Duration::from_secs(1);
     let t = loop {
         let t = Instant::now();
-        match cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, map.version).await {
+        match cat
+            .heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, map.version)
+            .await
+        {
             Ok(_) => break t,
             Err(CatalogError::RouterIdTaken(_)) if Instant::now() < deadline => {
                 tracing::warn!(router_id = %me.router_id, "router_id still leased (a previous run?); waiting for the lease to run out");
@@ -104,7 +126,13 @@ struct Me {
     addr: String,
 }
 
-async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc::UnboundedReceiver<String>, me: Me) {
+async fn follow(
+    app: Arc<App>,
+    cc: CatalogConfig,
+    mut cat: Catalog,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    me: Me,
+) {
     let mut draining = Draining::default();
     let mut again = false;
     loop {
@@ -117,7 +145,11 @@ async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc
         };
         // Several notifications may be queued; one refresh covers them all.
         while rx.try_recv().is_ok() {}
-        let r = if lost { Err(CatalogError::Other("connection lost".into())) } else { refresh(&app, &cat, &cc, &me, &mut draining).await };
+        let r = if lost {
+            Err(CatalogError::Other("connection lost".into()))
+        } else {
+            refresh(&app, &cat, &cc, &me, &mut draining).await
+        };
         if let Ok(newer) = r {
             again = newer;
         }
@@ -146,7 +178,13 @@ async fn follow(app: Arc<App>, cc: CatalogConfig, mut cat: Catalog, mut rx: mpsc
 /// The renewal counts only if no newer map appeared meanwhile: shardctl may have stopped
 /// waiting for this router while its lease was out, so it must not serve a map older than
 /// the catalog's until it has installed the newest. Returns true to be called again at once.
-async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me, draining: &mut Draining) -> Result<bool, CatalogError> {
+async fn refresh(
+    app: &App,
+    cat: &Catalog,
+    cc: &CatalogConfig,
+    me: &Me,
+    draining: &mut Draining,
+) -> Result<bool, CatalogError> {
     let t = Instant::now();
     if let Some(map) = cat.latest_map().await? {
         if map.version > app.shardmap.load().version {
@@ -156,9 +194,17 @@ async fn refresh(app: &App, cat: &Catalog, cc: &CatalogConfig, me: &Me, draining
     }
     let serving = app.shardmap.load().version;
     // A slice at a time, so a long drain does not let the lease run out.
-    let drained = draining.settle(cc.drain_timeout, cc.poll_interval, cc.lease / 4).await;
-    let ack = if drained { serving } else { app.catalog.acked.load(Ordering::Acquire) };
-    let latest = cat.heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, ack).await?;
+    let drained = draining
+        .settle(cc.drain_timeout, cc.poll_interval, cc.lease / 4)
+        .await;
+    let ack = if drained {
+        serving
+    } else {
+        app.catalog.acked.load(Ordering::Acquire)
+    };
+    let latest = cat
+        .heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, ack)
+        .await?;
     app.catalog.acked.store(ack, Ordering::Release);
     if latest > serving {
         return Ok(true);
@@ -174,11 +220,17 @@ fn install(app: &App, map: &MapRow) -> Result<Arc<Epoch>, CatalogError> {
     if map.shards != shards {
         return Err(CatalogError::BadMap {
             version: map.version,
-            reason: format!("it spans {} shards but this router's config lists {shards}", map.shards),
+            reason: format!(
+                "it spans {} shards but this router's config lists {shards}",
+                map.shards
+            ),
         });
     }
-    let built = ShardMap::build(&map.sharding, shards, map.version)
-        .map_err(|e| CatalogError::BadMap { version: map.version, reason: e.to_string() })?;
+    let built =
+        ShardMap::build(&map.sharding, shards, map.version).map_err(|e| CatalogError::BadMap {
+            version: map.version,
+            reason: e.to_string(),
+        })?;
     app.shardmap.store(Arc::new(built));
     // Sessions read the epoch before the map: whoever sees the new epoch sees the new map.
     let old = app.epoch.swap(Epoch::new(map.version));

@@ -15,7 +15,8 @@ const LOCK_KEY: i64 = 0x0070_6773_6861_7264; // "pgshard" in ASCII
 /// Applies the missing migrations; returns the versions applied now.
 pub async fn apply(client: &mut Client) -> Result<Vec<i32>, CatalogError> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await?;
     tx.batch_execute(
         "CREATE SCHEMA IF NOT EXISTS pgshard;
          CREATE TABLE IF NOT EXISTS pgshard.migrations (
@@ -23,8 +24,16 @@ pub async fn apply(client: &mut Client) -> Result<Vec<i32>, CatalogError> {
              applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    let done: Vec<i32> = tx.query("SELECT version FROM pgshard.migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
-    if let Some(newer) = done.iter().find(|v| !MIGRATIONS.iter().any(|(m, _)| m == *v)) {
+    let done: Vec<i32> = tx
+        .query("SELECT version FROM pgshard.migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(newer) = done
+        .iter()
+        .find(|v| !MIGRATIONS.iter().any(|(m, _)| m == *v))
+    {
         return Err(CatalogError::Other(format!(
             "the catalog has schema migration {newer}, which this pgshard does not know: upgrade pgshard"
         )));
@@ -35,7 +44,11 @@ pub async fn apply(client: &mut Client) -> Result<Vec<i32>, CatalogError> {
             continue;
         }
         tx.batch_execute(sql).await?;
-        tx.execute("INSERT INTO pgshard.migrations (version) VALUES ($1)", &[version]).await?;
+        tx.execute(
+            "INSERT INTO pgshard.migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
         applied.push(*version);
     }
     tx.commit().await?;

@@ -56,7 +56,9 @@ pub enum CatalogError {
     Db(#[from] tokio_postgres::Error),
     #[error("catalog map version {version} is invalid: {reason}")]
     BadMap { version: u64, reason: String },
-    #[error("catalog: map version {expected} is no longer the latest (now {found}); reload and retry")]
+    #[error(
+        "catalog: map version {expected} is no longer the latest (now {found}); reload and retry"
+    )]
     Conflict { expected: u64, found: u64 },
     #[error("catalog: router_id '{0}' is held by another live router; give each router its own general.router_id")]
     RouterIdTaken(String),
@@ -91,7 +93,9 @@ pub struct Catalog {
 impl Catalog {
     /// Connects; notifications (`LISTEN`) arrive on the returned channel, which closes when the
     /// connection does.
-    pub async fn connect(dsn: &str) -> Result<(Catalog, mpsc::UnboundedReceiver<String>), CatalogError> {
+    pub async fn connect(
+        dsn: &str,
+    ) -> Result<(Catalog, mpsc::UnboundedReceiver<String>), CatalogError> {
         let (client, mut conn) = tokio_postgres::connect(dsn, NoTls).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -127,18 +131,36 @@ impl Catalog {
         let Some(row) = row else { return Ok(None) };
         let version = row.get::<_, i64>(0) as u64;
         let text: String = row.get(1);
-        let sharding =
-            toml::from_str(&text).map_err(|e| CatalogError::BadMap { version, reason: e.to_string() })?;
-        Ok(Some(MapRow { version, sharding, shards: row.get::<_, i32>(2) as usize, note: row.get(3) }))
+        let sharding = toml::from_str(&text).map_err(|e| CatalogError::BadMap {
+            version,
+            reason: e.to_string(),
+        })?;
+        Ok(Some(MapRow {
+            version,
+            sharding,
+            shards: row.get::<_, i32>(2) as usize,
+            note: row.get(3),
+        }))
     }
 
     /// Publishes `sharding` as the version after `after` (0: the first map). Fails with
     /// `Conflict` if another writer published first; the map is validated before it is stored.
-    pub async fn publish_map(&self, after: u64, sharding: &ShardingConfig, shards: usize, note: &str) -> Result<u64, CatalogError> {
+    pub async fn publish_map(
+        &self,
+        after: u64,
+        sharding: &ShardingConfig,
+        shards: usize,
+        note: &str,
+    ) -> Result<u64, CatalogError> {
         let version = after + 1;
-        crate::shardmap::ShardMap::build(sharding, shards, version)
-            .map_err(|e| CatalogError::BadMap { version, reason: e.to_string() })?;
-        let text = toml::to_string(sharding).map_err(|e| CatalogError::Other(format!("cannot write the map as TOML: {e}")))?;
+        crate::shardmap::ShardMap::build(sharding, shards, version).map_err(|e| {
+            CatalogError::BadMap {
+                version,
+                reason: e.to_string(),
+            }
+        })?;
+        let text = toml::to_string(sharding)
+            .map_err(|e| CatalogError::Other(format!("cannot write the map as TOML: {e}")))?;
         let n = self
             .client
             .execute(
@@ -146,14 +168,23 @@ impl Catalog {
                  SELECT $1, $2, $3, $4
                  WHERE coalesce((SELECT max(version) FROM pgshard.maps), 0) = $5
                  ON CONFLICT (version) DO NOTHING",
-                &[&(version as i64), &text, &(shards as i32), &note, &(after as i64)],
+                &[
+                    &(version as i64),
+                    &text,
+                    &(shards as i32),
+                    &note,
+                    &(after as i64),
+                ],
             )
             .await?;
         if n == 1 {
             return Ok(version);
         }
         let found = self.latest_map().await?.map_or(0, |m| m.version);
-        Err(CatalogError::Conflict { expected: after, found })
+        Err(CatalogError::Conflict {
+            expected: after,
+            found,
+        })
     }
 
     /// Starts following maps: notifications of new versions arrive on the connect channel.
@@ -165,7 +196,14 @@ impl Catalog {
     /// Registers or renews this router's lease and records the map version it serves. Refuses
     /// when another process holds the same router_id with a live lease.
     /// Returns the newest map version at the time of the renewal.
-    pub async fn heartbeat(&self, router_id: &str, instance: &str, addr: &str, lease: Duration, acked: u64) -> Result<u64, CatalogError> {
+    pub async fn heartbeat(
+        &self,
+        router_id: &str,
+        instance: &str,
+        addr: &str,
+        lease: Duration,
+        acked: u64,
+    ) -> Result<u64, CatalogError> {
         let row = self
             .client
             .query_opt(

@@ -36,7 +36,10 @@ impl LoginError {
     }
 }
 
-async fn read_password_message<S: AsyncRead + Unpin>(s: &mut S, rbuf: &mut FrameBuf) -> Result<Frame, LoginError> {
+async fn read_password_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    rbuf: &mut FrameBuf,
+) -> Result<Frame, LoginError> {
     loop {
         match rbuf.next_frame(MAX_AUTH_MESSAGE) {
             Ok(Some(f)) if f.tag == b'p' => return Ok(f),
@@ -72,7 +75,9 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             messages::authentication(&mut out, 5, &salt);
             s.write_all(&out).await?;
             let f = read_password_message(s, rbuf).await?;
-            let resp = Cursor::new(f.body()).cstr().ok_or_else(|| LoginError::Malformed("unterminated password".into()))?;
+            let resp = Cursor::new(f.body())
+                .cstr()
+                .ok_or_else(|| LoginError::Malformed("unterminated password".into()))?;
             verify_md5(&auth.secret, user, salt, resp).map_err(|_| failed())?;
         }
         AuthType::ScramSha256 => {
@@ -82,13 +87,26 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             s.write_all(&out).await?;
             let f = read_password_message(s, rbuf).await?;
             let mut c = Cursor::new(f.body());
-            let mech = c.str().ok_or_else(|| LoginError::Malformed("missing SASL mechanism".into()))?;
+            let mech = c
+                .str()
+                .ok_or_else(|| LoginError::Malformed("missing SASL mechanism".into()))?;
             if mech != "SCRAM-SHA-256" {
-                return Err(LoginError::Malformed(format!("unsupported SASL mechanism \"{mech}\"")));
+                return Err(LoginError::Malformed(format!(
+                    "unsupported SASL mechanism \"{mech}\""
+                )));
             }
-            let len = c.i32().ok_or_else(|| LoginError::Malformed("missing SASL data length".into()))?;
-            let data = if len < 0 { &[][..] } else { c.take(len as usize).ok_or_else(|| LoginError::Malformed("short SASL data".into()))? };
-            let first = scram.client_first(data).map_err(|e| LoginError::Malformed(e.to_string()))?;
+            let len = c
+                .i32()
+                .ok_or_else(|| LoginError::Malformed("missing SASL data length".into()))?;
+            let data = if len < 0 {
+                &[][..]
+            } else {
+                c.take(len as usize)
+                    .ok_or_else(|| LoginError::Malformed("short SASL data".into()))?
+            };
+            let first = scram
+                .client_first(data)
+                .map_err(|e| LoginError::Malformed(e.to_string()))?;
             out.clear();
             messages::authentication(&mut out, 11, &first);
             s.write_all(&out).await?;

@@ -52,11 +52,17 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 /// A read half an idle session can wait on without holding a read buffer.
 pub trait ReadReady: AsyncRead + Unpin + Send {
     /// Waits for input and appends it to `buf`, allocating only for bytes that arrived.
-    fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a;
+    fn read_idle<'a>(
+        &'a mut self,
+        buf: &'a mut FrameBuf,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a;
 }
 
 impl ReadReady for tokio::net::tcp::OwnedReadHalf {
-    fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
+    fn read_idle<'a>(
+        &'a mut self,
+        buf: &'a mut FrameBuf,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
         async move {
             loop {
                 // Readiness can be stale (the login read exactly what it needed and never saw
@@ -79,7 +85,10 @@ impl ReadReady for tokio::net::tcp::OwnedReadHalf {
 
 impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
     // TLS may hold decrypted bytes that socket readiness would not show: read normally.
-    fn read_idle<'a>(&'a mut self, buf: &'a mut FrameBuf) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
+    fn read_idle<'a>(
+        &'a mut self,
+        buf: &'a mut FrameBuf,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
         buf.fill(self)
     }
 }
@@ -137,13 +146,22 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Option<crate::tls:
     }
 }
 
-async fn handle_client(app: Arc<App>, stream: TcpStream, addr: SocketAddr, tls: Option<crate::tls::Acceptor>) {
+async fn handle_client(
+    app: Arc<App>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    tls: Option<crate::tls::Acceptor>,
+) {
     let _ = stream.set_nodelay(true);
     let mut stream = stream;
     // Everything but the pooled session is boxed: each client's task reserves room for its
     // largest state, and the handshake, TLS, cancel and refusal states would otherwise make
     // every idle client pay for them.
-    let hs = Box::pin(tokio::time::timeout(LOGIN_TIMEOUT, handshake(&mut stream, tls.as_ref()))).await;
+    let hs = Box::pin(tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        handshake(&mut stream, tls.as_ref()),
+    ))
+    .await;
     match hs.unwrap_or(Handshake::Gone) {
         Handshake::Startup(params) => login(app, stream, addr, params).await,
         Handshake::Tls(acc) => Box::pin(tls_login(app, stream, addr, acc)).await,
@@ -185,11 +203,30 @@ async fn handshake(stream: &mut TcpStream, tls: Option<&crate::tls::Acceptor>) -
 
 /// TLS handshake, then the real startup packet and the login over TLS.
 async fn tls_login(app: Arc<App>, stream: TcpStream, addr: SocketAddr, acc: crate::tls::Acceptor) {
-    let Ok(Ok(mut tls_stream)) = tokio::time::timeout(LOGIN_TIMEOUT, acc.accept(stream)).await else { return };
-    let r = tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut tls_stream, MAX_STARTUP_PACKET)).await;
-    match r.ok().and_then(|r| r.ok()).flatten().map(|b| parse_startup(&b)) {
+    let Ok(Ok(mut tls_stream)) = tokio::time::timeout(LOGIN_TIMEOUT, acc.accept(stream)).await
+    else {
+        return;
+    };
+    let r = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        read_startup(&mut tls_stream, MAX_STARTUP_PACKET),
+    )
+    .await;
+    match r
+        .ok()
+        .and_then(|r| r.ok())
+        .flatten()
+        .map(|b| parse_startup(&b))
+    {
         Some(Ok(StartupRequest::Startup { params })) => login(app, tls_stream, addr, params).await,
-        Some(Ok(_)) => refuse(tls_stream, "08P01", "expected a startup packet after TLS negotiation").await,
+        Some(Ok(_)) => {
+            refuse(
+                tls_stream,
+                "08P01",
+                "expected a startup packet after TLS negotiation",
+            )
+            .await
+        }
         Some(Err(e)) => refuse(tls_stream, "08P01", &e.to_string()).await,
         None => {}
     }
@@ -206,12 +243,15 @@ enum Handshake {
 
 /// Sends a client's cancel to the server connection running its query, if any.
 async fn forward_cancel(app: &App, pid: i32, secret: i32) {
-    let Some(client) = app.clients.find(pid, secret) else { return };
+    let Some(client) = app.clients.find(pid, secret) else {
+        return;
+    };
     let target = *client.cancel.lock();
     let Some(t) = target else { return };
     let r = tokio::time::timeout(Duration::from_secs(5), async {
         let mut s = TcpStream::connect(t.addr).await?;
-        s.write_all(&messages::cancel_request(t.pid, t.secret)).await?;
+        s.write_all(&messages::cancel_request(t.pid, t.secret))
+            .await?;
         s.shutdown().await
     })
     .await;
@@ -221,7 +261,10 @@ async fn forward_cancel(app: &App, pid: i32, secret: i32) {
 }
 
 fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 async fn refuse<S: ClientIo>(mut s: S, code: &str, message: &str) {
@@ -241,12 +284,21 @@ struct LoggedIn<S> {
 
 /// Authenticates a client and runs its session.
 async fn login<S: ClientIo>(app: Arc<App>, s: S, addr: SocketAddr, params: Vec<(String, String)>) {
-    let Some(c) = Box::pin(authenticate_client(&app, s, addr, &params)).await else { return };
+    let Some(c) = Box::pin(authenticate_client(&app, s, addr, &params)).await else {
+        return;
+    };
     let metrics = crate::metrics::Metrics::global();
     metrics.client_connections.inc();
     let pid = c.info.pid;
     if c.admin {
-        Box::pin(crate::admin::run(app.clone(), c.s, c.rbuf, pid, c.info.secret)).await;
+        Box::pin(crate::admin::run(
+            app.clone(),
+            c.s,
+            c.rbuf,
+            pid,
+            c.info.secret,
+        ))
+        .await;
     } else {
         run_pooled(app.clone(), c.s, c.rbuf, c.info, &params).await;
     }
@@ -256,12 +308,28 @@ async fn login<S: ClientIo>(app: Arc<App>, s: S, addr: SocketAddr, params: Vec<(
 
 /// Checks the startup packet and runs the authentication exchange; refuses the client (and
 /// returns None) on any failure.
-async fn authenticate_client<S: ClientIo>(app: &Arc<App>, mut s: S, addr: SocketAddr, params: &[(String, String)]) -> Option<LoggedIn<S>> {
-    let Some(user) = param(params, "user").filter(|u| !u.is_empty()).map(str::to_string) else {
-        refuse(s, "28000", "no PostgreSQL user name specified in startup packet").await;
+async fn authenticate_client<S: ClientIo>(
+    app: &Arc<App>,
+    mut s: S,
+    addr: SocketAddr,
+    params: &[(String, String)],
+) -> Option<LoggedIn<S>> {
+    let Some(user) = param(params, "user")
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+    else {
+        refuse(
+            s,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
         return None;
     };
-    let database = param(params, "database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    let database = param(params, "database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
     if param(params, "replication").is_some_and(|r| r != "false" && r != "off" && r != "0") {
         refuse(s, "08P01", "replication connections are not supported through pgshard; connect to the server directly").await;
         return None;
@@ -269,22 +337,42 @@ async fn authenticate_client<S: ClientIo>(app: &Arc<App>, mut s: S, addr: Socket
     let cfg = app.config.load_full();
     let is_admin = database == crate::admin::ADMIN_DB;
     let known = app.user_auth(&user);
-    let auth = known.clone().unwrap_or_else(|| Arc::new(app.unknown_user_auth(&user)));
+    let auth = known
+        .clone()
+        .unwrap_or_else(|| Arc::new(app.unknown_user_auth(&user)));
     if is_admin && known.is_some() && !cfg.general.admin_users.contains(&user) {
-        refuse(s, "28000", &format!("user \"{user}\" is not an admin_user and may not use the admin console")).await;
+        refuse(
+            s,
+            "28000",
+            &format!("user \"{user}\" is not an admin_user and may not use the admin console"),
+        )
+        .await;
         return None;
     }
     if !is_admin && cfg.database(&database).is_none() {
-        refuse(s, "3D000", &format!("database \"{database}\" does not exist")).await;
+        refuse(
+            s,
+            "3D000",
+            &format!("database \"{database}\" does not exist"),
+        )
+        .await;
         return None;
     }
     let mut rbuf = FrameBuf::default();
-    let auth_result =
-        tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut s, &mut rbuf, cfg.general.auth_type, &user, &auth)).await;
+    let auth_result = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        login::authenticate(&mut s, &mut rbuf, cfg.general.auth_type, &user, &auth),
+    )
+    .await;
     match auth_result {
         Ok(Ok(())) if known.is_some() => {}
         Ok(Ok(())) => {
-            refuse(s, "28P01", &format!("password authentication failed for user \"{user}\"")).await;
+            refuse(
+                s,
+                "28P01",
+                &format!("password authentication failed for user \"{user}\""),
+            )
+            .await;
             return None;
         }
         Ok(Err(login::LoginError::Closed)) | Err(_) => return None,
@@ -306,33 +394,72 @@ async fn authenticate_client<S: ClientIo>(app: &Arc<App>, mut s: S, addr: Socket
         state: AtomicU8::new(client_state::IDLE),
         cancel: parking_lot::Mutex::new(None),
     });
-    if !app.clients.register(info.clone(), cfg.general.max_client_conn) {
-        refuse(s, "53300", "sorry, too many clients already (max_client_conn)").await;
+    if !app
+        .clients
+        .register(info.clone(), cfg.general.max_client_conn)
+    {
+        refuse(
+            s,
+            "53300",
+            "sorry, too many clients already (max_client_conn)",
+        )
+        .await;
         return None;
     }
-    Some(LoggedIn { s, rbuf, info, admin: is_admin })
+    Some(LoggedIn {
+        s,
+        rbuf,
+        info,
+        admin: is_admin,
+    })
 }
 
-async fn run_pooled<S: ClientIo>(app: Arc<App>, s: S, rbuf: FrameBuf, info: Arc<ClientInfo>, params: &[(String, String)]) {
-    let Some((s, pool)) = Box::pin(greet(&app, s, &info, params)).await else { return };
+async fn run_pooled<S: ClientIo>(
+    app: Arc<App>,
+    s: S,
+    rbuf: FrameBuf,
+    info: Arc<ClientInfo>,
+    params: &[(String, String)],
+) {
+    let Some((s, pool)) = Box::pin(greet(&app, s, &info, params)).await else {
+        return;
+    };
     let startup = SessionParams::from_startup(params);
     let (r, w) = s.into_halves();
     if sharded::is_sharded(&app, &info.database) {
         let shards = app.config.load().shards.len();
-        let pools: Option<Vec<_>> = (0..shards).map(|i| app.shard_pools(&info.database, &info.user, i)).collect();
+        let pools: Option<Vec<_>> = (0..shards)
+            .map(|i| app.shard_pools(&info.database, &info.user, i))
+            .collect();
         let Some(pools) = pools else { return };
-        Box::new(sharded::ShardedSession::new(app, info, pools, r, w, rbuf, startup)).run().await;
+        Box::new(sharded::ShardedSession::new(
+            app, info, pools, r, w, rbuf, startup,
+        ))
+        .run()
+        .await;
         return;
     }
     // Boxed before running, so the task's future holds a pointer rather than the state.
-    Box::new(session::Session::new(app, info, pool, r, w, rbuf, startup)).run().await;
+    Box::new(session::Session::new(app, info, pool, r, w, rbuf, startup))
+        .run()
+        .await;
 }
 
 /// Finds the client's pool and sends the server's parameters, its backend key and
 /// ReadyForQuery; refuses the client if the pool cannot reach its server.
-async fn greet<S: ClientIo>(app: &App, mut s: S, info: &ClientInfo, params: &[(String, String)]) -> Option<(S, Arc<crate::pool::Pool>)> {
+async fn greet<S: ClientIo>(
+    app: &App,
+    mut s: S,
+    info: &ClientInfo,
+    params: &[(String, String)],
+) -> Option<(S, Arc<crate::pool::Pool>)> {
     let Some(pool) = app.pool(&info.database, &info.user, 0) else {
-        refuse(s, "3D000", &format!("database \"{}\" does not exist", info.database)).await;
+        refuse(
+            s,
+            "3D000",
+            &format!("database \"{}\" does not exist", info.database),
+        )
+        .await;
         return None;
     };
     let server_params = match pool.server_params().await {
@@ -345,7 +472,11 @@ async fn greet<S: ClientIo>(app: &App, mut s: S, info: &ClientInfo, params: &[(S
     let mut out = BytesMut::new();
     for (k, v) in server_params.iter() {
         // The client's own startup settings win over the server's defaults.
-        let v = params.iter().find(|(ck, _)| ck.eq_ignore_ascii_case(k)).map(|(_, cv)| cv).unwrap_or(v);
+        let v = params
+            .iter()
+            .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
+            .map(|(_, cv)| cv)
+            .unwrap_or(v);
         messages::parameter_status(&mut out, k.as_bytes(), v.as_bytes());
     }
     messages::backend_key_data(&mut out, info.pid, info.secret);

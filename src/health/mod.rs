@@ -120,7 +120,10 @@ impl Health {
             shards: shards
                 .iter()
                 .map(|s| ShardNodes {
-                    nodes: std::iter::once(&s.primary).chain(&s.replicas).map(|a| Node::new(a)).collect(),
+                    nodes: std::iter::once(&s.primary)
+                        .chain(&s.replicas)
+                        .map(|a| Node::new(a))
+                        .collect(),
                     writer: AtomicUsize::new(0),
                     next: AtomicUsize::new(0),
                 })
@@ -134,7 +137,10 @@ impl Health {
         self.shards.len() == shards.len()
             && self.shards.iter().zip(shards).all(|(h, s)| {
                 h.nodes.len() == 1 + s.replicas.len()
-                    && std::iter::once(&s.primary).chain(&s.replicas).zip(&h.nodes).all(|(a, n)| *a == n.addr)
+                    && std::iter::once(&s.primary)
+                        .chain(&s.replicas)
+                        .zip(&h.nodes)
+                        .all(|(a, n)| *a == n.addr)
             })
     }
 
@@ -145,7 +151,9 @@ impl Health {
 
     /// The server of `shard` that takes writes.
     pub fn writer(&self, shard: usize) -> usize {
-        self.shards.get(shard).map_or(0, |s| s.writer.load(Ordering::Acquire))
+        self.shards
+            .get(shard)
+            .map_or(0, |s| s.writer.load(Ordering::Acquire))
     }
 
     /// A replica of `shard` fit for a read: up, a standby, lag and fence within `needs`; the least
@@ -165,7 +173,9 @@ impl Health {
             if idx == writer || node.state() != NodeState::Standby {
                 continue;
             }
-            if node.lag_us.load(Ordering::Relaxed) > needs.max_lag_us || node.fence_us.load(Ordering::Acquire) < needs.fence_us {
+            if node.lag_us.load(Ordering::Relaxed) > needs.max_lag_us
+                || node.fence_us.load(Ordering::Acquire) < needs.fence_us
+            {
                 continue;
             }
             let busy = node.busy.load(Ordering::Relaxed);
@@ -183,7 +193,15 @@ impl Health {
         }
     }
 
-    fn set(&self, shard: usize, node: usize, state: NodeState, lsn: u64, lag_us: u64, fence_us: u64) {
+    fn set(
+        &self,
+        shard: usize,
+        node: usize,
+        state: NodeState,
+        lsn: u64,
+        lag_us: u64,
+        fence_us: u64,
+    ) {
         let n = &self.shards[shard].nodes[node];
         n.lsn.store(lsn, Ordering::Relaxed);
         n.lag_us.store(lag_us, Ordering::Relaxed);
@@ -199,7 +217,8 @@ impl Health {
         if matches!(s.nodes[w].state(), NodeState::Primary | NodeState::Unknown) {
             return None;
         }
-        let new = (0..s.nodes.len()).find(|&i| i != w && s.nodes[i].state() == NodeState::Primary)?;
+        let new =
+            (0..s.nodes.len()).find(|&i| i != w && s.nodes[i].state() == NodeState::Primary)?;
         s.writer.store(new, Ordering::Release);
         Some(new)
     }
@@ -217,7 +236,10 @@ mod tests {
     use crate::config::Shard;
 
     fn health() -> Health {
-        Health::new(&[Shard { primary: "p:1".into(), replicas: vec!["r1:1".into(), "r2:1".into()] }])
+        Health::new(&[Shard {
+            primary: "p:1".into(),
+            replicas: vec!["r1:1".into(), "r2:1".into()],
+        }])
     }
 
     #[test]
@@ -231,7 +253,10 @@ mod tests {
     #[test]
     fn readers_must_be_fresh_standbys_least_busy_first() {
         let h = health();
-        let any = ReadNeeds { max_lag_us: 1_000_000, fence_us: 0 };
+        let any = ReadNeeds {
+            max_lag_us: 1_000_000,
+            fence_us: 0,
+        };
         assert_eq!(h.reader(0, any), None, "unchecked replicas take no reads");
         h.set(0, 0, NodeState::Primary, 100, 0, 0);
         h.set(0, 1, NodeState::Standby, 100, 0, 50);
@@ -243,7 +268,17 @@ mod tests {
         h.shards[0].nodes[2].busy.store(3, Ordering::Relaxed);
         let picks: std::collections::HashSet<_> = (0..4).filter_map(|_| h.reader(0, any)).collect();
         assert_eq!(picks.len(), 2, "ties are taken in turn");
-        assert_eq!(h.reader(0, ReadNeeds { fence_us: 60, ..any }), None, "no replica holds the client's last write");
+        assert_eq!(
+            h.reader(
+                0,
+                ReadNeeds {
+                    fence_us: 60,
+                    ..any
+                }
+            ),
+            None,
+            "no replica holds the client's last write"
+        );
         h.mark_down(0, 1);
         h.mark_down(0, 2);
         assert_eq!(h.reader(0, any), None);
@@ -256,13 +291,26 @@ mod tests {
         h.set(0, 1, NodeState::Standby, 1, 0, 0);
         assert_eq!(h.follow_primary(0), None);
         h.set(0, 0, NodeState::Down, 1, 0, 0);
-        assert_eq!(h.follow_primary(0), None, "no other primary yet: keep trying the old one");
+        assert_eq!(
+            h.follow_primary(0),
+            None,
+            "no other primary yet: keep trying the old one"
+        );
         h.set(0, 1, NodeState::Primary, 2, 0, 0);
         assert_eq!(h.follow_primary(0), Some(1));
         assert_eq!(h.writer(0), 1);
         // The old primary comes back as a standby of the new one: it now takes reads.
         h.set(0, 0, NodeState::Standby, 2, 0, 5);
         assert_eq!(h.follow_primary(0), None);
-        assert_eq!(h.reader(0, ReadNeeds { max_lag_us: 10, fence_us: 0 }), Some(0));
+        assert_eq!(
+            h.reader(
+                0,
+                ReadNeeds {
+                    max_lag_us: 10,
+                    fence_us: 0
+                }
+            ),
+            Some(0)
+        );
     }
 }

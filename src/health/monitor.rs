@@ -23,8 +23,9 @@ pub fn spawn(app: Arc<App>) {
     tokio::spawn(async move {
         loop {
             let health = app.health.load_full();
-            let tasks: Vec<_> =
-                (0..health.shards.len()).map(|s| tokio::spawn(watch_shard(app.clone(), health.clone(), s))).collect();
+            let tasks: Vec<_> = (0..health.shards.len())
+                .map(|s| tokio::spawn(watch_shard(app.clone(), health.clone(), s)))
+                .collect();
             while Arc::ptr_eq(&app.health.load(), &health) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -44,7 +45,9 @@ async fn watch_shard(app: Arc<App>, health: Arc<Health>, shard: usize) {
         let rc = &cfg.replicas;
         let writer = health.writer(shard);
         for node in std::iter::once(writer).chain((0..n).filter(|&i| i != writer)) {
-            let Some(params) = check_params(&cfg, &health.shards[shard].nodes[node].addr) else { continue };
+            let Some(params) = check_params(&cfg, &health.shards[shard].nodes[node].addr) else {
+                continue;
+            };
             let before = health.shards[shard].nodes[node].state();
             let t = health.now_us();
             let r = tokio::time::timeout(rc.check_timeout, check(&mut conns[node], &params)).await;
@@ -87,7 +90,14 @@ async fn watch_shard(app: Arc<App>, health: Arc<Health>, shard: usize) {
     }
 }
 
-fn down(health: &Health, shard: usize, node: usize, conns: &mut [Option<ServerConn>], before: NodeState, why: &str) {
+fn down(
+    health: &Health,
+    shard: usize,
+    node: usize,
+    conns: &mut [Option<ServerConn>],
+    before: NodeState,
+    why: &str,
+) {
     conns[node] = None;
     let n = &health.shards[shard].nodes[node];
     health.set(shard, node, NodeState::Down, n.lsn(), u64::MAX, 0);
@@ -97,7 +107,10 @@ fn down(health: &Health, shard: usize, node: usize, conns: &mut [Option<ServerCo
 }
 
 /// (in recovery, WAL position) of one server, reconnecting when needed.
-async fn check(conn: &mut Option<ServerConn>, params: &ConnectParams) -> Result<(bool, u64), crate::backend::BackendError> {
+async fn check(
+    conn: &mut Option<ServerConn>,
+    params: &ConnectParams,
+) -> Result<(bool, u64), crate::backend::BackendError> {
     if conn.is_none() {
         *conn = Some(ServerConn::connect(params, 0).await?);
     }
@@ -117,13 +130,19 @@ async fn check(conn: &mut Option<ServerConn>, params: &ConnectParams) -> Result<
     };
     let row = rows.first();
     let in_recovery = row.and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("true");
-    let lsn = row.and_then(|r| r.get(1)).and_then(|v| v.as_deref()).and_then(super::parse_lsn).unwrap_or(0);
+    let lsn = row
+        .and_then(|r| r.get(1))
+        .and_then(|v| v.as_deref())
+        .and_then(super::parse_lsn)
+        .unwrap_or(0);
     Ok((in_recovery, lsn))
 }
 
 /// (lag µs, fence µs) of a standby that replayed up to `lsn`, from the primary's samples.
 fn lag_and_fence(samples: &VecDeque<(u64, u64)>, lsn: u64, now: u64) -> (u64, u64) {
-    let Some(&(newest_t, newest_lsn)) = samples.back() else { return (u64::MAX, 0) };
+    let Some(&(newest_t, newest_lsn)) = samples.back() else {
+        return (u64::MAX, 0);
+    };
     if lsn >= newest_lsn {
         return (0, newest_t);
     }
@@ -143,12 +162,19 @@ fn check_params(cfg: &Config, addr: &str) -> Option<ConnectParams> {
             let u = cfg.user(name)?;
             (u.name.clone(), crate::app::server_password(u))
         }
-        None => cfg.users.iter().find_map(|u| crate::app::server_password(u).map(|p| (u.name.clone(), Some(p))))?,
+        None => cfg
+            .users
+            .iter()
+            .find_map(|u| crate::app::server_password(u).map(|p| (u.name.clone(), Some(p))))?,
     };
     let database = rc
         .check_database
         .clone()
-        .or_else(|| cfg.databases.first().map(|d| d.server_database.clone().unwrap_or_else(|| d.name.clone())))
+        .or_else(|| {
+            cfg.databases
+                .first()
+                .map(|d| d.server_database.clone().unwrap_or_else(|| d.name.clone()))
+        })
         .unwrap_or_else(|| "postgres".into());
     Some(ConnectParams {
         host,

@@ -91,7 +91,8 @@ impl FrameBuf {
         if self.buf.len() < 5 || !tags.contains(&self.buf[0]) {
             return None;
         }
-        let total = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize + 1;
+        let total =
+            u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize + 1;
         if total <= STREAM_THRESHOLD {
             return None;
         }
@@ -133,7 +134,10 @@ impl FrameBuf {
 }
 
 /// Reads the untyped first message of a connection (startup, SSL, cancel): length then body.
-pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Bytes>, StartupReadError> {
+pub async fn read_startup<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Bytes>, StartupReadError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -145,7 +149,9 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result
         return Err(StartupReadError::BadLength(len));
     }
     let mut body = BytesMut::zeroed(len - 4);
-    r.read_exact(&mut body).await.map_err(StartupReadError::Io)?;
+    r.read_exact(&mut body)
+        .await
+        .map_err(StartupReadError::Io)?;
     Ok(Some(body.freeze()))
 }
 
@@ -251,10 +257,16 @@ mod tests {
     fn rejects_huge_and_short_lengths() {
         let mut fb = FrameBuf::default();
         fb.buf.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
-        assert!(matches!(fb.next_frame(1 << 20), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            fb.next_frame(1 << 20),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut fb = FrameBuf::default();
         fb.buf.extend_from_slice(&[b'Q', 0, 0, 0, 3]);
-        assert!(matches!(fb.next_frame(1 << 20), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            fb.next_frame(1 << 20),
+            Err(FrameError::BadLength { .. })
+        ));
     }
 
     #[test]

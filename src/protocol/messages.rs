@@ -38,7 +38,13 @@ pub enum Severity {
 }
 
 /// An ErrorResponse with SQLSTATE `code`, message and optional hint.
-pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, message: &str, hint: Option<&str>) {
+pub fn error_response(
+    out: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+) {
     let at = begin(out, b'E');
     let sev: &[u8] = match severity {
         Severity::Error => b"ERROR",
@@ -276,7 +282,13 @@ mod tests {
     #[test]
     fn bind_rename_keeps_tail() {
         let mut out = BytesMut::new();
-        with_statement_name(&mut out, b'B', b"p\0", b"pgshard_1", b"\x00\x00\x00\x00\x00\x00");
+        with_statement_name(
+            &mut out,
+            b'B',
+            b"p\0",
+            b"pgshard_1",
+            b"\x00\x00\x00\x00\x00\x00",
+        );
         assert_eq!(&out[5..], b"p\0pgshard_1\0\x00\x00\x00\x00\x00\x00");
     }
 }

@@ -33,22 +33,33 @@ pub fn parse_startup(body: &Bytes) -> Result<StartupRequest, StartupError> {
         messages::SSL_REQUEST => return Ok(StartupRequest::Ssl),
         messages::GSSENC_REQUEST => return Ok(StartupRequest::GssEnc),
         messages::CANCEL_REQUEST => {
-            let pid = c.i32().ok_or(StartupError::Layout("short cancel request"))?;
-            let secret = c.i32().ok_or(StartupError::Layout("short cancel request"))?;
+            let pid = c
+                .i32()
+                .ok_or(StartupError::Layout("short cancel request"))?;
+            let secret = c
+                .i32()
+                .ok_or(StartupError::Layout("short cancel request"))?;
             return Ok(StartupRequest::Cancel { pid, secret });
         }
         _ => {}
     }
     if version >> 16 != 3 {
-        return Err(StartupError::Version { major: version >> 16, minor: version & 0xffff });
+        return Err(StartupError::Version {
+            major: version >> 16,
+            minor: version & 0xffff,
+        });
     }
     let mut params = Vec::new();
     loop {
-        let key = c.str().ok_or(StartupError::Layout("unterminated or non-UTF-8 parameter name"))?;
+        let key = c.str().ok_or(StartupError::Layout(
+            "unterminated or non-UTF-8 parameter name",
+        ))?;
         if key.is_empty() {
             break;
         }
-        let value = c.str().ok_or(StartupError::Layout("unterminated or non-UTF-8 parameter value"))?;
+        let value = c.str().ok_or(StartupError::Layout(
+            "unterminated or non-UTF-8 parameter value",
+        ))?;
         params.push((key.to_string(), value.to_string()));
     }
     if !c.rest().is_empty() {
@@ -99,7 +110,13 @@ mod tests {
         b.extend_from_slice(b"user\0app\0database\0db\0\0");
         match parse_startup(&Bytes::from(b)).unwrap() {
             StartupRequest::Startup { params } => {
-                assert_eq!(params, vec![("user".into(), "app".into()), ("database".into(), "db".into())])
+                assert_eq!(
+                    params,
+                    vec![
+                        ("user".into(), "app".into()),
+                        ("database".into(), "db".into())
+                    ]
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -107,11 +124,20 @@ mod tests {
 
     #[test]
     fn statement_refs() {
-        assert_eq!(statement_ref(b'B', b"p\0s1\0rest"), Some((&b"p\0"[..], &b"s1"[..], &b"rest"[..])));
-        assert_eq!(statement_ref(b'D', b"Ss1\0"), Some((&b"S"[..], &b"s1"[..], &b""[..])));
+        assert_eq!(
+            statement_ref(b'B', b"p\0s1\0rest"),
+            Some((&b"p\0"[..], &b"s1"[..], &b"rest"[..]))
+        );
+        assert_eq!(
+            statement_ref(b'D', b"Ss1\0"),
+            Some((&b"S"[..], &b"s1"[..], &b""[..]))
+        );
         assert_eq!(statement_ref(b'C', b"Pportal\0"), None);
         assert_eq!(statement_ref(b'B', b"p"), None);
-        assert_eq!(parse_parse(b"n\0select 1\0\0\0"), Some((&b"n"[..], &b"select 1"[..], &b"\0\0"[..])));
+        assert_eq!(
+            parse_parse(b"n\0select 1\0\0\0"),
+            Some((&b"n"[..], &b"select 1"[..], &b"\0\0"[..]))
+        );
         assert_eq!(parse_parse(b"n\0select"), None);
     }
 
@@ -127,10 +153,16 @@ mod tests {
         };
         for _ in 0..20_000 {
             let len = (next() % 64) as usize;
-            let data: Vec<u8> = (0..len).map(|_| {
-                // Bias towards NULs and protocol bytes so the parsers get past their first field.
-                match next() % 4 { 0 => 0, 1 => b"SPBDCQ"[(next() % 6) as usize], _ => next() as u8 }
-            }).collect();
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    // Bias towards NULs and protocol bytes so the parsers get past their first field.
+                    match next() % 4 {
+                        0 => 0,
+                        1 => b"SPBDCQ"[(next() % 6) as usize],
+                        _ => next() as u8,
+                    }
+                })
+                .collect();
             crate::fuzz_decoders(&data);
         }
     }

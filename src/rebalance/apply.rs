@@ -33,7 +33,12 @@ pub struct Applier {
 
 impl Applier {
     /// An applier for move `move_id` whose tables have the given sharding key columns.
-    pub fn new(move_id: u64, key_columns: std::collections::HashMap<String, String>, owns: Owns, applied: Lsn) -> Applier {
+    pub fn new(
+        move_id: u64,
+        key_columns: std::collections::HashMap<String, String>,
+        owns: Owns,
+        applied: Lsn,
+    ) -> Applier {
         Applier {
             move_id,
             key_columns,
@@ -64,15 +69,20 @@ impl Applier {
                 self.batch_end = (*end).max(self.batch_end);
             }
             Event::Truncate => {
-                return Err(MoveError::Refused("a TRUNCATE reached a table in motion on the source shard; abort the move".into()));
+                return Err(MoveError::Refused(
+                    "a TRUNCATE reached a table in motion on the source shard; abort the move"
+                        .into(),
+                ));
             }
             Event::Insert { new, .. } => {
-                let rel = rel.ok_or_else(|| MoveError::Stream("change before its relation".into()))?;
+                let rel =
+                    rel.ok_or_else(|| MoveError::Stream("change before its relation".into()))?;
                 self.check(rel, new)?;
                 self.upsert(rel, new)?;
             }
             Event::Update { old, new, .. } => {
-                let rel = rel.ok_or_else(|| MoveError::Stream("change before its relation".into()))?;
+                let rel =
+                    rel.ok_or_else(|| MoveError::Stream("change before its relation".into()))?;
                 self.check(rel, new)?;
                 if let Some(old) = old {
                     self.delete(rel, old)?;
@@ -80,7 +90,8 @@ impl Applier {
                 self.upsert(rel, new)?;
             }
             Event::Delete { old, .. } => {
-                let rel = rel.ok_or_else(|| MoveError::Stream("change before its relation".into()))?;
+                let rel =
+                    rel.ok_or_else(|| MoveError::Stream("change before its relation".into()))?;
                 self.check(rel, old)?;
                 self.delete(rel, old)?;
             }
@@ -118,10 +129,19 @@ impl Applier {
     }
 
     fn check(&self, rel: &Relation, row: &[Value]) -> Result<(), MoveError> {
-        let col = self.key_columns.get(&rel.name).ok_or_else(|| MoveError::Refused(format!("table {} is not part of the move", rel.name)))?;
-        let i = rel.columns.iter().position(|c| c == col).ok_or_else(|| MoveError::Stream(format!("{}: no column {col}", rel.name)))?;
+        let col = self.key_columns.get(&rel.name).ok_or_else(|| {
+            MoveError::Refused(format!("table {} is not part of the move", rel.name))
+        })?;
+        let i = rel
+            .columns
+            .iter()
+            .position(|c| c == col)
+            .ok_or_else(|| MoveError::Stream(format!("{}: no column {col}", rel.name)))?;
         let Some(Value::Text(key)) = row.get(i) else {
-            return Err(MoveError::Refused(format!("{}: a change without its sharding key {col}", rel.name)));
+            return Err(MoveError::Refused(format!(
+                "{}: a change without its sharding key {col}",
+                rel.name
+            )));
         };
         match (self.owns)(&rel.name, key) {
             Some(true) => Ok(()),
@@ -159,15 +179,29 @@ impl Applier {
         }
         let table = table_ident(&rel.name)?;
         if keys.is_empty() {
-            return Err(MoveError::Refused(format!("{}: no primary key in the replication stream", rel.name)));
+            return Err(MoveError::Refused(format!(
+                "{}: no primary key in the replication stream",
+                rel.name
+            )));
         }
         if toast {
             // An update that left a TOASTed column alone: the row is on the target already.
-            let set: Vec<String> = cols.iter().zip(&vals).map(|(c, v)| format!("{c} = {v}")).collect();
+            let set: Vec<String> = cols
+                .iter()
+                .zip(&vals)
+                .map(|(c, v)| format!("{c} = {v}"))
+                .collect();
             let cond = key_condition(rel, row)?;
-            self.current.push_str(&format!("UPDATE {table} SET {} WHERE {cond};", set.join(", ")));
+            self.current.push_str(&format!(
+                "UPDATE {table} SET {} WHERE {cond};",
+                set.join(", ")
+            ));
         } else {
-            let conflict = if sets.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", sets.join(", ")) };
+            let conflict = if sets.is_empty() {
+                "NOTHING".to_string()
+            } else {
+                format!("UPDATE SET {}", sets.join(", "))
+            };
             self.current.push_str(&format!(
                 "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO {conflict};",
                 cols.join(", "),
@@ -181,7 +215,10 @@ impl Applier {
 
     fn delete(&mut self, rel: &Relation, old: &[Value]) -> Result<(), MoveError> {
         let cond = key_condition(rel, old)?;
-        self.current.push_str(&format!("DELETE FROM {} WHERE {cond};", table_ident(&rel.name)?));
+        self.current.push_str(&format!(
+            "DELETE FROM {} WHERE {cond};",
+            table_ident(&rel.name)?
+        ));
         self.current_changes += 1;
         Ok(())
     }
@@ -195,18 +232,25 @@ fn key_condition(rel: &Relation, row: &[Value]) -> Result<String, MoveError> {
             continue;
         }
         let Value::Text(t) = v else {
-            return Err(MoveError::Refused(format!("{}: primary key column {} is NULL in a change", rel.name, rel.columns[i])));
+            return Err(MoveError::Refused(format!(
+                "{}: primary key column {} is NULL in a change",
+                rel.name, rel.columns[i]
+            )));
         };
         parts.push(format!("{} = {}", ident(&rel.columns[i])?, literal(t)));
     }
     if parts.is_empty() {
-        return Err(MoveError::Refused(format!("{}: no primary key in the replication stream", rel.name)));
+        return Err(MoveError::Refused(format!(
+            "{}: no primary key in the replication stream",
+            rel.name
+        )));
     }
     Ok(parts.join(" AND "))
 }
 
 fn ident(name: &str) -> Result<String, MoveError> {
-    quote_ident(name).ok_or_else(|| MoveError::Refused(format!("column name {name:?} cannot be quoted")))
+    quote_ident(name)
+        .ok_or_else(|| MoveError::Refused(format!("column name {name:?} cannot be quoted")))
 }
 
 /// `schema.table` or `table`, quoted.
@@ -226,11 +270,17 @@ mod tests {
     use super::*;
 
     fn rel() -> Relation {
-        Relation { name: "orders".into(), columns: vec!["id".into(), "tenant".into(), "note".into()], key: vec![true, false, false] }
+        Relation {
+            name: "orders".into(),
+            columns: vec!["id".into(), "tenant".into(), "note".into()],
+            key: vec![true, false, false],
+        }
     }
 
     fn applier() -> Applier {
-        let keys = [("orders".to_string(), "tenant".to_string())].into_iter().collect();
+        let keys = [("orders".to_string(), "tenant".to_string())]
+            .into_iter()
+            .collect();
         Applier::new(7, keys, Box::new(|_, k| Some(k == "big")), 0)
     }
 
@@ -238,11 +288,38 @@ mod tests {
     fn changes_become_idempotent_sql_in_commit_order() {
         let mut a = applier();
         let r = rel();
-        let row = |id: &str, note: Value| vec![Value::Text(id.into()), Value::Text("big".into()), note];
+        let row =
+            |id: &str, note: Value| vec![Value::Text(id.into()), Value::Text("big".into()), note];
         a.on_event(None, &Event::Begin).unwrap();
-        a.on_event(Some(&r), &Event::Insert { rel: 1, new: row("1", Value::Text("it's".into())) }).unwrap();
-        a.on_event(Some(&r), &Event::Update { rel: 1, old: None, new: row("1", Value::Unchanged) }).unwrap();
-        a.on_event(Some(&r), &Event::Delete { rel: 1, old: vec![Value::Text("1".into()), Value::Text("big".into()), Value::Null] }).unwrap();
+        a.on_event(
+            Some(&r),
+            &Event::Insert {
+                rel: 1,
+                new: row("1", Value::Text("it's".into())),
+            },
+        )
+        .unwrap();
+        a.on_event(
+            Some(&r),
+            &Event::Update {
+                rel: 1,
+                old: None,
+                new: row("1", Value::Unchanged),
+            },
+        )
+        .unwrap();
+        a.on_event(
+            Some(&r),
+            &Event::Delete {
+                rel: 1,
+                old: vec![
+                    Value::Text("1".into()),
+                    Value::Text("big".into()),
+                    Value::Null,
+                ],
+            },
+        )
+        .unwrap();
         assert!(!a.pending(), "nothing is applied before its commit");
         a.on_event(None, &Event::Commit { end: 42 }).unwrap();
         assert!(a.pending());
@@ -258,8 +335,18 @@ mod tests {
     fn a_row_outside_the_unit_stops_the_move() {
         let mut a = applier();
         let r = rel();
-        let other = vec![Value::Text("2".into()), Value::Text("small".into()), Value::Null];
-        assert!(matches!(a.on_event(Some(&r), &Event::Insert { rel: 1, new: other }), Err(MoveError::Refused(_))));
-        assert!(matches!(a.on_event(None, &Event::Truncate), Err(MoveError::Refused(_))));
+        let other = vec![
+            Value::Text("2".into()),
+            Value::Text("small".into()),
+            Value::Null,
+        ];
+        assert!(matches!(
+            a.on_event(Some(&r), &Event::Insert { rel: 1, new: other }),
+            Err(MoveError::Refused(_))
+        ));
+        assert!(matches!(
+            a.on_event(None, &Event::Truncate),
+            Err(MoveError::Refused(_))
+        ));
     }
 }

@@ -7,20 +7,35 @@ use tokio_postgres::Client;
 
 /// True when the table exists on the server.
 pub async fn exists(c: &Client, table: &str) -> Result<bool, MoveError> {
-    Ok(c.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table]).await?.get(0))
+    Ok(
+        c.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+            .await?
+            .get(0),
+    )
 }
 
 /// Refuses a table whose primary key lacks the sharding key (a row-filtered publication would
 /// then break UPDATE and DELETE on the source), or whose columns differ on the target.
-pub async fn validate(source: &Client, target: &Client, table: &str, column: &str) -> Result<(), MoveError> {
+pub async fn validate(
+    source: &Client,
+    target: &Client,
+    table: &str,
+    column: &str,
+) -> Result<(), MoveError> {
     let wal: String = source.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal != "logical" {
-        return Err(MoveError::Refused(format!("the source shard runs with wal_level = {wal}; moves need wal_level = logical")));
+        return Err(MoveError::Refused(format!(
+            "the source shard runs with wal_level = {wal}; moves need wal_level = logical"
+        )));
     }
     let key_sql = "SELECT coalesce(array_agg(a.attname::text), '{}') FROM pg_index i \
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
                    WHERE i.indrelid = $1::text::regclass AND i.indisprimary";
-    let pk: Vec<String> = source.query_one(key_sql, &[&table]).await.map_err(|e| missing(table, e))?.get(0);
+    let pk: Vec<String> = source
+        .query_one(key_sql, &[&table])
+        .await
+        .map_err(|e| missing(table, e))?
+        .get(0);
     if !pk.iter().any(|c| c == column) {
         return Err(MoveError::Refused(format!(
             "table {table}: its primary key ({}) does not contain the sharding key {column}; add it to the primary key before moving",
@@ -30,24 +45,52 @@ pub async fn validate(source: &Client, target: &Client, table: &str, column: &st
     let cols_sql = "SELECT coalesce(string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attnum), '') \
                     FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped";
     let a: String = source.query_one(cols_sql, &[&table]).await?.get(0);
-    let b: String = target.query_one(cols_sql, &[&table]).await.map_err(|e| missing(table, e))?.get(0);
+    let b: String = target
+        .query_one(cols_sql, &[&table])
+        .await
+        .map_err(|e| missing(table, e))?
+        .get(0);
     if a != b {
-        return Err(MoveError::Refused(format!("table {table} differs between the shards: source ({a}), target ({b})")));
+        return Err(MoveError::Refused(format!(
+            "table {table} differs between the shards: source ({a}), target ({b})"
+        )));
     }
     Ok(())
 }
 
 fn missing(table: &str, e: tokio_postgres::Error) -> MoveError {
-    MoveError::Refused(format!("table {table}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())))
+    MoveError::Refused(format!(
+        "table {table}: {}",
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    ))
 }
 
 /// Copies the rows `pred` selects from `table` under `snapshot` into the target; returns
 /// (rows, bytes).
-pub async fn copy_unit(source: &mut Client, target: &Client, snapshot: &str, table: &str, pred: &str) -> Result<(u64, u64), MoveError> {
+pub async fn copy_unit(
+    source: &mut Client,
+    target: &Client,
+    snapshot: &str,
+    table: &str,
+    pred: &str,
+) -> Result<(u64, u64), MoveError> {
     let t = super::apply::table_ident(table)?;
-    let tx = source.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).read_only(true).start().await?;
-    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot.replace('\'', "''"))).await?;
-    let out = tx.copy_out(&format!("COPY (SELECT * FROM {t} WHERE {pred}) TO STDOUT")).await?;
+    let tx = source
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await?;
+    let out = tx
+        .copy_out(&format!("COPY (SELECT * FROM {t} WHERE {pred}) TO STDOUT"))
+        .await?;
     let sink = target.copy_in(&format!("COPY {t} FROM STDIN")).await?;
     pin_mut!(out);
     pin_mut!(sink);
@@ -65,20 +108,35 @@ pub async fn copy_unit(source: &mut Client, target: &Client, snapshot: &str, tab
 }
 
 /// Per-bucket (or per-unit) row count and order-independent checksum of the unit's rows.
-pub async fn fingerprint(c: &Client, table: &str, pred: &str, group: &str) -> Result<Vec<(i64, i64, String)>, MoveError> {
+pub async fn fingerprint(
+    c: &Client,
+    table: &str,
+    pred: &str,
+    group: &str,
+) -> Result<Vec<(i64, i64, String)>, MoveError> {
     let t = super::apply::table_ident(table)?;
     let sql = format!(
         "SELECT g::int8, count(*), coalesce(sum(('x' || left(md5(r::text), 15))::bit(60)::int8), 0)::text \
          FROM (SELECT {group} AS g, t AS r FROM {t} t WHERE {pred}) s GROUP BY g ORDER BY g"
     );
     let rows = c.query(&sql, &[]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// Deletes the unit's rows from `table` in batches (no long lock, no huge transaction).
-pub async fn delete_unit(c: &Client, table: &str, pred: &str, batch: u32) -> Result<u64, MoveError> {
+pub async fn delete_unit(
+    c: &Client,
+    table: &str,
+    pred: &str,
+    batch: u32,
+) -> Result<u64, MoveError> {
     let t = super::apply::table_ident(table)?;
-    let sql = format!("DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {pred} LIMIT {batch}))");
+    let sql = format!(
+        "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {pred} LIMIT {batch}))"
+    );
     let mut total = 0;
     loop {
         let n = c.execute(&sql, &[]).await?;

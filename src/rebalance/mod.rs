@@ -13,7 +13,9 @@ pub mod stream;
 
 use crate::backend::{BackendError, ConnectParams};
 use crate::catalog::{Catalog, CatalogError};
-use crate::shardmap::config::{BucketRange, KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig};
+use crate::shardmap::config::{
+    BucketRange, KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig,
+};
 use crate::shardmap::{Located, ShardMap, Strategy};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,9 +101,17 @@ pub struct MoveReport {
 }
 
 /// Runs a move to the end (or aborts it, leaving no trace, if anything fails before the switch).
-pub async fn run(cat: &Catalog, shards: &[ShardLink], req: &MoveRequest, progress: &dyn Fn(&str)) -> Result<MoveReport, MoveError> {
+pub async fn run(
+    cat: &Catalog,
+    shards: &[ShardLink],
+    req: &MoveRequest,
+    progress: &dyn Fn(&str),
+) -> Result<MoveReport, MoveError> {
     let mut m = Mover::plan(cat, shards, req.clone()).await?;
-    progress(&format!("move {}: {} of {} from shard {} to shard {}", m.id, m.describe, req.distribution, m.source, m.target));
+    progress(&format!(
+        "move {}: {} of {} from shard {} to shard {}",
+        m.id, m.describe, req.distribution, m.source, m.target
+    ));
     let r = m.before_switch(progress).await;
     if let Err(e @ MoveError::Stopped(_)) = r {
         return Err(e);
@@ -126,7 +136,13 @@ pub async fn run(cat: &Catalog, shards: &[ShardLink], req: &MoveRequest, progres
 
 /// Undoes a move that stopped before its switch (shardctl died, or was killed): routers forget
 /// it, its slot and publication are dropped, the target's partial copy deleted.
-pub async fn abort(cat: &Catalog, shards: &[ShardLink], id: u64, ack_timeout: Duration, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+pub async fn abort(
+    cat: &Catalog,
+    shards: &[ShardLink],
+    id: u64,
+    ack_timeout: Duration,
+    progress: &dyn Fn(&str),
+) -> Result<(), MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
     if m.config.phase == MovePhase::Switched {
         return Err(MoveError::Refused(format!(
@@ -135,13 +151,22 @@ pub async fn abort(cat: &Catalog, shards: &[ShardLink], id: u64, ack_timeout: Du
         )));
     }
     m.abort().await;
-    progress(&format!("move {id}: aborted; the unit stays on shard {}", m.source));
+    progress(&format!(
+        "move {id}: aborted; the unit stays on shard {}",
+        m.source
+    ));
     Ok(())
 }
 
 /// Completes a move that stopped after its switch: replication dropped, the unit deleted from
 /// the source, the move removed from the map.
-pub async fn resume(cat: &Catalog, shards: &[ShardLink], id: u64, ack_timeout: Duration, progress: &dyn Fn(&str)) -> Result<MoveReport, MoveError> {
+pub async fn resume(
+    cat: &Catalog,
+    shards: &[ShardLink],
+    id: u64,
+    ack_timeout: Duration,
+    progress: &dyn Fn(&str),
+) -> Result<MoveReport, MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
     if m.config.phase != MovePhase::Switched {
         return Err(MoveError::Refused(format!(
@@ -179,45 +204,84 @@ struct Mover<'a> {
 
 impl<'a> Mover<'a> {
     /// Checks the request against the current map and records the move in the catalog.
-    async fn plan(cat: &'a Catalog, shards: &'a [ShardLink], req: MoveRequest) -> Result<Mover<'a>, MoveError> {
-        let base = cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
-        let map = ShardMap::build(&base.sharding, base.shards, base.version).map_err(|e| MoveError::Refused(e.to_string()))?;
+    async fn plan(
+        cat: &'a Catalog,
+        shards: &'a [ShardLink],
+        req: MoveRequest,
+    ) -> Result<Mover<'a>, MoveError> {
+        let base = cat
+            .latest_map()
+            .await?
+            .ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
+        let map = ShardMap::build(&base.sharding, base.shards, base.version)
+            .map_err(|e| MoveError::Refused(e.to_string()))?;
         let dist = map
             .distributions
             .iter()
             .position(|d| d.name == req.distribution)
-            .ok_or_else(|| MoveError::Refused(format!("no distribution named {}", req.distribution)))?;
+            .ok_or_else(|| {
+                MoveError::Refused(format!("no distribution named {}", req.distribution))
+            })?;
         if let Some(m) = map.motions.iter().find(|m| m.dist == dist) {
-            return Err(MoveError::Refused(format!("move {} of {} is still in flight; finish or abort it first", m.id, req.distribution)));
+            return Err(MoveError::Refused(format!(
+                "move {} of {} is still in flight; finish or abort it first",
+                m.id, req.distribution
+            )));
         }
         let source = match &req.unit {
             UnitSpec::Tenant(t) => {
-                let k = map.parse_key(dist, t.as_bytes()).map_err(|e| MoveError::Refused(e.to_string()))?;
-                match map.locate(dist, &k, None).map_err(|e| MoveError::Refused(e.to_string()))? {
+                let k = map
+                    .parse_key(dist, t.as_bytes())
+                    .map_err(|e| MoveError::Refused(e.to_string()))?;
+                match map
+                    .locate(dist, &k, None)
+                    .map_err(|e| MoveError::Refused(e.to_string()))?
+                {
                     Located::One(s) => s,
-                    Located::Group(_) => return Err(MoveError::Refused("geo units cannot move yet".into())),
+                    Located::Group(_) => {
+                        return Err(MoveError::Refused("geo units cannot move yet".into()))
+                    }
                 }
             }
-            UnitSpec::Buckets(r) => match (&map.distributions[dist].strategy, r.first()) {
-                (Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. }, Some(&[lo, _])) if (lo as usize) < bucket_shard.len() => {
-                    bucket_shard[lo as usize]
+            UnitSpec::Buckets(r) => {
+                match (&map.distributions[dist].strategy, r.first()) {
+                    (
+                        Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. },
+                        Some(&[lo, _]),
+                    ) if (lo as usize) < bucket_shard.len() => bucket_shard[lo as usize],
+                    _ => return Err(MoveError::Refused(
+                        "bucket units need a hash or tenant distribution and valid bucket ranges"
+                            .into(),
+                    )),
                 }
-                _ => return Err(MoveError::Refused("bucket units need a hash or tenant distribution and valid bucket ranges".into())),
-            },
+            }
             UnitSpec::Range(r) => {
                 let d = &map.distributions[dist];
                 let Strategy::Range { ranges } = &d.strategy else {
-                    return Err(MoveError::Refused(format!("{} is not a range distribution", req.distribution)));
+                    return Err(MoveError::Refused(format!(
+                        "{} is not a range distribution",
+                        req.distribution
+                    )));
                 };
-                let key = |b: &Option<crate::shardmap::config::Bound>| b.as_ref().map(|b| crate::shardmap::bound_key(&d.key_type, b)).transpose();
-                let span = (key(&r.lo).map_err(|e| MoveError::Refused(e.to_string()))?, key(&r.hi).map_err(|e| MoveError::Refused(e.to_string()))?);
+                let key = |b: &Option<crate::shardmap::config::Bound>| {
+                    b.as_ref()
+                        .map(|b| crate::shardmap::bound_key(&d.key_type, b))
+                        .transpose()
+                };
+                let span = (
+                    key(&r.lo).map_err(|e| MoveError::Refused(e.to_string()))?,
+                    key(&r.hi).map_err(|e| MoveError::Refused(e.to_string()))?,
+                );
                 let e = crate::shardmap::range_entry(ranges, &span)
                     .ok_or_else(|| MoveError::Refused("the range must lie within one range of the map (`shardctl map` shows them)".into()))?;
                 ranges[e].2
             }
         };
         if req.target >= shards.len() || req.target == source {
-            return Err(MoveError::Refused(format!("target shard {} must be another existing shard (the unit is on {source})", req.target)));
+            return Err(MoveError::Refused(format!(
+                "target shard {} must be another existing shard (the unit is on {source})",
+                req.target
+            )));
         }
         let row = cat
             .client()
@@ -253,12 +317,23 @@ impl<'a> Mover<'a> {
     }
 
     /// A move already in the catalog's map (for abort and resume).
-    async fn existing(cat: &'a Catalog, shards: &'a [ShardLink], id: u64, ack_timeout: Duration) -> Result<Mover<'a>, MoveError> {
-        let base = cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
+    async fn existing(
+        cat: &'a Catalog,
+        shards: &'a [ShardLink],
+        id: u64,
+        ack_timeout: Duration,
+    ) -> Result<Mover<'a>, MoveError> {
+        let base = cat
+            .latest_map()
+            .await?
+            .ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
         let Some(config) = base.sharding.moves.iter().find(|m| m.id == id).cloned() else {
             let state: Option<String> = cat
                 .client()
-                .query_opt("SELECT state FROM pgshard.moves WHERE id = $1", &[&(id as i64)])
+                .query_opt(
+                    "SELECT state FROM pgshard.moves WHERE id = $1",
+                    &[&(id as i64)],
+                )
                 .await
                 .map_err(CatalogError::from)?
                 .map(|r| r.get(0));
@@ -279,7 +354,15 @@ impl<'a> Mover<'a> {
             skip_marker_wait: false,
             stop_after: None,
         };
-        let mut m = Mover::assemble(cat, shards, req, config, &base.sharding, base.shards, base.version)?;
+        let mut m = Mover::assemble(
+            cat,
+            shards,
+            req,
+            config,
+            &base.sharding,
+            base.shards,
+            base.version,
+        )?;
         m.published = true;
         m.slot = Some(m.name());
         Ok(m)
@@ -296,23 +379,35 @@ impl<'a> Mover<'a> {
         version: u64,
     ) -> Result<Mover<'a>, MoveError> {
         let id = config.id;
-        let moving = Arc::new(ShardMap::build(sharding, nshards, version).map_err(|e| MoveError::Refused(e.to_string()))?);
-        let motion = moving.motions.iter().find(|m| m.id == id).ok_or_else(|| MoveError::Refused("the move did not make it into the map".into()))?;
+        let moving = Arc::new(
+            ShardMap::build(sharding, nshards, version)
+                .map_err(|e| MoveError::Refused(e.to_string()))?,
+        );
+        let motion =
+            moving.motions.iter().find(|m| m.id == id).ok_or_else(|| {
+                MoveError::Refused("the move did not make it into the map".into())
+            })?;
         let d = &moving.distributions[motion.dist];
         let mut tables = Vec::new();
         let mut key_columns = HashMap::new();
         for (name, column) in moving.tables_of(motion.dist) {
-            let pred = motion.predicate_sql(&column, &d.key_type, moving.buckets).ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
+            let pred = motion
+                .predicate_sql(&column, &d.key_type, moving.buckets)
+                .ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
             // Verification compares per bucket, or a tenant or key range as one group.
             let g = match config.buckets.is_empty() {
                 true => "0".to_string(),
-                false => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets).unwrap_or_else(|| "0".into()),
+                false => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets)
+                    .unwrap_or_else(|| "0".into()),
             };
             key_columns.insert(name.clone(), column);
             tables.push((name, pred, g));
         }
         if tables.is_empty() {
-            return Err(MoveError::Refused(format!("no table is placed by distribution {}", config.distribution)));
+            return Err(MoveError::Refused(format!(
+                "no table is placed by distribution {}",
+                config.distribution
+            )));
         }
         let describe = motion.describe();
         let (source, target) = (config.source, config.target);
@@ -333,22 +428,37 @@ impl<'a> Mover<'a> {
             stream: None,
             applier: None,
             at_switch: None,
-            report: MoveReport { id, source, target, ..Default::default() },
+            report: MoveReport {
+                id,
+                source,
+                target,
+                ..Default::default()
+            },
         })
     }
 
     /// Keeps the tables the source has (a declared table it lacks holds none of the unit).
-    async fn retain_existing(&mut self, src: &Client, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+    async fn retain_existing(
+        &mut self,
+        src: &Client,
+        progress: &dyn Fn(&str),
+    ) -> Result<(), MoveError> {
         let mut present = Vec::new();
         for t in std::mem::take(&mut self.tables) {
             if copy::exists(src, &t.0).await? {
                 present.push(t);
             } else {
-                progress(&format!("move {}: table {} does not exist on shard {}; nothing of it to move", self.id, t.0, self.source));
+                progress(&format!(
+                    "move {}: table {} does not exist on shard {}; nothing of it to move",
+                    self.id, t.0, self.source
+                ));
             }
         }
         if present.is_empty() {
-            return Err(MoveError::Refused(format!("no table of distribution {} exists on shard {}", self.req.distribution, self.source)));
+            return Err(MoveError::Refused(format!(
+                "no table of distribution {} exists on shard {}",
+                self.req.distribution, self.source
+            )));
         }
         self.tables = present;
         Ok(())
@@ -367,18 +477,32 @@ impl<'a> Mover<'a> {
     }
 
     /// Publishes the latest map changed by `edit`, retrying if another writer got in first.
-    async fn publish(&self, note: &str, edit: impl Fn(&mut ShardingConfig)) -> Result<u64, MoveError> {
+    async fn publish(
+        &self,
+        note: &str,
+        edit: impl Fn(&mut ShardingConfig),
+    ) -> Result<u64, MoveError> {
         for _ in 0..5 {
-            let latest = self.cat.latest_map().await?.ok_or_else(|| MoveError::Refused("the catalog lost its map".into()))?;
+            let latest = self
+                .cat
+                .latest_map()
+                .await?
+                .ok_or_else(|| MoveError::Refused("the catalog lost its map".into()))?;
             let mut next = latest.sharding.clone();
             edit(&mut next);
-            match self.cat.publish_map(latest.version, &next, latest.shards, note).await {
+            match self
+                .cat
+                .publish_map(latest.version, &next, latest.shards, note)
+                .await
+            {
                 Ok(v) => return Ok(v),
                 Err(CatalogError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(MoveError::Refused("the catalog map keeps changing under the move".into()))
+        Err(MoveError::Refused(
+            "the catalog map keeps changing under the move".into(),
+        ))
     }
 
     /// Waits until every router holding a live lease serves version `v` or later.
@@ -386,7 +510,11 @@ impl<'a> Mover<'a> {
         let deadline = Instant::now() + self.req.ack_timeout;
         loop {
             let routers = self.cat.routers().await?;
-            let behind: Vec<String> = routers.iter().filter(|r| r.lease_left > 0.0 && r.acked_version < v).map(|r| r.router_id.clone()).collect();
+            let behind: Vec<String> = routers
+                .iter()
+                .filter(|r| r.lease_left > 0.0 && r.acked_version < v)
+                .map(|r| r.router_id.clone())
+                .collect();
             if behind.is_empty() {
                 return Ok(());
             }
@@ -410,7 +538,11 @@ impl<'a> Mover<'a> {
         }
         // Routers must hide the target's copy from key-less statements before rows arrive.
         let cfg = self.config.clone();
-        let v = self.publish(&format!("move {}: copying", self.id), |s| s.moves.push(cfg.clone())).await?;
+        let v = self
+            .publish(&format!("move {}: copying", self.id), |s| {
+                s.moves.push(cfg.clone())
+            })
+            .await?;
         self.published = true;
         self.acks(v).await?;
         self.state("copying", "").await;
@@ -422,21 +554,36 @@ impl<'a> Mover<'a> {
         for (table, pred, _) in &self.tables {
             copy::delete_unit(&tgt, table, pred, 10_000).await?;
         }
-        let filters: Result<Vec<String>, MoveError> =
-            self.tables.iter().map(|(t, p, _)| Ok(format!("{} WHERE ({p})", apply::table_ident(t)?))).collect();
-        src.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", self.name(), filters?.join(", "))).await?;
+        let filters: Result<Vec<String>, MoveError> = self
+            .tables
+            .iter()
+            .map(|(t, p, _)| Ok(format!("{} WHERE ({p})", apply::table_ident(t)?)))
+            .collect();
+        src.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            self.name(),
+            filters?.join(", ")
+        ))
+        .await?;
         let mut repl = stream::ReplicationConn::open(&self.shards[self.source].connect).await?;
         let slot = repl.create_slot(&self.name()).await?;
         self.slot = Some(slot.name.clone());
         let t = Instant::now();
         for (table, pred, _) in &self.tables {
-            let (rows, bytes) = copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred).await?;
-            progress(&format!("move {}: copied {rows} rows ({bytes} bytes) of {table}", self.id));
+            let (rows, bytes) =
+                copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred).await?;
+            progress(&format!(
+                "move {}: copied {rows} rows ({bytes} bytes) of {table}",
+                self.id
+            ));
             self.report.rows_copied += rows;
             self.report.bytes_copied += bytes;
         }
         self.report.copy_ms = t.elapsed().as_millis() as u64;
-        self.stream = Some(repl.start(&slot.name, slot.consistent_point, &self.name()).await?);
+        self.stream = Some(
+            repl.start(&slot.name, slot.consistent_point, &self.name())
+                .await?,
+        );
         let moving = self.moving.clone();
         let id = self.id;
         let owns: apply::Owns = Box::new(move |_table, key| {
@@ -444,7 +591,12 @@ impl<'a> Mover<'a> {
             let k = moving.parse_key(m.dist, key.as_bytes()).ok()?;
             Some(m.owns(&k, moving.buckets))
         });
-        self.applier = Some(apply::Applier::new(self.id, self.key_columns.clone(), owns, slot.consistent_point));
+        self.applier = Some(apply::Applier::new(
+            self.id,
+            self.key_columns.clone(),
+            owns,
+            slot.consistent_point,
+        ));
 
         // Catch up until a probe marker comes back quickly: the target is close behind.
         let t = Instant::now();
@@ -459,12 +611,20 @@ impl<'a> Mover<'a> {
         if self.req.stop_after == Some(MovePhase::Copying) {
             return Err(MoveError::Stopped(MovePhase::Copying));
         }
-        progress(&format!("move {}: caught up ({} changes applied); fencing", self.id, self.applier.as_ref().map_or(0, |a| a.changes)));
+        progress(&format!(
+            "move {}: caught up ({} changes applied); fencing",
+            self.id,
+            self.applier.as_ref().map_or(0, |a| a.changes)
+        ));
 
         let verify = connect(&self.shards[self.target].dsn).await?;
         // Fence: routers hold new statements for the unit and drain what began before.
         let fence_start = Instant::now();
-        let v = self.publish(&format!("move {}: fenced", self.id), |s| set_phase(s, self.id, MovePhase::Fenced)).await?;
+        let v = self
+            .publish(&format!("move {}: fenced", self.id), |s| {
+                set_phase(s, self.id, MovePhase::Fenced)
+            })
+            .await?;
         self.state("fenced", "").await;
         self.acks(v).await?;
         self.report.fence_ack_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
@@ -479,19 +639,34 @@ impl<'a> Mover<'a> {
         }
         self.report.marker_ms = t.elapsed().as_secs_f64() * 1000.0;
         // The target as of the switch, for verification after it.
-        verify.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1").await?;
+        verify
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+            .await?;
         let (target, unit) = (self.target, self.config.clone());
-        let dist = self.moving.distributions.iter().position(|d| d.name == self.req.distribution).unwrap_or(0);
+        let dist = self
+            .moving
+            .distributions
+            .iter()
+            .position(|d| d.name == self.req.distribution)
+            .unwrap_or(0);
         let owner = match &self.moving.distributions[dist].strategy {
-            Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => bucket_shard.clone(),
+            Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => {
+                bucket_shard.clone()
+            }
             _ => vec![],
         };
         let id = self.id;
-        self.publish(&format!("move {id}: switched"), |s| switch(s, &unit, target, &owner)).await?;
+        self.publish(&format!("move {id}: switched"), |s| {
+            switch(s, &unit, target, &owner)
+        })
+        .await?;
         self.report.pause_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
         self.published = false;
         self.state("switched", "").await;
-        progress(&format!("move {}: switched after a {:.1} ms pause; verifying", self.id, self.report.pause_ms));
+        progress(&format!(
+            "move {}: switched after a {:.1} ms pause; verifying",
+            self.id, self.report.pause_ms
+        ));
         self.report.changes_applied = self.applier.as_ref().map_or(0, |a| a.changes);
         self.at_switch = Some(verify);
         Ok(())
@@ -515,7 +690,9 @@ impl<'a> Mover<'a> {
                 seen |= *p == prefix && content == label.as_bytes();
             }
             let rel = match &ev {
-                Event::Insert { rel, .. } | Event::Update { rel, .. } | Event::Delete { rel, .. } => stream.relation(*rel),
+                Event::Insert { rel, .. }
+                | Event::Update { rel, .. }
+                | Event::Delete { rel, .. } => stream.relation(*rel),
                 _ => None,
             };
             applier.on_event(rel, &ev)?;
@@ -529,13 +706,21 @@ impl<'a> Mover<'a> {
 
     /// Compares the unit on the source (frozen since the fence) with the target as of the switch.
     async fn verify(&mut self, src: &Client) -> Result<(), MoveError> {
-        let verify = self.at_switch.take().ok_or_else(|| MoveError::Refused("no snapshot of the switch".into()))?;
+        let verify = self
+            .at_switch
+            .take()
+            .ok_or_else(|| MoveError::Refused("no snapshot of the switch".into()))?;
         let verify = &verify;
         for (table, pred, group) in &self.tables {
             let a = copy::fingerprint(src, table, pred, group).await?;
             let b = copy::fingerprint(verify, table, pred, group).await?;
             if a != b {
-                let bad: Vec<i64> = a.iter().filter(|x| !b.contains(x)).chain(b.iter().filter(|x| !a.contains(x))).map(|x| x.0).collect();
+                let bad: Vec<i64> = a
+                    .iter()
+                    .filter(|x| !b.contains(x))
+                    .chain(b.iter().filter(|x| !a.contains(x)))
+                    .map(|x| x.0)
+                    .collect();
                 let detail = format!("table {table}: groups {bad:?} differ between source and target (source {} rows, target {} rows)",
                     a.iter().map(|x| x.1).sum::<i64>(), b.iter().map(|x| x.1).sum::<i64>());
                 self.state("switched-unverified", &detail).await;
@@ -548,18 +733,29 @@ impl<'a> Mover<'a> {
     }
 
     /// After the switch: drop replication, delete the unit from the source, end the move.
-    async fn after_switch(&mut self, src: &Client, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+    async fn after_switch(
+        &mut self,
+        src: &Client,
+        progress: &dyn Fn(&str),
+    ) -> Result<(), MoveError> {
         self.drop_replication(src).await;
         let v = self.cat.latest_map().await?.map_or(0, |m| m.version);
         self.acks(v).await?;
         for (table, pred, _) in &self.tables {
-            self.report.rows_deleted_on_source += copy::delete_unit(src, table, pred, 10_000).await?;
+            self.report.rows_deleted_on_source +=
+                copy::delete_unit(src, table, pred, 10_000).await?;
         }
         self.wait_standbys(progress).await?;
         let id = self.id;
-        self.publish(&format!("move {id}: done"), |s| s.moves.retain(|m| m.id != id)).await?;
+        self.publish(&format!("move {id}: done"), |s| {
+            s.moves.retain(|m| m.id != id)
+        })
+        .await?;
         self.state("done", "").await;
-        progress(&format!("move {}: done; {} rows removed from shard {}", self.id, self.report.rows_deleted_on_source, self.source));
+        progress(&format!(
+            "move {}: done; {} rows removed from shard {}",
+            self.id, self.report.rows_deleted_on_source, self.source
+        ));
         Ok(())
     }
 
@@ -589,7 +785,9 @@ impl<'a> Mover<'a> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let _ = src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name())).await;
+        let _ = src
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name()))
+            .await;
     }
 
     /// Undoes a move that has not switched: routers forget it, replication is dropped, and the
@@ -600,7 +798,11 @@ impl<'a> Mover<'a> {
         let id = self.id;
         if self.published {
             // Statements held by a fence go on at once.
-            let _ = self.publish(&format!("move {id}: aborting"), |s| set_phase(s, id, MovePhase::Copying)).await;
+            let _ = self
+                .publish(&format!("move {id}: aborting"), |s| {
+                    set_phase(s, id, MovePhase::Copying)
+                })
+                .await;
         }
         if let Ok(src) = connect(&self.shards[self.source].dsn).await {
             self.drop_replication(&src).await;
@@ -612,7 +814,11 @@ impl<'a> Mover<'a> {
         }
         if self.published {
             let _ = self.wait_standbys(&|m| eprintln!("{m}")).await;
-            let _ = self.publish(&format!("move {id}: aborted"), |s| s.moves.retain(|m| m.id != id)).await;
+            let _ = self
+                .publish(&format!("move {id}: aborted"), |s| {
+                    s.moves.retain(|m| m.id != id)
+                })
+                .await;
         }
         self.state("aborted", "").await;
     }
@@ -628,7 +834,13 @@ fn set_phase(s: &mut ShardingConfig, id: u64, phase: MovePhase) {
 /// distribution's bucket → shard placement before the move.
 fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usize]) {
     set_phase(s, unit.id, MovePhase::Switched);
-    let Some(d) = s.distributions.iter_mut().find(|d| d.name == unit.distribution) else { return };
+    let Some(d) = s
+        .distributions
+        .iter_mut()
+        .find(|d| d.name == unit.distribution)
+    else {
+        return;
+    };
     if let Some(t) = &unit.tenant {
         d.tenants.insert(t.clone(), target);
         return;
@@ -647,7 +859,11 @@ fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usi
     for (b, &sh) in owner.iter().enumerate() {
         match ranges.last_mut() {
             Some(r) if r.shard == sh && r.to + 1 == b as u32 => r.to = b as u32,
-            _ => ranges.push(BucketRange { from: b as u32, to: b as u32, shard: sh }),
+            _ => ranges.push(BucketRange {
+                from: b as u32,
+                to: b as u32,
+                shard: sh,
+            }),
         }
     }
     d.bucket_map = ranges;
@@ -655,22 +871,43 @@ fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usi
 
 /// A range distribution's entries with `[r.lo, r.hi)` cut out of the entry holding it and
 /// given to `target` (the pieces left and right of it stay where they were).
-fn split_range(entries: &[RangeConfig], key_type: &str, r: &KeyRange, target: usize) -> Vec<RangeConfig> {
-    let key = |b: &Option<crate::shardmap::config::Bound>| b.as_ref().and_then(|b| crate::shardmap::bound_key(key_type, b).ok());
+fn split_range(
+    entries: &[RangeConfig],
+    key_type: &str,
+    r: &KeyRange,
+    target: usize,
+) -> Vec<RangeConfig> {
+    let key = |b: &Option<crate::shardmap::config::Bound>| {
+        b.as_ref()
+            .and_then(|b| crate::shardmap::bound_key(key_type, b).ok())
+    };
     let span = (key(&r.lo), key(&r.hi));
     let mut out = Vec::new();
     for e in entries {
-        let inside = crate::shardmap::range_entry(&[(key(&e.lo), key(&e.hi), e.shard)], &span).is_some();
+        let inside =
+            crate::shardmap::range_entry(&[(key(&e.lo), key(&e.hi), e.shard)], &span).is_some();
         if !inside {
             out.push(e.clone());
             continue;
         }
         if r.lo.is_some() && key(&e.lo) != span.0 {
-            out.push(RangeConfig { lo: e.lo.clone(), hi: r.lo.clone(), shard: e.shard });
+            out.push(RangeConfig {
+                lo: e.lo.clone(),
+                hi: r.lo.clone(),
+                shard: e.shard,
+            });
         }
-        out.push(RangeConfig { lo: r.lo.clone(), hi: r.hi.clone(), shard: target });
+        out.push(RangeConfig {
+            lo: r.lo.clone(),
+            hi: r.hi.clone(),
+            shard: target,
+        });
         if r.hi.is_some() && key(&e.hi) != span.1 {
-            out.push(RangeConfig { lo: r.hi.clone(), hi: e.hi.clone(), shard: e.shard });
+            out.push(RangeConfig {
+                lo: r.hi.clone(),
+                hi: e.hi.clone(),
+                shard: e.shard,
+            });
         }
     }
     out

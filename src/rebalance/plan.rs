@@ -16,7 +16,11 @@ pub struct PlannedMove {
 }
 
 /// Rows per bucket of distribution `dist`, summed over its tables on every shard.
-pub async fn bucket_rows(shards: &[ShardLink], map: &ShardMap, dist: usize) -> Result<Vec<i64>, MoveError> {
+pub async fn bucket_rows(
+    shards: &[ShardLink],
+    map: &ShardMap,
+    dist: usize,
+) -> Result<Vec<i64>, MoveError> {
     let d = &map.distributions[dist];
     let mut rows = vec![0i64; map.buckets as usize];
     for link in shards {
@@ -25,8 +29,12 @@ pub async fn bucket_rows(shards: &[ShardLink], map: &ShardMap, dist: usize) -> R
             if !copy::exists(&c, &table).await? {
                 continue;
             }
-            let b = crate::pghash::bucket_sql(&column, &d.key_type, map.buckets).ok_or_else(|| MoveError::Refused(format!("cannot hash column {column}")))?;
-            let sql = format!("SELECT ({b})::int8, count(*) FROM {} GROUP BY 1", super::apply::table_ident(&table)?);
+            let b = crate::pghash::bucket_sql(&column, &d.key_type, map.buckets)
+                .ok_or_else(|| MoveError::Refused(format!("cannot hash column {column}")))?;
+            let sql = format!(
+                "SELECT ({b})::int8, count(*) FROM {} GROUP BY 1",
+                super::apply::table_ident(&table)?
+            );
             for r in c.query(&sql, &[]).await? {
                 let (bucket, n): (i64, i64) = (r.get(0), r.get(1));
                 if let Some(slot) = rows.get_mut(bucket as usize) {
@@ -41,14 +49,23 @@ pub async fn bucket_rows(shards: &[ShardLink], map: &ShardMap, dist: usize) -> R
 /// The bucket → shard placement of a hash or tenant distribution.
 pub fn placement(map: &ShardMap, dist: usize) -> Option<&[usize]> {
     match &map.distributions[dist].strategy {
-        Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => Some(bucket_shard),
+        Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => {
+            Some(bucket_shard)
+        }
         _ => None,
     }
 }
 
 /// Moves that even out rows across `shards` (within `tolerance` of the mean), or, with
 /// `drain`, that empty that shard onto the others. At most `max_moves`.
-pub fn plan(owner: &[usize], rows: &[i64], shards: usize, drain: Option<usize>, tolerance: f64, max_moves: usize) -> Vec<PlannedMove> {
+pub fn plan(
+    owner: &[usize],
+    rows: &[i64],
+    shards: usize,
+    drain: Option<usize>,
+    tolerance: f64,
+    max_moves: usize,
+) -> Vec<PlannedMove> {
     let mut owner = owner.to_vec();
     let load = |owner: &[usize]| {
         let mut l = vec![0i64; shards];
@@ -61,13 +78,17 @@ pub fn plan(owner: &[usize], rows: &[i64], shards: usize, drain: Option<usize>, 
     while out.len() < max_moves {
         let l = load(&owner);
         let open: Vec<usize> = (0..shards).filter(|&s| Some(s) != drain).collect();
-        let Some(&to) = open.iter().min_by_key(|&&s| l[s]) else { break };
+        let Some(&to) = open.iter().min_by_key(|&&s| l[s]) else {
+            break;
+        };
         let (from, budget) = match drain {
             // Spread a drained shard in slices, each to the lightest shard of the moment.
             Some(d) if owner.contains(&d) => (d, (l[d] / open.len().max(1) as i64).max(1)),
             Some(_) => break,
             None => {
-                let Some(&from) = open.iter().max_by_key(|&&s| l[s]) else { break };
+                let Some(&from) = open.iter().max_by_key(|&&s| l[s]) else {
+                    break;
+                };
                 let mean = l.iter().sum::<i64>() as f64 / shards as f64;
                 let gap = l[from] - l[to];
                 if from == to || (l[from] as f64) <= mean * (1.0 + tolerance) || gap <= 1 {
@@ -100,14 +121,28 @@ pub fn plan(owner: &[usize], rows: &[i64], shards: usize, drain: Option<usize>, 
                 owner[b as usize] = to;
             }
         }
-        out.push(PlannedMove { buckets: ranges, from, to, rows: moved });
+        out.push(PlannedMove {
+            buckets: ranges,
+            from,
+            to,
+            rows: moved,
+        });
     }
     out
 }
 
 /// `0-255,1024` for messages and the command line.
 pub fn ranges_text(r: &[[u32; 2]]) -> String {
-    r.iter().map(|[a, b]| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect::<Vec<_>>().join(",")
+    r.iter()
+        .map(|[a, b]| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -124,7 +159,10 @@ mod tests {
         for m in moves {
             for r in &m.buckets {
                 for b in r[0]..=r[1] {
-                    assert_eq!(owner[b as usize], m.from, "a move takes only buckets of its source");
+                    assert_eq!(
+                        owner[b as usize], m.from,
+                        "a move takes only buckets of its source"
+                    );
                     owner[b as usize] = m.to;
                 }
             }
@@ -141,7 +179,10 @@ mod tests {
         apply(&mut owner, &moves);
         let l = loads(&owner, &rows, 3);
         let mean = l.iter().sum::<i64>() as f64 / 3.0;
-        assert!(l.iter().all(|&x| (x as f64) <= mean * 1.1 + 100.0), "balanced: {l:?}");
+        assert!(
+            l.iter().all(|&x| (x as f64) <= mean * 1.1 + 100.0),
+            "balanced: {l:?}"
+        );
     }
 
     #[test]

@@ -27,7 +27,10 @@ pub async fn wait_replayed(c: &Client, limit: Duration) -> Result<Standbys, toki
     if !seen {
         return Ok(Standbys::Unseen);
     }
-    let lsn: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let lsn: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
     let behind = "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_activity a ON a.pid = r.pid \
                   WHERE a.datname IS NULL AND (r.replay_lsn IS NULL OR r.replay_lsn < $1::text::pg_lsn)";
     let deadline = Instant::now() + limit;

@@ -42,20 +42,41 @@ impl ReplicationConn {
     /// Connects to a primary in logical replication mode.
     pub async fn open(p: &ConnectParams) -> Result<ReplicationConn, MoveError> {
         let conn = ServerConn::connect_with(p, 0, &[("replication", "database")]).await?;
-        Ok(ReplicationConn { conn, max: p.max_message_size })
+        Ok(ReplicationConn {
+            conn,
+            max: p.max_message_size,
+        })
     }
 
     /// Creates the logical slot; its snapshot stays usable until this connection's next command.
     pub async fn create_slot(&mut self, name: &str) -> Result<Slot, MoveError> {
-        let rows = self.conn.query_rows(&format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'export')"), self.max).await?;
-        let row = rows.first().ok_or_else(|| MoveError::Stream("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let rows = self
+            .conn
+            .query_rows(
+                &format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'export')"),
+                self.max,
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| MoveError::Stream("CREATE_REPLICATION_SLOT returned no row".into()))?;
         let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        let consistent_point = parse_lsn(&get(1)).ok_or_else(|| MoveError::Stream(format!("bad consistent point {}", get(1))))?;
-        Ok(Slot { name: get(0), consistent_point, snapshot: get(2) })
+        let consistent_point = parse_lsn(&get(1))
+            .ok_or_else(|| MoveError::Stream(format!("bad consistent point {}", get(1))))?;
+        Ok(Slot {
+            name: get(0),
+            consistent_point,
+            snapshot: get(2),
+        })
     }
 
     /// Starts streaming the slot from `from` for `publication`.
-    pub async fn start(mut self, slot: &str, from: Lsn, publication: &str) -> Result<ChangeStream, MoveError> {
+    pub async fn start(
+        mut self,
+        slot: &str,
+        from: Lsn,
+        publication: &str,
+    ) -> Result<ChangeStream, MoveError> {
         let sql = format!(
             "START_REPLICATION SLOT {slot} LOGICAL {} (proto_version '1', publication_names '{publication}', messages 'true')",
             format_lsn(from)
@@ -69,12 +90,20 @@ impl ReplicationConn {
                 b'W' => break,
                 b'E' => {
                     let e = crate::protocol::messages::parse_error_fields(f.body());
-                    return Err(MoveError::Stream(format!("START_REPLICATION: {} ({})", e.message, e.code)));
+                    return Err(MoveError::Stream(format!(
+                        "START_REPLICATION: {} ({})",
+                        e.message, e.code
+                    )));
                 }
                 _ => {}
             }
         }
-        Ok(ChangeStream { conn: self.conn, max: self.max, relations: HashMap::new(), received: from })
+        Ok(ChangeStream {
+            conn: self.conn,
+            max: self.max,
+            relations: HashMap::new(),
+            received: from,
+        })
     }
 }
 
@@ -101,13 +130,28 @@ pub enum Value {
 #[derive(Debug)]
 pub enum Event {
     Begin,
-    Insert { rel: u32, new: Vec<Value> },
+    Insert {
+        rel: u32,
+        new: Vec<Value>,
+    },
     /// `old` is the old key when the key changed (or the whole old row under REPLICA IDENTITY FULL).
-    Update { rel: u32, old: Option<Vec<Value>>, new: Vec<Value> },
-    Delete { rel: u32, old: Vec<Value> },
+    Update {
+        rel: u32,
+        old: Option<Vec<Value>>,
+        new: Vec<Value>,
+    },
+    Delete {
+        rel: u32,
+        old: Vec<Value>,
+    },
     Truncate,
-    Commit { end: Lsn },
-    Message { prefix: String, content: Vec<u8> },
+    Commit {
+        end: Lsn,
+    },
+    Message {
+        prefix: String,
+        content: Vec<u8>,
+    },
     /// The server is waiting for feedback, or just telling where its WAL ends.
     Keepalive,
 }
@@ -142,7 +186,11 @@ impl ChangeStream {
                     let e = crate::protocol::messages::parse_error_fields(f.body());
                     return Err(MoveError::Stream(format!("{} ({})", e.message, e.code)));
                 }
-                b'c' => return Err(MoveError::Stream("the server ended the replication stream".into())),
+                b'c' => {
+                    return Err(MoveError::Stream(
+                        "the server ended the replication stream".into(),
+                    ))
+                }
                 _ => continue,
             }
             let body = f.body();
@@ -197,7 +245,9 @@ impl ChangeStream {
             b'C' => {
                 let _flags = c.u8();
                 let _commit = i64_at(&mut c)?;
-                Event::Commit { end: i64_at(&mut c)? as u64 }
+                Event::Commit {
+                    end: i64_at(&mut c)? as u64,
+                }
             }
             b'R' => {
                 let oid = c.i32().ok_or_else(bad)? as u32;
@@ -211,14 +261,21 @@ impl ChangeStream {
                     columns.push(c.str().ok_or_else(bad)?.to_string());
                     c.take(8).ok_or_else(bad)?;
                 }
-                let name = if ns == "public" { name } else { format!("{ns}.{name}") };
+                let name = if ns == "public" {
+                    name
+                } else {
+                    format!("{ns}.{name}")
+                };
                 self.relations.insert(oid, Relation { name, columns, key });
                 return Ok(None);
             }
             b'I' => {
                 let rel = c.i32().ok_or_else(bad)? as u32;
                 c.u8();
-                Event::Insert { rel, new: tuple(&mut c)? }
+                Event::Insert {
+                    rel,
+                    new: tuple(&mut c)?,
+                }
             }
             b'U' => {
                 let rel = c.i32().ok_or_else(bad)? as u32;
@@ -231,12 +288,19 @@ impl ChangeStream {
                 if kind != b'N' {
                     return Err(bad());
                 }
-                Event::Update { rel, old, new: tuple(&mut c)? }
+                Event::Update {
+                    rel,
+                    old,
+                    new: tuple(&mut c)?,
+                }
             }
             b'D' => {
                 let rel = c.i32().ok_or_else(bad)? as u32;
                 c.u8();
-                Event::Delete { rel, old: tuple(&mut c)? }
+                Event::Delete {
+                    rel,
+                    old: tuple(&mut c)?,
+                }
             }
             b'T' => Event::Truncate,
             b'M' => {
@@ -244,7 +308,10 @@ impl ChangeStream {
                 let _lsn = i64_at(&mut c)?;
                 let prefix = c.str().ok_or_else(bad)?.to_string();
                 let len = c.i32().ok_or_else(bad)?.max(0) as usize;
-                Event::Message { prefix, content: c.take(len).ok_or_else(bad)?.to_vec() }
+                Event::Message {
+                    prefix,
+                    content: c.take(len).ok_or_else(bad)?.to_vec(),
+                }
             }
             // Type and origin messages carry nothing a move needs.
             _ => return Ok(None),
@@ -253,7 +320,9 @@ impl ChangeStream {
 }
 
 fn i64_at(c: &mut Cursor) -> Result<i64, MoveError> {
-    let b = c.take(8).ok_or_else(|| MoveError::Stream("truncated replication message".into()))?;
+    let b = c
+        .take(8)
+        .ok_or_else(|| MoveError::Stream("truncated replication message".into()))?;
     Ok(i64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
@@ -269,7 +338,12 @@ fn tuple(c: &mut Cursor) -> Result<Vec<Value>, MoveError> {
                 let len = c.i32().ok_or_else(bad)?.max(0) as usize;
                 Value::Text(String::from_utf8_lossy(c.take(len).ok_or_else(bad)?).into_owned())
             }
-            other => return Err(MoveError::Stream(format!("unexpected tuple column kind {}", other as char))),
+            other => {
+                return Err(MoveError::Stream(format!(
+                    "unexpected tuple column kind {}",
+                    other as char
+                )))
+            }
         });
     }
     Ok(out)
@@ -277,7 +351,9 @@ fn tuple(c: &mut Cursor) -> Result<Vec<Value>, MoveError> {
 
 /// Microseconds since 2000-01-01, PostgreSQL's epoch.
 fn pg_now() -> i64 {
-    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     unix.as_micros() as i64 - 946_684_800_000_000
 }
 

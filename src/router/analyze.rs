@@ -17,10 +17,11 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 /// Analyses a statement text (maybe several statements) against the shard map.
 pub fn analyze(sql: &str, map: &ShardMap) -> Plan {
     let hint = fallback::hint(sql);
-    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| match fallback::relaxed(sql) {
-        Some(relaxed) => Parser::parse_sql(&PostgreSqlDialect {}, &relaxed).map_err(|_| e),
-        None => Err(e),
-    });
+    let parsed =
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).or_else(|e| match fallback::relaxed(sql) {
+            Some(relaxed) => Parser::parse_sql(&PostgreSqlDialect {}, &relaxed).map_err(|_| e),
+            None => Err(e),
+        });
     let mut plan = match parsed {
         Ok(stmts) if stmts.is_empty() => plan_of(Kind::Session, Route::Any, Vec::new()),
         Ok(stmts) => {
@@ -69,17 +70,29 @@ fn combine(mut a: Plan, b: Plan) -> Plan {
         (Route::Any, r) | (r, Route::Any) => r,
         (Route::Reference { write: false }, r @ (Route::Keys { .. } | Route::DefaultShard))
         | (r @ (Route::Keys { .. } | Route::DefaultShard), Route::Reference { write: false }) => r,
-        (Route::Keys { dist, mut keys, within }, Route::Keys { dist: d2, keys: k2, .. }) if dist == d2 => {
+        (
+            Route::Keys {
+                dist,
+                mut keys,
+                within,
+            },
+            Route::Keys {
+                dist: d2, keys: k2, ..
+            },
+        ) if dist == d2 => {
             keys.extend(k2);
             let within = within.filter(|_| keys.len() == 1);
             Route::Keys { dist, keys, within }
         }
         (x, y) if x == y => x,
-        (Route::Reference { write: w1 }, Route::Reference { write: w2 }) => Route::Reference { write: w1 || w2 },
+        (Route::Reference { write: w1 }, Route::Reference { write: w2 }) => {
+            Route::Reference { write: w1 || w2 }
+        }
         _ => Route::AllShards,
     };
     let writes = |k: &Kind| matches!(k, Kind::Write | Kind::Ddl { .. });
-    if !writes(&a.kind) && (writes(&b.kind) || matches!(a.kind, Kind::Begin { .. } | Kind::Session)) {
+    if !writes(&a.kind) && (writes(&b.kind) || matches!(a.kind, Kind::Begin { .. } | Kind::Session))
+    {
         a.kind = b.kind;
     }
     for t in b.tables {
@@ -109,18 +122,29 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             let route = w.whole_tables(true);
             plan_of(Kind::Write, route, w.tables())
         }
-        Statement::Copy { source, to, target, options, legacy_options, .. } => {
-            copy(source, *to, target, options, legacy_options, map)
-        }
+        Statement::Copy {
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            ..
+        } => copy(source, *to, target, options, legacy_options, map),
         Statement::StartTransaction { modes, .. } => plan_of(
-            Kind::Begin { read_only: modes.contains(&TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)) },
+            Kind::Begin {
+                read_only: modes.contains(&TransactionMode::AccessMode(
+                    TransactionAccessMode::ReadOnly,
+                )),
+            },
             Route::Any,
             Vec::new(),
         ),
         Statement::Commit { .. } => plan_of(Kind::Commit, Route::Any, Vec::new()),
-        Statement::Rollback { savepoint: Some(_), .. } | Statement::Savepoint { .. } | Statement::ReleaseSavepoint { .. } => {
-            plan_of(Kind::Savepoint, Route::Any, Vec::new())
+        Statement::Rollback {
+            savepoint: Some(_), ..
         }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => plan_of(Kind::Savepoint, Route::Any, Vec::new()),
         Statement::Rollback { .. } => plan_of(Kind::Rollback, Route::Any, Vec::new()),
         Statement::Set(_)
         | Statement::Reset(_)
@@ -141,15 +165,21 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
                 let mut p = select(q, map);
                 p.merge = MergeSpec::default();
                 p.scatter_sql = None;
-                p.scatter_refusal = p.scatter_refusal.or_else(|| {
-                    refusal(&["a cursor cannot read from several shards".to_string()])
-                });
+                p.scatter_refusal = p
+                    .scatter_refusal
+                    .or_else(|| refusal(&["a cursor cannot read from several shards".to_string()]));
                 p
             }
             None => session(),
         },
-        Statement::Analyze(_) | Statement::Vacuum(_) => plan_of(Kind::Utility, Route::AllShards, Vec::new()),
-        Statement::Explain { statement: inner, analyze, .. } => {
+        Statement::Analyze(_) | Statement::Vacuum(_) => {
+            plan_of(Kind::Utility, Route::AllShards, Vec::new())
+        }
+        Statement::Explain {
+            statement: inner,
+            analyze,
+            ..
+        } => {
             let mut p = statement(inner, sql, map);
             if !*analyze && matches!(p.kind, Kind::Write) {
                 p.kind = Kind::Read;
@@ -172,20 +202,30 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
         Statement::CreateIndex(ci) => ddl(!ci.concurrently, &[&ci.table_name], map),
         Statement::CreateTable(ct) => ddl(true, &[&ct.name], map),
         Statement::AlterTable(at) => ddl(true, &[&at.name], map),
-        Statement::Drop { object_type: ObjectType::Table, names, .. } => {
-            ddl(true, &names.iter().collect::<Vec<_>>(), map)
+        Statement::Drop {
+            object_type: ObjectType::Table,
+            names,
+            ..
+        } => ddl(true, &names.iter().collect::<Vec<_>>(), map),
+        Statement::Drop {
+            object_type: ObjectType::Database,
+            ..
         }
-        Statement::Drop { object_type: ObjectType::Database, .. } | Statement::CreateDatabase { .. } => {
-            ddl(false, &[], map)
-        }
+        | Statement::CreateDatabase { .. } => ddl(false, &[], map),
         Statement::Call(_) => plan_of(
             Kind::Write,
-            Route::refuse("pgshard cannot tell which shard a CALL touches; add a /* pgshard: shard=N */ hint"),
+            Route::refuse(
+                "pgshard cannot tell which shard a CALL touches; add a /* pgshard: shard=N */ hint",
+            ),
             Vec::new(),
         ),
         other => {
             let text = other.to_string();
-            let first = text.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+            let first = text
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
             match first.as_str() {
                 "CREATE" | "ALTER" | "DROP" | "COMMENT" | "GRANT" | "REVOKE" | "REFRESH" | "SECURITY" => ddl(true, &[], map),
                 "SHOW" | "USE" => session(),
@@ -205,12 +245,18 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
 fn ddl(transactional: bool, names: &[&ObjectName], map: &ShardMap) -> Plan {
     let mut w = Walker::new(map);
     names.iter().for_each(|n| {
-                w.add_table(n, None);
-            });
+        w.add_table(n, None);
+    });
     let on_default = map.unknown_tables == UnknownTables::DefaultShard
         && !w.rels.is_empty()
-        && w.rels.iter().all(|r| matches!(r.placement, Placement::Undeclared));
-    let route = if on_default { Route::DefaultShard } else { Route::AllShards };
+        && w.rels
+            .iter()
+            .all(|r| matches!(r.placement, Placement::Undeclared));
+    let route = if on_default {
+        Route::DefaultShard
+    } else {
+        Route::AllShards
+    };
     plan_of(Kind::Ddl { transactional }, route, w.tables())
 }
 
@@ -219,7 +265,11 @@ fn select(q: &Query, map: &ShardMap) -> Plan {
     w.query(q);
     let write = !q.locks.is_empty() || w.modifying_cte || w.writing_function;
     let (mut route, mut problems) = w.decide(write, None);
-    let mut plan = plan_of(if write { Kind::Write } else { Kind::Read }, Route::Any, w.tables());
+    let mut plan = plan_of(
+        if write { Kind::Write } else { Kind::Read },
+        Route::Any,
+        w.tables(),
+    );
     if matches!(route, Route::Keys { .. } | Route::AllShards) {
         match merge::plan(q) {
             Ok((spec, sql)) => {
@@ -248,7 +298,12 @@ fn modify(st: &Statement, map: &ShardMap) -> Plan {
     let tables = w.tables();
     let refuse = |r: Route| plan_of(Kind::Write, r, tables.clone());
     if let (Statement::Update(u), Some(t)) = (st, target) {
-        if let Placement::Sharded { column, hash_column, .. } = &w.rels[t].placement {
+        if let Placement::Sharded {
+            column,
+            hash_column,
+            ..
+        } = &w.rels[t].placement
+        {
             for a in &u.assignments {
                 let cols: Vec<&ObjectName> = match &a.target {
                     AssignmentTarget::ColumnName(n) => vec![n],
@@ -289,13 +344,32 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
     let mut w = Walker::new(map);
     w.depth = 1;
     let TableObject::TableName(name) = &i.table else {
-        return plan_of(Kind::Write, Route::refuse("INSERT into a table function cannot be routed"), Vec::new());
+        return plan_of(
+            Kind::Write,
+            Route::refuse("INSERT into a table function cannot be routed"),
+            Vec::new(),
+        );
     };
     let t = w.add_table(name, None).expect("a table, not a CTE");
     let tname = w.rels[t].name.clone();
-    let cols: Vec<String> = i.columns.iter().map(|c| object_name(c).rsplit('.').next().unwrap_or_default().to_string()).collect();
+    let cols: Vec<String> = i
+        .columns
+        .iter()
+        .map(|c| {
+            object_name(c)
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
     let fail = |w: &Walker, msg: String| plan_of(Kind::Write, Route::refuse(msg), w.tables());
-    let Placement::Sharded { dist, column, hash_column } = w.rels[t].placement.clone() else {
+    let Placement::Sharded {
+        dist,
+        column,
+        hash_column,
+    } = w.rels[t].placement.clone()
+    else {
         if let Some(src) = &i.source {
             w.query(src);
         }
@@ -311,11 +385,19 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
         );
     }
     let Some(pos) = cols.iter().position(|c| *c == column) else {
-        return fail(&w, format!("INSERT into {tname} must set its sharding key column {column}"));
+        return fail(
+            &w,
+            format!("INSERT into {tname} must set its sharding key column {column}"),
+        );
     };
-    let hpos = hash_column.as_ref().and_then(|h| cols.iter().position(|c| c == h));
+    let hpos = hash_column
+        .as_ref()
+        .and_then(|h| cols.iter().position(|c| c == h));
     let Some(src) = &i.source else {
-        return fail(&w, format!("INSERT into {tname} must set its sharding key column {column}"));
+        return fail(
+            &w,
+            format!("INSERT into {tname} must set its sharding key column {column}"),
+        );
     };
     if let (SetExpr::Values(v), None) = (src.body.as_ref(), &src.with) {
         let mut rows = Vec::with_capacity(v.rows.len());
@@ -334,17 +416,34 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
         }
         // Subqueries in the rows must read reference tables or rows of the same shard.
         w.pin(t, rows.iter().map(|r| r.0.clone()).collect());
-        v.rows.iter().flat_map(|r| &r.content).for_each(|e| w.expr(e));
+        v.rows
+            .iter()
+            .flat_map(|r| &r.content)
+            .for_each(|e| w.expr(e));
         let (checked, problems) = w.decide(true, Some(t));
         let mut plan = plan_of(Kind::Write, checked, w.tables());
         plan.scatter_refusal = refusal(&problems);
         if !matches!(plan.route, Route::Keys { .. }) {
             return plan;
         }
-        let within = if rows.len() == 1 { rows[0].1.clone() } else { None };
-        plan.route = Route::Keys { dist, keys: rows.iter().map(|r| r.0.clone()).collect(), within };
+        let within = if rows.len() == 1 {
+            rows[0].1.clone()
+        } else {
+            None
+        };
+        plan.route = Route::Keys {
+            dist,
+            keys: rows.iter().map(|r| r.0.clone()).collect(),
+            within,
+        };
         if rows.len() > 1 {
-            plan.insert = Some(InsertSplit::new(dist, rows, st.clone(), has_placeholders(sql), sql));
+            plan.insert = Some(InsertSplit::new(
+                dist,
+                rows,
+                st.clone(),
+                has_placeholders(sql),
+                sql,
+            ));
         }
         return plan;
     }
@@ -352,7 +451,9 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
     let before = w.rels.len();
     w.query(src);
     if let SetExpr::Select(sel) = src.body.as_ref() {
-        if let Some(SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. }) = sel.projection.get(pos) {
+        if let Some(SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. }) =
+            sel.projection.get(pos)
+        {
             if let Some(k) = key_value(e) {
                 w.pin(t, vec![k]);
             } else if let Some((qual, col)) = keys::column_ref(e) {
@@ -370,7 +471,10 @@ fn insert(i: &Insert, st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             format!("INSERT ... SELECT into sharded table {tname} must select rows of one shard: add WHERE <key> = ... to the SELECT"),
         );
     }
-    problems.insert(0, format!("INSERT ... SELECT into {tname} must stay on one shard"));
+    problems.insert(
+        0,
+        format!("INSERT ... SELECT into {tname} must stay on one shard"),
+    );
     let mut plan = plan_of(Kind::Write, route, w.tables());
     plan.scatter_refusal = refusal(&problems);
     plan
@@ -394,16 +498,26 @@ fn copy(
 ) -> Plan {
     let mut w = Walker::new(map);
     let (table, columns, query) = match source {
-        CopySource::Table { table_name, columns } => {
+        CopySource::Table {
+            table_name,
+            columns,
+        } => {
             w.add_table(table_name, None);
-            (object_name(table_name), columns.iter().map(keys::ident).collect::<Vec<_>>(), false)
+            (
+                object_name(table_name),
+                columns.iter().map(keys::ident).collect::<Vec<_>>(),
+                false,
+            )
         }
         CopySource::Query(q) => {
             w.query(q);
             (String::new(), Vec::new(), true)
         }
     };
-    let std = matches!((to, target), (false, CopyTarget::Stdin) | (true, CopyTarget::Stdout));
+    let std = matches!(
+        (to, target),
+        (false, CopyTarget::Stdin) | (true, CopyTarget::Stdout)
+    );
     if !std {
         return plan_of(
             Kind::Write,
@@ -412,7 +526,8 @@ fn copy(
         );
     }
     let mut format = CopyFormat::Text;
-    let (mut delimiter, mut null, mut header, mut quote, mut escape) = (None, None, false, b'"', None);
+    let (mut delimiter, mut null, mut header, mut quote, mut escape) =
+        (None, None, false, b'"', None);
     for o in options {
         match o {
             CopyOption::Format(f) => {
@@ -452,7 +567,9 @@ fn copy(
     }
     let csv = format == CopyFormat::Csv;
     let key_column = match w.rels.first().map(|r| &r.placement) {
-        Some(Placement::Sharded { column, .. }) if !query => columns.iter().position(|c| c == column),
+        Some(Placement::Sharded { column, .. }) if !query => {
+            columns.iter().position(|c| c == column)
+        }
         _ => None,
     };
     let spec = CopySpec {

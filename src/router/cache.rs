@@ -56,13 +56,23 @@ impl PlanCache {
         if guard.len() >= self.per_stripe && !guard.contains_key(&hash) {
             guard.clear();
         }
-        guard.insert(hash, Entry { text: sql.into(), version: map.version, plan: plan.clone() });
+        guard.insert(
+            hash,
+            Entry {
+                text: sql.into(),
+                version: map.version,
+                plan: plan.clone(),
+            },
+        );
         plan
     }
 
     /// (hits, misses) since creation.
     pub fn stats(&self) -> (u64, u64) {
-        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 
     /// Plans currently held.

@@ -10,14 +10,25 @@ impl Walker<'_> {
     /// modifies (reference targets must not read sharded tables).
     pub fn decide(&self, write: bool, target: Option<usize>) -> (Route, Vec<String>) {
         let mut problems = Vec::new();
-        let sharded: Vec<usize> =
-            (0..self.rels.len()).filter(|&i| matches!(self.rels[i].placement, Placement::Sharded { .. })).collect();
+        let sharded: Vec<usize> = (0..self.rels.len())
+            .filter(|&i| matches!(self.rels[i].placement, Placement::Sharded { .. }))
+            .collect();
         if let Some(r) = self.undeclared_route() {
             return (r, problems);
         }
-        let has_ref = self.rels.iter().any(|r| matches!(r.placement, Placement::Reference));
+        let has_ref = self
+            .rels
+            .iter()
+            .any(|r| matches!(r.placement, Placement::Reference));
         let Some(&first) = sharded.first() else {
-            return (if has_ref { Route::Reference { write } } else { Route::Any }, problems);
+            return (
+                if has_ref {
+                    Route::Reference { write }
+                } else {
+                    Route::Any
+                },
+                problems,
+            );
         };
         if let Some(t) = target {
             if matches!(self.rels[t].placement, Placement::Reference) {
@@ -62,7 +73,10 @@ impl Walker<'_> {
             changed = false;
             for &(a, b) in &self.links {
                 for (x, y) in [(a, b), (b, a)] {
-                    if reached[x].is_some() && reached[y].is_none() && self.rels[y].level >= self.rels[x].level {
+                    if reached[x].is_some()
+                        && reached[y].is_none()
+                        && self.rels[y].level >= self.rels[x].level
+                    {
                         reached[y] = reached[x];
                         changed = true;
                     }
@@ -80,7 +94,10 @@ impl Walker<'_> {
         }
         if comps.len() > 1 {
             if let Some(unpinned) = comps.iter().find(|c| c.2.is_none()) {
-                let other = comps.iter().find(|c| c.0 != unpinned.0).expect("two components");
+                let other = comps
+                    .iter()
+                    .find(|c| c.0 != unpinned.0)
+                    .expect("two components");
                 if self.set_operation {
                     return (
                         Route::refuse(format!(
@@ -98,18 +115,33 @@ impl Walker<'_> {
                 self.rels[comps[0].1].name, self.rels[comps[1].1].name
             ));
         }
-        if self.rels.iter().any(|r| r.nested && matches!(r.placement, Placement::Sharded { .. })) {
-            problems.push("subqueries and CTEs over sharded tables cannot be combined across shards".into());
+        if self
+            .rels
+            .iter()
+            .any(|r| r.nested && matches!(r.placement, Placement::Sharded { .. }))
+        {
+            problems.push(
+                "subqueries and CTEs over sharded tables cannot be combined across shards".into(),
+            );
         }
         if self.set_operation {
-            problems.push("UNION/INTERSECT/EXCEPT over sharded tables cannot be combined across shards".into());
+            problems.push(
+                "UNION/INTERSECT/EXCEPT over sharded tables cannot be combined across shards"
+                    .into(),
+            );
         }
         if comps[0].2.is_none() {
             return (Route::AllShards, problems);
         }
-        let keys: Vec<KeyExpr> = comps.iter().flat_map(|c| c.2.into_iter().flatten().cloned()).collect();
+        let keys: Vec<KeyExpr> = comps
+            .iter()
+            .flat_map(|c| c.2.into_iter().flatten().cloned())
+            .collect();
         let within = if keys.len() == 1 {
-            self.within.iter().find(|(r, _)| sharded.contains(r)).map(|(_, k)| k.clone())
+            self.within
+                .iter()
+                .find(|(r, _)| sharded.contains(r))
+                .map(|(_, k)| k.clone())
         } else {
             None
         };
@@ -118,14 +150,21 @@ impl Walker<'_> {
 
     /// The route of a statement naming undeclared tables, None when it names none.
     fn undeclared_route(&self) -> Option<Route> {
-        let u = self.rels.iter().find(|r| matches!(r.placement, Placement::Undeclared))?;
+        let u = self
+            .rels
+            .iter()
+            .find(|r| matches!(r.placement, Placement::Undeclared))?;
         if self.map.unknown_tables == UnknownTables::Refuse {
             return Some(Route::refuse(format!(
                 "table {} is not declared in [sharding]; declare it as sharded or reference, or set unknown_tables = \"default_shard\"",
                 u.name
             )));
         }
-        if let Some(s) = self.rels.iter().find(|r| matches!(r.placement, Placement::Sharded { .. })) {
+        if let Some(s) = self
+            .rels
+            .iter()
+            .find(|r| matches!(r.placement, Placement::Sharded { .. }))
+        {
             return Some(Route::refuse(format!(
                 "{} is an undeclared table on the default shard and {} is sharded: one statement cannot use both; declare {} in [sharding]",
                 u.name, s.name, u.name
@@ -140,9 +179,17 @@ impl Walker<'_> {
         if let Some(r) = self.undeclared_route() {
             return r;
         }
-        if self.rels.iter().any(|r| matches!(r.placement, Placement::Sharded { .. })) {
+        if self
+            .rels
+            .iter()
+            .any(|r| matches!(r.placement, Placement::Sharded { .. }))
+        {
             Route::AllShards
-        } else if self.rels.iter().any(|r| matches!(r.placement, Placement::Reference)) {
+        } else if self
+            .rels
+            .iter()
+            .any(|r| matches!(r.placement, Placement::Reference))
+        {
             Route::Reference { write }
         } else {
             Route::Any

@@ -8,14 +8,20 @@ pub(super) fn hint(sql: &str) -> Option<Hint> {
     let mut rest = sql;
     while let Some(at) = rest.find("pgshard:") {
         let before = &rest[..at];
-        let in_comment = before.rfind("/*").is_some_and(|o| before.rfind("*/").is_none_or(|c| c < o))
-            || before.rfind("--").is_some_and(|d| !before[d..].contains('\n'));
+        let in_comment = before
+            .rfind("/*")
+            .is_some_and(|o| before.rfind("*/").is_none_or(|c| c < o))
+            || before
+                .rfind("--")
+                .is_some_and(|d| !before[d..].contains('\n'));
         let body = rest[at + "pgshard:".len()..].trim_start();
         rest = &rest[at + 1..];
         if !in_comment {
             continue;
         }
-        let end = body.find(|c: char| c.is_whitespace() || c == '*').unwrap_or(body.len());
+        let end = body
+            .find(|c: char| c.is_whitespace() || c == '*')
+            .unwrap_or(body.len());
         let (k, v) = body[..end].split_once('=')?;
         let v = v.trim_matches(|c| c == '\'' || c == '"');
         return match k.to_ascii_lowercase().as_str() {
@@ -39,7 +45,11 @@ fn words(sql: &str) -> Vec<String> {
             i = sql[i..].find('\n').map_or(b.len(), |e| i + e);
         } else {
             let c = sql[i..].chars().next().expect("char boundary");
-            out.push(if c.is_alphanumeric() || c == '_' { c.to_ascii_uppercase() } else { ' ' });
+            out.push(if c.is_alphanumeric() || c == '_' {
+                c.to_ascii_uppercase()
+            } else {
+                ' '
+            });
             i += c.len_utf8();
         }
     }
@@ -56,7 +66,10 @@ pub(super) fn classify(sql: &str, error: &str) -> (Kind, Route) {
     let two_phase = (first == "PREPARE" && second == "TRANSACTION")
         || (matches!(first, "COMMIT" | "ROLLBACK") && second == "PREPARED");
     if two_phase {
-        return (Kind::Write, Route::refuse("pgshard manages two-phase commit itself"));
+        return (
+            Kind::Write,
+            Route::refuse("pgshard manages two-phase commit itself"),
+        );
     }
     match first {
         "VACUUM" | "ANALYZE" | "ANALYSE" | "CHECKPOINT" => (Kind::Utility, Route::AllShards),
@@ -97,7 +110,10 @@ pub(super) fn relaxed(sql: &str) -> Option<String> {
     if words(sql).first().map(String::as_str) == Some("COPY") {
         let mut out = String::with_capacity(sql.len());
         let mut changed = false;
-        for (i, piece) in sql.split_inclusive(|c: char| !c.is_alphanumeric() && c != '_').enumerate() {
+        for (i, piece) in sql
+            .split_inclusive(|c: char| !c.is_alphanumeric() && c != '_')
+            .enumerate()
+        {
             let word = piece.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_');
             let tail = &piece[word.len()..];
             let swap = match word.to_ascii_lowercase().as_str() {
@@ -113,7 +129,10 @@ pub(super) fn relaxed(sql: &str) -> Option<String> {
     }
     let mut out = sql.to_string();
     let mut changed = false;
-    for (from, to) in [("FOR NO KEY UPDATE", "FOR UPDATE       "), ("FOR KEY SHARE", "FOR SHARE    ")] {
+    for (from, to) in [
+        ("FOR NO KEY UPDATE", "FOR UPDATE       "),
+        ("FOR KEY SHARE", "FOR SHARE    "),
+    ] {
         let mut start = 0;
         while let Some(i) = upper[start..].find(from) {
             let at = start + i;

@@ -33,7 +33,9 @@ pub fn strip(sql: &str) -> Option<Stripped> {
             }
             b'\'' => {
                 // E'…', U&'…', B'…', X'…' and N'…' have their own rules: not stripped.
-                if i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'&' || b[i - 1] == b'_') {
+                if i > 0
+                    && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'&' || b[i - 1] == b'_')
+                {
                     return None;
                 }
                 let mut value = Vec::new();
@@ -59,7 +61,13 @@ pub fn strip(sql: &str) -> Option<Stripped> {
                 i = j + 1;
                 last = i;
             }
-            b'0'..=b'9' if i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'.' || b[i - 1] == b'$') => {
+            b'0'..=b'9'
+                if i == 0
+                    || !(b[i - 1].is_ascii_alphanumeric()
+                        || b[i - 1] == b'_'
+                        || b[i - 1] == b'.'
+                        || b[i - 1] == b'$') =>
+            {
                 let mut j = i;
                 while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'.') {
                     j += 1;
@@ -92,11 +100,20 @@ mod tests {
     #[test]
     fn literals_become_parameters() {
         let s = strip("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;").unwrap();
-        assert_eq!(s.text, "SELECT abalance FROM pgbench_accounts WHERE aid = $1;");
+        assert_eq!(
+            s.text,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+        );
         assert_eq!(s.literals, vec![b"48213".to_vec()]);
         let s = strip("UPDATE t1 SET v = v + -12 WHERE name = 'o''brien' AND x2 = 3.5").unwrap();
-        assert_eq!(s.text, "UPDATE t1 SET v = v + -$1 WHERE name = $2 AND x2 = $3");
-        assert_eq!(s.literals, vec![b"12".to_vec(), b"o'brien".to_vec(), b"3.5".to_vec()]);
+        assert_eq!(
+            s.text,
+            "UPDATE t1 SET v = v + -$1 WHERE name = $2 AND x2 = $3"
+        );
+        assert_eq!(
+            s.literals,
+            vec![b"12".to_vec(), b"o'brien".to_vec(), b"3.5".to_vec()]
+        );
         let s = strip(r#"SELECT "col 1" FROM "T9" WHERE k = '{1,2}'"#).unwrap();
         assert_eq!(s.text, r#"SELECT "col 1" FROM "T9" WHERE k = $1"#);
     }

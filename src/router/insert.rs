@@ -27,7 +27,13 @@ impl InsertSplit {
         has_params: bool,
         original: &str,
     ) -> Self {
-        InsertSplit { dist, rows, statement, has_params, original: original.to_string() }
+        InsertSplit {
+            dist,
+            rows,
+            statement,
+            has_params,
+            original: original.to_string(),
+        }
     }
 
     /// Rows in the statement.
@@ -37,8 +43,15 @@ impl InsertSplit {
 
     /// (shard, INSERT text with only that shard's rows, row count) per shard touched; one
     /// entry with the original text when every row lands on one shard.
-    pub fn split(&self, map: &ShardMap, params: &[Option<&[u8]>]) -> Result<Vec<(usize, String, u64)>, RouteError> {
-        let p = Params { values: params, formats: &[] };
+    pub fn split(
+        &self,
+        map: &ShardMap,
+        params: &[Option<&[u8]>],
+    ) -> Result<Vec<(usize, String, u64)>, RouteError> {
+        let p = Params {
+            values: params,
+            formats: &[],
+        };
         let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, (key, within)) in self.rows.iter().enumerate() {
             let mut shards = Vec::new();
@@ -61,7 +74,9 @@ impl InsertSplit {
                 "a multi-row INSERT with parameters whose rows belong to different shards: send one row per statement",
             ));
         }
-        let Statement::Insert(ins) = &self.statement else { unreachable!("built from an INSERT") };
+        let Statement::Insert(ins) = &self.statement else {
+            unreachable!("built from an INSERT")
+        };
         let Some(SetExpr::Values(values)) = ins.source.as_ref().map(|q| q.body.as_ref()) else {
             unreachable!("built from INSERT ... VALUES")
         };
@@ -72,7 +87,11 @@ impl InsertSplit {
             let mut v = values.clone();
             v.rows = rows.iter().map(|&i| values.rows[i].clone()).collect();
             *src.body = SetExpr::Values(v);
-            out.push((shard, Statement::Insert(part).to_string(), rows.len() as u64));
+            out.push((
+                shard,
+                Statement::Insert(part).to_string(),
+                rows.len() as u64,
+            ));
         }
         Ok(out)
     }

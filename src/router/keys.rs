@@ -14,14 +14,13 @@ pub(super) fn ident(id: &Ident) -> String {
 
 /// A possibly qualified name, parts joined with '.'.
 pub(super) fn object_name(n: &ObjectName) -> String {
-    let parts: Vec<String> = n
-        .0
-        .iter()
-        .map(|p| match p.as_ident() {
-            Some(id) => ident(id),
-            None => p.to_string(),
-        })
-        .collect();
+    let parts: Vec<String> =
+        n.0.iter()
+            .map(|p| match p.as_ident() {
+                Some(id) => ident(id),
+                None => p.to_string(),
+            })
+            .collect();
     parts.join(".")
 }
 
@@ -61,7 +60,10 @@ pub(super) fn key_value(e: &Expr) -> Option<KeyExpr> {
     match strip(e) {
         Expr::Value(v) => value_key(&v.value),
         Expr::TypedString(t) => value_key(&t.value.value),
-        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match strip(expr) {
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match strip(expr) {
             Expr::Value(v) => match &v.value {
                 Value::Number(n, _) => Some(KeyExpr::Literal(format!("-{n}"))),
                 _ => None,
@@ -75,9 +77,9 @@ pub(super) fn key_value(e: &Expr) -> Option<KeyExpr> {
 fn value_key(v: &Value) -> Option<KeyExpr> {
     Some(match v {
         Value::Number(n, _) => KeyExpr::Literal(n.to_string()),
-        Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::UnicodeStringLiteral(s) => {
-            KeyExpr::Literal(s.clone())
-        }
+        Value::SingleQuotedString(s)
+        | Value::EscapedStringLiteral(s)
+        | Value::UnicodeStringLiteral(s) => KeyExpr::Literal(s.clone()),
         Value::DollarQuotedString(d) => KeyExpr::Literal(d.value.clone()),
         Value::Null => KeyExpr::Null,
         Value::Placeholder(p) => KeyExpr::Param(placeholder(p)?),
@@ -88,7 +90,11 @@ fn value_key(v: &Value) -> Option<KeyExpr> {
 /// The top-level AND conjuncts of a condition.
 pub(super) fn conjuncts<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
     match e {
-        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
             conjuncts(left, out);
             conjuncts(right, out);
         }
@@ -109,11 +115,23 @@ pub(super) struct Pin {
 pub(super) fn pin_of(e: &Expr) -> Option<Pin> {
     let one = |col: &Expr, val: &Expr| {
         let (qual, column) = column_ref(col)?;
-        Some(Pin { qual, column, keys: vec![key_value(val)?] })
+        Some(Pin {
+            qual,
+            column,
+            keys: vec![key_value(val)?],
+        })
     };
     match strip(e) {
-        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => one(left, right).or_else(|| one(right, left)),
-        Expr::BinaryOp { left, op: BinaryOperator::Or, right } => {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => one(left, right).or_else(|| one(right, left)),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Or,
+            right,
+        } => {
             let (mut a, b) = (pin_of(left)?, pin_of(right)?);
             if a.column != b.column || a.qual != b.qual {
                 return None;
@@ -121,14 +139,28 @@ pub(super) fn pin_of(e: &Expr) -> Option<Pin> {
             a.keys.extend(b.keys);
             Some(a)
         }
-        Expr::In { expr, target: InTarget::List(list), negated: false, .. } => {
+        Expr::In {
+            expr,
+            target: InTarget::List(list),
+            negated: false,
+            ..
+        } => {
             let (qual, column) = column_ref(expr)?;
             let keys = list.iter().map(key_value).collect::<Option<Vec<_>>>()?;
             Some(Pin { qual, column, keys })
         }
-        Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. } => {
+        Expr::AnyOp {
+            left,
+            compare_op: BinaryOperator::Eq,
+            right,
+            ..
+        } => {
             let (qual, column) = column_ref(left)?;
-            Some(Pin { qual, column, keys: array_keys(right)? })
+            Some(Pin {
+                qual,
+                column,
+                keys: array_keys(right)?,
+            })
         }
         _ => None,
     }
@@ -160,7 +192,11 @@ fn array_keys(e: &Expr) -> Option<Vec<KeyExpr>> {
 /// `a = b` between two column references.
 pub(super) fn column_equality(e: &Expr) -> Option<(ColumnRef, ColumnRef)> {
     match strip(e) {
-        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => Some((column_ref(left)?, column_ref(right)?)),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => Some((column_ref(left)?, column_ref(right)?)),
         _ => None,
     }
 }

@@ -7,11 +7,43 @@ use sqlparser::ast::*;
 
 /// Aggregates whose results cannot be combined from per-shard partial results.
 const UNMERGEABLE: &[&str] = &[
-    "string_agg", "array_agg", "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "xmlagg",
-    "percentile_cont", "percentile_disc", "mode", "stddev", "stddev_pop", "stddev_samp", "variance",
-    "var_pop", "var_samp", "corr", "covar_pop", "covar_samp", "regr_slope", "regr_intercept", "regr_count",
-    "regr_r2", "regr_avgx", "regr_avgy", "regr_sxx", "regr_syy", "regr_sxy", "bit_and", "bit_or", "bit_xor",
-    "range_agg", "range_intersect_agg", "rank", "dense_rank", "percent_rank", "cume_dist",
+    "string_agg",
+    "array_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "xmlagg",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "corr",
+    "covar_pop",
+    "covar_samp",
+    "regr_slope",
+    "regr_intercept",
+    "regr_count",
+    "regr_r2",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_sxx",
+    "regr_syy",
+    "regr_sxy",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "range_agg",
+    "range_intersect_agg",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
 ];
 
 /// The merge of a keyless SELECT, and the text to send instead (None = the original).
@@ -38,7 +70,9 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
     for (i, it) in sel.projection.iter().enumerate() {
         match it {
             SelectItem::UnnamedExpr(e) => items.push((Some(e.clone()), None)),
-            SelectItem::ExprWithAlias { expr, alias } => items.push((Some(expr.clone()), Some(keys::ident(alias)))),
+            SelectItem::ExprWithAlias { expr, alias } => {
+                items.push((Some(expr.clone()), Some(keys::ident(alias))))
+            }
             _ => {
                 wildcard_at.get_or_insert(i);
                 items.push((None, None));
@@ -52,7 +86,10 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
     }
     for f in &funcs {
         if f.over.is_some() {
-            return Err(format!("window function {} cannot be combined across shards", f.name));
+            return Err(format!(
+                "window function {} cannot be combined across shards",
+                f.name
+            ));
         }
     }
     let group: Vec<Expr> = match &sel.group_by {
@@ -90,7 +127,9 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
             let kind = match kind {
                 AggKind::Avg { .. } => {
                     let count_column = items.len() + hidden.len();
-                    let Expr::Function(f) = strip_nested_mut(e) else { unreachable!("avg is a call") };
+                    let Expr::Function(f) = strip_nested_mut(e) else {
+                        unreachable!("avg is a call")
+                    };
                     let mut count = f.clone();
                     count.name = ObjectName::from(vec![Ident::new("count")]);
                     f.name = ObjectName::from(vec![Ident::new("sum")]);
@@ -139,12 +178,18 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
                     column
                 }
             };
-            spec.order_by.push(SortKey { column, descending, nulls_first });
+            spec.order_by.push(SortKey {
+                column,
+                descending,
+                nulls_first,
+            });
         }
     }
     spec.hidden_columns = hidden.len();
     if !hidden.is_empty() {
-        let SetExpr::Select(sel) = q.body.as_mut() else { unreachable!() };
+        let SetExpr::Select(sel) = q.body.as_mut() else {
+            unreachable!()
+        };
         sel.projection.extend(hidden);
         rewritten = true;
     }
@@ -156,7 +201,10 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
         // results are only complete without a limit, so aggregates get none.
         q.limit_clause = match (limit, spec.aggregate.is_some()) {
             (Some(n), false) => Some(LimitClause::LimitOffset {
-                limit: Some(Expr::value(Value::Number(n.saturating_add(spec.offset).to_string(), false))),
+                limit: Some(Expr::value(Value::Number(
+                    n.saturating_add(spec.offset).to_string(),
+                    false,
+                ))),
                 offset: None,
                 limit_by: Vec::new(),
             }),
@@ -171,16 +219,27 @@ fn limits(q: &Query) -> Result<(Option<u64>, Option<u64>), String> {
     let constant = |e: &Expr| -> Result<Option<u64>, String> {
         match strip(e) {
             Expr::Value(v) => match &v.value {
-                Value::Number(n, _) => n.parse().map(Some).map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
+                Value::Number(n, _) => n
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
                 Value::Null => Ok(None),
-                _ => Err(format!("LIMIT/OFFSET {e} must be a constant to combine across shards")),
+                _ => Err(format!(
+                    "LIMIT/OFFSET {e} must be a constant to combine across shards"
+                )),
             },
-            _ => Err(format!("LIMIT/OFFSET {e} must be a constant to combine across shards")),
+            _ => Err(format!(
+                "LIMIT/OFFSET {e} must be a constant to combine across shards"
+            )),
         }
     };
     match &q.limit_clause {
         None => Ok((None, None)),
-        Some(LimitClause::LimitOffset { limit, offset, limit_by }) => {
+        Some(LimitClause::LimitOffset {
+            limit,
+            offset,
+            limit_by,
+        }) => {
             if !limit_by.is_empty() {
                 return Err("LIMIT BY cannot be combined across shards".into());
             }
@@ -194,7 +253,9 @@ fn limits(q: &Query) -> Result<(Option<u64>, Option<u64>), String> {
             };
             Ok((l, o))
         }
-        Some(LimitClause::OffsetCommaLimit { offset, limit }) => Ok((constant(limit)?, constant(offset)?)),
+        Some(LimitClause::OffsetCommaLimit { offset, limit }) => {
+            Ok((constant(limit)?, constant(offset)?))
+        }
     }
 }
 
@@ -208,7 +269,10 @@ fn strip_nested_mut(mut e: &mut Expr) -> &mut Expr {
 /// The lower-case unqualified name of an aggregate we know, counting pg_catalog.count too.
 fn agg_name(f: &Function) -> Option<String> {
     let name = f.name.0.last()?.as_ident().map(keys::ident)?;
-    let known = matches!(name.as_str(), "count" | "sum" | "min" | "max" | "avg" | "bool_and" | "bool_or" | "every");
+    let known = matches!(
+        name.as_str(),
+        "count" | "sum" | "min" | "max" | "avg" | "bool_and" | "bool_or" | "every"
+    );
     (known || UNMERGEABLE.contains(&name.as_str())).then_some(name)
 }
 
@@ -224,15 +288,21 @@ fn combinable(e: &Expr) -> Result<Option<AggKind>, String> {
             }
             let distinct = matches!(&f.args, FunctionArguments::List(l) if l.duplicate_treatment == Some(DuplicateTreatment::Distinct));
             if distinct {
-                return Err(format!("{n}(DISTINCT ...) cannot be combined across shards"));
+                return Err(format!(
+                    "{n}(DISTINCT ...) cannot be combined across shards"
+                ));
             }
             if !f.within_group.is_empty() {
-                return Err(format!("{n}(...) WITHIN GROUP cannot be combined across shards"));
+                return Err(format!(
+                    "{n}(...) WITHIN GROUP cannot be combined across shards"
+                ));
             }
         }
     }
     let cast = has_cast(e);
-    let Expr::Function(f) = strip(e) else { return Ok(None) };
+    let Expr::Function(f) = strip(e) else {
+        return Ok(None);
+    };
     if cast && agg_name(f).as_deref() == Some("avg") {
         return Err(format!("{e}: avg under a cast cannot be combined across shards; cast outside pgshard or drop the cast"));
     }
@@ -266,7 +336,9 @@ fn calls<'e>(e: &'e Expr, out: &mut Vec<&'e Function>) {
             out.push(f);
             if let FunctionArguments::List(l) = &f.args {
                 for a in &l.args {
-                    let (FunctionArg::Named { arg, .. } | FunctionArg::ExprNamed { arg, .. } | FunctionArg::Unnamed(arg)) = a;
+                    let (FunctionArg::Named { arg, .. }
+                    | FunctionArg::ExprNamed { arg, .. }
+                    | FunctionArg::Unnamed(arg)) = a;
                     if let FunctionArgExpr::Expr(x) = arg {
                         calls(x, out);
                     }
@@ -277,8 +349,15 @@ fn calls<'e>(e: &'e Expr, out: &mut Vec<&'e Function>) {
             calls(left, out);
             calls(right, out);
         }
-        Expr::UnaryOp { expr, .. } | Expr::Nested(expr) | Expr::Cast { expr, .. } => calls(expr, out),
-        Expr::Case { operand, conditions, else_result, .. } => {
+        Expr::UnaryOp { expr, .. } | Expr::Nested(expr) | Expr::Cast { expr, .. } => {
+            calls(expr, out)
+        }
+        Expr::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
             if let Some(o) = operand {
                 calls(o, out);
             }
@@ -295,7 +374,11 @@ fn calls<'e>(e: &'e Expr, out: &mut Vec<&'e Function>) {
 }
 
 /// The output column an expression names: a position number, an alias, or an equal item.
-fn order_position(e: &Expr, items: &[(Option<Expr>, Option<String>)], known: usize) -> Option<usize> {
+fn order_position(
+    e: &Expr,
+    items: &[(Option<Expr>, Option<String>)],
+    known: usize,
+) -> Option<usize> {
     if let Expr::Value(v) = e {
         if let Value::Number(n, _) = &v.value {
             return n.parse::<usize>().ok().filter(|&n| n >= 1).map(|n| n - 1);
@@ -308,15 +391,24 @@ fn order_position(e: &Expr, items: &[(Option<Expr>, Option<String>)], known: usi
 fn find(e: &Expr, items: &[(Option<Expr>, Option<String>)], known: usize) -> Option<usize> {
     if let Expr::Value(v) = e {
         if let Value::Number(n, _) = &v.value {
-            return n.parse::<usize>().ok().filter(|&n| n >= 1 && n <= known).map(|n| n - 1);
+            return n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1 && n <= known)
+                .map(|n| n - 1);
         }
     }
     if let Expr::Identifier(id) = e {
         let name = keys::ident(id);
-        if let Some(i) = items[..known].iter().position(|it| it.1.as_deref() == Some(name.as_str())) {
+        if let Some(i) = items[..known]
+            .iter()
+            .position(|it| it.1.as_deref() == Some(name.as_str()))
+        {
             return Some(i);
         }
     }
     let text = e.to_string();
-    items[..known].iter().position(|it| it.0.as_ref().is_some_and(|x| x.to_string() == text))
+    items[..known]
+        .iter()
+        .position(|it| it.0.as_ref().is_some_and(|x| x.to_string() == text))
 }

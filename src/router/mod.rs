@@ -114,7 +114,11 @@ pub struct CopySpec {
 pub enum Route {
     /// The union of the keys' shards under distribution `dist`; `within` is the geo hash
     /// column's value.
-    Keys { dist: usize, keys: Vec<KeyExpr>, within: Option<KeyExpr> },
+    Keys {
+        dist: usize,
+        keys: Vec<KeyExpr>,
+        within: Option<KeyExpr>,
+    },
     /// Every shard: keyless statements on sharded tables, DDL, utilities.
     AllShards,
     /// Only reference tables: writes go to every shard, reads to any one.
@@ -124,7 +128,10 @@ pub enum Route {
     /// No table at all: any one shard.
     Any,
     /// Not routable: the error to send the client.
-    Refuse { sqlstate: &'static str, message: String },
+    Refuse {
+        sqlstate: &'static str,
+        message: String,
+    },
 }
 
 /// A sharding key as the statement gives it.
@@ -173,7 +180,10 @@ pub struct RouteError {
 impl RouteError {
     /// A feature_not_supported (0A000) error.
     pub fn unsupported(message: impl Into<String>) -> Self {
-        RouteError { sqlstate: "0A000", message: message.into() }
+        RouteError {
+            sqlstate: "0A000",
+            message: message.into(),
+        }
     }
 }
 
@@ -188,12 +198,18 @@ pub struct Params<'a> {
 
 impl Params<'_> {
     /// No parameters (simple Query protocol).
-    pub const NONE: Params<'static> = Params { values: &[], formats: &[] };
+    pub const NONE: Params<'static> = Params {
+        values: &[],
+        formats: &[],
+    };
 }
 
 impl Route {
     fn refuse(message: impl Into<String>) -> Route {
-        Route::Refuse { sqlstate: "0A000", message: message.into() }
+        Route::Refuse {
+            sqlstate: "0A000",
+            message: message.into(),
+        }
     }
 }
 

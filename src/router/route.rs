@@ -10,7 +10,12 @@ pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, Rou
         return hinted(h, plan, map);
     }
     let target = match &plan.route {
-        Route::Refuse { sqlstate, message } => return Err(RouteError { sqlstate, message: message.clone() }),
+        Route::Refuse { sqlstate, message } => {
+            return Err(RouteError {
+                sqlstate,
+                message: message.clone(),
+            })
+        }
         Route::Keys { dist, keys, within } => {
             let mut shards = Vec::new();
             for k in keys {
@@ -42,13 +47,19 @@ fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
         Hint::Shard(n) if *n < map.shards => Ok(Target::One(*n)),
         Hint::Shard(n) => Err(RouteError {
             sqlstate: "22023",
-            message: format!("hint shard={n} names no shard: there are {} shards (0..{})", map.shards, map.shards),
+            message: format!(
+                "hint shard={n} names no shard: there are {} shards (0..{})",
+                map.shards, map.shards
+            ),
         }),
         Hint::Key(k) => {
-            let mut dists = plan.tables.iter().filter_map(|t| match super::walk::lookup(map, t) {
-                Some(TableRule::Sharded { dist, .. }) => Some(*dist),
-                _ => None,
-            });
+            let mut dists = plan
+                .tables
+                .iter()
+                .filter_map(|t| match super::walk::lookup(map, t) {
+                    Some(TableRule::Sharded { dist, .. }) => Some(*dist),
+                    _ => None,
+                });
             let from_tables = dists.next().filter(|d| dists.all(|x| x == *d));
             let dist = match (&plan.route, from_tables, map.distributions.len()) {
                 (Route::Keys { dist, .. }, _, _) => *dist,
@@ -62,7 +73,14 @@ fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
                 }
             };
             let mut shards = Vec::new();
-            locate_expr(map, dist, &KeyExpr::Literal(k.clone()), None, &Params::NONE, &mut shards)?;
+            locate_expr(
+                map,
+                dist,
+                &KeyExpr::Literal(k.clone()),
+                None,
+                &Params::NONE,
+                &mut shards,
+            )?;
             match shards.as_slice() {
                 [one] => Ok(Target::One(*one)),
                 _ => Ok(Target::Some(shards)),
@@ -79,7 +97,10 @@ pub(super) fn map_error(e: MapError) -> RouteError {
         MapError::Key(_) => "22P02",
         MapError::Invalid(_) => "XX000",
     };
-    RouteError { sqlstate, message: e.to_string() }
+    RouteError {
+        sqlstate,
+        message: e.to_string(),
+    }
 }
 
 /// A parameter's bytes and whether it is in binary format.
@@ -87,7 +108,10 @@ fn param<'a>(params: &Params<'a>, n: usize) -> Result<(Option<&'a [u8]>, bool), 
     let Some(v) = params.values.get(n - 1) else {
         return Err(RouteError {
             sqlstate: "08P01",
-            message: format!("sharding key parameter ${n} was not bound ({} parameters)", params.values.len()),
+            message: format!(
+                "sharding key parameter ${n} was not bound ({} parameters)",
+                params.values.len()
+            ),
         });
     };
     let binary = match params.formats {
@@ -107,7 +131,11 @@ pub(super) fn locate_expr(
     params: &Params,
     out: &mut Vec<usize>,
 ) -> Result<(), RouteError> {
-    let null = || map_error(MapError::NullKey { dist: map.distributions[dist].name.clone() });
+    let null = || {
+        map_error(MapError::NullKey {
+            dist: map.distributions[dist].name.clone(),
+        })
+    };
     let within_buf;
     let within_key = match within {
         None => None,
@@ -124,7 +152,10 @@ pub(super) fn locate_expr(
         }
     };
     let mut place = |k: KeyValue| -> Result<(), RouteError> {
-        match map.locate(dist, &k, within_key.as_ref()).map_err(map_error)? {
+        match map
+            .locate(dist, &k, within_key.as_ref())
+            .map_err(map_error)?
+        {
             Located::One(s) => out.push(s),
             Located::Group(g) => out.extend(g),
         }
@@ -139,14 +170,25 @@ pub(super) fn locate_expr(
             (Some(b), true) => place(map.parse_key_binary(dist, b).map_err(map_error)?),
         },
         KeyExpr::ParamArray(n) => {
-            let (Some(b), binary) = param(params, *n)? else { return Err(null()) };
-            let elems = if binary { parse_binary_array(b) } else { parse_text_array(b) }.map_err(|m| RouteError {
+            let (Some(b), binary) = param(params, *n)? else {
+                return Err(null());
+            };
+            let elems = if binary {
+                parse_binary_array(b)
+            } else {
+                parse_text_array(b)
+            }
+            .map_err(|m| RouteError {
                 sqlstate: "22P02",
                 message: format!("sharding key array parameter ${n}: {m}"),
             })?;
             for e in elems {
                 let e = e.ok_or_else(null)?;
-                let k = if binary { map.parse_key_binary(dist, &e) } else { map.parse_key(dist, &e) };
+                let k = if binary {
+                    map.parse_key_binary(dist, &e)
+                } else {
+                    map.parse_key(dist, &e)
+                };
                 place(k.map_err(map_error)?)?;
             }
             Ok(())
@@ -160,7 +202,9 @@ fn loose_key(b: &[u8], binary: bool) -> KeyValue<'_> {
     if binary {
         return match b.len() {
             2 => KeyValue::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
-            4 => KeyValue::Int(i64::from(i32::from_be_bytes(b.try_into().expect("4 bytes")))),
+            4 => KeyValue::Int(i64::from(i32::from_be_bytes(
+                b.try_into().expect("4 bytes"),
+            ))),
             8 => KeyValue::Int(i64::from_be_bytes(b.try_into().expect("8 bytes"))),
             16 => KeyValue::Uuid(b.try_into().expect("16 bytes")),
             _ => KeyValue::Text(b),
@@ -210,7 +254,9 @@ pub(super) fn parse_text_array(t: &[u8]) -> Result<Vec<Option<Vec<u8>>>, String>
             while let Some(&c) = inner.get(i) {
                 match c {
                     b',' => break,
-                    b'{' | b'}' | b'"' => return Err("nested or malformed arrays are not keys".into()),
+                    b'{' | b'}' | b'"' => {
+                        return Err("nested or malformed arrays are not keys".into())
+                    }
                     b'\\' => {
                         elem.push(*inner.get(i + 1).ok_or("dangling backslash")?);
                         i += 2;
@@ -240,7 +286,9 @@ pub(super) fn parse_text_array(t: &[u8]) -> Result<Vec<Option<Vec<u8>>>, String>
 /// Elements of a one-dimensional array in binary (array_send) form.
 pub(super) fn parse_binary_array(b: &[u8]) -> Result<Vec<Option<Vec<u8>>>, String> {
     let i32_at = |at: usize| -> Result<i32, String> {
-        b.get(at..at + 4).map(|x| i32::from_be_bytes(x.try_into().expect("4"))).ok_or_else(|| "truncated binary array".to_string())
+        b.get(at..at + 4)
+            .map(|x| i32::from_be_bytes(x.try_into().expect("4")))
+            .ok_or_else(|| "truncated binary array".to_string())
     };
     let ndim = i32_at(0)?;
     if ndim == 0 {
@@ -262,7 +310,11 @@ pub(super) fn parse_binary_array(b: &[u8]) -> Result<Vec<Option<Vec<u8>>>, Strin
             continue;
         }
         let end = at + len as usize;
-        out.push(Some(b.get(at..end).ok_or("truncated binary array element")?.to_vec()));
+        out.push(Some(
+            b.get(at..end)
+                .ok_or("truncated binary array element")?
+                .to_vec(),
+        ));
         at = end;
     }
     Ok(out)

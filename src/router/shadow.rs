@@ -4,7 +4,9 @@
 //! `FROM t` becomes `FROM (SELECT * FROM t WHERE (pred) IS NOT TRUE) AS t`.
 
 use super::keys::object_name;
-use sqlparser::ast::{Ident, Query, SetExpr, Statement, TableAlias, TableFactor, VisitMut, VisitorMut};
+use sqlparser::ast::{
+    Ident, Query, SetExpr, Statement, TableAlias, TableFactor, VisitMut, VisitorMut,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::ops::ControlFlow;
@@ -24,18 +26,28 @@ pub fn exclude(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
     if stmts.len() != 1 || !matches!(stmts[0], Statement::Query(_)) {
         return Err("only a single SELECT can be read around a unit in motion".into());
     }
-    let mut v = Shadow { hide, seen: 0, replaced: 0, cte_clash: None, error: None };
+    let mut v = Shadow {
+        hide,
+        seen: 0,
+        replaced: 0,
+        cte_clash: None,
+        error: None,
+    };
     let _ = stmts[0].visit(&mut v);
     if let Some(e) = v.error {
         return Err(e);
     }
     if let Some(name) = v.cte_clash {
-        return Err(format!("a WITH query is named like the table {name} in motion"));
+        return Err(format!(
+            "a WITH query is named like the table {name} in motion"
+        ));
     }
     // Every mention of a hidden table (post_visit_relation also sees names outside FROM, like
     // a function's or a locking clause's) must have become a filtered subquery.
     if v.seen != v.replaced {
-        return Err("the statement names a table in motion somewhere pgshard cannot filter it".into());
+        return Err(
+            "the statement names a table in motion somewhere pgshard cannot filter it".into(),
+        );
     }
     let mut text = stmts[0].to_string();
     for (i, (_, pred)) in hide.iter().enumerate() {
@@ -67,7 +79,11 @@ impl VisitorMut for Shadow<'_> {
         if let Some(with) = &q.with {
             for cte in &with.cte_tables {
                 let name = super::keys::ident(&cte.alias.name);
-                if self.hide.iter().any(|(t, _)| t.rsplit('.').next() == Some(name.as_str())) {
+                if self
+                    .hide
+                    .iter()
+                    .any(|(t, _)| t.rsplit('.').next() == Some(name.as_str()))
+                {
                     self.cte_clash = Some(name);
                 }
             }
@@ -84,10 +100,21 @@ impl VisitorMut for Shadow<'_> {
 
     // After the children: the subquery put in place is not visited again.
     fn post_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
-        let TableFactor::Table { name, alias, args: None, with_hints, version: None, partitions, .. } = tf else {
+        let TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            with_hints,
+            version: None,
+            partitions,
+            ..
+        } = tf
+        else {
             return ControlFlow::Continue(());
         };
-        let Some(i) = self.hidden(name) else { return ControlFlow::Continue(()) };
+        let Some(i) = self.hidden(name) else {
+            return ControlFlow::Continue(());
+        };
         if !with_hints.is_empty() || !partitions.is_empty() {
             return ControlFlow::Continue(());
         }
@@ -102,9 +129,24 @@ impl VisitorMut for Shadow<'_> {
                 return ControlFlow::Break(());
             }
         };
-        let bare = name.0.last().and_then(|p| p.as_ident()).cloned().unwrap_or_else(|| Ident::new(object_name(name)));
-        let alias = alias.take().unwrap_or(TableAlias { explicit: true, name: bare, columns: Vec::new(), at: None });
-        *tf = TableFactor::Derived { lateral: false, subquery: sub, alias: Some(alias), sample: None };
+        let bare = name
+            .0
+            .last()
+            .and_then(|p| p.as_ident())
+            .cloned()
+            .unwrap_or_else(|| Ident::new(object_name(name)));
+        let alias = alias.take().unwrap_or(TableAlias {
+            explicit: true,
+            name: bare,
+            columns: Vec::new(),
+            at: None,
+        });
+        *tf = TableFactor::Derived {
+            lateral: false,
+            subquery: sub,
+            alias: Some(alias),
+            sample: None,
+        };
         self.replaced += 1;
         ControlFlow::Continue(())
     }
@@ -131,11 +173,22 @@ mod tests {
 
     #[test]
     fn what_cannot_be_filtered_is_refused() {
-        assert!(exclude("WITH items AS (SELECT 1 AS id) SELECT * FROM items", &hide("items")).is_err());
+        assert!(exclude(
+            "WITH items AS (SELECT 1 AS id) SELECT * FROM items",
+            &hide("items")
+        )
+        .is_err());
         assert!(exclude("SELECT * FROM items(1)", &hide("items")).is_err());
         assert!(exclude("UPDATE items SET v = 1", &hide("items")).is_err());
-        assert!(exclude("SELECT 'pgshard_shadow_filter_0' FROM items", &hide("items")).is_err());
+        assert!(exclude(
+            "SELECT 'pgshard_shadow_filter_0' FROM items",
+            &hide("items")
+        )
+        .is_err());
         // Other tables are left alone.
-        assert_eq!(exclude("SELECT * FROM other", &hide("items")).unwrap(), "SELECT * FROM other");
+        assert_eq!(
+            exclude("SELECT * FROM other", &hide("items")).unwrap(),
+            "SELECT * FROM other"
+        );
     }
 }

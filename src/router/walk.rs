@@ -9,7 +9,11 @@ use sqlparser::ast::*;
 /// How a referenced table is placed.
 #[derive(Debug, Clone)]
 pub(super) enum Placement {
-    Sharded { dist: usize, column: String, hash_column: Option<String> },
+    Sharded {
+        dist: usize,
+        column: String,
+        hash_column: Option<String>,
+    },
     Reference,
     Undeclared,
     /// pg_catalog / information_schema: the same on every shard.
@@ -83,9 +87,15 @@ impl<'m> Walker<'m> {
             return None;
         }
         let placement = match lookup(self.map, &full) {
-            Some(TableRule::Sharded { dist, column, hash_column }) => {
-                Placement::Sharded { dist: *dist, column: column.clone(), hash_column: hash_column.clone() }
-            }
+            Some(TableRule::Sharded {
+                dist,
+                column,
+                hash_column,
+            }) => Placement::Sharded {
+                dist: *dist,
+                column: column.clone(),
+                hash_column: hash_column.clone(),
+            },
             Some(TableRule::Reference) => Placement::Reference,
             None if is_catalog(&full) => Placement::Catalog,
             None => Placement::Undeclared,
@@ -95,7 +105,13 @@ impl<'m> Walker<'m> {
             None => full.rsplit('.').next().unwrap_or(&full).to_string(),
         };
         let id = self.rels.len();
-        self.rels.push(Rel { name: full, binding, placement, nested: self.depth > 1, level: self.scopes.len() });
+        self.rels.push(Rel {
+            name: full,
+            binding,
+            placement,
+            nested: self.depth > 1,
+            level: self.scopes.len(),
+        });
         self.scopes.last_mut().expect("scope").push(id);
         Some(id)
     }
@@ -106,16 +122,27 @@ impl<'m> Walker<'m> {
         let ctes_before = self.ctes.len();
         if let Some(with) = &q.with {
             // Named before walking, so a recursive CTE's reference to itself is not a table.
-            self.ctes.extend(with.cte_tables.iter().map(|c| keys::ident(&c.alias.name)));
+            self.ctes
+                .extend(with.cte_tables.iter().map(|c| keys::ident(&c.alias.name)));
             for cte in &with.cte_tables {
                 self.query(&cte.query);
-                if matches!(*cte.query.body, SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)) {
+                if matches!(
+                    *cte.query.body,
+                    SetExpr::Insert(_)
+                        | SetExpr::Update(_)
+                        | SetExpr::Delete(_)
+                        | SetExpr::Merge(_)
+                ) {
                     self.modifying_cte = true;
                 }
             }
         }
         self.set_expr(&q.body);
-        if let Some(OrderBy { kind: OrderByKind::Expressions(list), .. }) = &q.order_by {
+        if let Some(OrderBy {
+            kind: OrderByKind::Expressions(list),
+            ..
+        }) = &q.order_by
+        {
             for o in list {
                 self.expr(&o.expr);
             }
@@ -132,11 +159,19 @@ impl<'m> Walker<'m> {
                 let before = self.rels.len();
                 self.set_expr(left);
                 self.set_expr(right);
-                self.set_operation |=
-                    self.rels[before..].iter().any(|r| matches!(r.placement, Placement::Sharded { .. }));
+                self.set_operation |= self.rels[before..]
+                    .iter()
+                    .any(|r| matches!(r.placement, Placement::Sharded { .. }));
             }
-            SetExpr::Values(v) => v.rows.iter().flat_map(|r| &r.content).for_each(|e| self.expr(e)),
-            SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
+            SetExpr::Values(v) => v
+                .rows
+                .iter()
+                .flat_map(|r| &r.content)
+                .for_each(|e| self.expr(e)),
+            SetExpr::Insert(st)
+            | SetExpr::Update(st)
+            | SetExpr::Delete(st)
+            | SetExpr::Merge(st) => {
                 self.modifying_cte = true;
                 self.dml(st);
             }
@@ -166,7 +201,9 @@ impl<'m> Walker<'m> {
             }
             Statement::Update(u) => {
                 self.from(std::slice::from_ref(&u.table));
-                if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) = &u.from {
+                if let Some(UpdateTableFromKind::BeforeSet(f) | UpdateTableFromKind::AfterSet(f)) =
+                    &u.from
+                {
                     self.from(f);
                 }
                 u.assignments.iter().for_each(|a| self.expr(&a.value));
@@ -198,7 +235,9 @@ impl<'m> Walker<'m> {
         self.from(&s.from);
         for item in &s.projection {
             match item {
-                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => self.expr(e),
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                    self.expr(e)
+                }
                 _ => {}
             }
         }
@@ -248,13 +287,18 @@ impl<'m> Walker<'m> {
     /// `JOIN b USING (k)`: links b with an earlier table of the scope whose key is k.
     fn using(&mut self, cols: &[ObjectName]) {
         let scope = self.scopes.last().cloned().unwrap_or_default();
-        let Some((&right, earlier)) = scope.split_last() else { return };
+        let Some((&right, earlier)) = scope.split_last() else {
+            return;
+        };
         for c in cols {
             let col = object_name(c);
             if self.key_column(right) != Some(col.as_str()) {
                 continue;
             }
-            if let Some(&left) = earlier.iter().find(|&&l| self.key_column(l) == Some(col.as_str())) {
+            if let Some(&left) = earlier
+                .iter()
+                .find(|&&l| self.key_column(l) == Some(col.as_str()))
+            {
                 self.links.push((left, right));
             }
         }
@@ -267,16 +311,22 @@ impl<'m> Walker<'m> {
                 self.add_table(name, alias.as_ref());
             }
             TableFactor::Derived { subquery, .. } => self.query(subquery),
-            TableFactor::NestedJoin { table_with_joins, .. } => self.from(std::slice::from_ref(table_with_joins)),
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => self.from(std::slice::from_ref(table_with_joins)),
             TableFactor::Function { args, .. } => args.iter().for_each(|a| self.function_arg(a)),
             TableFactor::TableFunction { expr, .. } => self.expr(expr),
-            TableFactor::UNNEST { array_exprs, .. } => array_exprs.iter().for_each(|e| self.expr(e)),
+            TableFactor::UNNEST { array_exprs, .. } => {
+                array_exprs.iter().for_each(|e| self.expr(e))
+            }
             _ => {}
         }
     }
 
     fn function_arg(&mut self, a: &FunctionArg) {
-        let (FunctionArg::Named { arg, .. } | FunctionArg::ExprNamed { arg, .. } | FunctionArg::Unnamed(arg)) = a;
+        let (FunctionArg::Named { arg, .. }
+        | FunctionArg::ExprNamed { arg, .. }
+        | FunctionArg::Unnamed(arg)) = a;
         if let FunctionArgExpr::Expr(e) = arg {
             self.expr(e);
         }
@@ -289,7 +339,10 @@ impl<'m> Walker<'m> {
         conjuncts(e, &mut cs);
         for c in cs {
             if let Some((a, b)) = column_equality(c) {
-                if let (Some(x), Some(y)) = (self.resolve(&a.0, &a.1, false), self.resolve(&b.0, &b.1, false)) {
+                if let (Some(x), Some(y)) = (
+                    self.resolve(&a.0, &a.1, false),
+                    self.resolve(&b.0, &b.1, false),
+                ) {
                     self.links.push((x, y));
                     continue;
                 }
@@ -301,9 +354,10 @@ impl<'m> Walker<'m> {
                     let here = |r: &usize| self.scopes.last().is_some_and(|s| s.contains(r));
                     if let Some(r) = self.resolve(&p.qual, &p.column, false).filter(here) {
                         self.pins.push((r, p.keys));
-                    } else if let (Some(r), [k]) =
-                        (self.resolve(&p.qual, &p.column, true).filter(here), p.keys.as_slice())
-                    {
+                    } else if let (Some(r), [k]) = (
+                        self.resolve(&p.qual, &p.column, true).filter(here),
+                        p.keys.as_slice(),
+                    ) {
                         self.within.push((r, k.clone()));
                     }
                     continue;
@@ -348,7 +402,11 @@ impl<'m> Walker<'m> {
     /// looking from the innermost scope outwards.
     pub fn resolve(&self, qual: &Option<String>, col: &str, hash: bool) -> Option<usize> {
         let matches = |r: usize| match &self.rels[r].placement {
-            Placement::Sharded { column, hash_column, .. } => {
+            Placement::Sharded {
+                column,
+                hash_column,
+                ..
+            } => {
                 if hash {
                     hash_column.as_deref() == Some(col)
                 } else {
@@ -360,7 +418,10 @@ impl<'m> Walker<'m> {
         for scope in self.scopes.iter().rev() {
             match qual {
                 Some(q) => {
-                    if let Some(&r) = scope.iter().find(|&&r| &self.rels[r].binding == q || &self.rels[r].name == q) {
+                    if let Some(&r) = scope
+                        .iter()
+                        .find(|&&r| &self.rels[r].binding == q || &self.rels[r].name == q)
+                    {
                         return matches(r).then_some(r);
                     }
                 }
@@ -402,7 +463,9 @@ impl<'m> Walker<'m> {
             | Expr::IsFalse(expr)
             | Expr::IsNotTrue(expr)
             | Expr::IsNotFalse(expr) => self.expr(expr),
-            Expr::Between { expr, low, high, .. } => {
+            Expr::Between {
+                expr, low, high, ..
+            } => {
                 self.expr(expr);
                 self.expr(low);
                 self.expr(high);
@@ -424,7 +487,12 @@ impl<'m> Walker<'m> {
                     self.expr(filter);
                 }
             }
-            Expr::Case { operand, conditions, else_result, .. } => {
+            Expr::Case {
+                operand,
+                conditions,
+                else_result,
+                ..
+            } => {
                 if let Some(o) = operand {
                     self.expr(o);
                 }
@@ -458,7 +526,11 @@ pub(super) fn is_catalog(name: &str) -> bool {
         None => (None, name),
     };
     match schema {
-        Some(s) => s == "pg_catalog" || s == "information_schema" || (s.starts_with("pg_") && table.starts_with("pg_")),
+        Some(s) => {
+            s == "pg_catalog"
+                || s == "information_schema"
+                || (s.starts_with("pg_") && table.starts_with("pg_"))
+        }
         None => table.starts_with("pg_"),
     }
 }
@@ -467,9 +539,24 @@ pub(super) fn is_catalog(name: &str) -> bool {
 /// refuse them (25006), so statements calling them run on the primary.
 fn is_writing_function(name: &str) -> bool {
     const EXACT: &[&str] = &[
-        "nextval", "setval", "pg_notify", "set_config", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
-        "lo_unlink", "lo_from_bytea", "lo_put", "pg_switch_wal", "pg_create_restore_point", "pg_reload_conf",
-        "pg_terminate_backend", "pg_cancel_backend", "pg_drop_replication_slot", "pg_replication_origin_create",
+        "nextval",
+        "setval",
+        "pg_notify",
+        "set_config",
+        "txid_current",
+        "pg_current_xact_id",
+        "lo_create",
+        "lo_import",
+        "lo_unlink",
+        "lo_from_bytea",
+        "lo_put",
+        "pg_switch_wal",
+        "pg_create_restore_point",
+        "pg_reload_conf",
+        "pg_terminate_backend",
+        "pg_cancel_backend",
+        "pg_drop_replication_slot",
+        "pg_replication_origin_create",
         "dblink_exec",
     ];
     let n = name.to_ascii_lowercase();

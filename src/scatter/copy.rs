@@ -60,7 +60,15 @@ pub struct CopySplitter {
 impl CopySplitter {
     /// A splitter for the given COPY options; `key_column` is the 0-based field holding the
     /// sharding key, `null` the NULL string (`\N` in text, empty in CSV by default).
-    pub fn new(format: CopyFormat, delimiter: u8, quote: u8, escape: u8, header: bool, null: Vec<u8>, key_column: usize) -> Self {
+    pub fn new(
+        format: CopyFormat,
+        delimiter: u8,
+        quote: u8,
+        escape: u8,
+        header: bool,
+        null: Vec<u8>,
+        key_column: usize,
+    ) -> Self {
         CopySplitter {
             format,
             delimiter,
@@ -147,7 +155,10 @@ impl CopySplitter {
             return Ok(());
         }
         if self.in_quotes {
-            return Err(CopySplitError::Malformed { row: self.rows + 1, reason: "unterminated CSV quoted field".into() });
+            return Err(CopySplitError::Malformed {
+                row: self.rows + 1,
+                reason: "unterminated CSV quoted field".into(),
+            });
         }
         let mut row = std::mem::take(&mut self.pending);
         row.push(b'\n');
@@ -155,7 +166,10 @@ impl CopySplitter {
     }
 
     fn too_long<E>(&self) -> CopySplitError<E> {
-        CopySplitError::RowTooLong { row: self.rows + 1, limit: self.max_row }
+        CopySplitError::RowTooLong {
+            row: self.rows + 1,
+            limit: self.max_row,
+        }
     }
 
     /// Advances the scanner over one byte; true if it ends a row.
@@ -262,7 +276,10 @@ impl CopySplitter {
             while i < line.len() {
                 let c = line[i];
                 if in_quotes {
-                    if c == self.escape && i + 1 < line.len() && (line[i + 1] == self.quote || line[i + 1] == self.escape) {
+                    if c == self.escape
+                        && i + 1 < line.len()
+                        && (line[i + 1] == self.quote || line[i + 1] == self.escape)
+                    {
                         value.push(line[i + 1]);
                         i += 2;
                         continue;
@@ -287,7 +304,11 @@ impl CopySplitter {
                 if !quoted && raw == self.null.as_slice() {
                     return Some(None);
                 }
-                return Some(Some(if quoted { Cow::Owned(value) } else { Cow::Borrowed(raw) }));
+                return Some(Some(if quoted {
+                    Cow::Owned(value)
+                } else {
+                    Cow::Borrowed(raw)
+                }));
             }
             if i >= line.len() {
                 return None;

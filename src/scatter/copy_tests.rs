@@ -27,7 +27,15 @@ fn split(s: &mut CopySplitter, data: &[u8], cut: usize) -> (Vec<Option<Vec<u8>>>
 }
 
 fn text(key: usize) -> CopySplitter {
-    CopySplitter::new(CopyFormat::Text, b'\t', b'"', b'"', false, b"\\N".to_vec(), key)
+    CopySplitter::new(
+        CopyFormat::Text,
+        b'\t',
+        b'"',
+        b'"',
+        false,
+        b"\\N".to_vec(),
+        key,
+    )
 }
 
 fn csv(key: usize, header: bool) -> CopySplitter {
@@ -45,10 +53,18 @@ fn text_rows_at_every_cut() {
     for cut in 0..=data.len() {
         let mut s = text(0);
         let (keys, shards) = split(&mut s, data, cut);
-        assert_eq!(keys, vec![k(b"1"), k(b"2\t"), None, k(b"ABc"), k(b"\\N")], "cut {cut}");
+        assert_eq!(
+            keys,
+            vec![k(b"1"), k(b"2\t"), None, k(b"ABc"), k(b"\\N")],
+            "cut {cut}"
+        );
         assert_eq!(s.rows(), 5);
         let all: Vec<u8> = shards.concat();
-        assert_eq!(all.len(), data.len() + 1, "every byte forwarded once, plus the final newline");
+        assert_eq!(
+            all.len(),
+            data.len() + 1,
+            "every byte forwarded once, plus the final newline"
+        );
         assert_eq!(&shards[1][..], "1\tcafé\n\\101\\x42c\t\\\\\n".as_bytes());
     }
 }
@@ -78,7 +94,11 @@ fn csv_quotes_header_and_nulls_at_every_cut() {
     for cut in 0..=data.len() {
         let mut s = csv(0, true);
         let (keys, shards) = split(&mut s, data, cut);
-        assert_eq!(keys, vec![k(b"a,1"), None, k(b""), k(b"x\"y"), k(b"plain")], "cut {cut}");
+        assert_eq!(
+            keys,
+            vec![k(b"a,1"), None, k(b""), k(b"x\"y"), k(b"plain")],
+            "cut {cut}"
+        );
         assert_eq!(s.rows(), 5);
         // The header went nowhere.
         assert_eq!(shards.concat().len(), data.len() - b"id,name\n".len() + 1);
@@ -87,24 +107,54 @@ fn csv_quotes_header_and_nulls_at_every_cut() {
 
 #[test]
 fn csv_key_in_second_column_with_backslash_escape() {
-    let mut s = CopySplitter::new(CopyFormat::Csv, b';', b'\'', b'\\', false, b"NULL".to_vec(), 1);
+    let mut s = CopySplitter::new(
+        CopyFormat::Csv,
+        b';',
+        b'\'',
+        b'\\',
+        false,
+        b"NULL".to_vec(),
+        1,
+    );
     let data = b"1;'it\\'s';x\n2;NULL\n3;'NULL'\n4;'a\\b'\n";
     for cut in 0..=data.len() {
-        let mut s2 = CopySplitter::new(CopyFormat::Csv, b';', b'\'', b'\\', false, b"NULL".to_vec(), 1);
+        let mut s2 = CopySplitter::new(
+            CopyFormat::Csv,
+            b';',
+            b'\'',
+            b'\\',
+            false,
+            b"NULL".to_vec(),
+            1,
+        );
         let (keys, _) = split(&mut s2, data, cut);
-        assert_eq!(keys, vec![k(b"it's"), None, k(b"NULL"), k(b"a\\b")], "cut {cut}");
+        assert_eq!(
+            keys,
+            vec![k(b"it's"), None, k(b"NULL"), k(b"a\\b")],
+            "cut {cut}"
+        );
     }
     let err = s.feed::<String>(b"5\n", |_| Ok(0), |_, _| {}).unwrap_err();
-    assert!(matches!(err, CopySplitError::Malformed { row: 1, .. }), "{err}");
+    assert!(
+        matches!(err, CopySplitError::Malformed { row: 1, .. }),
+        "{err}"
+    );
 }
 
 #[test]
 fn long_rows_and_placement_errors() {
     let mut s = text(0).with_max_row(8);
-    let err = s.feed::<String>(b"12345", |_| Ok(0), |_, _| {}).and_then(|_| s.feed::<String>(b"6789", |_| Ok(0), |_, _| {}));
-    assert!(matches!(err, Err(CopySplitError::RowTooLong { row: 1, limit: 8 })));
+    let err = s
+        .feed::<String>(b"12345", |_| Ok(0), |_, _| {})
+        .and_then(|_| s.feed::<String>(b"6789", |_| Ok(0), |_, _| {}));
+    assert!(matches!(
+        err,
+        Err(CopySplitError::RowTooLong { row: 1, limit: 8 })
+    ));
     let mut s = text(0);
-    let err = s.feed(b"k\n", |_| Err("no shard for k"), |_, _| {}).unwrap_err();
+    let err = s
+        .feed(b"k\n", |_| Err("no shard for k"), |_, _| {})
+        .unwrap_err();
     assert_eq!(err.to_string(), "no shard for k");
     let mut s = csv(0, false);
     s.feed::<String>(b"\"open\n", |_| Ok(0), |_, _| {}).unwrap();

@@ -15,7 +15,11 @@ pub enum Numeric {
     /// `digits` are ASCII decimal digits without leading zeros (empty for zero) holding the
     /// value times 10^scale; `scale` is the display scale (digits after the point), kept
     /// because PostgreSQL's output and division depend on it.
-    Finite { negative: bool, digits: Vec<u8>, scale: usize },
+    Finite {
+        negative: bool,
+        digits: Vec<u8>,
+        scale: usize,
+    },
 }
 
 impl Numeric {
@@ -45,7 +49,11 @@ impl Numeric {
         let mut digits: Vec<u8> = int.iter().chain(frac).copied().collect();
         strip_leading_zeros(&mut digits);
         let negative = negative && !digits.is_empty();
-        Some(Numeric::Finite { negative, digits, scale: frac.len() })
+        Some(Numeric::Finite {
+            negative,
+            digits,
+            scale: frac.len(),
+        })
     }
 
     /// Formats as PostgreSQL prints it (display scale kept, no exponent).
@@ -54,7 +62,11 @@ impl Numeric {
             Numeric::NaN => b"NaN".to_vec(),
             Numeric::PosInf => b"Infinity".to_vec(),
             Numeric::NegInf => b"-Infinity".to_vec(),
-            Numeric::Finite { negative, digits, scale } => {
+            Numeric::Finite {
+                negative,
+                digits,
+                scale,
+            } => {
                 let mut out = Vec::with_capacity(digits.len() + 3);
                 if *negative {
                     out.push(b'-');
@@ -83,7 +95,18 @@ impl Numeric {
             NaN => 3,
         };
         match (self, other) {
-            (Finite { negative: na, digits: da, scale: sa }, Finite { negative: nb, digits: db, scale: sb }) => {
+            (
+                Finite {
+                    negative: na,
+                    digits: da,
+                    scale: sa,
+                },
+                Finite {
+                    negative: nb,
+                    digits: db,
+                    scale: sb,
+                },
+            ) => {
                 let mag = cmp_magnitude(da, *sa, db, *sb);
                 match (na, nb) {
                     (false, false) => mag,
@@ -103,18 +126,45 @@ impl Numeric {
             (NaN, _) | (_, NaN) | (PosInf, NegInf) | (NegInf, PosInf) => NaN,
             (PosInf, _) | (_, PosInf) => PosInf,
             (NegInf, _) | (_, NegInf) => NegInf,
-            (Finite { negative: na, digits: da, scale: sa }, Finite { negative: nb, digits: db, scale: sb }) => {
+            (
+                Finite {
+                    negative: na,
+                    digits: da,
+                    scale: sa,
+                },
+                Finite {
+                    negative: nb,
+                    digits: db,
+                    scale: sb,
+                },
+            ) => {
                 let scale = (*sa).max(*sb);
                 let a = rescale(da, *sa, scale);
                 let b = rescale(db, *sb, scale);
                 if na == nb {
                     let digits = add_digits(&a, &b);
-                    return Finite { negative: *na && !digits.is_empty(), digits, scale };
+                    return Finite {
+                        negative: *na && !digits.is_empty(),
+                        digits,
+                        scale,
+                    };
                 }
                 match cmp_digits(&a, &b) {
-                    Ordering::Equal => Finite { negative: false, digits: Vec::new(), scale },
-                    Ordering::Greater => Finite { negative: *na, digits: sub_digits(&a, &b), scale },
-                    Ordering::Less => Finite { negative: *nb, digits: sub_digits(&b, &a), scale },
+                    Ordering::Equal => Finite {
+                        negative: false,
+                        digits: Vec::new(),
+                        scale,
+                    },
+                    Ordering::Greater => Finite {
+                        negative: *na,
+                        digits: sub_digits(&a, &b),
+                        scale,
+                    },
+                    Ordering::Less => Finite {
+                        negative: *nb,
+                        digits: sub_digits(&b, &a),
+                        scale,
+                    },
                 }
             }
         }
@@ -123,7 +173,12 @@ impl Numeric {
     /// `self / count` with numeric_div's result scale and rounding (half away from zero),
     /// which is how PostgreSQL's avg finishes for integer and numeric input.
     pub fn div_count(&self, count: u64) -> Option<Numeric> {
-        let Numeric::Finite { negative, digits, scale } = self else {
+        let Numeric::Finite {
+            negative,
+            digits,
+            scale,
+        } = self
+        else {
             return Some(self.clone());
         };
         if count == 0 {
@@ -132,7 +187,10 @@ impl Numeric {
         let rscale = div_scale(digits, *scale, count);
         // digits / 10^scale / count at rscale digits, plus one guard digit for rounding.
         let mut num = digits.clone();
-        num.extend(std::iter::repeat_n(b'0', rscale + 1 - (*scale).min(rscale + 1)));
+        num.extend(std::iter::repeat_n(
+            b'0',
+            rscale + 1 - (*scale).min(rscale + 1),
+        ));
         let drop = (*scale).saturating_sub(rscale + 1);
         num.truncate(num.len().saturating_sub(drop));
         let (mut q, _) = div_small(&num, count as u128);
@@ -141,7 +199,11 @@ impl Numeric {
             q = add_digits(&q, b"1");
         }
         strip_leading_zeros(&mut q);
-        Some(Numeric::Finite { negative: *negative && !q.is_empty(), digits: q, scale: rscale })
+        Some(Numeric::Finite {
+            negative: *negative && !q.is_empty(),
+            digits: q,
+            scale: rscale,
+        })
     }
 }
 
@@ -273,7 +335,10 @@ mod tests {
     #[test]
     fn adds_exactly() {
         assert_eq!(f(&n("0.1").add(&n("0.2"))), "0.3");
-        assert_eq!(f(&n("9223372036854775807").add(&n("9223372036854775807"))), "18446744073709551614");
+        assert_eq!(
+            f(&n("9223372036854775807").add(&n("9223372036854775807"))),
+            "18446744073709551614"
+        );
         assert_eq!(f(&n("1.50").add(&n("-1.5"))), "0.00");
         assert_eq!(f(&n("-3").add(&n("1.25"))), "-1.75");
         assert_eq!(f(&n("0.001").add(&n("-0.01"))), "-0.009");
@@ -284,13 +349,36 @@ mod tests {
 
     #[test]
     fn compares_like_postgres() {
-        let mut v: Vec<Numeric> = ["NaN", "10", "-Infinity", "9.99", "-10.5", "0", "Infinity", "10.000", "-2"]
-            .iter()
-            .map(|s| n(s))
-            .collect();
+        let mut v: Vec<Numeric> = [
+            "NaN",
+            "10",
+            "-Infinity",
+            "9.99",
+            "-10.5",
+            "0",
+            "Infinity",
+            "10.000",
+            "-2",
+        ]
+        .iter()
+        .map(|s| n(s))
+        .collect();
         v.sort_by(|a, b| a.cmp_value(b));
         let s: Vec<String> = v.iter().map(f).collect();
-        assert_eq!(s, ["-Infinity", "-10.5", "-2", "0", "9.99", "10", "10.000", "Infinity", "NaN"]);
+        assert_eq!(
+            s,
+            [
+                "-Infinity",
+                "-10.5",
+                "-2",
+                "0",
+                "9.99",
+                "10",
+                "10.000",
+                "Infinity",
+                "NaN"
+            ]
+        );
         assert_eq!(n("10").cmp_value(&n("10.000")), Ordering::Equal);
     }
 

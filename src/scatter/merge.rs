@@ -86,7 +86,10 @@ impl Merger {
 
     /// Rows go out untouched: no need to index their columns.
     fn plain_passthrough(&self) -> bool {
-        self.groups.is_none() && self.spec.order_by.is_empty() && !self.spec.distinct && self.spec.hidden_columns == 0
+        self.groups.is_none()
+            && self.spec.order_by.is_empty()
+            && !self.spec.distinct
+            && self.spec.hidden_columns == 0
     }
 
     fn ordered(&self) -> bool {
@@ -97,7 +100,9 @@ impl Merger {
     /// merges need the shard whose head row is missing; otherwise the lowest unfinished one.
     pub fn next_needed(&self) -> Option<usize> {
         if self.ordered() && !self.limit_reached() {
-            if let Some(i) = (0..self.finished.len()).find(|&i| !self.finished[i] && self.queues[i].is_empty()) {
+            if let Some(i) =
+                (0..self.finished.len()).find(|&i| !self.finished[i] && self.queues[i].is_empty())
+            {
                 return Some(i);
             }
         }
@@ -106,7 +111,9 @@ impl Merger {
 
     /// Whether a message from `shard` can be pushed now without buffering more than its head.
     pub fn accepts(&self, shard: usize) -> bool {
-        let Some(&finished) = self.finished.get(shard) else { return false };
+        let Some(&finished) = self.finished.get(shard) else {
+            return false;
+        };
         !finished && (!self.ordered() || self.limit_reached() || self.queues[shard].is_empty())
     }
 
@@ -124,8 +131,14 @@ impl Merger {
     /// Supplies the row shape when the shards will not send a RowDescription (extended
     /// protocol: the statement was described earlier). `result_formats` are the Bind's result
     /// format codes (empty = all text, one = for all columns). Nothing is sent to the client.
-    pub fn describe(&mut self, row_description: &[u8], result_formats: &[i16]) -> Result<(), MergeError> {
-        let body = row_description.get(5..).ok_or_else(|| MergeError::Mismatch("short RowDescription".into()))?;
+    pub fn describe(
+        &mut self,
+        row_description: &[u8],
+        result_formats: &[i16],
+    ) -> Result<(), MergeError> {
+        let body = row_description
+            .get(5..)
+            .ok_or_else(|| MergeError::Mismatch("short RowDescription".into()))?;
         let mut fields = wire::parse_row_description(body)?;
         for (i, f) in fields.iter_mut().enumerate() {
             f.format = match result_formats {
@@ -141,8 +154,13 @@ impl Merger {
 
     /// The RowDescription a client should see for a shard's one (hidden columns dropped, avg
     /// columns retyped), e.g. to answer a Describe of a multi-shard statement.
-    pub fn client_row_description(spec: &MergeSpec, row_description: &[u8]) -> Result<BytesMut, MergeError> {
-        let body = row_description.get(5..).ok_or_else(|| MergeError::Mismatch("short RowDescription".into()))?;
+    pub fn client_row_description(
+        spec: &MergeSpec,
+        row_description: &[u8],
+    ) -> Result<BytesMut, MergeError> {
+        let body = row_description
+            .get(5..)
+            .ok_or_else(|| MergeError::Mismatch("short RowDescription".into()))?;
         let mut out = BytesMut::new();
         Merger::new(spec.clone(), 1).row_description(body, &mut out)?;
         Ok(out)
@@ -154,10 +172,16 @@ impl Merger {
             return Err(MergeError::Mismatch(format!("no shard {shard}")));
         }
         if self.finished[shard] {
-            return Err(MergeError::Mismatch(format!("shard {shard} sent a message after its end")));
+            return Err(MergeError::Mismatch(format!(
+                "shard {shard} sent a message after its end"
+            )));
         }
-        let tag = *msg.first().ok_or_else(|| MergeError::Mismatch("empty message".into()))?;
-        let body = msg.get(5..).ok_or_else(|| MergeError::Mismatch("short message".into()))?;
+        let tag = *msg
+            .first()
+            .ok_or_else(|| MergeError::Mismatch("empty message".into()))?;
+        let body = msg
+            .get(5..)
+            .ok_or_else(|| MergeError::Mismatch("short message".into()))?;
         match tag {
             b'D' if self.plain_passthrough() => {
                 self.rows_in += 1;
@@ -199,7 +223,12 @@ impl Merger {
             b'1' | b'2' | b'3' | b'n' | b't' | b'G' => self.once(shard, msg, out),
             // Session state reports are the driver's business, not part of this response.
             b'S' => {}
-            other => return Err(MergeError::Unsupported(format!("backend message '{}' in a multi-shard response", other as char))),
+            other => {
+                return Err(MergeError::Unsupported(format!(
+                    "backend message '{}' in a multi-shard response",
+                    other as char
+                )))
+            }
         }
         Ok(())
     }
@@ -207,7 +236,9 @@ impl Merger {
     /// After every shard finished: the remaining rows and the one completion message.
     pub fn finish(&mut self, out: &mut BytesMut) -> Result<(), MergeError> {
         if let Some(i) = self.finished.iter().position(|f| !f) {
-            return Err(MergeError::Mismatch(format!("finish before shard {i} completed")));
+            return Err(MergeError::Mismatch(format!(
+                "finish before shard {i} completed"
+            )));
         }
         if self.ordered() {
             self.drain_ordered(out)?;
@@ -216,7 +247,11 @@ impl Merger {
             let types = match &self.types {
                 Some(t) => t.clone(),
                 None if self.rows_in == 0 => Vec::new(),
-                None => return Err(MergeError::Unsupported("aggregate rows without a row description".into())),
+                None => {
+                    return Err(MergeError::Unsupported(
+                        "aggregate rows without a row description".into(),
+                    ))
+                }
             };
             let mut rows = groups.finish(&types)?;
             self.sort_values(&mut rows, &types)?;
@@ -246,9 +281,14 @@ impl Merger {
         let mut fields = wire::parse_row_description(body)?;
         if let Some(types) = &self.types {
             let same = types.len() == fields.len()
-                && types.iter().zip(&fields).all(|(t, f)| t.oid == f.type_oid && t.binary == (f.format == 1));
+                && types
+                    .iter()
+                    .zip(&fields)
+                    .all(|(t, f)| t.oid == f.type_oid && t.binary == (f.format == 1));
             if !same {
-                return Err(MergeError::Mismatch("shards returned different row descriptions".into()));
+                return Err(MergeError::Mismatch(
+                    "shards returned different row descriptions".into(),
+                ));
             }
             if self.description_sent {
                 return Ok(());
@@ -264,15 +304,25 @@ impl Merger {
     /// Records the column types, checks the merge can work on them, and adjusts `fields` to
     /// what the client sees (avg types, hidden columns counted out of `visible`).
     fn set_types(&mut self, fields: &mut [Field]) -> Result<(), MergeError> {
-        let types: Vec<ColType> = fields.iter().map(|f| ColType::new(f.type_oid, f.format)).collect();
+        let types: Vec<ColType> = fields
+            .iter()
+            .map(|f| ColType::new(f.type_oid, f.format))
+            .collect();
         for k in &self.spec.order_by {
-            let t = types.get(k.column).ok_or_else(|| MergeError::Mismatch(format!("ORDER BY column {} is missing", k.column)))?;
+            let t = types.get(k.column).ok_or_else(|| {
+                MergeError::Mismatch(format!("ORDER BY column {} is missing", k.column))
+            })?;
             // Aggregated avg columns are ordered by their output type, checked below.
             let is_avg = self.spec.aggregate.as_ref().is_some_and(|a| {
-                a.aggregates.iter().any(|g| g.column == k.column && matches!(g.kind, super::spec::AggKind::Avg { .. }))
+                a.aggregates.iter().any(|g| {
+                    g.column == k.column && matches!(g.kind, super::spec::AggKind::Avg { .. })
+                })
             });
             if !t.comparable() && !is_avg {
-                return Err(MergeError::Unsupported(format!("ORDER BY on type oid {} (format {})", t.oid, t.binary as i16)));
+                return Err(MergeError::Unsupported(format!(
+                    "ORDER BY on type oid {} (format {})",
+                    t.oid, t.binary as i16
+                )));
             }
         }
         if let Some(g) = &self.groups {
@@ -292,11 +342,17 @@ impl Merger {
         }
         if let Some(types) = &self.types {
             if types.len() != row.len() {
-                return Err(MergeError::Mismatch(format!("a row of {} columns for a description of {}", row.len(), types.len())));
+                return Err(MergeError::Mismatch(format!(
+                    "a row of {} columns for a description of {}",
+                    row.len(),
+                    types.len()
+                )));
             }
         }
         if let Some(groups) = &mut self.groups {
-            let types = self.types.as_deref().ok_or_else(|| MergeError::Unsupported("aggregate rows without a row description".into()))?;
+            let types = self.types.as_deref().ok_or_else(|| {
+                MergeError::Unsupported("aggregate rows without a row description".into())
+            })?;
             return groups.fold(&row, types);
         }
         if !self.ordered() {
@@ -304,7 +360,9 @@ impl Merger {
             return Ok(());
         }
         if self.types.is_none() {
-            return Err(MergeError::Unsupported("ordered rows without a row description".into()));
+            return Err(MergeError::Unsupported(
+                "ordered rows without a row description".into(),
+            ));
         }
         if !self.limit_reached() {
             self.queues[shard].push_back(row);
@@ -320,17 +378,22 @@ impl Merger {
                 self.queues.iter_mut().for_each(VecDeque::clear);
                 return Ok(());
             }
-            let waiting = (0..self.queues.len()).any(|i| self.queues[i].is_empty() && !self.finished[i]);
+            let waiting =
+                (0..self.queues.len()).any(|i| self.queues[i].is_empty() && !self.finished[i]);
             if waiting {
                 return Ok(());
             }
             let mut best: Option<usize> = None;
             for i in 0..self.queues.len() {
-                let Some(row) = self.queues[i].front() else { continue };
+                let Some(row) = self.queues[i].front() else {
+                    continue;
+                };
                 let better = match best {
                     None => true,
                     // Strictly less keeps ties in shard order, so the merge is deterministic.
-                    Some(b) => self.cmp_rows(row, self.queues[b].front().expect("head"))?.is_lt(),
+                    Some(b) => self
+                        .cmp_rows(row, self.queues[b].front().expect("head"))?
+                        .is_lt(),
                 };
                 if better {
                     best = Some(i);
@@ -355,8 +418,14 @@ impl Merger {
         let mut out_types = types.to_vec();
         if let Some(a) = &self.spec.aggregate {
             for g in &a.aggregates {
-                if let (super::spec::AggKind::Avg { .. }, Some(t)) = (g.kind, out_types.get_mut(g.column)) {
-                    let oid = if t.kind == super::values::Kind::Float8 { super::values::oid::FLOAT8 } else { super::values::oid::NUMERIC };
+                if let (super::spec::AggKind::Avg { .. }, Some(t)) =
+                    (g.kind, out_types.get_mut(g.column))
+                {
+                    let oid = if t.kind == super::values::Kind::Float8 {
+                        super::values::oid::FLOAT8
+                    } else {
+                        super::values::oid::NUMERIC
+                    };
                     *t = ColType::new(oid, 0);
                 }
             }
@@ -403,12 +472,30 @@ fn cmp_by_keys<'a, 'b>(
     for k in keys {
         let ord = match (a(k.column), b(k.column)) {
             (None, None) => Equal,
-            (None, Some(_)) => if k.nulls_first { Less } else { Greater },
-            (Some(_), None) => if k.nulls_first { Greater } else { Less },
+            (None, Some(_)) => {
+                if k.nulls_first {
+                    Less
+                } else {
+                    Greater
+                }
+            }
+            (Some(_), None) => {
+                if k.nulls_first {
+                    Greater
+                } else {
+                    Less
+                }
+            }
             (Some(x), Some(y)) => {
-                let t = types.get(k.column).ok_or_else(|| MergeError::Mismatch("ORDER BY column missing".into()))?;
+                let t = types
+                    .get(k.column)
+                    .ok_or_else(|| MergeError::Mismatch("ORDER BY column missing".into()))?;
                 let o = t.compare(x, y)?;
-                if k.descending { o.reverse() } else { o }
+                if k.descending {
+                    o.reverse()
+                } else {
+                    o
+                }
             }
         };
         if ord != Equal {

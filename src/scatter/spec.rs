@@ -57,5 +57,7 @@ pub enum AggKind {
     BoolOr,
     /// avg(x), sent to the shards as sum(x) in this column plus count(x) in `count_column`
     /// (a hidden column); the merged value is sum/count.
-    Avg { count_column: usize },
+    Avg {
+        count_column: usize,
+    },
 }

@@ -21,12 +21,16 @@ pub struct Tags {
 }
 
 /// Commands whose tag ends in a row count that adds up across shards.
-const COUNTED: [&str; 8] = ["SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "FETCH", "MOVE"];
+const COUNTED: [&str; 8] = [
+    "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "FETCH", "MOVE",
+];
 
 impl Tags {
     /// Nothing recorded yet for `shards` shards.
     pub fn new(shards: usize) -> Tags {
-        Tags { ends: vec![End::Pending; shards] }
+        Tags {
+            ends: vec![End::Pending; shards],
+        }
     }
 
     /// Records a CommandComplete ('C'), EmptyQueryResponse ('I') or PortalSuspended ('s').
@@ -61,25 +65,38 @@ impl Tags {
         let mut tags = Vec::with_capacity(self.ends.len());
         for e in &self.ends {
             match e {
-                End::Complete(t) => tags.push(std::str::from_utf8(t).map_err(|_| mismatch("a non-UTF-8 command tag"))?),
-                _ => return Err(mismatch("some shards completed the statement and others did not")),
+                End::Complete(t) => tags
+                    .push(std::str::from_utf8(t).map_err(|_| mismatch("a non-UTF-8 command tag"))?),
+                _ => {
+                    return Err(mismatch(
+                        "some shards completed the statement and others did not",
+                    ))
+                }
             }
         }
-        let Some(first) = tags.first() else { return Ok(()) };
+        let Some(first) = tags.first() else {
+            return Ok(());
+        };
         let (command, _) = first.split_once(' ').unwrap_or((first, ""));
         let counted = COUNTED.contains(&command) && first.rsplit(' ').next().is_some_and(is_count);
         if !counted {
             if tags.iter().any(|t| t != first) {
-                return Err(mismatch(&format!("shards completed with different commands ({first} / ...)")));
+                return Err(mismatch(&format!(
+                    "shards completed with different commands ({first} / ...)"
+                )));
             }
             wire::put_command_complete(out, first.as_bytes());
             return Ok(());
         }
         let mut total: u64 = 0;
         for t in &tags {
-            let (c, n) = t.rsplit_once(' ').ok_or_else(|| mismatch("command tag without a count"))?;
+            let (c, n) = t
+                .rsplit_once(' ')
+                .ok_or_else(|| mismatch("command tag without a count"))?;
             if c.split(' ').next() != Some(command) || !is_count(n) {
-                return Err(mismatch(&format!("shards completed with different commands ({first} / {t})")));
+                return Err(mismatch(&format!(
+                    "shards completed with different commands ({first} / {t})"
+                )));
             }
             total = total.saturating_add(n.parse().unwrap_or(u64::MAX));
         }
@@ -88,7 +105,11 @@ impl Tags {
             _ => total,
         };
         // INSERT's middle field is the long-gone OID, always 0 on current servers.
-        let tag = if command == "INSERT" { format!("INSERT 0 {n}") } else { format!("{command} {n}") };
+        let tag = if command == "INSERT" {
+            format!("INSERT 0 {n}")
+        } else {
+            format!("{command} {n}")
+        };
         wire::put_command_complete(out, tag.as_bytes());
         Ok(())
     }

@@ -82,7 +82,11 @@ impl ColType {
             oid::UUID => Kind::Uuid,
             _ => Kind::Other,
         };
-        ColType { oid: type_oid, binary, kind }
+        ColType {
+            oid: type_oid,
+            binary,
+            kind,
+        }
     }
 
     /// Whether values of this column can be ordered.
@@ -92,27 +96,48 @@ impl ColType {
 
     /// Orders two non-NULL values as PostgreSQL's default btree operator class would.
     pub fn compare(&self, a: &[u8], b: &[u8]) -> Result<Ordering, MergeError> {
-        let bad = || MergeError::Unsupported(format!("cannot interpret a value of type oid {} for merging", self.oid));
+        let bad = || {
+            MergeError::Unsupported(format!(
+                "cannot interpret a value of type oid {} for merging",
+                self.oid
+            ))
+        };
         Ok(match (self.kind, self.binary) {
             (Kind::Int | Kind::Date | Kind::Timestamp | Kind::TimestampTz, true) => {
                 // Binary dates and timestamps are integers whose infinities are the extremes.
-                self.int(a).ok_or_else(bad)?.cmp(&self.int(b).ok_or_else(bad)?)
+                self.int(a)
+                    .ok_or_else(bad)?
+                    .cmp(&self.int(b).ok_or_else(bad)?)
             }
-            (Kind::Int, false) => self.int(a).ok_or_else(bad)?.cmp(&self.int(b).ok_or_else(bad)?),
-            (Kind::Float4 | Kind::Float8, _) => cmp_float(self.float(a).ok_or_else(bad)?, self.float(b).ok_or_else(bad)?),
-            (Kind::Numeric, _) => {
-                Numeric::parse(a).ok_or_else(bad)?.cmp_value(&Numeric::parse(b).ok_or_else(bad)?)
-            }
+            (Kind::Int, false) => self
+                .int(a)
+                .ok_or_else(bad)?
+                .cmp(&self.int(b).ok_or_else(bad)?),
+            (Kind::Float4 | Kind::Float8, _) => cmp_float(
+                self.float(a).ok_or_else(bad)?,
+                self.float(b).ok_or_else(bad)?,
+            ),
+            (Kind::Numeric, _) => Numeric::parse(a)
+                .ok_or_else(bad)?
+                .cmp_value(&Numeric::parse(b).ok_or_else(bad)?),
             (Kind::Bytes, _) => a.cmp(b),
             (Kind::Bpchar, _) => trim_spaces(a).cmp(trim_spaces(b)),
-            (Kind::Bool, _) => self.bool(a).ok_or_else(bad)?.cmp(&self.bool(b).ok_or_else(bad)?),
+            (Kind::Bool, _) => self
+                .bool(a)
+                .ok_or_else(bad)?
+                .cmp(&self.bool(b).ok_or_else(bad)?),
             (Kind::Uuid, true) => a.cmp(b),
             // Output is lowercase hex in fixed positions, so bytes order like the 16-byte value.
             (Kind::Uuid, false) => a.to_ascii_lowercase().cmp(&b.to_ascii_lowercase()),
-            (Kind::Date | Kind::Timestamp | Kind::TimestampTz, false) => {
-                parse_datetime(a).ok_or_else(bad)?.cmp(&parse_datetime(b).ok_or_else(bad)?)
+            (Kind::Date | Kind::Timestamp | Kind::TimestampTz, false) => parse_datetime(a)
+                .ok_or_else(bad)?
+                .cmp(&parse_datetime(b).ok_or_else(bad)?),
+            (Kind::Other, _) => {
+                return Err(MergeError::Unsupported(format!(
+                    "ordering on type oid {} is not supported",
+                    self.oid
+                )))
             }
-            (Kind::Other, _) => return Err(MergeError::Unsupported(format!("ordering on type oid {} is not supported", self.oid))),
         })
     }
 
@@ -173,7 +198,11 @@ impl ColType {
         if !fits {
             return None;
         }
-        Some(if self.binary { v.to_be_bytes()[8 - width..].to_vec() } else { v.to_string().into_bytes() })
+        Some(if self.binary {
+            v.to_be_bytes()[8 - width..].to_vec()
+        } else {
+            v.to_string().into_bytes()
+        })
     }
 
     /// Encodes a float in this column's type and format.
@@ -218,9 +247,17 @@ pub fn format_float(v: f64, float4: bool) -> String {
         return "NaN".into();
     }
     if v.is_infinite() {
-        return if v > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if v > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
-    let sci = if float4 { format!("{:e}", v as f32) } else { format!("{v:e}") };
+    let sci = if float4 {
+        format!("{:e}", v as f32)
+    } else {
+        format!("{v:e}")
+    };
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
@@ -331,7 +368,13 @@ mod tests {
         for (v, want) in f8 {
             assert_eq!(format_float(v, false), want);
         }
-        let f4 = [(1e6, "1e+06"), (1e5, "100000"), (123456.7, "123456.7"), (1234567.8, "1.2345678e+06"), (7.3, "7.3")];
+        let f4 = [
+            (1e6, "1e+06"),
+            (1e5, "100000"),
+            (123456.7, "123456.7"),
+            (1234567.8, "1.2345678e+06"),
+            (7.3, "7.3"),
+        ];
         for (v, want) in f4 {
             assert_eq!(format_float(v, true), want);
         }
@@ -346,7 +389,10 @@ mod tests {
         assert!(t("9999-12-31") < t("10000-01-01"));
         assert!(t("2020-01-01 00:00:00.5") > t("2020-01-01 00:00:00.499999"));
         assert_eq!(t("1970-01-01 05:30:00+05:30"), 0);
-        assert_eq!(t("1900-01-01 00:19:32+00:19:32"), t("1900-01-01 00:00:00+00"));
+        assert_eq!(
+            t("1900-01-01 00:19:32+00:19:32"),
+            t("1900-01-01 00:00:00+00")
+        );
         assert!(t("-infinity") < t("0044-03-15 BC") && t("infinity") > t("10000-01-01"));
         assert_eq!(t("1970-01-02"), 86_400_000_000);
     }
@@ -359,13 +405,23 @@ mod tests {
         assert_eq!(f.compare(b"NaN", b"Infinity").unwrap(), Ordering::Greater);
         assert_eq!(f.compare(b"-0", b"0").unwrap(), Ordering::Equal);
         let bin = ColType::new(oid::INT8, 1);
-        assert_eq!(bin.compare(&(-5i64).to_be_bytes(), &3i64.to_be_bytes()).unwrap(), Ordering::Less);
+        assert_eq!(
+            bin.compare(&(-5i64).to_be_bytes(), &3i64.to_be_bytes())
+                .unwrap(),
+            Ordering::Less
+        );
         let bp = ColType::new(oid::BPCHAR, 0);
         assert_eq!(bp.compare(b"a  ", b"a").unwrap(), Ordering::Equal);
         assert!(ColType::new(1186, 0).compare(b"1 day", b"2 days").is_err());
         assert!(ColType::new(oid::INT4, 0).compare(b"x", b"1").is_err());
-        assert_eq!(ColType::new(oid::INT4, 1).encode_int(-2), Some(vec![255, 255, 255, 254]));
+        assert_eq!(
+            ColType::new(oid::INT4, 1).encode_int(-2),
+            Some(vec![255, 255, 255, 254])
+        );
         assert_eq!(ColType::new(oid::INT2, 0).encode_int(40000), None);
-        assert_eq!(ColType::new(oid::INT8, 0).encode_int(40000), Some(b"40000".to_vec()));
+        assert_eq!(
+            ColType::new(oid::INT8, 0).encode_int(40000),
+            Some(b"40000".to_vec())
+        );
     }
 }

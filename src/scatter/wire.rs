@@ -3,8 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::merge::MergeError;
-use crate::protocol::Cursor;
 use crate::protocol::messages::{begin, finish};
+use crate::protocol::Cursor;
 
 /// One field descriptor of a RowDescription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +129,10 @@ impl Row {
 }
 
 /// Appends a DataRow of the given values.
-pub fn put_data_row<'a>(out: &mut BytesMut, values: impl ExactSizeIterator<Item = Option<&'a [u8]>>) {
+pub fn put_data_row<'a>(
+    out: &mut BytesMut,
+    values: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
+) {
     let at = begin(out, b'D');
     out.put_i16(values.len() as i16);
     for v in values {

@@ -48,11 +48,19 @@ pub enum Strategy {
     /// key → bucket → `bucket_shard[bucket]`.
     Hash { bucket_shard: Vec<ShardId> },
     /// Listed tenants on their own shard; the others hashed like `Hash`.
-    Tenant { directory: HashMap<OwnedKey, ShardId>, bucket_shard: Vec<ShardId> },
+    Tenant {
+        directory: HashMap<OwnedKey, ShardId>,
+        bucket_shard: Vec<ShardId>,
+    },
     /// Sorted, non-overlapping `[lo, hi)` ranges.
-    Range { ranges: Vec<(Option<OwnedKey>, Option<OwnedKey>, ShardId)> },
+    Range {
+        ranges: Vec<(Option<OwnedKey>, Option<OwnedKey>, ShardId)>,
+    },
     /// region → group of shards; unlisted regions use the default region's group.
-    Geo { regions: HashMap<Vec<u8>, Vec<ShardId>>, default: Option<Vec<ShardId>> },
+    Geo {
+        regions: HashMap<Vec<u8>, Vec<ShardId>>,
+        default: Option<Vec<ShardId>>,
+    },
 }
 
 /// A named placement rule shared by co-located tables.
@@ -68,7 +76,11 @@ pub struct Distribution {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableRule {
     /// Rows placed by `column` under distribution `dist` (geo: `hash_column` picks within a group).
-    Sharded { dist: usize, column: String, hash_column: Option<String> },
+    Sharded {
+        dist: usize,
+        column: String,
+        hash_column: Option<String>,
+    },
     /// The same rows on every shard.
     Reference,
 }
@@ -101,16 +113,24 @@ impl ShardMap {
     pub fn build(cfg: &ShardingConfig, shards: usize, version: u64) -> Result<ShardMap, MapError> {
         let bad = |m: String| Err(MapError::Invalid(m));
         if !cfg.buckets.is_power_of_two() || cfg.buckets > 1 << 20 {
-            return bad(format!("buckets = {} must be a power of two up to 1048576", cfg.buckets));
+            return bad(format!(
+                "buckets = {} must be a power of two up to 1048576",
+                cfg.buckets
+            ));
         }
         if cfg.default_shard >= shards {
-            return bad(format!("default_shard = {} but there are {shards} shards", cfg.default_shard));
+            return bad(format!(
+                "default_shard = {} but there are {shards} shards",
+                cfg.default_shard
+            ));
         }
         let shard_ok = |what: &str, s: usize| {
             if s < shards {
                 Ok(s)
             } else {
-                Err(MapError::Invalid(format!("{what}: shard {s} does not exist ({shards} shards)")))
+                Err(MapError::Invalid(format!(
+                    "{what}: shard {s} does not exist ({shards} shards)"
+                )))
             }
         };
         let mut distributions = Vec::new();
@@ -123,31 +143,60 @@ impl ShardMap {
             })?;
             let uses = |field: &str, used: bool, allowed: bool| {
                 if used && !allowed {
-                    Err(MapError::Invalid(format!("{ctx}: '{field}' does not apply to strategy {:?}", d.strategy)))
+                    Err(MapError::Invalid(format!(
+                        "{ctx}: '{field}' does not apply to strategy {:?}",
+                        d.strategy
+                    )))
                 } else {
                     Ok(())
                 }
             };
             let hashed = matches!(d.strategy, StrategyName::Hash | StrategyName::Tenant);
             uses("bucket_map", !d.bucket_map.is_empty(), hashed)?;
-            uses("tenants", !d.tenants.is_empty(), d.strategy == StrategyName::Tenant)?;
-            uses("ranges", !d.ranges.is_empty(), d.strategy == StrategyName::Range)?;
-            uses("regions", !d.regions.is_empty(), d.strategy == StrategyName::Geo)?;
-            uses("default_region", d.default_region.is_some(), d.strategy == StrategyName::Geo)?;
-            let parse = |v: &str| pghash::parse_key(&d.key_type, v.as_bytes()).map(|k| OwnedKey::of(&k));
+            uses(
+                "tenants",
+                !d.tenants.is_empty(),
+                d.strategy == StrategyName::Tenant,
+            )?;
+            uses(
+                "ranges",
+                !d.ranges.is_empty(),
+                d.strategy == StrategyName::Range,
+            )?;
+            uses(
+                "regions",
+                !d.regions.is_empty(),
+                d.strategy == StrategyName::Geo,
+            )?;
+            uses(
+                "default_region",
+                d.default_region.is_some(),
+                d.strategy == StrategyName::Geo,
+            )?;
+            let parse =
+                |v: &str| pghash::parse_key(&d.key_type, v.as_bytes()).map(|k| OwnedKey::of(&k));
             let strategy = match d.strategy {
-                StrategyName::Hash => Strategy::Hash { bucket_shard: bucket_shards(d, cfg.buckets, shards, &ctx)? },
+                StrategyName::Hash => Strategy::Hash {
+                    bucket_shard: bucket_shards(d, cfg.buckets, shards, &ctx)?,
+                },
                 StrategyName::Tenant => {
                     let mut directory = HashMap::new();
                     for (t, s) in &d.tenants {
-                        let k = parse(t).map_err(|e| MapError::Invalid(format!("{ctx}: tenant {t}: {e}")))?;
+                        let k = parse(t)
+                            .map_err(|e| MapError::Invalid(format!("{ctx}: tenant {t}: {e}")))?;
                         directory.insert(k, shard_ok(&ctx, *s)?);
                     }
-                    Strategy::Tenant { directory, bucket_shard: bucket_shards(d, cfg.buckets, shards, &ctx)? }
+                    Strategy::Tenant {
+                        directory,
+                        bucket_shard: bucket_shards(d, cfg.buckets, shards, &ctx)?,
+                    }
                 }
                 StrategyName::Range => {
                     let bound = |b: &Option<Bound>| -> Result<Option<OwnedKey>, MapError> {
-                        b.as_ref().map(|b| bound_key(&d.key_type, b)).transpose().map_err(|e| MapError::Invalid(format!("{ctx}: range bound: {e}")))
+                        b.as_ref()
+                            .map(|b| bound_key(&d.key_type, b))
+                            .transpose()
+                            .map_err(|e| MapError::Invalid(format!("{ctx}: range bound: {e}")))
                     };
                     let mut ranges = Vec::new();
                     for r in &d.ranges {
@@ -160,7 +209,9 @@ impl ShardMap {
                         ranges.push((lo, hi, shard_ok(&ctx, r.shard)?));
                     }
                     if ranges.is_empty() {
-                        return bad(format!("{ctx}: strategy range needs at least one entry in 'ranges'"));
+                        return bad(format!(
+                            "{ctx}: strategy range needs at least one entry in 'ranges'"
+                        ));
                     }
                     // None sorts first, which is right for an unbounded low end.
                     ranges.sort_by(|a, b| a.0.cmp(&b.0));
@@ -192,35 +243,60 @@ impl ShardMap {
                     let default = match &d.default_region {
                         Some(r) => match regions.get(r.as_bytes()) {
                             Some(g) => Some(g.clone()),
-                            None => return bad(format!("{ctx}: default_region '{r}' is not in 'regions'")),
+                            None => {
+                                return bad(format!(
+                                    "{ctx}: default_region '{r}' is not in 'regions'"
+                                ))
+                            }
                         },
                         None => None,
                     };
                     Strategy::Geo { regions, default }
                 }
             };
-            if by_name.insert(d.name.clone(), distributions.len()).is_some() {
+            if by_name
+                .insert(d.name.clone(), distributions.len())
+                .is_some()
+            {
                 return bad(format!("distribution '{}' is declared twice", d.name));
             }
-            distributions.push(Distribution { name: d.name.clone(), key_type: d.key_type.clone(), strategy });
+            distributions.push(Distribution {
+                name: d.name.clone(),
+                key_type: d.key_type.clone(),
+                strategy,
+            });
         }
         let mut tables = HashMap::new();
         for t in &cfg.tables {
             let ctx = format!("table '{}'", t.name);
             let rule = match (t.reference, &t.distribution, &t.column) {
                 (true, None, None) if t.hash_column.is_none() => TableRule::Reference,
-                (true, _, _) => return bad(format!("{ctx}: a reference table has no distribution or columns")),
+                (true, _, _) => {
+                    return bad(format!(
+                        "{ctx}: a reference table has no distribution or columns"
+                    ))
+                }
                 (false, Some(d), Some(c)) => {
                     let Some(&dist) = by_name.get(d) else {
                         return bad(format!("{ctx}: distribution '{d}' is not declared"));
                     };
                     let geo = matches!(distributions[dist].strategy, Strategy::Geo { .. });
                     if t.hash_column.is_some() && !geo {
-                        return bad(format!("{ctx}: hash_column applies to geo distributions only"));
+                        return bad(format!(
+                            "{ctx}: hash_column applies to geo distributions only"
+                        ));
                     }
-                    TableRule::Sharded { dist, column: c.clone(), hash_column: t.hash_column.clone() }
+                    TableRule::Sharded {
+                        dist,
+                        column: c.clone(),
+                        hash_column: t.hash_column.clone(),
+                    }
                 }
-                _ => return bad(format!("{ctx}: needs 'distribution' and 'column', or 'reference = true'")),
+                _ => {
+                    return bad(format!(
+                        "{ctx}: needs 'distribution' and 'column', or 'reference = true'"
+                    ))
+                }
             };
             if tables.insert(t.name.clone(), rule).is_some() {
                 return bad(format!("table '{}' is declared twice", t.name));
@@ -242,7 +318,9 @@ impl ShardMap {
 
     /// The rule for a table named as in SQL: `schema.table` first, then the bare table name.
     pub fn table(&self, name: &str) -> Option<&TableRule> {
-        self.tables.get(name).or_else(|| self.tables.get(name.rsplit('.').next()?))
+        self.tables
+            .get(name)
+            .or_else(|| self.tables.get(name.rsplit('.').next()?))
     }
 
     /// Parses a key from text (a literal or a text-format parameter) for distribution `dist`.
@@ -251,18 +329,35 @@ impl ShardMap {
     }
 
     /// Parses a binary-format Bind parameter for distribution `dist`.
-    pub fn parse_key_binary<'a>(&self, dist: usize, raw: &'a [u8]) -> Result<KeyValue<'a>, MapError> {
-        Ok(pghash::parse_key_binary(&self.distributions[dist].key_type, raw)?)
+    pub fn parse_key_binary<'a>(
+        &self,
+        dist: usize,
+        raw: &'a [u8],
+    ) -> Result<KeyValue<'a>, MapError> {
+        Ok(pghash::parse_key_binary(
+            &self.distributions[dist].key_type,
+            raw,
+        )?)
     }
 
     /// Where `key` lives under distribution `dist`; geo rows use `within` (the hash column's
     /// value) to choose inside a region's group.
-    pub fn locate(&self, dist: usize, key: &KeyValue, within: Option<&KeyValue>) -> Result<Located, MapError> {
+    pub fn locate(
+        &self,
+        dist: usize,
+        key: &KeyValue,
+        within: Option<&KeyValue>,
+    ) -> Result<Located, MapError> {
         let d = &self.distributions[dist];
-        let by_bucket = |bs: &[ShardId], k: &KeyValue| bs[pghash::bucket(k, self.buckets).unwrap_or(0) as usize];
+        let by_bucket = |bs: &[ShardId], k: &KeyValue| {
+            bs[pghash::bucket(k, self.buckets).unwrap_or(0) as usize]
+        };
         Ok(match &d.strategy {
             Strategy::Hash { bucket_shard } => Located::One(by_bucket(bucket_shard, key)),
-            Strategy::Tenant { directory, bucket_shard } => match directory.get(&OwnedKey::of(key)) {
+            Strategy::Tenant {
+                directory,
+                bucket_shard,
+            } => match directory.get(&OwnedKey::of(key)) {
                 Some(&s) => Located::One(s),
                 None => Located::One(by_bucket(bucket_shard, key)),
             },
@@ -273,7 +368,12 @@ impl ShardMap {
                 });
                 match hit {
                     Some(&(_, _, s)) => Located::One(s),
-                    None => return Err(MapError::NoRange { dist: d.name.clone(), value: display_key(key) }),
+                    None => {
+                        return Err(MapError::NoRange {
+                            dist: d.name.clone(),
+                            value: display_key(key),
+                        })
+                    }
                 }
             }
             Strategy::Geo { regions, default } => {
@@ -284,7 +384,10 @@ impl ShardMap {
                 let group = match regions.get(region).or(default.as_ref()) {
                     Some(g) => g,
                     None => {
-                        return Err(MapError::NoRange { dist: d.name.clone(), value: display_key(key) });
+                        return Err(MapError::NoRange {
+                            dist: d.name.clone(),
+                            value: display_key(key),
+                        });
                     }
                 };
                 match (group.len(), within) {
@@ -305,7 +408,9 @@ impl ShardMap {
             .tables
             .iter()
             .filter_map(|(name, rule)| match rule {
-                TableRule::Sharded { dist: d, column, .. } if *d == dist => Some((name.clone(), column.clone())),
+                TableRule::Sharded {
+                    dist: d, column, ..
+                } if *d == dist => Some((name.clone(), column.clone())),
                 _ => None,
             })
             .collect();
@@ -319,7 +424,11 @@ impl ShardMap {
             return None;
         }
         match self.table(table)? {
-            TableRule::Sharded { dist, column, .. } => self.motions.iter().find(|m| m.dist == *dist).map(|m| (m, column.as_str())),
+            TableRule::Sharded { dist, column, .. } => self
+                .motions
+                .iter()
+                .find(|m| m.dist == *dist)
+                .map(|m| (m, column.as_str())),
             TableRule::Reference => None,
         }
     }
@@ -343,7 +452,10 @@ pub fn bound_key(key_type: &str, b: &Bound) -> Result<OwnedKey, MapError> {
 pub type KeySpan = (Option<OwnedKey>, Option<OwnedKey>);
 
 /// The entry of a range distribution that holds all of `span`.
-pub fn range_entry(ranges: &[(Option<OwnedKey>, Option<OwnedKey>, ShardId)], span: &KeySpan) -> Option<usize> {
+pub fn range_entry(
+    ranges: &[(Option<OwnedKey>, Option<OwnedKey>, ShardId)],
+    span: &KeySpan,
+) -> Option<usize> {
     ranges.iter().position(|(elo, ehi, _)| {
         let low = match (elo, &span.0) {
             (None, _) => true,
@@ -389,13 +501,17 @@ fn bucket_shards(
         }
         for slot in &mut map[r.from as usize..=r.to as usize] {
             if *slot != usize::MAX {
-                return Err(MapError::Invalid(format!("{ctx}: bucket_map entries overlap")));
+                return Err(MapError::Invalid(format!(
+                    "{ctx}: bucket_map entries overlap"
+                )));
             }
             *slot = r.shard;
         }
     }
     if let Some(b) = map.iter().position(|&s| s == usize::MAX) {
-        return Err(MapError::Invalid(format!("{ctx}: bucket_map leaves bucket {b} without a shard")));
+        return Err(MapError::Invalid(format!(
+            "{ctx}: bucket_map leaves bucket {b} without a shard"
+        )));
     }
     Ok(map)
 }

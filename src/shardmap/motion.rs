@@ -12,9 +12,17 @@ pub enum Unit {
     Tenant { key: OwnedKey, literal: String },
     /// Inclusive bucket ranges of a hash or tenant distribution; in a tenant distribution,
     /// tenants of the directory stay where the directory puts them.
-    Buckets { ranges: Vec<(u32, u32)>, directory: Vec<String> },
+    Buckets {
+        ranges: Vec<(u32, u32)>,
+        directory: Vec<String>,
+    },
     /// Keys `[lo, hi)` of a range distribution (None = unbounded), with their SQL literals.
-    Range { span: KeySpan, lo: Option<String>, hi: Option<String>, text: bool },
+    Range {
+        span: KeySpan,
+        lo: Option<String>,
+        hi: Option<String>,
+        text: bool,
+    },
 }
 
 /// A move as routers see it.
@@ -44,7 +52,8 @@ impl Motion {
             Unit::Tenant { key: k, .. } => OwnedKey::of(key) == *k,
             Unit::Buckets { ranges, directory } => {
                 let b = pghash::bucket(key, buckets).unwrap_or(u32::MAX);
-                ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi) && !directory.iter().any(|d| literal_matches(d, key))
+                ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi)
+                    && !directory.iter().any(|d| literal_matches(d, key))
             }
             Unit::Range { span: (lo, hi), .. } => {
                 let k = OwnedKey::of(key);
@@ -63,7 +72,13 @@ impl Motion {
                 let b = pghash::bucket_sql(column, key_type, buckets)?;
                 let within: Vec<String> = ranges
                     .iter()
-                    .map(|&(lo, hi)| if lo == hi { format!("({b}) = {lo}") } else { format!("({b}) BETWEEN {lo} AND {hi}") })
+                    .map(|&(lo, hi)| {
+                        if lo == hi {
+                            format!("({b}) = {lo}")
+                        } else {
+                            format!("({b}) BETWEEN {lo} AND {hi}")
+                        }
+                    })
                     .collect();
                 let mut p = format!("({})", within.join(" OR "));
                 if !directory.is_empty() {
@@ -73,8 +88,18 @@ impl Motion {
             }
             Unit::Range { lo, hi, text, .. } => {
                 // Routers compare text keys bytewise, which is the "C" collation's order.
-                let c = if *text { format!("{col} COLLATE \"C\"") } else { col };
-                let parts: Vec<String> = [lo.as_ref().map(|l| format!("{c} >= {l}")), hi.as_ref().map(|h| format!("{c} < {h}"))].into_iter().flatten().collect();
+                let c = if *text {
+                    format!("{col} COLLATE \"C\"")
+                } else {
+                    col
+                };
+                let parts: Vec<String> = [
+                    lo.as_ref().map(|l| format!("{c} >= {l}")),
+                    hi.as_ref().map(|h| format!("{c} < {h}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 if parts.is_empty() {
                     "TRUE".to_string()
                 } else {
@@ -89,10 +114,23 @@ impl Motion {
         match &self.unit {
             Unit::Tenant { literal, .. } => format!("tenant {literal}"),
             Unit::Buckets { ranges, .. } => {
-                let r: Vec<String> = ranges.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+                let r: Vec<String> = ranges
+                    .iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
                 format!("buckets {}", r.join(","))
             }
-            Unit::Range { lo, hi, .. } => format!("range [{}, {})", lo.as_deref().unwrap_or("-inf"), hi.as_deref().unwrap_or("+inf")),
+            Unit::Range { lo, hi, .. } => format!(
+                "range [{}, {})",
+                lo.as_deref().unwrap_or("-inf"),
+                hi.as_deref().unwrap_or("+inf")
+            ),
         }
     }
 }
@@ -108,7 +146,9 @@ pub fn sql_literal(key_type: &str, text: &str) -> Result<String, MapError> {
 fn literal_matches(literal: &str, key: &KeyValue) -> bool {
     match key {
         KeyValue::Int(i) => literal == i.to_string(),
-        KeyValue::Text(t) => literal.len() >= 2 && literal[1..literal.len() - 1].replace("''", "'").as_bytes() == *t,
+        KeyValue::Text(t) => {
+            literal.len() >= 2 && literal[1..literal.len() - 1].replace("''", "'").as_bytes() == *t
+        }
         KeyValue::Uuid(_) => false,
     }
 }
@@ -130,18 +170,36 @@ pub(super) fn build(
             return bad(format!("distribution '{}' is not declared", m.distribution));
         };
         if out.iter().any(|o| o.dist == dist) {
-            return bad(format!("distribution '{}' already has a move in flight", m.distribution));
+            return bad(format!(
+                "distribution '{}' already has a move in flight",
+                m.distribution
+            ));
         }
         if m.source == m.target || m.source >= shards || m.target >= shards {
-            return bad(format!("source {} and target {} must be different existing shards", m.source, m.target));
+            return bad(format!(
+                "source {} and target {} must be different existing shards",
+                m.source, m.target
+            ));
         }
         let d = &dists[dist];
-        let here = if m.phase == MovePhase::Switched { m.target } else { m.source };
+        let here = if m.phase == MovePhase::Switched {
+            m.target
+        } else {
+            m.source
+        };
         if let Strategy::Range { ranges } = &d.strategy {
-            let Some(r) = m.range.as_ref().filter(|_| m.tenant.is_none() && m.buckets.is_empty()) else {
+            let Some(r) = m
+                .range
+                .as_ref()
+                .filter(|_| m.tenant.is_none() && m.buckets.is_empty())
+            else {
                 return bad("a range distribution moves a key range: set 'range' only".into());
             };
-            let key = |b: &Option<super::config::Bound>| b.as_ref().map(|b| super::bound_key(&d.key_type, b)).transpose();
+            let key = |b: &Option<super::config::Bound>| {
+                b.as_ref()
+                    .map(|b| super::bound_key(&d.key_type, b))
+                    .transpose()
+            };
             let span = (key(&r.lo)?, key(&r.hi)?);
             if let (Some(l), Some(h)) = &span {
                 if l >= h {
@@ -163,12 +221,27 @@ pub(super) fn build(
                     .transpose()
             };
             let text = matches!(span.0.as_ref().or(span.1.as_ref()), Some(OwnedKey::Text(_)));
-            let unit = Unit::Range { lo: lit(&r.lo)?, hi: lit(&r.hi)?, span, text };
-            out.push(Motion { id: m.id, dist, unit, source: m.source, target: m.target, phase: m.phase });
+            let unit = Unit::Range {
+                lo: lit(&r.lo)?,
+                hi: lit(&r.hi)?,
+                span,
+                text,
+            };
+            out.push(Motion {
+                id: m.id,
+                dist,
+                unit,
+                source: m.source,
+                target: m.target,
+                phase: m.phase,
+            });
             continue;
         }
         let (directory, bucket_shard) = match &d.strategy {
-            Strategy::Tenant { directory, bucket_shard } => (Some(directory), bucket_shard),
+            Strategy::Tenant {
+                directory,
+                bucket_shard,
+            } => (Some(directory), bucket_shard),
             Strategy::Hash { bucket_shard } => (None, bucket_shard),
             _ => return bad("geo distributions cannot move units yet".into()),
         };
@@ -177,23 +250,36 @@ pub(super) fn build(
         }
         let unit = match (&m.tenant, m.buckets.is_empty()) {
             (Some(t), true) => {
-                let Some(directory) = directory else { return bad("a tenant unit needs a tenant distribution".into()) };
-                let kv = pghash::parse_key(&d.key_type, t.as_bytes()).map_err(|e| MapError::Invalid(format!("{ctx}: {e}")))?;
+                let Some(directory) = directory else {
+                    return bad("a tenant unit needs a tenant distribution".into());
+                };
+                let kv = pghash::parse_key(&d.key_type, t.as_bytes())
+                    .map_err(|e| MapError::Invalid(format!("{ctx}: {e}")))?;
                 let key = OwnedKey::of(&kv);
-                let at = directory.get(&key).copied().unwrap_or_else(|| bucket_shard[pghash::bucket(&kv, buckets).unwrap_or(0) as usize]);
+                let at = directory.get(&key).copied().unwrap_or_else(|| {
+                    bucket_shard[pghash::bucket(&kv, buckets).unwrap_or(0) as usize]
+                });
                 if at != here {
                     return bad(format!("tenant {t} is on shard {at}, not {here}"));
                 }
-                Unit::Tenant { key, literal: sql_literal(&d.key_type, t)? }
+                Unit::Tenant {
+                    key,
+                    literal: sql_literal(&d.key_type, t)?,
+                }
             }
             (None, false) => {
                 let mut ranges = Vec::new();
                 for &[lo, hi] in &m.buckets {
                     if lo > hi || hi >= buckets {
-                        return bad(format!("bucket range {lo}-{hi} is out of bounds ({buckets} buckets)"));
+                        return bad(format!(
+                            "bucket range {lo}-{hi} is out of bounds ({buckets} buckets)"
+                        ));
                     }
                     if let Some(b) = (lo..=hi).find(|&b| bucket_shard[b as usize] != here) {
-                        return bad(format!("bucket {b} is on shard {}, not {here}", bucket_shard[b as usize]));
+                        return bad(format!(
+                            "bucket {b} is on shard {}, not {here}",
+                            bucket_shard[b as usize]
+                        ));
                     }
                     ranges.push((lo, hi));
                 }
@@ -206,11 +292,21 @@ pub(super) fn build(
                     });
                 }
                 dir.sort();
-                Unit::Buckets { ranges, directory: dir }
+                Unit::Buckets {
+                    ranges,
+                    directory: dir,
+                }
             }
             _ => return bad("set exactly one of 'tenant' and 'buckets'".into()),
         };
-        out.push(Motion { id: m.id, dist, unit, source: m.source, target: m.target, phase: m.phase });
+        out.push(Motion {
+            id: m.id,
+            dist,
+            unit,
+            source: m.source,
+            target: m.target,
+            phase: m.phase,
+        });
     }
     Ok(out)
 }

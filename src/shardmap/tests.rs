@@ -59,7 +59,9 @@ fn hash_placement_is_an_equal_contiguous_split_of_pg_buckets() {
     assert_eq!(m.locate(0, &k, None).unwrap(), Located::One(b * 3 / 4096));
     let mut seen = [0usize; 3];
     for i in 0..3000 {
-        let Located::One(s) = m.locate(0, &KeyValue::Int(i), None).unwrap() else { panic!() };
+        let Located::One(s) = m.locate(0, &KeyValue::Int(i), None).unwrap() else {
+            panic!()
+        };
         seen[s] += 1;
     }
     assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
@@ -68,32 +70,70 @@ fn hash_placement_is_an_equal_contiguous_split_of_pg_buckets() {
 #[test]
 fn tenant_directory_wins_over_hash() {
     let m = map(ALL, 3).unwrap();
-    assert_eq!(m.locate(1, &KeyValue::Text(b"acme"), None).unwrap(), Located::One(2));
+    assert_eq!(
+        m.locate(1, &KeyValue::Text(b"acme"), None).unwrap(),
+        Located::One(2)
+    );
     let other = KeyValue::Text(b"initech");
     let b = pghash::bucket(&other, 4096).unwrap() as usize;
-    assert_eq!(m.locate(1, &other, None).unwrap(), Located::One(b * 3 / 4096));
+    assert_eq!(
+        m.locate(1, &other, None).unwrap(),
+        Located::One(b * 3 / 4096)
+    );
 }
 
 #[test]
 fn ranges_are_half_open_and_gaps_are_errors() {
     let m = map(ALL, 3).unwrap();
-    assert_eq!(m.locate(2, &KeyValue::Int(-5), None).unwrap(), Located::One(2));
-    assert_eq!(m.locate(2, &KeyValue::Int(0), None).unwrap(), Located::One(0));
-    assert_eq!(m.locate(2, &KeyValue::Int(999), None).unwrap(), Located::One(0));
-    assert_eq!(m.locate(2, &KeyValue::Int(1000), None).unwrap(), Located::One(1));
-    let err = m.locate(2, &KeyValue::Int(5000), None).unwrap_err().to_string();
-    assert!(err.contains("5000") && err.contains("no configured range"), "{err}");
+    assert_eq!(
+        m.locate(2, &KeyValue::Int(-5), None).unwrap(),
+        Located::One(2)
+    );
+    assert_eq!(
+        m.locate(2, &KeyValue::Int(0), None).unwrap(),
+        Located::One(0)
+    );
+    assert_eq!(
+        m.locate(2, &KeyValue::Int(999), None).unwrap(),
+        Located::One(0)
+    );
+    assert_eq!(
+        m.locate(2, &KeyValue::Int(1000), None).unwrap(),
+        Located::One(1)
+    );
+    let err = m
+        .locate(2, &KeyValue::Int(5000), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("5000") && err.contains("no configured range"),
+        "{err}"
+    );
 }
 
 #[test]
 fn geo_groups_hash_within_and_unknown_regions_use_the_default() {
     let m = map(ALL, 3).unwrap();
-    assert_eq!(m.locate(3, &KeyValue::Text(b"eu"), None).unwrap(), Located::One(0));
-    assert_eq!(m.locate(3, &KeyValue::Text(b"mars"), None).unwrap(), Located::One(0));
-    assert_eq!(m.locate(3, &KeyValue::Text(b"us"), None).unwrap(), Located::Group(vec![1, 2]));
+    assert_eq!(
+        m.locate(3, &KeyValue::Text(b"eu"), None).unwrap(),
+        Located::One(0)
+    );
+    assert_eq!(
+        m.locate(3, &KeyValue::Text(b"mars"), None).unwrap(),
+        Located::One(0)
+    );
+    assert_eq!(
+        m.locate(3, &KeyValue::Text(b"us"), None).unwrap(),
+        Located::Group(vec![1, 2])
+    );
     let mut seen = [0usize; 3];
     for i in 0..200 {
-        let Located::One(s) = m.locate(3, &KeyValue::Text(b"us"), Some(&KeyValue::Int(i))).unwrap() else { panic!() };
+        let Located::One(s) = m
+            .locate(3, &KeyValue::Text(b"us"), Some(&KeyValue::Int(i)))
+            .unwrap()
+        else {
+            panic!()
+        };
         seen[s] += 1;
     }
     assert_eq!(seen[0], 0);
@@ -103,9 +143,18 @@ fn geo_groups_hash_within_and_unknown_regions_use_the_default() {
 #[test]
 fn tables_resolve_qualified_and_bare_names() {
     let m = map(ALL, 3).unwrap();
-    assert!(matches!(m.table("accounts"), Some(TableRule::Sharded { dist: 0, .. })));
-    assert!(matches!(m.table("public.accounts"), Some(TableRule::Sharded { dist: 0, .. })));
-    assert!(matches!(m.table("public.orders"), Some(TableRule::Sharded { dist: 1, .. })));
+    assert!(matches!(
+        m.table("accounts"),
+        Some(TableRule::Sharded { dist: 0, .. })
+    ));
+    assert!(matches!(
+        m.table("public.accounts"),
+        Some(TableRule::Sharded { dist: 0, .. })
+    ));
+    assert!(matches!(
+        m.table("public.orders"),
+        Some(TableRule::Sharded { dist: 1, .. })
+    ));
     assert_eq!(m.table("countries"), Some(&TableRule::Reference));
     assert_eq!(m.table("nope"), None);
 }
@@ -139,11 +188,17 @@ fn moves_are_validated_against_placement() {
     let m = with_move("id = 1\ndistribution = \"tenant\"\ntenant = \"acme\"\nsource = 2\ntarget = 0\nphase = \"copying\"").unwrap();
     assert_eq!(m.motions.len(), 1);
     assert_eq!(m.motions[0].shadow_shard(), 0);
-    assert_eq!(m.motion_of("public.orders").map(|(mv, col)| (mv.id, col)), Some((1, "tenant_id")));
+    assert_eq!(
+        m.motion_of("public.orders").map(|(mv, col)| (mv.id, col)),
+        Some((1, "tenant_id"))
+    );
     assert!(m.motion_of("accounts").is_none());
     // …but not once switched, until the directory says shard 0.
     let e = with_move("id = 1\ndistribution = \"tenant\"\ntenant = \"acme\"\nsource = 2\ntarget = 0\nphase = \"switched\"").unwrap_err();
-    assert!(e.to_string().contains("tenant acme is on shard 2, not 0"), "{e}");
+    assert!(
+        e.to_string().contains("tenant acme is on shard 2, not 0"),
+        "{e}"
+    );
     // Buckets must all be on the source; 4096 buckets over 3 shards: 0..=1365 on shard 0.
     assert!(with_move("id = 2\ndistribution = \"acct\"\nbuckets = [[0, 255]]\nsource = 0\ntarget = 1\nphase = \"fenced\"").is_ok());
     let e = with_move("id = 2\ndistribution = \"acct\"\nbuckets = [[1300, 1400]]\nsource = 0\ntarget = 1\nphase = \"copying\"").unwrap_err();
@@ -164,16 +219,37 @@ fn unit_predicates_name_the_same_rows_as_owns() {
     let m = with_move("id = 1\ndistribution = \"tenant\"\nbuckets = [[0, 99], [200, 200]]\nsource = 0\ntarget = 1\nphase = \"copying\"").unwrap();
     let mv = &m.motions[0];
     let sql = mv.predicate_sql("tenant_id", "text", 4096).unwrap();
-    assert!(sql.contains("BETWEEN 0 AND 99") && sql.contains("= 200") && sql.ends_with("NOT IN ('acme')"), "{sql}");
+    assert!(
+        sql.contains("BETWEEN 0 AND 99")
+            && sql.contains("= 200")
+            && sql.ends_with("NOT IN ('acme')"),
+        "{sql}"
+    );
     assert_eq!(mv.describe(), "buckets 0-99,200");
     // The directory tenant never belongs to a bucket unit, whatever its bucket.
     assert!(!mv.owns(&KeyValue::Text(b"acme"), 4096));
-    let owned = (0..2000).filter(|i| mv.owns(&KeyValue::Text(format!("t{i}").as_bytes()), 4096)).count();
+    let owned = (0..2000)
+        .filter(|i| mv.owns(&KeyValue::Text(format!("t{i}").as_bytes()), 4096))
+        .count();
     // 101 of 4096 buckets: about 49 of 2000 keys.
     assert!((25..80).contains(&owned), "{owned}");
-    let Located::One(src) = map(ALL, 3).unwrap().locate(1, &KeyValue::Text(b"o'neil"), None).unwrap() else { panic!() };
+    let Located::One(src) = map(ALL, 3)
+        .unwrap()
+        .locate(1, &KeyValue::Text(b"o'neil"), None)
+        .unwrap()
+    else {
+        panic!()
+    };
     let t = with_move(&format!("id = 1\ndistribution = \"tenant\"\ntenant = \"o'neil\"\nsource = {src}\ntarget = {}\nphase = \"copying\"", (src + 1) % 3));
     let t = t.unwrap();
-    assert_eq!(t.motions[0].predicate_sql("tenant_id", "text", 4096).unwrap(), "tenant_id = 'o''neil'");
-    assert!(t.motions[0].owns(&KeyValue::Text(b"o'neil"), 4096) && !t.motions[0].owns(&KeyValue::Text(b"oneil"), 4096));
+    assert_eq!(
+        t.motions[0]
+            .predicate_sql("tenant_id", "text", 4096)
+            .unwrap(),
+        "tenant_id = 'o''neil'"
+    );
+    assert!(
+        t.motions[0].owns(&KeyValue::Text(b"o'neil"), 4096)
+            && !t.motions[0].owns(&KeyValue::Text(b"oneil"), 4096)
+    );
 }

@@ -2,7 +2,10 @@
 //! acknowledging them, leases, and restarting from the catalog rather than the config file.
 
 use crate::ensure;
-use crate::harness::{block_on, connect_port, first_value as one, Context, Harness, PgContext, Router, TestResult, APP_PW};
+use crate::harness::{
+    block_on, connect_port, first_value as one, Context, Harness, PgContext, Router, TestResult,
+    APP_PW,
+};
 use crate::trial;
 use libtest_mimic::Trial;
 use pgshard::catalog::{Catalog, CatalogError};
@@ -10,13 +13,19 @@ use std::time::{Duration, Instant};
 
 pub fn trials() -> Vec<Trial> {
     vec![
-        trial("catalog::routers_share_and_follow_the_map", share_and_follow),
+        trial(
+            "catalog::routers_share_and_follow_the_map",
+            share_and_follow,
+        ),
         trial("catalog::unit_predicates_match_postgres", unit_predicates),
     ]
 }
 
 fn dsn(h: &Harness) -> String {
-    format!("host=127.0.0.1 port={} user=app password={APP_PW} dbname=catalog", h.primary(0).port)
+    format!(
+        "host=127.0.0.1 port={} user=app password={APP_PW} dbname=catalog",
+        h.primary(0).port
+    )
 }
 
 fn catalog_router(h: &Harness, id: &str) -> Result<Router, String> {
@@ -32,24 +41,58 @@ fn catalog_router(h: &Harness, id: &str) -> Result<Router, String> {
 /// The shard `SHOW ROUTE` gives for tenant 'big' on `router`.
 async fn big_goes_to(router: &Router) -> Result<String, String> {
     let admin = connect_port(router.port, "admin", "admin-secret", "pgshard", "").await?;
-    one(&admin, "SHOW ROUTE SELECT * FROM cat_orders WHERE tenant = 'big'").await
+    one(
+        &admin,
+        "SHOW ROUTE SELECT * FROM cat_orders WHERE tenant = 'big'",
+    )
+    .await
 }
 
 fn share_and_follow(h: &Harness) -> TestResult {
-    h.cluster.psql(h.primary(0), "catalog", "DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset catalog")?;
+    h.cluster
+        .psql(
+            h.primary(0),
+            "catalog",
+            "DROP SCHEMA IF EXISTS pgshard CASCADE",
+        )
+        .ctx("reset catalog")?;
     let a = catalog_router(h, "ca")?;
     let b = catalog_router(h, "cb")?;
     block_on(async {
         let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
-        let map = cat.latest_map().await.map_err(|e| e.to_string())?.ok_or("no map seeded")?;
-        ensure!(map.version == 1 && map.note.contains("seeded"), "first router seeds version 1: {} {}", map.version, map.note);
-        ensure!(map.sharding.distributions.iter().any(|d| d.tenants.get("big") == Some(&1)), "seeded from the config file");
+        let map = cat
+            .latest_map()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no map seeded")?;
+        ensure!(
+            map.version == 1 && map.note.contains("seeded"),
+            "first router seeds version 1: {} {}",
+            map.version,
+            map.note
+        );
+        ensure!(
+            map.sharding
+                .distributions
+                .iter()
+                .any(|d| d.tenants.get("big") == Some(&1)),
+            "seeded from the config file"
+        );
         for r in [&a, &b] {
-            ensure!(big_goes_to(r).await? == "1", "version 1 puts tenant big on shard 1");
+            ensure!(
+                big_goes_to(r).await? == "1",
+                "version 1 puts tenant big on shard 1"
+            );
         }
         let routers = cat.routers().await.map_err(|e| e.to_string())?;
-        let ids: Vec<_> = routers.iter().map(|r| (r.router_id.as_str(), r.acked_version)).collect();
-        ensure!(ids == [("ca", 1), ("cb", 1)], "both routers registered at version 1: {ids:?}");
+        let ids: Vec<_> = routers
+            .iter()
+            .map(|r| (r.router_id.as_str(), r.acked_version))
+            .collect();
+        ensure!(
+            ids == [("ca", 1), ("cb", 1)],
+            "both routers registered at version 1: {ids:?}"
+        );
 
         // Publish version 2: tenant big moves to shard 0 (it has no rows yet, so nothing to copy).
         let mut next = map.sharding.clone();
@@ -58,7 +101,10 @@ fn share_and_follow(h: &Harness) -> TestResult {
                 *s = 0;
             }
         }
-        let v = cat.publish_map(1, &next, 2, "big to shard 0").await.map_err(|e| e.to_string())?;
+        let v = cat
+            .publish_map(1, &next, 2, "big to shard 0")
+            .await
+            .map_err(|e| e.to_string())?;
         ensure!(v == 2, "published as version {v}");
         let t = Instant::now();
         for r in [&a, &b] {
@@ -66,47 +112,104 @@ fn share_and_follow(h: &Harness) -> TestResult {
                 if big_goes_to(r).await? == "0" {
                     break;
                 }
-                ensure!(t.elapsed() < Duration::from_secs(5), "router on port {} did not follow version 2", r.port);
+                ensure!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "router on port {} did not follow version 2",
+                    r.port
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        eprintln!("catalog: both routers serve version 2 {:?} after publishing", t.elapsed());
+        eprintln!(
+            "catalog: both routers serve version 2 {:?} after publishing",
+            t.elapsed()
+        );
         let t = Instant::now();
         loop {
-            let acked: Vec<u64> = cat.routers().await.map_err(|e| e.to_string())?.iter().map(|r| r.acked_version).collect();
+            let acked: Vec<u64> = cat
+                .routers()
+                .await
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(|r| r.acked_version)
+                .collect();
             if acked == [2, 2] {
                 break;
             }
-            ensure!(t.elapsed() < Duration::from_secs(5), "routers did not acknowledge version 2: {acked:?}");
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "routers did not acknowledge version 2: {acked:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Statements follow: a row of tenant big now lands on shard 0.
         let c = connect_port(b.port, "app", APP_PW, "shop", "").await?;
-        c.batch_execute("DROP TABLE IF EXISTS cat_orders; CREATE TABLE cat_orders (tenant text, n int)").await.pgx("ddl")?;
-        c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 1)").await.pgx("insert")?;
-        let on0 = h.cluster.psql(h.primary(0), "shop", "SELECT count(*) FROM cat_orders").ctx("shard 0")?;
+        c.batch_execute(
+            "DROP TABLE IF EXISTS cat_orders; CREATE TABLE cat_orders (tenant text, n int)",
+        )
+        .await
+        .pgx("ddl")?;
+        c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 1)")
+            .await
+            .pgx("insert")?;
+        let on0 = h
+            .cluster
+            .psql(h.primary(0), "shop", "SELECT count(*) FROM cat_orders")
+            .ctx("shard 0")?;
         ensure!(on0.trim() == "1", "tenant big's row is on shard 0 ({on0})");
 
         // Publishing over a stale version, or an invalid map, is refused.
         match cat.publish_map(1, &next, 2, "stale").await {
-            Err(CatalogError::Conflict { expected: 1, found: 2 }) => {}
+            Err(CatalogError::Conflict {
+                expected: 1,
+                found: 2,
+            }) => {}
             other => return Err(format!("stale publish: {other:?}")),
         }
         let mut bad = next.clone();
         bad.default_shard = 7;
-        ensure!(matches!(cat.publish_map(2, &bad, 2, "bad").await, Err(CatalogError::BadMap { .. })), "invalid map refused");
+        ensure!(
+            matches!(
+                cat.publish_map(2, &bad, 2, "bad").await,
+                Err(CatalogError::BadMap { .. })
+            ),
+            "invalid map refused"
+        );
 
         // shardctl reads the same catalog.
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
-            .args(["--port", &a.port.to_string(), "--password", "admin-secret", "--catalog", &dsn(h), "status"])
+            .args([
+                "--port",
+                &a.port.to_string(),
+                "--password",
+                "admin-secret",
+                "--catalog",
+                &dsn(h),
+                "status",
+            ])
             .output()
             .ctx("shardctl")?;
         let out = String::from_utf8_lossy(&o.stdout);
-        ensure!(o.status.success(), "shardctl status: {}", String::from_utf8_lossy(&o.stderr));
-        ensure!(out.contains("\n  2 | 2 | big to shard 0") && out.matches("| 2 | ").count() >= 3 && out.contains("| current"), "shardctl status: {out}");
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl")).args(["--catalog", &dsn(h), "map"]).output().ctx("shardctl map")?;
+        ensure!(
+            o.status.success(),
+            "shardctl status: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ensure!(
+            out.contains("\n  2 | 2 | big to shard 0")
+                && out.matches("| 2 | ").count() >= 3
+                && out.contains("| current"),
+            "shardctl status: {out}"
+        );
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+            .args(["--catalog", &dsn(h), "map"])
+            .output()
+            .ctx("shardctl map")?;
         let out = String::from_utf8_lossy(&o.stdout);
-        ensure!(o.status.success() && out.contains("big = 0"), "shardctl map: {out}");
+        ensure!(
+            o.status.success() && out.contains("big = 0"),
+            "shardctl map: {out}"
+        );
 
         // Version 3 puts tenant big in motion (shard 0 → 1): key-routed statements run, key-less
         // reads leave out the target's copy, anything that could change the unit on both shards
@@ -122,73 +225,179 @@ fn share_and_follow(h: &Harness) -> TestResult {
             target: 1,
             phase: pgshard::shardmap::config::MovePhase::Copying,
         });
-        cat.publish_map(2, &moving, 2, "big in motion").await.map_err(|e| e.to_string())?;
+        cat.publish_map(2, &moving, 2, "big in motion")
+            .await
+            .map_err(|e| e.to_string())?;
         let t = Instant::now();
         loop {
             // A key-less write that changes nothing: refused once the move is seen.
-            match c.simple_query("UPDATE cat_orders SET n = n WHERE n < 0").await {
+            match c
+                .simple_query("UPDATE cat_orders SET n = n WHERE n < 0")
+                .await
+            {
                 Err(e) if crate::harness::sqlstate(&e) == "55006" => break,
-                _ => ensure!(t.elapsed() < Duration::from_secs(5), "router did not pick up version 3"),
+                _ => ensure!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "router did not pick up version 3"
+                ),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for sql in ["DELETE FROM cat_orders", "ALTER TABLE cat_orders ADD COLUMN x int", "TRUNCATE cat_orders", "UPDATE cat_orders SET n = n /* pgshard: shard=1 */"] {
-            let e = c.simple_query(sql).await.err().ok_or_else(|| format!("{sql}: ran on a table in motion"))?;
+        for sql in [
+            "DELETE FROM cat_orders",
+            "ALTER TABLE cat_orders ADD COLUMN x int",
+            "TRUNCATE cat_orders",
+            "UPDATE cat_orders SET n = n /* pgshard: shard=1 */",
+        ] {
+            let e = c
+                .simple_query(sql)
+                .await
+                .err()
+                .ok_or_else(|| format!("{sql}: ran on a table in motion"))?;
             ensure!(crate::harness::sqlstate(&e) == "55006", "{sql}: {e:?}");
         }
-        let e = c.simple_query("UPDATE cat_orders SET n = n + 1").await.err().ok_or("key-less write ran")?;
-        let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
-        ensure!(msg.contains("move 1: tenant 'big' from shard 0 to shard 1") && msg.contains("add the key"), "message: {msg}");
+        let e = c
+            .simple_query("UPDATE cat_orders SET n = n + 1")
+            .await
+            .err()
+            .ok_or("key-less write ran")?;
+        let msg = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        ensure!(
+            msg.contains("move 1: tenant 'big' from shard 0 to shard 1")
+                && msg.contains("add the key"),
+            "message: {msg}"
+        );
         // The target's copy (as a move's COPY leaves it) is not counted by key-less reads.
-        h.cluster.psql(h.primary(1), "shop", "INSERT INTO cat_orders (tenant, n) VALUES ('big', 1)").ctx("copy on shard 1")?;
-        ensure!(one(&c, "SELECT count(*) FROM cat_orders").await? == "1", "key-less count leaves the target's copy out");
-        ensure!(one(&c, "SELECT count(*) FROM cat_orders /* pgshard: shard=1 */").await? == "0", "a hinted read of the target leaves its copy out");
+        h.cluster
+            .psql(
+                h.primary(1),
+                "shop",
+                "INSERT INTO cat_orders (tenant, n) VALUES ('big', 1)",
+            )
+            .ctx("copy on shard 1")?;
+        ensure!(
+            one(&c, "SELECT count(*) FROM cat_orders").await? == "1",
+            "key-less count leaves the target's copy out"
+        );
+        ensure!(
+            one(&c, "SELECT count(*) FROM cat_orders /* pgshard: shard=1 */").await? == "0",
+            "a hinted read of the target leaves its copy out"
+        );
         c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 2); INSERT INTO cat_orders (tenant, n) VALUES ('big', 3), ('small', 4)").await.pgx("keyed inserts")?;
-        ensure!(one(&c, "SELECT sum(n) FROM cat_orders WHERE tenant = 'big'").await? == "6", "keyed read of the moving tenant");
-        ensure!(one(&c, "SELECT sum(n) FROM cat_orders").await? == "10", "key-less sum during the move");
-        h.cluster.psql(h.primary(1), "shop", "DELETE FROM cat_orders WHERE tenant = 'big'").ctx("drop the copy")?;
+        ensure!(
+            one(&c, "SELECT sum(n) FROM cat_orders WHERE tenant = 'big'").await? == "6",
+            "keyed read of the moving tenant"
+        );
+        ensure!(
+            one(&c, "SELECT sum(n) FROM cat_orders").await? == "10",
+            "key-less sum during the move"
+        );
+        h.cluster
+            .psql(
+                h.primary(1),
+                "shop",
+                "DELETE FROM cat_orders WHERE tenant = 'big'",
+            )
+            .ctx("drop the copy")?;
         // Dropping the move (version 4) lifts the refusals.
-        cat.publish_map(3, &next, 2, "move 1 aborted").await.map_err(|e| e.to_string())?;
+        cat.publish_map(3, &next, 2, "move 1 aborted")
+            .await
+            .map_err(|e| e.to_string())?;
         let t = Instant::now();
-        while c.simple_query("SELECT count(*) FROM cat_orders").await.is_err() {
-            ensure!(t.elapsed() < Duration::from_secs(5), "refusals outlived the move");
+        while c
+            .simple_query("SELECT count(*) FROM cat_orders")
+            .await
+            .is_err()
+        {
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "refusals outlived the move"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        ensure!(one(&c, "SELECT count(*) FROM cat_orders").await? == "4", "rows after the move was dropped");
+        ensure!(
+            one(&c, "SELECT count(*) FROM cat_orders").await? == "4",
+            "rows after the move was dropped"
+        );
         Ok(())
     })?;
 
     // A second live router cannot take a router_id in use.
     let dup = catalog_router(h, "ca");
-    ensure!(dup.as_ref().err().is_some_and(|e| e.contains("held by another live router")), "duplicate router_id must be refused");
+    ensure!(
+        dup.as_ref()
+            .err()
+            .is_some_and(|e| e.contains("held by another live router")),
+        "duplicate router_id must be refused"
+    );
     // A router that died restarts from the catalog's map, not its config file's (big = 1).
     drop(a);
     let t = Instant::now();
     let a = catalog_router(h, "ca")?;
-    eprintln!("catalog: restarted router up {:?} after the old one died (lease 2 s)", t.elapsed());
+    eprintln!(
+        "catalog: restarted router up {:?} after the old one died (lease 2 s)",
+        t.elapsed()
+    );
     block_on(async {
-        ensure!(big_goes_to(&a).await? == "0", "restarted router serves the catalog's version 2");
+        ensure!(
+            big_goes_to(&a).await? == "0",
+            "restarted router serves the catalog's version 2"
+        );
         // Cut off from the catalog for longer than its lease, a router stops serving sharded
         // tables (a move may have begun that it cannot see); reachable again, it serves.
         let c = connect_port(a.port, "app", APP_PW, "shop", "").await?;
-        ensure!(one(&c, "SELECT count(*) FROM cat_orders WHERE tenant = 'small'").await.is_ok(), "served with a live lease");
+        ensure!(
+            one(&c, "SELECT count(*) FROM cat_orders WHERE tenant = 'small'")
+                .await
+                .is_ok(),
+            "served with a live lease"
+        );
         let cut = "ALTER DATABASE catalog ALLOW_CONNECTIONS false; SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'catalog' AND pid <> pg_backend_pid()";
-        h.cluster.psql(h.primary(0), "postgres", cut).ctx("cut the catalog off")?;
+        h.cluster
+            .psql(h.primary(0), "postgres", cut)
+            .ctx("cut the catalog off")?;
         let t = Instant::now();
         let refused = loop {
-            match c.simple_query("SELECT count(*) FROM cat_orders WHERE tenant = 'small'").await {
+            match c
+                .simple_query("SELECT count(*) FROM cat_orders WHERE tenant = 'small'")
+                .await
+            {
                 Err(e) => break e,
-                Ok(_) => ensure!(t.elapsed() < Duration::from_secs(6), "router kept serving sharded tables 6 s after losing its 2 s lease"),
+                Ok(_) => ensure!(
+                    t.elapsed() < Duration::from_secs(6),
+                    "router kept serving sharded tables 6 s after losing its 2 s lease"
+                ),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let lapse = t.elapsed();
-        h.cluster.psql(h.primary(0), "postgres", "ALTER DATABASE catalog ALLOW_CONNECTIONS true").ctx("reconnect the catalog")?;
-        ensure!(crate::harness::sqlstate(&refused) == "57P03", "refusal without a lease: {refused:?}");
-        ensure!(lapse >= Duration::from_millis(1500), "refused only once the lease ran out, not after {lapse:?}");
+        h.cluster
+            .psql(
+                h.primary(0),
+                "postgres",
+                "ALTER DATABASE catalog ALLOW_CONNECTIONS true",
+            )
+            .ctx("reconnect the catalog")?;
+        ensure!(
+            crate::harness::sqlstate(&refused) == "57P03",
+            "refusal without a lease: {refused:?}"
+        );
+        ensure!(
+            lapse >= Duration::from_millis(1500),
+            "refused only once the lease ran out, not after {lapse:?}"
+        );
         let t = Instant::now();
-        while one(&c, "SELECT count(*) FROM cat_orders WHERE tenant = 'small'").await.is_err() {
-            ensure!(t.elapsed() < Duration::from_secs(10), "router did not serve again after the catalog came back");
+        while one(&c, "SELECT count(*) FROM cat_orders WHERE tenant = 'small'")
+            .await
+            .is_err()
+        {
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "router did not serve again after the catalog came back"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         eprintln!("catalog: without its catalog the router refused sharded tables after {lapse:?} (lease 2 s), served again {:?} after reconnecting", t.elapsed());
@@ -211,13 +420,26 @@ fn unit_predicates(h: &Harness) -> TestResult {
         let c: ShardingConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         ShardMap::build(&c, 2, 1).map_err(|e| e.to_string())
     };
-    let map = cfg("int8", "buckets = [[0, 300], [1000, 1000], [1500, 1700]]\nsource = 0\ntarget = 1")?;
+    let map = cfg(
+        "int8",
+        "buckets = [[0, 300], [1000, 1000], [1500, 1700]]\nsource = 0\ntarget = 1",
+    )?;
     let m = &map.motions[0];
     let pred = m.predicate_sql("k", "int8", 4096).ok_or("no predicate")?;
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k::text, ',' ORDER BY k) FROM generate_series(-3000, 3000) k WHERE {pred}")).ctx("int predicate")?;
-    let want: Vec<String> = (-3000i64..=3000).filter(|&k| m.owns(&KeyValue::Int(k), 4096)).map(|k| k.to_string()).collect();
-    ensure!(want.len() > 100, "too few keys in the unit to mean anything: {}", want.len());
-    ensure!(got.trim() == want.join(","), "int8 bucket unit: SQL and Rust disagree");
+    let want: Vec<String> = (-3000i64..=3000)
+        .filter(|&k| m.owns(&KeyValue::Int(k), 4096))
+        .map(|k| k.to_string())
+        .collect();
+    ensure!(
+        want.len() > 100,
+        "too few keys in the unit to mean anything: {}",
+        want.len()
+    );
+    ensure!(
+        got.trim() == want.join(","),
+        "int8 bucket unit: SQL and Rust disagree"
+    );
     let map = cfg("text", "tenant = \"it's\"\nsource = 1\ntarget = 0")?;
     let m = &map.motions[0];
     let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
@@ -234,21 +456,52 @@ fn unit_predicates(h: &Harness) -> TestResult {
         let c: ShardingConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         ShardMap::build(&c, 2, 1).map_err(|e| e.to_string())
     };
-    let map = ranged("int8", "[{ hi = 0, shard = 0 }, { lo = 0, shard = 1 }]", "{ lo = -500, hi = -20 }")?;
+    let map = ranged(
+        "int8",
+        "[{ hi = 0, shard = 0 }, { lo = 0, shard = 1 }]",
+        "{ lo = -500, hi = -20 }",
+    )?;
     let m = &map.motions[0];
     let pred = m.predicate_sql("k", "int8", 4096).ok_or("no predicate")?;
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k::text, ',' ORDER BY k) FROM generate_series(-3000, 3000) k WHERE {pred}")).ctx("range predicate")?;
-    let want: Vec<String> = (-3000i64..=3000).filter(|&k| m.owns(&KeyValue::Int(k), 4096)).map(|k| k.to_string()).collect();
-    ensure!(want.len() == 480 && got.trim() == want.join(","), "int8 range unit: SQL and Rust disagree");
-    ensure!(ranged("int8", "[{ hi = 0, shard = 0 }, { lo = 0, shard = 1 }]", "{ lo = -5, hi = 5 }").is_err(), "a range across two entries is refused");
-    let map = ranged("text", "[{ hi = \"m\", shard = 0 }, { lo = \"m\", shard = 1 }]", "{ lo = \"B\", hi = \"b\" }")?;
+    let want: Vec<String> = (-3000i64..=3000)
+        .filter(|&k| m.owns(&KeyValue::Int(k), 4096))
+        .map(|k| k.to_string())
+        .collect();
+    ensure!(
+        want.len() == 480 && got.trim() == want.join(","),
+        "int8 range unit: SQL and Rust disagree"
+    );
+    ensure!(
+        ranged(
+            "int8",
+            "[{ hi = 0, shard = 0 }, { lo = 0, shard = 1 }]",
+            "{ lo = -5, hi = 5 }"
+        )
+        .is_err(),
+        "a range across two entries is refused"
+    );
+    let map = ranged(
+        "text",
+        "[{ hi = \"m\", shard = 0 }, { lo = \"m\", shard = 1 }]",
+        "{ lo = \"B\", hi = \"b\" }",
+    )?;
     let m = &map.motions[0];
     let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
-    let words = ["A", "B", "Ba", "Z", "_", "a", "b", "B\u{e9}", "\u{e9}", "b0"];
+    let words = [
+        "A", "B", "Ba", "Z", "_", "a", "b", "B\u{e9}", "\u{e9}", "b0",
+    ];
     let arr: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k, ',' ORDER BY k COLLATE \"C\") FROM unnest(ARRAY[{}]) k WHERE {pred}", arr.join(","))).ctx("text range")?;
-    let mut want: Vec<&str> = words.iter().copied().filter(|w| m.owns(&KeyValue::Text(w.as_bytes()), 4096)).collect();
+    let mut want: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| m.owns(&KeyValue::Text(w.as_bytes()), 4096))
+        .collect();
     want.sort();
-    ensure!(want == ["B", "Ba", "B\u{e9}", "Z", "_", "a"] && got.trim() == want.join(","), "text range unit: SQL {got:?}, Rust {want:?}");
+    ensure!(
+        want == ["B", "Ba", "B\u{e9}", "Z", "_", "a"] && got.trim() == want.join(","),
+        "text range unit: SQL {got:?}, Rust {want:?}"
+    );
     Ok(())
 }

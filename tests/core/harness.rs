@@ -33,7 +33,6 @@ impl<T> PgContext<T> for Result<T, tokio_postgres::Error> {
     }
 }
 
-
 /// Fails the test with a message unless `cond`.
 #[macro_export]
 macro_rules! ensure {
@@ -119,8 +118,17 @@ impl Harness {
     pub fn start() -> Harness {
         let dir = std::env::temp_dir().join("pgshard-test-core");
         let mut spec = ClusterSpec::new(2, 1, dir.join("pg"));
-        spec.users = vec![("app".into(), APP_PW.into()), ("admin".into(), "admin-secret".into())];
-        spec.databases = vec!["app".into(), "shop".into(), "bench".into(), "catalog".into(), "movecat".into()];
+        spec.users = vec![
+            ("app".into(), APP_PW.into()),
+            ("admin".into(), "admin-secret".into()),
+        ];
+        spec.databases = vec![
+            "app".into(),
+            "shop".into(),
+            "bench".into(),
+            "catalog".into(),
+            "movecat".into(),
+        ];
         // Per-user server authentication methods, to test pgshard's side of each.
         spec.extra_hba = vec![
             "host all md5user 127.0.0.1/32 md5".into(),
@@ -166,7 +174,11 @@ impl Harness {
     /// The config for a router over this topology; `general` and `more` are appended to the
     /// [general] section and after the users respectively.
     pub fn config(&self, port: u16, metrics_port: u16, general: &str, more: &str) -> String {
-        let verifier = pgshard::auth::Secret::parse("verif-pw").unwrap().scram_verifier().unwrap().to_postgres_string();
+        let verifier = pgshard::auth::Secret::parse("verif-pw")
+            .unwrap()
+            .scram_verifier()
+            .unwrap()
+            .to_postgres_string();
         let defaults = [
             ("listen", format!("\"127.0.0.1:{port}\"")),
             ("metrics_listen", format!("\"127.0.0.1:{metrics_port}\"")),
@@ -199,7 +211,10 @@ impl Harness {
         for shard in 0..2 {
             let p = self.cluster.primary(shard);
             let r = &self.cluster.replicas(shard)[0];
-            s.push_str(&format!("[[shards]]\nprimary = \"127.0.0.1:{}\"\nreplicas = [\"127.0.0.1:{}\"]\n\n", p.port, r.port));
+            s.push_str(&format!(
+                "[[shards]]\nprimary = \"127.0.0.1:{}\"\nreplicas = [\"127.0.0.1:{}\"]\n\n",
+                p.port, r.port
+            ));
         }
         s
     }
@@ -226,7 +241,13 @@ impl Harness {
             .stderr(log)
             .spawn()
             .ctx("spawn pgshard")?;
-        let mut router = Router { port, metrics_port, config_path, log_path, child };
+        let mut router = Router {
+            port,
+            metrics_port,
+            config_path,
+            log_path,
+            child,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline || router.wait_exit(Duration::from_millis(20)) {
@@ -242,7 +263,14 @@ impl Harness {
     }
 
     /// Runs a PostgreSQL client program (psql, pgbench) against `port`.
-    pub fn client_program(&self, prog: &str, port: u16, user: &str, password: &str, args: &[&str]) -> Output {
+    pub fn client_program(
+        &self,
+        prog: &str,
+        port: u16,
+        user: &str,
+        password: &str,
+        args: &[&str],
+    ) -> Output {
         Command::new(LocalClusterBin::path(prog))
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
             .args(args)
@@ -255,23 +283,46 @@ impl Harness {
 
     /// psql against the main router as app: (success, stdout, stderr).
     pub fn psql(&self, db: &str, sql: &str) -> (bool, String, String) {
-        let o = self.client_program("psql", self.router.port, "app", APP_PW, &["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql]);
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        let o = self.client_program(
+            "psql",
+            self.router.port,
+            "app",
+            APP_PW,
+            &["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql],
+        );
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     }
 
     /// SQL straight on shard 0's primary (bypassing pgshard), as the superuser.
     pub fn direct(&self, sql: &str) -> Result<String, String> {
-        self.cluster.psql(self.primary(0), "app", sql).ctx("direct psql")
+        self.cluster
+            .psql(self.primary(0), "app", sql)
+            .ctx("direct psql")
     }
 
     /// A tokio-postgres client through the main router.
-    pub async fn connect(&self, user: &str, password: &str, db: &str) -> Result<tokio_postgres::Client, String> {
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, String> {
         connect_port(self.router.port, user, password, db, "").await
     }
 }
 
 /// Connects with tokio-postgres; the connection task is spawned on the current runtime.
-pub async fn connect_port(port: u16, user: &str, password: &str, db: &str, extra: &str) -> Result<tokio_postgres::Client, String> {
+pub async fn connect_port(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    extra: &str,
+) -> Result<tokio_postgres::Client, String> {
     let conn = format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db} connect_timeout=10 {extra}");
     let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
         .await
@@ -296,7 +347,11 @@ pub async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Result<String
 
 /// Runs an async trial body on its own runtime.
 pub fn block_on<F: std::future::Future<Output = TestResult>>(f: F) -> TestResult {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
 }
 
 /// Where the PostgreSQL client programs are.
@@ -309,7 +364,9 @@ impl LocalClusterBin {
 
 /// The SQLSTATE of a tokio-postgres error, if the server sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
+    e.as_db_error()
+        .map(|d| d.code().code().to_string())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
 }
 
 /// A raw protocol client for bad-input tests (trust auth routers only).
@@ -356,7 +413,13 @@ impl Raw {
         loop {
             let mut head = [0u8; 5];
             if let Err(e) = self.s.read_exact(&mut head) {
-                return Err(format!("closed before '{}' after {:?}: {e}", tag as char, seen.iter().map(|m: &(u8, Vec<u8>)| m.0 as char).collect::<String>()));
+                return Err(format!(
+                    "closed before '{}' after {:?}: {e}",
+                    tag as char,
+                    seen.iter()
+                        .map(|m: &(u8, Vec<u8>)| m.0 as char)
+                        .collect::<String>()
+                ));
             }
             let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
             let mut body = vec![0u8; len.saturating_sub(4)];
@@ -387,7 +450,11 @@ pub fn error_code(body: &[u8]) -> String {
     let mut i = 0;
     while i < body.len() && body[i] != 0 {
         let t = body[i];
-        let end = body[i + 1..].iter().position(|&b| b == 0).map(|p| i + 1 + p).unwrap_or(body.len());
+        let end = body[i + 1..]
+            .iter()
+            .position(|&b| b == 0)
+            .map(|p| i + 1 + p)
+            .unwrap_or(body.len());
         if t == b'C' {
             return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
         }
@@ -402,20 +469,36 @@ pub fn python_venv() -> Result<PathBuf, String> {
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv");
     let py = venv.join("bin/python");
-    let ok = |py: &Path| Command::new(py).args(["-c", "import psycopg, asyncpg"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import psycopg, asyncpg"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
     if py.exists() && ok(&py) {
         return Ok(py);
     }
-    let out = Command::new("python3").args(["-m", "venv"]).arg(&venv).output().ctx("python3 -m venv")?;
+    let out = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .ctx("python3 -m venv")?;
     if !out.status.success() {
-        return Err(format!("python3 -m venv failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "python3 -m venv failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let out = Command::new(venv.join("bin/pip"))
         .args(["install", "-q", "psycopg[binary]>=3.1", "asyncpg>=0.29"])
         .output()
         .ctx("pip install")?;
     if !out.status.success() || !ok(&py) {
-        return Err(format!("pip install psycopg asyncpg failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "pip install psycopg asyncpg failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(py)
 }

@@ -2,7 +2,9 @@
 //! function calls, garbage from clients.
 
 use crate::ensure;
-use crate::harness::{block_on, connect_port, error_code, sqlstate, Context, Harness, Raw, TestResult, APP_PW};
+use crate::harness::{
+    block_on, connect_port, error_code, sqlstate, Context, Harness, Raw, TestResult, APP_PW,
+};
 use crate::trial;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -26,7 +28,9 @@ pub fn trials() -> Vec<Trial> {
 fn copy_in_out(h: &Harness) -> TestResult {
     block_on(async {
         let c = h.connect("app", APP_PW, "app").await?;
-        c.batch_execute("DROP TABLE IF EXISTS copy_t; CREATE TABLE copy_t(id int, v text)").await.ctx("create")?;
+        c.batch_execute("DROP TABLE IF EXISTS copy_t; CREATE TABLE copy_t(id int, v text)")
+            .await
+            .ctx("create")?;
         let sink = c.copy_in("COPY copy_t FROM STDIN").await.ctx("copy in")?;
         let mut sink = Box::pin(sink);
         let mut expect = String::new();
@@ -34,17 +38,27 @@ fn copy_in_out(h: &Harness) -> TestResult {
             expect.push_str(&format!("{i}\tvalue {i}\n"));
         }
         for chunk in expect.as_bytes().chunks(7000) {
-            sink.send(Bytes::copy_from_slice(chunk)).await.ctx("copy data")?;
+            sink.send(Bytes::copy_from_slice(chunk))
+                .await
+                .ctx("copy data")?;
         }
         let n = sink.as_mut().finish().await.ctx("copy done")?;
         ensure!(n == 5000, "COPY FROM reported {n} rows");
-        let stream = c.copy_out("COPY (SELECT * FROM copy_t ORDER BY id) TO STDOUT").await.ctx("copy out")?;
+        let stream = c
+            .copy_out("COPY (SELECT * FROM copy_t ORDER BY id) TO STDOUT")
+            .await
+            .ctx("copy out")?;
         let mut stream = Box::pin(stream);
         let mut got = Vec::new();
         while let Some(chunk) = stream.next().await {
             got.extend_from_slice(&chunk.ctx("copy out data")?);
         }
-        ensure!(got == expect.as_bytes(), "COPY TO returned different data ({} vs {} bytes)", got.len(), expect.len());
+        ensure!(
+            got == expect.as_bytes(),
+            "COPY TO returned different data ({} vs {} bytes)",
+            got.len(),
+            expect.len()
+        );
         // psql's \copy path (simple protocol COPY) as well.
         let (ok, out, err) = h.psql("app", "COPY (SELECT count(*) FROM copy_t) TO STDOUT");
         ensure!(ok && out.trim() == "5000", "psql COPY TO: {out} {err}");
@@ -57,16 +71,32 @@ fn cancel(h: &Harness) -> TestResult {
         let a = h.connect("app", APP_PW, "app").await?;
         let b = h.connect("app", APP_PW, "app").await?;
         let token = a.cancel_token();
-        let slow_b = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
+        let slow_b =
+            tokio::spawn(async move { b.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
         let t = Instant::now();
-        let slow_a = tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await.map(|_| ()) });
+        let slow_a =
+            tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await.map(|_| ()) });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        token.cancel_query(tokio_postgres::NoTls).await.ctx("send cancel")?;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .ctx("send cancel")?;
         let ra = slow_a.await.ctx("join")?;
         let e = ra.err().ok_or("cancelled query finished normally")?;
-        ensure!(sqlstate(&e) == "57014", "expected 57014, got {}", sqlstate(&e));
-        ensure!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
-        slow_b.await.ctx("join")?.ctx("the other client's query was cancelled too")?;
+        ensure!(
+            sqlstate(&e) == "57014",
+            "expected 57014, got {}",
+            sqlstate(&e)
+        );
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "cancel took {:?}",
+            t.elapsed()
+        );
+        slow_b
+            .await
+            .ctx("join")?
+            .ctx("the other client's query was cancelled too")?;
         Ok(())
     })
 }
@@ -74,8 +104,14 @@ fn cancel(h: &Harness) -> TestResult {
 fn large(h: &Harness) -> TestResult {
     block_on(async {
         let c = h.connect("app", APP_PW, "app").await?;
-        let row = c.query_one("SELECT repeat('x', 8000000)", &[]).await.ctx("8 MB row")?;
-        ensure!(row.get::<_, String>(0).len() == 8_000_000, "large row truncated");
+        let row = c
+            .query_one("SELECT repeat('x', 8000000)", &[])
+            .await
+            .ctx("8 MB row")?;
+        ensure!(
+            row.get::<_, String>(0).len() == 8_000_000,
+            "large row truncated"
+        );
         let big = "y".repeat(3_000_000);
         let q = format!("SELECT length('{big}')");
         let n = c.simple_query(&q).await.ctx("3 MB query")?;
@@ -83,8 +119,17 @@ fn large(h: &Harness) -> TestResult {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
             _ => None,
         });
-        ensure!(len.as_deref() == Some("3000000"), "large query mangled: {len:?}");
-        let rows = c.query("SELECT g, repeat('z', 1000) FROM generate_series(1, 20000) g", &[]).await.ctx("many rows")?;
+        ensure!(
+            len.as_deref() == Some("3000000"),
+            "large query mangled: {len:?}"
+        );
+        let rows = c
+            .query(
+                "SELECT g, repeat('z', 1000) FROM generate_series(1, 20000) g",
+                &[],
+            )
+            .await
+            .ctx("many rows")?;
         ensure!(rows.len() == 20000, "rows lost: {}", rows.len());
         Ok(())
     })
@@ -95,16 +140,34 @@ fn max_message_size(h: &Harness) -> TestResult {
     block_on(async {
         let c = connect_port(r.port, "app", APP_PW, "app", "").await?;
         let q = format!("SELECT length('{}')", "q".repeat(2_000_000));
-        let e = c.simple_query(&q).await.err().ok_or("oversized query accepted")?;
-        ensure!(sqlstate(&e) == "08P01" || c.is_closed(), "unexpected error: {e}");
+        let e = c
+            .simple_query(&q)
+            .await
+            .err()
+            .ok_or("oversized query accepted")?;
+        ensure!(
+            sqlstate(&e) == "08P01" || c.is_closed(),
+            "unexpected error: {e}"
+        );
         // Rows are never inspected: one far above max_message_size streams through.
         let c = connect_port(r.port, "app", APP_PW, "app", "").await?;
-        let row = c.query_one("SELECT repeat('x', 20000000)", &[]).await.ctx("20 MB row with a 1 MB max_message_size")?;
-        ensure!(row.get::<_, String>(0).len() == 20_000_000, "streamed row truncated");
+        let row = c
+            .query_one("SELECT repeat('x', 20000000)", &[])
+            .await
+            .ctx("20 MB row with a 1 MB max_message_size")?;
+        ensure!(
+            row.get::<_, String>(0).len() == 20_000_000,
+            "streamed row truncated"
+        );
         let rss_kb = r.rss_kb();
-        ensure!(rss_kb < 15_000, "router buffered the 20 MB row: RSS {rss_kb} kB");
+        ensure!(
+            rss_kb < 15_000,
+            "router buffered the 20 MB row: RSS {rss_kb} kB"
+        );
         // COPY data from the client is streamed too: one 3 MB CopyData message.
-        c.batch_execute("DROP TABLE IF EXISTS big_copy; CREATE TABLE big_copy(v text)").await.ctx("create")?;
+        c.batch_execute("DROP TABLE IF EXISTS big_copy; CREATE TABLE big_copy(v text)")
+            .await
+            .ctx("create")?;
         let sink = c.copy_in("COPY big_copy FROM STDIN").await.ctx("copy in")?;
         let mut sink = Box::pin(sink);
         let mut line = "z".repeat(3_000_000);
@@ -112,20 +175,36 @@ fn max_message_size(h: &Harness) -> TestResult {
         sink.send(Bytes::from(line)).await.ctx("3 MB CopyData")?;
         let n = sink.as_mut().finish().await.ctx("copy done")?;
         ensure!(n == 1, "COPY of a 3 MB row reported {n} rows");
-        let len: i32 = c.query_one("SELECT length(v) FROM big_copy", &[]).await.ctx("check")?.get(0);
+        let len: i32 = c
+            .query_one("SELECT length(v) FROM big_copy", &[])
+            .await
+            .ctx("check")?
+            .get(0);
         ensure!(len == 3_000_000, "3 MB row stored as {len} bytes");
         let d = connect_port(r.port, "app", APP_PW, "app", "").await?;
-        ensure!(d.query_one("SELECT 1", &[]).await.is_ok(), "router broken after oversized messages");
+        ensure!(
+            d.query_one("SELECT 1", &[]).await.is_ok(),
+            "router broken after oversized messages"
+        );
         Ok(())
     })
 }
 
 fn notices(h: &Harness) -> TestResult {
-    let (ok, _out, err) = h.psql("app", "DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$");
-    ensure!(ok && err.contains("hello from the server"), "notice not forwarded: {err}");
+    let (ok, _out, err) = h.psql(
+        "app",
+        "DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$",
+    );
+    ensure!(
+        ok && err.contains("hello from the server"),
+        "notice not forwarded: {err}"
+    );
     block_on(async {
         let (client, mut conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={} user=app password={APP_PW} dbname=app", h.router.port),
+            &format!(
+                "host=127.0.0.1 port={} user=app password={APP_PW} dbname=app",
+                h.router.port
+            ),
             tokio_postgres::NoTls,
         )
         .await
@@ -139,10 +218,18 @@ fn notices(h: &Harness) -> TestResult {
                 }
             }
         });
-        client.batch_execute("LISTEN pgshard_chan").await.ctx("listen")?;
+        client
+            .batch_execute("LISTEN pgshard_chan")
+            .await
+            .ctx("listen")?;
         let other = h.connect("app", APP_PW, "app").await?;
-        other.batch_execute("NOTIFY pgshard_chan, 'ping'").await.ctx("notify")?;
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.ctx("no notification within 5 s")?;
+        other
+            .batch_execute("NOTIFY pgshard_chan, 'ping'")
+            .await
+            .ctx("notify")?;
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .ctx("no notification within 5 s")?;
         ensure!(got.as_deref() == Some("ping"), "wrong notification {got:?}");
         Ok(())
     })
@@ -171,8 +258,15 @@ fn function_call(h: &Harness) -> TestResult {
     body.extend(0i16.to_be_bytes());
     raw.send(&Raw::msg(b'F', &body));
     let msgs = raw.read_until(b'Z')?;
-    let v = msgs.iter().find(|(t, _)| *t == b'V').ok_or("no FunctionCallResponse")?;
-    ensure!(&v.1[4..] == b"42", "int4pl(2, 40) returned {:?}", String::from_utf8_lossy(&v.1));
+    let v = msgs
+        .iter()
+        .find(|(t, _)| *t == b'V')
+        .ok_or("no FunctionCallResponse")?;
+    ensure!(
+        &v.1[4..] == b"42",
+        "int4pl(2, 40) returned {:?}",
+        String::from_utf8_lossy(&v.1)
+    );
     Ok(())
 }
 
@@ -192,16 +286,32 @@ fn pipelined(h: &Harness) -> TestResult {
     }
     raw.send(&batch);
     let first = raw.read_until(b'Z')?;
-    ensure!(first.iter().any(|(t, _)| *t == b'D'), "first batch returned no row");
+    ensure!(
+        first.iter().any(|(t, _)| *t == b'D'),
+        "first batch returned no row"
+    );
     let second = raw.read_until(b'Z')?;
-    let err = second.iter().find(|(t, _)| *t == b'E').ok_or("second batch did not fail")?;
-    ensure!(error_code(&err.1) == "22012", "expected division_by_zero, got {}", error_code(&err.1));
+    let err = second
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .ok_or("second batch did not fail")?;
+    ensure!(
+        error_code(&err.1) == "22012",
+        "expected division_by_zero, got {}",
+        error_code(&err.1)
+    );
     let third = raw.read_until(b'Z')?;
-    ensure!(third.iter().any(|(t, _)| *t == b'D'), "third batch lost after an error in the second");
+    ensure!(
+        third.iter().any(|(t, _)| *t == b'D'),
+        "third batch lost after an error in the second"
+    );
     // A multi-statement simple query: two results, one ReadyForQuery.
     raw.send(&Raw::msg(b'Q', b"SELECT 1; SELECT 2\0"));
     let msgs = raw.read_until(b'Z')?;
-    ensure!(msgs.iter().filter(|(t, _)| *t == b'C').count() == 2, "multi-statement query lost a result");
+    ensure!(
+        msgs.iter().filter(|(t, _)| *t == b'C').count() == 2,
+        "multi-statement query lost a result"
+    );
     Ok(())
 }
 
@@ -211,12 +321,18 @@ fn bad_input(h: &Harness) -> TestResult {
     let mut raw = Raw::connect(r.port);
     raw.send(b"\x00\x00\x00\x10garbage-garbage!");
     let msgs = raw.read_until(b'E').unwrap_or_default();
-    ensure!(msgs.last().is_some_and(|(_, b)| error_code(b) == "08P01"), "no 08P01 for a garbage startup packet");
+    ensure!(
+        msgs.last().is_some_and(|(_, b)| error_code(b) == "08P01"),
+        "no 08P01 for a garbage startup packet"
+    );
     // A 2 GB length prefix on the startup packet.
     let mut raw = Raw::connect(r.port);
     raw.send(&0x7fff_fff0u32.to_be_bytes());
     let msgs = raw.read_until(b'E').unwrap_or_default();
-    ensure!(msgs.last().is_some_and(|(_, b)| error_code(b) == "08P01"), "no 08P01 for a 2 GB startup packet");
+    ensure!(
+        msgs.last().is_some_and(|(_, b)| error_code(b) == "08P01"),
+        "no 08P01 for a 2 GB startup packet"
+    );
     // Truncated startup packet, then the client goes away.
     let mut raw = Raw::connect(r.port);
     raw.send(&[0, 0, 0, 50, 0, 3]);
@@ -225,24 +341,39 @@ fn bad_input(h: &Harness) -> TestResult {
     let mut raw = raw_login(r.port)?;
     raw.send(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
     let msgs = raw.read_until(b'E')?;
-    ensure!(error_code(&msgs.last().unwrap().1) == "08P01", "no 08P01 for a 2 GB message");
-    ensure!(raw.closed(), "connection not closed after an oversized message");
+    ensure!(
+        error_code(&msgs.last().unwrap().1) == "08P01",
+        "no 08P01 for a 2 GB message"
+    );
+    ensure!(
+        raw.closed(),
+        "connection not closed after an oversized message"
+    );
     let mut raw = raw_login(r.port)?;
     raw.send(&Raw::msg(b'!', b"what"));
     let msgs = raw.read_until(b'E')?;
-    ensure!(error_code(&msgs.last().unwrap().1) == "08P01", "no 08P01 for an unknown message type");
+    ensure!(
+        error_code(&msgs.last().unwrap().1) == "08P01",
+        "no 08P01 for an unknown message type"
+    );
     // A query message sent before authentication (SCRAM router): refused.
     let mut raw = Raw::connect(h.router.port);
     raw.send(&Raw::startup("app", "app"));
     raw.read_until(b'R')?;
     raw.send(&Raw::msg(b'Q', b"SELECT 1\0"));
     let msgs = raw.read_until(b'E')?;
-    ensure!(error_code(&msgs.last().unwrap().1) == "08P01", "query before authentication not refused");
+    ensure!(
+        error_code(&msgs.last().unwrap().1) == "08P01",
+        "query before authentication not refused"
+    );
     // Length field smaller than 4.
     let mut raw = raw_login(r.port)?;
     raw.send(&[b'Q', 0, 0, 0, 2]);
     let msgs = raw.read_until(b'E')?;
-    ensure!(error_code(&msgs.last().unwrap().1) == "08P01", "no 08P01 for a length below 4");
+    ensure!(
+        error_code(&msgs.last().unwrap().1) == "08P01",
+        "no 08P01 for a length below 4"
+    );
     // The router still serves everyone.
     let mut raw = raw_login(r.port)?;
     raw.send(&Raw::msg(b'Q', b"SELECT 1\0"));
@@ -254,17 +385,30 @@ fn stalled_reader(h: &Harness) -> TestResult {
     let r = h.spawn_router("auth_type = \"trust\"", "")?;
     let mut raw = raw_login(r.port)?;
     // Asks for ~200 MB and never reads it.
-    raw.send(&Raw::msg(b'Q', b"SELECT repeat('x', 1000) FROM generate_series(1, 200000)\0"));
+    raw.send(&Raw::msg(
+        b'Q',
+        b"SELECT repeat('x', 1000) FROM generate_series(1, 200000)\0",
+    ));
     std::thread::sleep(Duration::from_millis(500));
     block_on(async {
         let c = connect_port(r.port, "app", APP_PW, "app", "").await?;
         let t = Instant::now();
-        let v: i32 = c.query_one("SELECT 5", &[]).await.ctx("other client")?.get(0);
-        ensure!(v == 5 && t.elapsed() < Duration::from_secs(3), "other clients stalled by a non-reading client");
+        let v: i32 = c
+            .query_one("SELECT 5", &[])
+            .await
+            .ctx("other client")?
+            .get(0);
+        ensure!(
+            v == 5 && t.elapsed() < Duration::from_secs(3),
+            "other clients stalled by a non-reading client"
+        );
         Ok(())
     })?;
     let rss_kb = r.rss_kb();
-    ensure!(rss_kb < 100_000, "router buffered the unread result: RSS {rss_kb} kB");
+    ensure!(
+        rss_kb < 100_000,
+        "router buffered the unread result: RSS {rss_kb} kB"
+    );
     drop(raw);
     Ok(())
 }

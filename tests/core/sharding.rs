@@ -3,7 +3,10 @@
 //! two-phase commit and its recovery, and pgbench's TPC-B invariant across shards.
 
 use crate::ensure;
-use crate::harness::{block_on, connect_port, first_value as one, sqlstate, Context, Harness, PgContext, Router, TestResult, APP_PW};
+use crate::harness::{
+    block_on, connect_port, first_value as one, sqlstate, Context, Harness, PgContext, Router,
+    TestResult, APP_PW,
+};
 use crate::trial;
 use libtest_mimic::Trial;
 
@@ -14,9 +17,15 @@ pub fn trials() -> Vec<Trial> {
         trial("sharding::scatter_merges_match_one_server", scatter_matches),
         trial("sharding::unsafe_statements_are_refused", refusals),
         trial("sharding::two_phase_commit_and_rollback", two_phase),
-        trial("sharding::in_doubt_transactions_resolved_at_start", in_doubt),
+        trial(
+            "sharding::in_doubt_transactions_resolved_at_start",
+            in_doubt,
+        ),
         trial("sharding::copy_rows_split_by_key", copy_split),
-        trial("sharding::pgbench_tpcb_invariant_across_shards", pgbench_invariant),
+        trial(
+            "sharding::pgbench_tpcb_invariant_across_shards",
+            pgbench_invariant,
+        ),
         trial("sharding::session_hints_route_statements", session_hints),
     ]
 }
@@ -114,8 +123,11 @@ sharded = true
 fn router(h: &Harness) -> &Router {
     h.sharded_router.get_or_init(|| {
         let log = h.dir.join("decisions-sharded.log");
-        h.spawn_router(&format!("decision_log = \"{}\"\nrouter_id = \"t1\"", log.display()), SHARDING)
-            .expect("start sharded router")
+        h.spawn_router(
+            &format!("decision_log = \"{}\"\nrouter_id = \"t1\"", log.display()),
+            SHARDING,
+        )
+        .expect("start sharded router")
     })
 }
 
@@ -127,7 +139,10 @@ pub(crate) fn shard_of(id: i64) -> usize {
 
 /// SQL on one shard's primary directly.
 fn on_shard(h: &Harness, shard: usize, db: &str, sql: &str) -> Result<String, String> {
-    h.cluster.psql(h.primary(shard), db, sql).ctx("direct psql").map(|s| s.trim().to_string())
+    h.cluster
+        .psql(h.primary(shard), db, sql)
+        .ctx("direct psql")
+        .map(|s| s.trim().to_string())
 }
 
 async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
@@ -137,45 +152,113 @@ async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
 fn keys_route(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, name text)").await.pgx("ddl")?;
+        c.batch_execute(
+            "DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, name text)",
+        )
+        .await
+        .pgx("ddl")?;
         for shard in 0..2 {
-            ensure!(on_shard(h, shard, "shop", "SELECT count(*) FROM items")? == "0", "DDL must reach shard {shard}");
+            ensure!(
+                on_shard(h, shard, "shop", "SELECT count(*) FROM items")? == "0",
+                "DDL must reach shard {shard}"
+            );
         }
         for id in 1..=40i64 {
-            c.simple_query(&format!("INSERT INTO items (id, name) VALUES ({id}, 'n{id}')")).await.pgx("insert literal")?;
+            c.simple_query(&format!(
+                "INSERT INTO items (id, name) VALUES ({id}, 'n{id}')"
+            ))
+            .await
+            .pgx("insert literal")?;
         }
         // Extended protocol: the key comes from Bind, text and binary.
         for id in 41..=60i64 {
-            c.execute("INSERT INTO items (id, name) VALUES ($1, $2)", &[&id, &format!("n{id}")]).await.pgx("insert param")?;
+            c.execute(
+                "INSERT INTO items (id, name) VALUES ($1, $2)",
+                &[&id, &format!("n{id}")],
+            )
+            .await
+            .pgx("insert param")?;
         }
         for shard in 0..2 {
             let expected = (1..=60).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM items")?.parse().unwrap();
-            ensure!(got == expected, "shard {shard} holds {got} rows, expected {expected}");
+            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM items")?
+                .parse()
+                .unwrap();
+            ensure!(
+                got == expected,
+                "shard {shard} holds {got} rows, expected {expected}"
+            );
             ensure!(expected > 10, "keys should spread over both shards");
         }
         for id in [3i64, 17, 44, 59] {
-            let row = c.query_one("SELECT name FROM items WHERE id = $1", &[&id]).await.pgx("select by key")?;
+            let row = c
+                .query_one("SELECT name FROM items WHERE id = $1", &[&id])
+                .await
+                .pgx("select by key")?;
             ensure!(row.get::<_, String>(0) == format!("n{id}"), "row {id}");
         }
-        let n = c.execute("UPDATE items SET name = 'changed' WHERE id = 7", &[]).await.pgx("update by key")?;
+        let n = c
+            .execute("UPDATE items SET name = 'changed' WHERE id = 7", &[])
+            .await
+            .pgx("update by key")?;
         ensure!(n == 1, "UPDATE by key touched {n} rows");
         let sh = shard_of(7);
-        ensure!(on_shard(h, sh, "shop", "SELECT name FROM items WHERE id = 7")? == "changed", "update reached the owner");
+        ensure!(
+            on_shard(h, sh, "shop", "SELECT name FROM items WHERE id = 7")? == "changed",
+            "update reached the owner"
+        );
         // IN list over both shards, and a keyless count.
-        let rows = c.query("SELECT id FROM items WHERE id IN (1, 2, 3, 4, 5, 6) ORDER BY id", &[]).await.pgx("IN")?;
+        let rows = c
+            .query(
+                "SELECT id FROM items WHERE id IN (1, 2, 3, 4, 5, 6) ORDER BY id",
+                &[],
+            )
+            .await
+            .pgx("IN")?;
         ensure!(rows.len() == 6, "IN list gave {} rows", rows.len());
-        ensure!(one(&c, "SELECT count(*) FROM items").await? == "60", "keyless count over shards");
+        ensure!(
+            one(&c, "SELECT count(*) FROM items").await? == "60",
+            "keyless count over shards"
+        );
         // A tenant directory entry and a range.
-        c.batch_execute("DROP TABLE IF EXISTS orders; CREATE TABLE orders (tenant text, n int)").await.pgx("ddl orders")?;
-        c.batch_execute("INSERT INTO orders (tenant, n) VALUES ('big', 1)").await.pgx("tenant insert")?;
-        ensure!(on_shard(h, 1, "shop", "SELECT count(*) FROM orders WHERE tenant = 'big'")? == "1", "big tenant lives on shard 1");
-        c.batch_execute("DROP TABLE IF EXISTS events; CREATE TABLE events (n bigint)").await.pgx("ddl events")?;
-        c.batch_execute("INSERT INTO events (n) VALUES (5); INSERT INTO events (n) VALUES (1500)").await.pgx("range insert")?;
-        ensure!(on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "5", "range 0");
-        ensure!(on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "1500", "range 1");
-        let e = c.batch_execute("INSERT INTO events (n) VALUES (5000)").await.err().ok_or("a key outside every range must fail")?;
-        let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        c.batch_execute("DROP TABLE IF EXISTS orders; CREATE TABLE orders (tenant text, n int)")
+            .await
+            .pgx("ddl orders")?;
+        c.batch_execute("INSERT INTO orders (tenant, n) VALUES ('big', 1)")
+            .await
+            .pgx("tenant insert")?;
+        ensure!(
+            on_shard(
+                h,
+                1,
+                "shop",
+                "SELECT count(*) FROM orders WHERE tenant = 'big'"
+            )? == "1",
+            "big tenant lives on shard 1"
+        );
+        c.batch_execute("DROP TABLE IF EXISTS events; CREATE TABLE events (n bigint)")
+            .await
+            .pgx("ddl events")?;
+        c.batch_execute("INSERT INTO events (n) VALUES (5); INSERT INTO events (n) VALUES (1500)")
+            .await
+            .pgx("range insert")?;
+        ensure!(
+            on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "5",
+            "range 0"
+        );
+        ensure!(
+            on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM events")? == "1500",
+            "range 1"
+        );
+        let e = c
+            .batch_execute("INSERT INTO events (n) VALUES (5000)")
+            .await
+            .err()
+            .ok_or("a key outside every range must fail")?;
+        let msg = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
         ensure!(msg.contains("range"), "range error says why: {msg}");
         Ok(())
     })
@@ -184,18 +267,34 @@ fn keys_route(h: &Harness) -> TestResult {
 fn insert_split(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("DROP TABLE IF EXISTS facts; CREATE TABLE facts (id bigint, v int)").await.pgx("ddl")?;
+        c.batch_execute("DROP TABLE IF EXISTS facts; CREATE TABLE facts (id bigint, v int)")
+            .await
+            .pgx("ddl")?;
         let values: Vec<String> = (1..=100).map(|i| format!("({i}, {})", i * 2)).collect();
-        let msgs = c.simple_query(&format!("INSERT INTO facts (id, v) VALUES {}", values.join(", "))).await.pgx("split insert")?;
+        let msgs = c
+            .simple_query(&format!(
+                "INSERT INTO facts (id, v) VALUES {}",
+                values.join(", ")
+            ))
+            .await
+            .pgx("split insert")?;
         let tag = msgs.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
             _ => None,
         });
-        ensure!(tag == Some(100), "client sees one INSERT of 100 rows, got {tag:?}");
+        ensure!(
+            tag == Some(100),
+            "client sees one INSERT of 100 rows, got {tag:?}"
+        );
         for shard in 0..2 {
             let expected = (1..=100).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM facts")?.parse().unwrap();
-            ensure!(got == expected, "shard {shard}: {got} rows, expected {expected} (never a copy on every shard)");
+            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM facts")?
+                .parse()
+                .unwrap();
+            ensure!(
+                got == expected,
+                "shard {shard}: {got} rows, expected {expected} (never a copy on every shard)"
+            );
         }
         Ok(())
     })
@@ -210,15 +309,32 @@ fn scatter_matches(h: &Harness) -> TestResult {
         reference.batch_execute(ddl).await.pgx("ref ddl")?;
         let rows: Vec<String> = (1..=300)
             .map(|i| {
-                let v = if i % 17 == 0 { "NULL".to_string() } else { format!("{}.{}", i * 7 % 101, i % 10) };
-                format!("({i}, {}, {v}, {}, 't{}', {})", i % 5, (i as f64) / 8.0, i % 23, i % 3 != 0)
+                let v = if i % 17 == 0 {
+                    "NULL".to_string()
+                } else {
+                    format!("{}.{}", i * 7 % 101, i % 10)
+                };
+                format!(
+                    "({i}, {}, {v}, {}, 't{}', {})",
+                    i % 5,
+                    (i as f64) / 8.0,
+                    i % 23,
+                    i % 3 != 0
+                )
             })
             .collect();
-        let insert = format!("INSERT INTO sc (id, g, v, f, t, b) VALUES {}", rows.join(", "));
+        let insert = format!(
+            "INSERT INTO sc (id, g, v, f, t, b) VALUES {}",
+            rows.join(", ")
+        );
         reference.batch_execute(&insert).await.pgx("ref insert")?;
         // The same rows in a table sharded by id.
-        c.batch_execute(&ddl.replace(" sc", " scat")).await.pgx("sharded ddl")?;
-        c.batch_execute(&insert.replace("INTO sc", "INTO scat")).await.pgx("sharded insert")?;
+        c.batch_execute(&ddl.replace(" sc", " scat"))
+            .await
+            .pgx("sharded ddl")?;
+        c.batch_execute(&insert.replace("INTO sc", "INTO scat"))
+            .await
+            .pgx("sharded insert")?;
         let queries = [
             "SELECT count(*) FROM sc",
             "SELECT count(v), sum(v), min(v), max(v), avg(v) FROM sc",
@@ -236,18 +352,26 @@ fn scatter_matches(h: &Harness) -> TestResult {
             ensure!(got == want, "{q}\n sharded: {got:?}\n one server: {want:?}");
         }
         // Keyless write: counts summed across shards.
-        let n = c.execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[]).await.pgx("keyless update")?;
+        let n = c
+            .execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[])
+            .await
+            .pgx("keyless update")?;
         ensure!(n == 60, "keyless UPDATE counted {n}, expected 60");
         Ok(())
     })
 }
 
-async fn rows_text(c: &tokio_postgres::Client, q: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+async fn rows_text(
+    c: &tokio_postgres::Client,
+    q: &str,
+) -> Result<Vec<Vec<Option<String>>>, String> {
     let msgs = c.simple_query(q).await.map_err(|e| format!("{q}: {e}"))?;
     Ok(msgs
         .iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
             _ => None,
         })
         .collect())
@@ -256,20 +380,43 @@ async fn rows_text(c: &tokio_postgres::Client, q: &str) -> Result<Vec<Vec<Option
 fn refusals(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)").await.pgx("ddl")?;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)")
+            .await
+            .pgx("ddl")?;
         let cases = [
-            ("UPDATE items SET id = 5 WHERE id = 4", "0A000", "sharding key"),
+            (
+                "UPDATE items SET id = 5 WHERE id = 4",
+                "0A000",
+                "sharding key",
+            ),
             ("SELECT * FROM nowhere_declared", "0A000", "not declared"),
             ("INSERT INTO items (name) VALUES ('x')", "0A000", "id"),
         ];
         for (sql, code, needle) in cases {
-            let e = c.batch_execute(sql).await.err().ok_or(format!("{sql} must be refused"))?;
-            ensure!(sqlstate(&e) == code, "{sql}: SQLSTATE {} ({e})", sqlstate(&e));
-            let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
-            ensure!(msg.contains(needle), "{sql}: message should name '{needle}': {msg}");
+            let e = c
+                .batch_execute(sql)
+                .await
+                .err()
+                .ok_or(format!("{sql} must be refused"))?;
+            ensure!(
+                sqlstate(&e) == code,
+                "{sql}: SQLSTATE {} ({e})",
+                sqlstate(&e)
+            );
+            let msg = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default();
+            ensure!(
+                msg.contains(needle),
+                "{sql}: message should name '{needle}': {msg}"
+            );
         }
         // The session is still usable afterwards.
-        ensure!(one(&c, "SELECT 1").await? == "1", "session usable after refusals");
+        ensure!(
+            one(&c, "SELECT 1").await? == "1",
+            "session usable after refusals"
+        );
         Ok(())
     })
 }
@@ -277,7 +424,9 @@ fn refusals(h: &Harness) -> TestResult {
 fn two_phase(h: &Harness) -> TestResult {
     block_on(async {
         let c = shop(h).await?;
-        c.batch_execute("DROP TABLE IF EXISTS twopc; CREATE TABLE twopc (id bigint, v int)").await.pgx("ddl")?;
+        c.batch_execute("DROP TABLE IF EXISTS twopc; CREATE TABLE twopc (id bigint, v int)")
+            .await
+            .pgx("ddl")?;
         let (a, b) = {
             let a = (1..).find(|&i| shard_of(i) == 0).unwrap();
             let b = (1..).find(|&i| shard_of(i) == 1).unwrap();
@@ -286,19 +435,39 @@ fn two_phase(h: &Harness) -> TestResult {
         c.batch_execute(&format!("BEGIN; INSERT INTO twopc (id, v) VALUES ({a}, 1); INSERT INTO twopc (id, v) VALUES ({b}, 1); COMMIT"))
             .await
             .ctx("2pc commit")?;
-        ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "both rows committed");
+        ensure!(
+            one(&c, "SELECT count(*) FROM twopc").await? == "2",
+            "both rows committed"
+        );
         c.batch_execute(&format!("BEGIN; INSERT INTO twopc (id, v) VALUES ({a}, 2); INSERT INTO twopc (id, v) VALUES ({b}, 2); ROLLBACK"))
             .await
             .ctx("rollback")?;
-        ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "rolled back on both shards");
+        ensure!(
+            one(&c, "SELECT count(*) FROM twopc").await? == "2",
+            "rolled back on both shards"
+        );
         // A failure on one shard aborts the whole transaction.
         c.batch_execute("BEGIN").await.pgx("begin")?;
-        c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({a}, 3)")).await.pgx("ins a")?;
-        ensure!(c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({b}, 'x')")).await.is_err(), "bad value fails");
-        let e = c.batch_execute("SELECT 1").await.err().ok_or("aborted transaction must refuse")?;
+        c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({a}, 3)"))
+            .await
+            .pgx("ins a")?;
+        ensure!(
+            c.batch_execute(&format!("INSERT INTO twopc (id, v) VALUES ({b}, 'x')"))
+                .await
+                .is_err(),
+            "bad value fails"
+        );
+        let e = c
+            .batch_execute("SELECT 1")
+            .await
+            .err()
+            .ok_or("aborted transaction must refuse")?;
         ensure!(sqlstate(&e) == "25P02", "in failed tx: {}", sqlstate(&e));
         c.batch_execute("COMMIT").await.pgx("commit of failed tx")?;
-        ensure!(one(&c, "SELECT count(*) FROM twopc").await? == "2", "failed transaction left nothing");
+        ensure!(
+            one(&c, "SELECT count(*) FROM twopc").await? == "2",
+            "failed transaction left nothing"
+        );
         // Other trials share this router and its 2PC gids, so a prepared transaction of theirs
         // may be in flight right now: only one prepared before this check began and still
         // there seconds later is a leftover.
@@ -311,7 +480,10 @@ fn two_phase(h: &Harness) -> TestResult {
                 if left == "0" {
                     break;
                 }
-                ensure!(std::time::Instant::now() < deadline, "prepared transactions left on shard {shard}: {left}");
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "prepared transactions left on shard {shard}: {left}"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
@@ -324,8 +496,16 @@ fn two_phase(h: &Harness) -> TestResult {
 fn in_doubt(h: &Harness) -> TestResult {
     block_on(async {
         let s0 = h.primary(0);
-        h.cluster.psql(s0, "shop", "CREATE TABLE IF NOT EXISTS doubt (n int)").ctx("ddl s0")?;
-        h.cluster.psql(h.primary(1), "shop", "CREATE TABLE IF NOT EXISTS doubt (n int)").ctx("ddl s1")?;
+        h.cluster
+            .psql(s0, "shop", "CREATE TABLE IF NOT EXISTS doubt (n int)")
+            .ctx("ddl s0")?;
+        h.cluster
+            .psql(
+                h.primary(1),
+                "shop",
+                "CREATE TABLE IF NOT EXISTS doubt (n int)",
+            )
+            .ctx("ddl s1")?;
         // Prepared as the router's user, as its sessions would have.
         let prep = |shard: usize, gid: &str, n: i32| {
             h.cluster.psql(
@@ -339,14 +519,28 @@ fn in_doubt(h: &Harness) -> TestResult {
         prep(0, "pgshard_t9_101_0", 2).ctx("prepare undecided")?;
         let log = h.dir.join("decisions-t9.log");
         std::fs::write(&log, "C 100\n").ctx("write log")?;
-        let r = h.spawn_router(&format!("decision_log = \"{}\"\nrouter_id = \"t9\"", log.display()), SHARDING)?;
+        let r = h.spawn_router(
+            &format!("decision_log = \"{}\"\nrouter_id = \"t9\"", log.display()),
+            SHARDING,
+        )?;
         let _ = r;
         for shard in 0..2 {
-            let left = on_shard(h, shard, "shop", "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'")?;
+            let left = on_shard(
+                h,
+                shard,
+                "shop",
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'",
+            )?;
             ensure!(left == "0", "shard {shard} still has in-doubt transactions");
         }
-        ensure!(on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1", "decided commit applied, undecided rolled back");
-        ensure!(on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1", "shard 1 committed too");
+        ensure!(
+            on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1",
+            "decided commit applied, undecided rolled back"
+        );
+        ensure!(
+            on_shard(h, 1, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1",
+            "shard 1 committed too"
+        );
         Ok(())
     })
 }
@@ -358,7 +552,10 @@ fn copy_split(h: &Harness) -> TestResult {
         c.batch_execute("DROP TABLE IF EXISTS copied; CREATE TABLE copied (id bigint, g int, v numeric, f float8, t text, b bool)")
             .await
             .ctx("ddl")?;
-        let sink = c.copy_in("COPY copied (id, t) FROM STDIN").await.pgx("copy in")?;
+        let sink = c
+            .copy_in("COPY copied (id, t) FROM STDIN")
+            .await
+            .pgx("copy in")?;
         let mut data = String::new();
         for i in 1..=2000 {
             data.push_str(&format!("{i}\tline\\t{i}\n"));
@@ -366,16 +563,26 @@ fn copy_split(h: &Harness) -> TestResult {
         futures_util::pin_mut!(sink);
         // Chunks that cut rows in the middle.
         for chunk in data.as_bytes().chunks(777) {
-            sink.send(bytes::Bytes::copy_from_slice(chunk)).await.pgx("send")?;
+            sink.send(bytes::Bytes::copy_from_slice(chunk))
+                .await
+                .pgx("send")?;
         }
         let n = sink.finish().await.pgx("finish")?;
         ensure!(n == 2000, "COPY reported {n}");
         for shard in 0..2 {
             let expected = (1..=2000).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM copied")?.parse().unwrap();
-            ensure!(got == expected, "shard {shard}: {got} rows, expected {expected}");
+            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM copied")?
+                .parse()
+                .unwrap();
+            ensure!(
+                got == expected,
+                "shard {shard}: {got} rows, expected {expected}"
+            );
         }
-        ensure!(one(&c, "SELECT t FROM copied WHERE id = 1234").await? == "line\t1234", "escapes kept");
+        ensure!(
+            one(&c, "SELECT t FROM copied WHERE id = 1234").await? == "line\t1234",
+            "escapes kept"
+        );
         Ok(())
     })
 }
@@ -383,17 +590,51 @@ fn copy_split(h: &Harness) -> TestResult {
 fn pgbench_invariant(h: &Harness) -> TestResult {
     let port = router(h).port;
     let o = h.client_program("pgbench", port, "app", APP_PW, &["-i", "-s", "2", "bench"]);
-    ensure!(o.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&o.stderr));
+    ensure!(
+        o.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     for shard in 0..2 {
-        let n: i64 = on_shard(h, shard, "bench", "SELECT count(*) FROM pgbench_accounts")?.parse().unwrap();
-        ensure!(n > 80_000 && n < 120_000, "shard {shard} holds {n} of 200000 accounts");
+        let n: i64 = on_shard(h, shard, "bench", "SELECT count(*) FROM pgbench_accounts")?
+            .parse()
+            .unwrap();
+        ensure!(
+            n > 80_000 && n < 120_000,
+            "shard {shard} holds {n} of 200000 accounts"
+        );
     }
-    let o = h.client_program("pgbench", port, "app", APP_PW, &["-c", "4", "-j", "2", "-t", "150", "bench"]);
+    let o = h.client_program(
+        "pgbench",
+        port,
+        "app",
+        APP_PW,
+        &["-c", "4", "-j", "2", "-t", "150", "bench"],
+    );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    ensure!(o.status.success(), "pgbench TPC-B: {out}{}", String::from_utf8_lossy(&o.stderr));
-    ensure!(out.contains("number of transactions actually processed: 600/600"), "all transactions ran: {out}");
-    let o = h.client_program("pgbench", port, "app", APP_PW, &["-n", "-c", "4", "-j", "2", "-t", "100", "-M", "prepared", "bench"]);
-    ensure!(o.status.success(), "pgbench -M prepared: {}", String::from_utf8_lossy(&o.stderr));
+    ensure!(
+        o.status.success(),
+        "pgbench TPC-B: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ensure!(
+        out.contains("number of transactions actually processed: 600/600"),
+        "all transactions ran: {out}"
+    );
+    let o = h.client_program(
+        "pgbench",
+        port,
+        "app",
+        APP_PW,
+        &[
+            "-n", "-c", "4", "-j", "2", "-t", "100", "-M", "prepared", "bench",
+        ],
+    );
+    ensure!(
+        o.status.success(),
+        "pgbench -M prepared: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     block_on(async move {
         let c = connect_port(port, "app", APP_PW, "bench", "").await?;
         // A read-write transaction reads the primaries: replicas may not have replayed pgbench's
@@ -405,7 +646,10 @@ fn pgbench_invariant(h: &Harness) -> TestResult {
         let d = one(&c, "SELECT sum(delta) FROM pgbench_history").await?;
         let n = one(&c, "SELECT count(*) FROM pgbench_history").await?;
         ensure!(n == "1000", "history rows: {n}");
-        ensure!(a == t && t == b && b == d, "TPC-B invariant: accounts {a}, tellers {t}, branches {b}, history {d}");
+        ensure!(
+            a == t && t == b && b == d,
+            "TPC-B invariant: accounts {a}, tellers {t}, branches {b}, history {d}"
+        );
         ensure!(a != "0", "balances moved");
         Ok(())
     })
@@ -425,36 +669,92 @@ fn session_hints(h: &Harness) -> TestResult {
         }
         let c = shop(h).await?;
         for shard in [1, 0, 1] {
-            c.batch_execute(&format!("SET pgshard.shard = {shard}")).await.pgx("set hint")?;
-            ensure!(port_in_tx(&c).await? == port(shard), "SET pgshard.shard = {shard} was not followed");
+            c.batch_execute(&format!("SET pgshard.shard = {shard}"))
+                .await
+                .pgx("set hint")?;
+            ensure!(
+                port_in_tx(&c).await? == port(shard),
+                "SET pgshard.shard = {shard} was not followed"
+            );
         }
         c.batch_execute("BEGIN").await.pgx("begin")?;
-        c.batch_execute("SET LOCAL pgshard.shard = 0").await.pgx("set local")?;
-        ensure!(one(&c, "SELECT inet_server_port()").await? == port(0), "SET LOCAL pgshard.shard = 0 was not followed");
+        c.batch_execute("SET LOCAL pgshard.shard = 0")
+            .await
+            .pgx("set local")?;
+        ensure!(
+            one(&c, "SELECT inet_server_port()").await? == port(0),
+            "SET LOCAL pgshard.shard = 0 was not followed"
+        );
         c.batch_execute("COMMIT").await.pgx("commit")?;
-        ensure!(port_in_tx(&c).await? == port(1), "SET LOCAL outlived its transaction");
+        ensure!(
+            port_in_tx(&c).await? == port(1),
+            "SET LOCAL outlived its transaction"
+        );
         c.batch_execute("BEGIN").await.pgx("begin")?;
-        c.batch_execute("SET LOCAL pgshard.key = 'big'").await.pgx("set local key")?;
-        let e = c.simple_query("SELECT inet_server_port()").await.err().ok_or("a key hint without a table must be ambiguous")?;
-        ensure!(format!("{e:?}").contains("hint key=big is ambiguous"), "key hint not taken from SET LOCAL: {e:?}");
+        c.batch_execute("SET LOCAL pgshard.key = 'big'")
+            .await
+            .pgx("set local key")?;
+        let e = c
+            .simple_query("SELECT inet_server_port()")
+            .await
+            .err()
+            .ok_or("a key hint without a table must be ambiguous")?;
+        ensure!(
+            format!("{e:?}").contains("hint key=big is ambiguous"),
+            "key hint not taken from SET LOCAL: {e:?}"
+        );
         c.batch_execute("ROLLBACK").await.pgx("rollback")?;
         // The startup packet's options carry a session hint too.
-        let o = connect_port(router(h).port, "app", APP_PW, "shop", "options='-c pgshard.shard=0'").await?;
-        ensure!(port_in_tx(&o).await? == port(0), "options=-c pgshard.shard=0 was not followed");
+        let o = connect_port(
+            router(h).port,
+            "app",
+            APP_PW,
+            "shop",
+            "options='-c pgshard.shard=0'",
+        )
+        .await?;
+        ensure!(
+            port_in_tx(&o).await? == port(0),
+            "options=-c pgshard.shard=0 was not followed"
+        );
         // BEGIN inside a multi-statement Query opens the client's transaction, as on PostgreSQL:
         // it stays open after the Query (with its SET LOCAL), and an error leaves it failed.
-        c.batch_execute("BEGIN; SET LOCAL pgshard.shard = 0").await.pgx("begin; set local")?;
-        ensure!(one(&c, "SELECT inet_server_port()").await? == port(0), "BEGIN; SET LOCAL in one Query did not stay in force");
+        c.batch_execute("BEGIN; SET LOCAL pgshard.shard = 0")
+            .await
+            .pgx("begin; set local")?;
+        ensure!(
+            one(&c, "SELECT inet_server_port()").await? == port(0),
+            "BEGIN; SET LOCAL in one Query did not stay in force"
+        );
         c.batch_execute("COMMIT").await.pgx("commit")?;
-        ensure!(c.batch_execute("BEGIN; SELECT 1/0").await.is_err(), "division by zero");
-        let e = c.simple_query("SELECT 1").await.err().ok_or("the failed transaction was not kept")?;
-        ensure!(crate::harness::sqlstate(&e) == "25P02", "after an error in BEGIN; …: {e:?}");
+        ensure!(
+            c.batch_execute("BEGIN; SELECT 1/0").await.is_err(),
+            "division by zero"
+        );
+        let e = c
+            .simple_query("SELECT 1")
+            .await
+            .err()
+            .ok_or("the failed transaction was not kept")?;
+        ensure!(
+            crate::harness::sqlstate(&e) == "25P02",
+            "after an error in BEGIN; …: {e:?}"
+        );
         c.batch_execute("ROLLBACK").await.pgx("rollback")?;
-        c.batch_execute("SET pgshard.shard = 'abc'").await.pgx("set bad")?;
-        let e = c.simple_query("SELECT 1").await.err().ok_or("a bad shard hint was ignored")?;
+        c.batch_execute("SET pgshard.shard = 'abc'")
+            .await
+            .pgx("set bad")?;
+        let e = c
+            .simple_query("SELECT 1")
+            .await
+            .err()
+            .ok_or("a bad shard hint was ignored")?;
         ensure!(crate::harness::sqlstate(&e) == "22023", "bad hint: {e:?}");
         c.batch_execute("RESET pgshard.shard").await.pgx("reset")?;
-        ensure!(one(&c, "SELECT 1").await? == "1", "RESET pgshard.shard did not clear the hint");
+        ensure!(
+            one(&c, "SELECT 1").await? == "1",
+            "RESET pgshard.shard did not clear the hint"
+        );
         Ok(())
     })
 }

@@ -14,13 +14,19 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         let Some((name, text, param_types)) = parse_parse(&msg[5..]) else {
             return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
         };
-        if let Some(reason) = std::str::from_utf8(text).ok().and_then(crate::sqlclass::pin_reason) {
+        if let Some(reason) = std::str::from_utf8(text)
+            .ok()
+            .and_then(crate::sqlclass::pin_reason)
+        {
             self.pinned = Some(reason);
         }
         if name.is_empty() || self.session_mode {
             return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
         }
-        let def = Arc::new(StatementDef::new(Bytes::copy_from_slice(text), Bytes::copy_from_slice(param_types)));
+        let def = Arc::new(StatementDef::new(
+            Bytes::copy_from_slice(text),
+            Bytes::copy_from_slice(param_types),
+        ));
         if !self.statements.insert(name, def.clone()) {
             tracing::warn!(client = self.info.pid, name = %String::from_utf8_lossy(name), "prepared statement redefined without Close");
             self.statements.remove(name);
@@ -35,15 +41,22 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             messages::close_statement(&mut self.server_out, &global_name(old));
             self.pending.push_back(Pending::InjectedClose);
         }
-        messages::parse(&mut self.server_out, &def.global_name, &def.text, &def.param_types);
+        messages::parse(
+            &mut self.server_out,
+            &def.global_name,
+            &def.text,
+            &def.param_types,
+        );
         self.pending.push_back(Pending::ParseOf(def.key));
     }
 
     /// Bind and Describe of a named statement go to its global name, prepared first if the
     /// server connection does not have it yet.
     pub(super) fn on_bind_or_describe(&mut self, tag: u8, msg: &[u8]) {
-        let named = statement_ref(tag, &msg[5..]).filter(|(_, name, _)| !name.is_empty() && !self.session_mode);
-        let found = named.and_then(|(head, name, tail)| Some((head, self.statements.get(name)?.clone(), tail)));
+        let named = statement_ref(tag, &msg[5..])
+            .filter(|(_, name, _)| !name.is_empty() && !self.session_mode);
+        let found = named
+            .and_then(|(head, name, tail)| Some((head, self.statements.get(name)?.clone(), tail)));
         let Some((head, def, tail)) = found else {
             // Unnamed, a portal, or unknown to pgshard: the server answers (or errs) itself.
             return self.forward(msg, Some(Pending::Forwarded(self.copy_ends)));
@@ -62,7 +75,12 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             messages::close_statement(&mut self.server_out, &global_name(old));
             self.pending.push_back(Pending::InjectedClose);
         }
-        messages::parse(&mut self.server_out, &def.global_name, &def.text, &def.param_types);
+        messages::parse(
+            &mut self.server_out,
+            &def.global_name,
+            &def.text,
+            &def.param_types,
+        );
         self.pending.push_back(Pending::InjectedParse(def.key));
     }
 

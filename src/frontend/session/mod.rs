@@ -165,7 +165,9 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             other => tracing::debug!(client = self.info.pid, reason = ?other, "session ended"),
         }
         if !self.client_out.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.cw.write_all(&self.client_out)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.cw.write_all(&self.client_out))
+                    .await;
         }
         let _ = self.cw.shutdown().await;
         Box::pin(self.finish_server()).await;
@@ -192,7 +194,9 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             }
             let ev = self.wait(&mut shutdown).await;
             match ev {
-                Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => return SessionEnd::ClientGone,
+                Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) => {
+                    return SessionEnd::ClientGone
+                }
                 Event::ClientRead(Ok(n)) => self.pool.metrics.bytes_received.inc_by(n as u64),
                 Event::ServerRead(Ok(n)) if n > 0 => {
                     if let Err(end) = self.process_server_messages() {
@@ -208,11 +212,17 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                     self.pool.metrics.bytes_sent.inc_by(n as u64);
                     self.client_unflushed = W::BUFFERED;
                 }
-                Event::ClientWrote(Err(_)) | Event::ClientFlushed(Err(_)) => return SessionEnd::ClientGone,
+                Event::ClientWrote(Err(_)) | Event::ClientFlushed(Err(_)) => {
+                    return SessionEnd::ClientGone
+                }
                 Event::ClientFlushed(Ok(())) => self.client_unflushed = false,
                 Event::ServerWrote(Ok(_)) => {}
                 Event::IdleInTransaction => {
-                    fatal_and_close(&mut self.client_out, "25P03", "terminating connection due to idle-in-transaction timeout");
+                    fatal_and_close(
+                        &mut self.client_out,
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                    );
                     return SessionEnd::IdleTimeout;
                 }
                 Event::Shutdown => {}
@@ -226,14 +236,21 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         let read_server = self.client_out.len() < HIGH_WATER;
         let idle_in_tx = match &self.server {
             Some(s) => {
-                s.conn.tx_status != b'I' && self.pending.is_empty() && !self.idle_tx_timeout.is_zero()
+                s.conn.tx_status != b'I'
+                    && self.pending.is_empty()
+                    && !self.idle_tx_timeout.is_zero()
             }
             None => false,
         };
         let idle_tx_timeout = self.idle_tx_timeout;
         let flush = self.client_unflushed && self.client_out.is_empty();
-        let (cr, cw, cbuf, client_out, server_out) =
-            (&mut self.cr, &mut self.cw, &mut self.cbuf, &mut self.client_out, &mut self.server_out);
+        let (cr, cw, cbuf, client_out, server_out) = (
+            &mut self.cr,
+            &mut self.cw,
+            &mut self.cbuf,
+            &mut self.client_out,
+            &mut self.server_out,
+        );
         match self.server.as_mut() {
             Some(s) => {
                 let (mut sr, mut sw) = s.conn.stream.split();
@@ -262,7 +279,9 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         while self.server_out.len() < HIGH_WATER {
             // Large COPY data goes to the server as it arrives (a server is attached during COPY).
             if self.client_stream_left > 0 {
-                self.client_stream_left = self.cbuf.continue_stream(self.client_stream_left, &mut self.server_out);
+                self.client_stream_left = self
+                    .cbuf
+                    .continue_stream(self.client_stream_left, &mut self.server_out);
                 if self.client_stream_left > 0 {
                     return Ok(());
                 }
@@ -377,11 +396,19 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             }
         }
         self.follow_writer();
-        self.info.state.store(client_state::WAITING, Ordering::Relaxed);
+        self.info
+            .state
+            .store(client_state::WAITING, Ordering::Relaxed);
         let co = self.pool.checkout().await;
-        self.info.state.store(client_state::ACTIVE, Ordering::Relaxed);
+        self.info
+            .state
+            .store(client_state::ACTIVE, Ordering::Relaxed);
         let co = co.map_err(|e| (e.sqlstate().to_string(), e.to_string()))?;
-        *self.info.cancel.lock() = Some(CancelTarget { addr: co.conn.peer, pid: co.conn.pid, secret: co.conn.secret });
+        *self.info.cancel.lock() = Some(CancelTarget {
+            addr: co.conn.peer,
+            pid: co.conn.pid,
+            secret: co.conn.secret,
+        });
         self.server = Some(co);
         self.resync = true;
         if let Err(SessionEnd::Settings(code, m)) = Box::pin(self.sync_params()).await {
@@ -396,7 +423,12 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         if writer == self.pool.node {
             return;
         }
-        if let Some(p) = self.app.node_pool(&self.info.database, &self.info.user, self.pool.shard, writer) {
+        if let Some(p) = self.app.node_pool(
+            &self.info.database,
+            &self.info.user,
+            self.pool.shard,
+            writer,
+        ) {
             self.pool.metrics.clients_active.dec();
             p.metrics.clients_active.inc();
             self.pool = p;
@@ -406,8 +438,12 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     /// Makes the attached server's settings equal to the client's.
     async fn sync_params(&mut self) -> Result<(), SessionEnd> {
         self.resync = false;
-        let Some(co) = self.server.as_mut() else { return Ok(()) };
-        let Some(sql) = co.conn.params.diff_sql(&self.params) else { return Ok(()) };
+        let Some(co) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let Some(sql) = co.conn.params.diff_sql(&self.params) else {
+            return Ok(());
+        };
         match co.conn.exec_quiet(&sql, self.max_msg).await {
             Ok(()) => {
                 co.conn.params = self.params.clone();
@@ -418,7 +454,10 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                 // A setting the server rejects was the client's own: forget it so the session
                 // stays usable, as PostgreSQL would have refused it at SET time.
                 self.params = self.startup_params.clone();
-                Err(SessionEnd::Settings(e.sqlstate().to_string(), format!("cannot apply session settings: {e}")))
+                Err(SessionEnd::Settings(
+                    e.sqlstate().to_string(),
+                    format!("cannot apply session settings: {e}"),
+                ))
             }
         }
     }
@@ -436,7 +475,9 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         if !self.client_out.is_empty() {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             // Pending or an error is left to the event loop, which waits or reports it.
-            if let std::task::Poll::Ready(Ok(n)) = std::pin::Pin::new(&mut self.cw).poll_write(&mut cx, &self.client_out) {
+            if let std::task::Poll::Ready(Ok(n)) =
+                std::pin::Pin::new(&mut self.cw).poll_write(&mut cx, &self.client_out)
+            {
                 self.client_out.advance(n);
                 self.pool.metrics.bytes_sent.inc_by(n as u64);
                 self.client_unflushed = W::BUFFERED;
@@ -476,7 +517,9 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
 
     /// Cleans up after the client left: nothing it did may reach the next client.
     async fn finish_server(&mut self) {
-        let Some(mut co) = self.server.take() else { return };
+        let Some(mut co) = self.server.take() else {
+            return;
+        };
         *self.info.cancel.lock() = None;
         if !self.pending.is_empty() || self.unsynced || !co.conn.rbuf.is_empty() {
             // The server is mid-request; closing the connection is the only sure rollback.
@@ -491,7 +534,11 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             steps.push("DISCARD ALL");
         }
         for sql in steps {
-            let r = tokio::time::timeout(Duration::from_secs(5), co.conn.exec_quiet(sql, self.max_msg)).await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                co.conn.exec_quiet(sql, self.max_msg),
+            )
+            .await;
             if !matches!(r, Ok(Ok(()))) {
                 self.pool.discard(co);
                 return;
@@ -511,7 +558,11 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
             QueryKind::Plain | QueryKind::SetLocal => {}
             QueryKind::Pin { reason } => {
                 if self.pinned.is_none() && !self.session_mode {
-                    tracing::debug!(client = self.info.pid, reason, "server connection pinned to client");
+                    tracing::debug!(
+                        client = self.info.pid,
+                        reason,
+                        "server connection pinned to client"
+                    );
                 }
                 self.pinned = Some(reason);
             }
@@ -522,7 +573,10 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                     let co = self.server.as_mut().expect("attached");
                     let sql = if co.conn.statements.touch(def.key) {
                         co.conn.statements.remove(def.key);
-                        format!("DEALLOCATE \"{}\"", String::from_utf8_lossy(&def.global_name))
+                        format!(
+                            "DEALLOCATE \"{}\"",
+                            String::from_utf8_lossy(&def.global_name)
+                        )
                     } else {
                         co.conn.statements.clear();
                         "DEALLOCATE ALL".to_string()

@@ -10,10 +10,15 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
     /// Handles every complete server message buffered.
     pub(super) fn process_server_messages(&mut self) -> Result<(), SessionEnd> {
         loop {
-            let Some(co) = self.server.as_mut() else { return Ok(()) };
+            let Some(co) = self.server.as_mut() else {
+                return Ok(());
+            };
             // Large rows and COPY data are streamed to the client as they arrive.
             if self.server_stream_left > 0 {
-                self.server_stream_left = co.conn.rbuf.continue_stream(self.server_stream_left, &mut self.client_out);
+                self.server_stream_left = co
+                    .conn
+                    .rbuf
+                    .continue_stream(self.server_stream_left, &mut self.client_out);
                 if self.server_stream_left > 0 {
                     return Ok(());
                 }
@@ -28,7 +33,11 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "bad message from server");
-                    fatal_and_close(&mut self.client_out, "08P01", &format!("server sent an invalid message: {e}"));
+                    fatal_and_close(
+                        &mut self.client_out,
+                        "08P01",
+                        &format!("server sent an invalid message: {e}"),
+                    );
                     self.discard_server();
                     return Err(SessionEnd::ServerLost);
                 }
@@ -76,7 +85,9 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                             break;
                         }
                         self.pending.pop_front();
-                        if let (Pending::ParseOf(k) | Pending::InjectedParse(k), Some(co)) = (p, self.server.as_mut()) {
+                        if let (Pending::ParseOf(k) | Pending::InjectedParse(k), Some(co)) =
+                            (p, self.server.as_mut())
+                        {
                             co.conn.statements.remove(k);
                         }
                     }
@@ -98,7 +109,8 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
                 // Extended-protocol COPY FROM: the server ignores every Sync the client sent
                 // after the Execute and before ending the copy, so none of them will be answered.
                 if let Some(Pending::Forwarded(at)) = head {
-                    self.pending.retain(|p| !matches!(p, Pending::Sync(n) if *n == at));
+                    self.pending
+                        .retain(|p| !matches!(p, Pending::Sync(n) if *n == at));
                 }
                 self.client_out.extend_from_slice(msg);
             }
@@ -121,8 +133,12 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
 
     /// A tracked SET/RESET/DISCARD succeeded: the client's and the server's settings change.
     pub(super) fn on_command_complete(&mut self) {
-        let Some(kind) = self.tracked.take() else { return };
-        let Some(co) = self.server.as_mut() else { return };
+        let Some(kind) = self.tracked.take() else {
+            return;
+        };
+        let Some(co) = self.server.as_mut() else {
+            return;
+        };
         if co.conn.tx_status != b'I' && self.tx_snapshot.is_none() {
             self.tx_snapshot = Some((self.params.clone(), co.conn.params.clone()));
         }

@@ -24,7 +24,13 @@ enum Placement {
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// COPY FROM STDIN: split rows by key, one COPY per shard, one `COPY n` for the client.
-    pub(super) async fn copy_in(&mut self, text: &str, plan: &Arc<Plan>, spec: CopySpec, batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn copy_in(
+        &mut self,
+        text: &str,
+        plan: &Arc<Plan>,
+        spec: CopySpec,
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         let placement = self.copy_placement(plan, &spec).await?;
         let shards: Vec<usize> = match &placement {
             Placement::Same(s) => s.clone(),
@@ -32,7 +38,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         };
         if matches!(placement, Placement::ByKey { .. }) {
             if spec.format == CopyFormat::Binary {
-                return Err(Refusal::new("0A000", "binary COPY into a sharded table is not supported: use text or CSV").into());
+                return Err(Refusal::new(
+                    "0A000",
+                    "binary COPY into a sharded table is not supported: use text or CSV",
+                )
+                .into());
             }
             if spec.header {
                 return Err(Refusal::new("0A000", "COPY … HEADER into a sharded table is not supported: drop the header line and the option").into());
@@ -42,7 +52,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         if implicit {
             self.tx.begin_implicit();
         }
-        let r = self.copy_rows(text, &spec, &placement, &shards, batch).await;
+        let r = self
+            .copy_rows(text, &spec, &placement, &shards, batch)
+            .await;
         if implicit {
             if r.is_ok() && !self.tx.failed_any() {
                 self.commit(false).await?;
@@ -56,18 +68,35 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 
     async fn copy_placement(&mut self, plan: &Plan, spec: &CopySpec) -> Result<Placement, Failure> {
         match &plan.route {
-            Route::Refuse { sqlstate, message } => Err(Refusal::new(sqlstate, message.clone()).into()),
+            Route::Refuse { sqlstate, message } => {
+                Err(Refusal::new(sqlstate, message.clone()).into())
+            }
             Route::Reference { .. } => Ok(Placement::Same((0..self.pools.len()).collect())),
             Route::DefaultShard => Ok(Placement::Same(vec![self.map.default_shard])),
             _ => {
-                let Some(TableRule::Sharded { dist, column, .. }) = self.map.table(&spec.table).cloned() else {
-                    return Err(Refusal::new("0A000", format!("COPY into {}: not a declared table", spec.table)).into());
+                let Some(TableRule::Sharded { dist, column, .. }) =
+                    self.map.table(&spec.table).cloned()
+                else {
+                    return Err(Refusal::new(
+                        "0A000",
+                        format!("COPY into {}: not a declared table", spec.table),
+                    )
+                    .into());
                 };
                 let col = match spec.key_column {
                     Some(c) => c,
-                    None if spec.columns.is_empty() => self.key_position(&spec.table, &column).await?,
+                    None if spec.columns.is_empty() => {
+                        self.key_position(&spec.table, &column).await?
+                    }
                     None => {
-                        return Err(Refusal::new("0A000", format!("COPY into {} must include its sharding key column {column}", spec.table)).into());
+                        return Err(Refusal::new(
+                            "0A000",
+                            format!(
+                                "COPY into {} must include its sharding key column {column}",
+                                spec.table
+                            ),
+                        )
+                        .into());
                     }
                 };
                 Ok(Placement::ByKey { dist, col })
@@ -84,15 +113,32 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let max = self.max_msg;
         self.conn(0).await?;
         let co = self.conns[0].as_mut().expect("held");
-        let rows = co.conn.query_rows(&sql, max).await.map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
-        let names: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
-        names
-            .iter()
-            .position(|n| n == column)
-            .ok_or_else(|| Refusal::new("42703", format!("column {column} of {table} not found on shard 0")).into())
+        let rows = co
+            .conn
+            .query_rows(&sql, max)
+            .await
+            .map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
+        let names: Vec<String> = rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+        names.iter().position(|n| n == column).ok_or_else(|| {
+            Refusal::new(
+                "42703",
+                format!("column {column} of {table} not found on shard 0"),
+            )
+            .into()
+        })
     }
 
-    async fn copy_rows(&mut self, text: &str, spec: &CopySpec, placement: &Placement, shards: &[usize], batch: Option<&Batch>) -> Result<(), Failure> {
+    async fn copy_rows(
+        &mut self,
+        text: &str,
+        spec: &CopySpec,
+        placement: &Placement,
+        shards: &[usize],
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         // Start the COPY on every shard and wait for each to accept data.
         for &s in shards {
             self.conn(s).await?;
@@ -108,20 +154,32 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 None => messages::query(&mut q, text),
             }
             let co = self.conns[s].as_mut().expect("held");
-            co.conn.stream.write_all(&q).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            co.conn
+                .stream
+                .write_all(&q)
+                .await
+                .map_err(|e| Refusal::new("08006", e.to_string()))?;
         }
         let mut lead_response = None;
         for &s in shards {
             let max = self.max_msg;
             let co = self.conns[s].as_mut().expect("held");
-            let mut f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            let mut f = co
+                .conn
+                .read_frame(max)
+                .await
+                .map_err(|e| Refusal::new("08006", e.to_string()))?;
             // Extended protocol: ParseComplete/BindComplete come first; the lead's go to the client.
             while matches!(f.tag, b'1' | b'2' | b'3' | b'n' | b't' | b'N') {
                 if s == shards[0] {
                     self.out.extend_from_slice(&f.raw);
                 }
                 let co = self.conns[s].as_mut().expect("held");
-                f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+                f = co
+                    .conn
+                    .read_frame(max)
+                    .await
+                    .map_err(|e| Refusal::new("08006", e.to_string()))?;
             }
             let co = self.conns[s].as_mut().expect("held");
             match f.tag {
@@ -140,16 +198,27 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     self.tx.fail_any();
                     return Ok(());
                 }
-                other => return Err(Refusal::new("08P01", format!("unexpected message '{}' starting COPY", other as char)).into()),
+                other => {
+                    return Err(Refusal::new(
+                        "08P01",
+                        format!("unexpected message '{}' starting COPY", other as char),
+                    )
+                    .into())
+                }
             }
         }
-        self.out.extend_from_slice(&lead_response.expect("at least one shard"));
+        self.out
+            .extend_from_slice(&lead_response.expect("at least one shard"));
         self.flush().await.map_err(Failure::End)?;
 
         let mut bufs: Vec<BytesMut> = (0..self.pools.len()).map(|_| BytesMut::new()).collect();
         let mut splitter = match placement {
             Placement::ByKey { col, .. } => Some(CopySplitter::new(
-                if spec.format == CopyFormat::Csv { SplitFormat::Csv } else { SplitFormat::Text },
+                if spec.format == CopyFormat::Csv {
+                    SplitFormat::Csv
+                } else {
+                    SplitFormat::Text
+                },
                 spec.delimiter,
                 spec.quote,
                 spec.escape,
@@ -164,12 +233,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         loop {
             let (tag, len) = match self.cbuf.peek(self.max_msg) {
                 Ok(Some(x)) => x,
-                Ok(None) => {
-                    match self.cr.read_idle(&mut self.cbuf).await {
-                        Ok(0) | Err(_) => return Err(Failure::End(SessionEnd::ClientGone)),
-                        Ok(_) => continue,
-                    }
-                }
+                Ok(None) => match self.cr.read_idle(&mut self.cbuf).await {
+                    Ok(0) | Err(_) => return Err(Failure::End(SessionEnd::ClientGone)),
+                    Ok(_) => continue,
+                },
                 Err(e) => return Err(Failure::End(self.protocol_end(&e.to_string()))),
             };
             let msg = self.cbuf.buf.split_to(len).freeze();
@@ -202,8 +269,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 b'd' | b'H' | b'S' => {}
                 b'c' => {
                     if failure.is_none() {
-                        if let (Some(sp), Placement::ByKey { dist, .. }) = (&mut splitter, placement) {
-                            let r = sp.finish(|key| place(&map, *dist, key), |shard, row| bufs[shard].extend_from_slice(row));
+                        if let (Some(sp), Placement::ByKey { dist, .. }) =
+                            (&mut splitter, placement)
+                        {
+                            let r = sp.finish(
+                                |key| place(&map, *dist, key),
+                                |shard, row| bufs[shard].extend_from_slice(row),
+                            );
                             if let Err(e) = r {
                                 failure = Some(Refusal::new("22P04", e.to_string()));
                             }
@@ -212,12 +284,21 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     break;
                 }
                 b'f' => {
-                    let why = crate::protocol::Cursor::new(&msg[5..]).str().unwrap_or("").to_string();
-                    failure = Some(Refusal::new("57014", format!("COPY from stdin failed: {why}")));
+                    let why = crate::protocol::Cursor::new(&msg[5..])
+                        .str()
+                        .unwrap_or("")
+                        .to_string();
+                    failure = Some(Refusal::new(
+                        "57014",
+                        format!("COPY from stdin failed: {why}"),
+                    ));
                     break;
                 }
                 other => {
-                    failure = Some(Refusal::new("08P01", format!("unexpected message type '{}' during COPY", other as char)));
+                    failure = Some(Refusal::new(
+                        "08P01",
+                        format!("unexpected message type '{}' during COPY", other as char),
+                    ));
                     break;
                 }
             }
@@ -240,13 +321,25 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 // The Sync sent with the Execute was ignored in COPY mode: this one ends it.
                 messages::empty_message(&mut done, b'S');
             }
-            co.conn.stream.write_all(&done).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+            co.conn
+                .stream
+                .write_all(&done)
+                .await
+                .map_err(|e| Refusal::new("08006", e.to_string()))?;
             loop {
-                let f = co.conn.read_frame(max).await.map_err(|e| Refusal::new("08006", e.to_string()))?;
+                let f = co
+                    .conn
+                    .read_frame(max)
+                    .await
+                    .map_err(|e| Refusal::new("08006", e.to_string()))?;
                 match f.tag {
                     b'C' => {
                         let tag = crate::protocol::Cursor::new(f.body()).str().unwrap_or("");
-                        total += tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                        total += tag
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .unwrap_or(0);
                     }
                     b'E' => {
                         error.get_or_insert(f.raw);
@@ -282,19 +375,27 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         msg.extend_from_slice(buf);
         buf.clear();
         let co = self.conns[shard].as_mut().expect("held");
-        co.conn.stream.write_all(&msg).await.map_err(|e| Refusal::new("08006", e.to_string()).into())
+        co.conn
+            .stream
+            .write_all(&msg)
+            .await
+            .map_err(|e| Refusal::new("08006", e.to_string()).into())
     }
 
     /// Ends a shard's COPY with CopyFail and consumes its error.
     async fn copy_fail(&mut self, shard: usize, why: &str) {
         let max = self.max_msg;
-        let Some(co) = self.conns[shard].as_mut() else { return };
+        let Some(co) = self.conns[shard].as_mut() else {
+            return;
+        };
         let mut msg = BytesMut::new();
         msg.put_u8(b'f');
         msg.put_u32((why.len() + 5) as u32);
         msg.extend_from_slice(why.as_bytes());
         msg.put_u8(0);
-        if co.conn.stream.write_all(&msg).await.is_err() || co.conn.drain_until_ready(max).await.is_ok() {
+        if co.conn.stream.write_all(&msg).await.is_err()
+            || co.conn.drain_until_ready(max).await.is_ok()
+        {
             // drain_until_ready succeeding means no error arrived, which CopyFail always causes.
             self.drop_conn(shard, false);
         }
@@ -307,9 +408,16 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 }
 
 /// The shard of a COPY row's key.
-fn place(map: &crate::shardmap::ShardMap, dist: usize, key: Option<&[u8]>) -> Result<usize, String> {
+fn place(
+    map: &crate::shardmap::ShardMap,
+    dist: usize,
+    key: Option<&[u8]>,
+) -> Result<usize, String> {
     let Some(k) = key else {
-        return Err(format!("a row's sharding key (distribution '{}') is NULL", map.distributions[dist].name));
+        return Err(format!(
+            "a row's sharding key (distribution '{}') is NULL",
+            map.distributions[dist].name
+        ));
     };
     let v = map.parse_key(dist, k).map_err(|e| e.to_string())?;
     match map.locate(dist, &v, None).map_err(|e| e.to_string())? {

@@ -30,12 +30,25 @@ enum Dest {
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// Runs a statement on one shard and forwards its response.
-    pub(super) async fn run_single(&mut self, shard: usize, text: &str, writes: bool, batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn run_single(
+        &mut self,
+        shard: usize,
+        text: &str,
+        writes: bool,
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         self.exchange(&[shard], text, None, writes, batch).await
     }
 
     /// Runs a statement on several shards and merges the responses.
-    pub(super) async fn run_scatter(&mut self, shards: &[usize], text: &str, plan: &Plan, writes: bool, batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn run_scatter(
+        &mut self,
+        shards: &[usize],
+        text: &str,
+        plan: &Plan,
+        writes: bool,
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         let sql = plan.scatter_sql.as_deref().unwrap_or(text);
         if batch.is_some() && plan.scatter_sql.is_some() {
             return Err(Refusal::new(
@@ -46,25 +59,39 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         let mut merger = Merger::new(plan.merge.clone(), shards.len());
         if let Some(seg) = batch {
-            let desc = seg.stmt.as_ref().and_then(|s| self.ext.row_descs.get(&s.def.key));
+            let desc = seg
+                .stmt
+                .as_ref()
+                .and_then(|s| self.ext.row_descs.get(&s.def.key));
             if let (Some(desc), Some(bind)) = (desc, &seg.bind) {
                 let formats = super::extended::bind_result_formats(bind);
-                merger.describe(desc, &formats).map_err(|e| Refusal::new("0A000", e.to_string()))?;
+                merger
+                    .describe(desc, &formats)
+                    .map_err(|e| Refusal::new("0A000", e.to_string()))?;
             }
         }
-        self.exchange(shards, sql, Some(merger), writes, batch).await
+        self.exchange(shards, sql, Some(merger), writes, batch)
+            .await
     }
 
     /// Runs a statement that cannot be in a transaction (VACUUM, CREATE INDEX CONCURRENTLY) on
     /// each shard in turn.
-    pub(super) async fn run_everywhere_autocommit(&mut self, text: &str, shards: &[usize], batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn run_everywhere_autocommit(
+        &mut self,
+        text: &str,
+        shards: &[usize],
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         let merger = Merger::new(Default::default(), shards.len());
         self.exchange(shards, text, Some(merger), true, batch).await
     }
 
     /// A multi-row INSERT whose rows belong to several shards: one INSERT per shard, in one
     /// (two-phase) transaction, answered with one `INSERT 0 n`.
-    pub(super) async fn split_insert(&mut self, parts: Vec<(usize, String, u64)>) -> Result<(), Failure> {
+    pub(super) async fn split_insert(
+        &mut self,
+        parts: Vec<(usize, String, u64)>,
+    ) -> Result<(), Failure> {
         let implicit = !self.tx.active();
         if implicit {
             self.tx.begin_implicit();
@@ -109,13 +136,22 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 
     /// Sends `sql` (or the batch segment) to `shards` and answers the client from their
     /// responses: forwarded when there is one shard, merged otherwise.
-    async fn exchange(&mut self, shards: &[usize], sql: &str, merger: Option<Merger>, writes: bool, batch: Option<&Batch>) -> Result<(), Failure> {
+    async fn exchange(
+        &mut self,
+        shards: &[usize],
+        sql: &str,
+        merger: Option<Merger>,
+        writes: bool,
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         // Every connection first: nothing is sent unless every shard can take it.
         for &s in shards {
             self.conn(s).await?;
         }
         let mut readers = Vec::with_capacity(shards.len());
-        let r = self.exchange_io(shards, sql, merger, writes, batch, &mut readers).await;
+        let r = self
+            .exchange_io(shards, sql, merger, writes, batch, &mut readers)
+            .await;
         if r.is_err() {
             // A connection whose response was not read to its end cannot serve anyone again.
             for &s in shards {
@@ -143,7 +179,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let over = shadow.iter().find(|o| o.shard == s);
             match batch {
                 Some(seg) => {
-                    self.render(s, seg, over.and_then(|o| o.def.as_ref()), &mut payload, &mut flags);
+                    self.render(
+                        s,
+                        seg,
+                        over.and_then(|o| o.def.as_ref()),
+                        &mut payload,
+                        &mut flags,
+                    );
                     messages::empty_message(&mut payload, b'S');
                 }
                 None => messages::query(&mut payload, over.map_or(sql, |o| o.sql.as_str())),
@@ -155,7 +197,12 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             if writes {
                 self.tx.wrote_on(s);
             }
-            readers.push(Reader { shard: s, flags, done: false, error: false });
+            readers.push(Reader {
+                shard: s,
+                flags,
+                done: false,
+                error: false,
+            });
         }
         let lead = shards[0];
         let mut merge_failed: Option<Refusal> = None;
@@ -242,7 +289,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 
     /// Decides where one message of a shard's response goes, updating the reader's state.
-    fn route_msg(&mut self, r: &mut Reader, lead: usize, tag: u8, merging: bool, raw: &[u8]) -> Dest {
+    fn route_msg(
+        &mut self,
+        r: &mut Reader,
+        lead: usize,
+        tag: u8,
+        merging: bool,
+        raw: &[u8],
+    ) -> Dest {
         let is_lead = r.shard == lead;
         match tag {
             b'Z' => {
@@ -290,14 +344,19 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     fn lost(&mut self, shard: usize, why: &str) -> Failure {
         self.drop_conn(shard, false);
         self.tx.fail_any();
-        Failure::Refused(Refusal::new("08006", format!("connection to shard {shard} lost: {why}")))
+        Failure::Refused(Refusal::new(
+            "08006",
+            format!("connection to shard {shard} lost: {why}"),
+        ))
     }
 
     /// After an error in a batch that prepared statements, the connection's statement cache
     /// is reset so nothing believed prepared is missing.
     async fn forget_statements(&mut self, shard: usize) {
         let max = self.max_msg;
-        let Some(co) = self.conns[shard].as_mut() else { return };
+        let Some(co) = self.conns[shard].as_mut() else {
+            return;
+        };
         if co.conn.tx_status == b'I' && co.conn.exec_quiet("DEALLOCATE ALL", max).await.is_ok() {
             co.conn.statements.clear();
         } else if co.conn.tx_status == b'I' {
@@ -311,7 +370,12 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 
     /// Statements about session state: SET/RESET are tracked and applied on every shard the
     /// client later uses; what would tie state to one server is refused.
-    pub(super) async fn session_statement(&mut self, text: &str, plan: &Plan, batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn session_statement(
+        &mut self,
+        text: &str,
+        plan: &Plan,
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         use crate::sqlclass::{classify, QueryKind};
         let kind = classify(text);
         if let QueryKind::Pin { reason } = &kind {
@@ -321,11 +385,24 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             )
             .into());
         }
-        if matches!(kind, QueryKind::Deallocate { .. } | QueryKind::DeallocateAll) {
-            self.complete_synthetic(batch, if matches!(kind, QueryKind::DeallocateAll) { "DEALLOCATE ALL" } else { "DEALLOCATE" });
+        if matches!(
+            kind,
+            QueryKind::Deallocate { .. } | QueryKind::DeallocateAll
+        ) {
+            self.complete_synthetic(
+                batch,
+                if matches!(kind, QueryKind::DeallocateAll) {
+                    "DEALLOCATE ALL"
+                } else {
+                    "DEALLOCATE"
+                },
+            );
             return Ok(());
         }
-        let shard = self.tx.first_touched().unwrap_or(self.info.pid.unsigned_abs() as usize % self.pools.len());
+        let shard = self
+            .tx
+            .first_touched()
+            .unwrap_or(self.info.pid.unsigned_abs() as usize % self.pools.len());
         let before = self.out.len();
         self.run_single(shard, text, false, batch).await?;
         let ok = !contains_error(&self.out[before..]);
@@ -335,14 +412,18 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let _ = plan;
         match kind {
             QueryKind::Set { name, value } => self.params.set(&name, &value),
-            QueryKind::Reset { name } => match self.startup_params.get(&name.to_ascii_lowercase()) {
-                Some(v) => {
-                    let v = v.to_string();
-                    self.params.set(&name, &v)
+            QueryKind::Reset { name } => {
+                match self.startup_params.get(&name.to_ascii_lowercase()) {
+                    Some(v) => {
+                        let v = v.to_string();
+                        self.params.set(&name, &v)
+                    }
+                    None => self.params.reset(&name),
                 }
-                None => self.params.reset(&name),
-            },
-            QueryKind::ResetAll | QueryKind::DiscardAll => self.params = self.startup_params.clone(),
+            }
+            QueryKind::ResetAll | QueryKind::DiscardAll => {
+                self.params = self.startup_params.clone()
+            }
             QueryKind::SetLocal if self.tx.active() => {
                 self.tx.local_set(text);
                 // Shards already in the transaction get it now.
@@ -362,9 +443,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 
     fn tx_touched_except(&self, shard: usize) -> Vec<usize> {
-        (0..self.conns.len()).filter(|&s| s != shard && self.conns[s].is_some()).collect()
+        (0..self.conns.len())
+            .filter(|&s| s != shard && self.conns[s].is_some())
+            .collect()
     }
-
 }
 
 /// Whether a run of backend messages contains an ErrorResponse.

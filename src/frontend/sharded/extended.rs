@@ -105,7 +105,11 @@ pub fn bind_params(bind: &[u8]) -> Option<BindParams<'_>> {
     let mut values = Vec::with_capacity(np);
     for _ in 0..np {
         let len = c.i32()?;
-        values.push(if len < 0 { None } else { Some(c.take(len as usize)?) });
+        values.push(if len < 0 {
+            None
+        } else {
+            Some(c.take(len as usize)?)
+        });
     }
     Some((formats, values))
 }
@@ -151,10 +155,15 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let tag = m[0];
             match tag {
                 b'P' => {
-                    let (name, text, types) = parse_parse(&m[5..]).ok_or_else(|| Refusal::new("08P01", "malformed Parse"))?;
-                    let text_str = std::str::from_utf8(text).map_err(|_| Refusal::new("22021", "query text is not valid UTF-8"))?;
+                    let (name, text, types) = parse_parse(&m[5..])
+                        .ok_or_else(|| Refusal::new("08P01", "malformed Parse"))?;
+                    let text_str = std::str::from_utf8(text)
+                        .map_err(|_| Refusal::new("22021", "query text is not valid UTF-8"))?;
                     let plan = self.app.plans.plan(text_str, &self.map);
-                    let def = Arc::new(StatementDef::new(Bytes::copy_from_slice(text), Bytes::copy_from_slice(types)));
+                    let def = Arc::new(StatementDef::new(
+                        Bytes::copy_from_slice(text),
+                        Bytes::copy_from_slice(types),
+                    ));
                     let stmt = Stmt { def, plan };
                     self.ext.statements.insert(name.into(), stmt.clone());
                     last_stmt = Some(stmt);
@@ -165,7 +174,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     let name = c.cstr().unwrap_or_default();
                     let stmt = self.ext.statements.get(name).cloned();
                     if stmt.is_none() {
-                        return Err(Refusal::new("26000", format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name))).into());
+                        return Err(Refusal::new(
+                            "26000",
+                            format!(
+                                "prepared statement \"{}\" does not exist",
+                                String::from_utf8_lossy(name)
+                            ),
+                        )
+                        .into());
                     }
                     last_stmt = stmt.clone();
                     portals.insert(portal, (stmt, m.clone()));
@@ -185,11 +201,21 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 let Some((stmt, bind)) = portals.get(&portal).cloned() else {
                     return Err(Refusal::new("34000", "portal was not bound in this batch; pgshard needs Bind and Execute before the same Sync").into());
                 };
-                out.push(Batch { msgs: std::mem::take(&mut cur), stmt, bind: Some(bind), executes: true });
+                out.push(Batch {
+                    msgs: std::mem::take(&mut cur),
+                    stmt,
+                    bind: Some(bind),
+                    executes: true,
+                });
             }
         }
         if !cur.is_empty() {
-            out.push(Batch { msgs: cur, stmt: last_stmt, bind: None, executes: false });
+            out.push(Batch {
+                msgs: cur,
+                stmt: last_stmt,
+                bind: None,
+                executes: false,
+            });
         }
         Ok(out)
     }
@@ -203,28 +229,49 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         };
         if !seg.executes {
             // Parse/Describe without Execute: one shard describes it.
-            let shard = self.tx.first_touched().unwrap_or(self.info.pid.unsigned_abs() as usize % self.pools.len());
+            let shard = self
+                .tx
+                .first_touched()
+                .unwrap_or(self.info.pid.unsigned_abs() as usize % self.pools.len());
             return self.run_single(shard, "", false, Some(seg)).await;
         }
         let text = String::from_utf8_lossy(&stmt.def.text).into_owned();
         let bind = seg.bind.clone().expect("executing segments have a Bind");
-        let (formats, values) = bind_params(&bind).ok_or_else(|| Refusal::new("08P01", "malformed Bind"))?;
-        let params = crate::router::Params { values: &values, formats: &formats };
-        if matches!(&stmt.plan.kind, Kind::Copy(c) if !c.from_stdin) && !matches!(stmt.plan.route, crate::router::Route::Keys { .. }) {
+        let (formats, values) =
+            bind_params(&bind).ok_or_else(|| Refusal::new("08P01", "malformed Bind"))?;
+        let params = crate::router::Params {
+            values: &values,
+            formats: &formats,
+        };
+        if matches!(&stmt.plan.kind, Kind::Copy(c) if !c.from_stdin)
+            && !matches!(stmt.plan.route, crate::router::Route::Keys { .. })
+        {
             return Err(Refusal::new("0A000", "COPY … TO STDOUT of a sharded table through the extended protocol is not supported; use a simple query").into());
         }
-        self.run_statement(&text, &stmt.plan, &params, Some(seg)).await
+        self.run_statement(&text, &stmt.plan, &params, Some(seg))
+            .await
     }
 
     /// The bytes of a segment for one server connection: client statement names become global
     /// names, statements the connection lacks are prepared first. `flags` gets one entry per
     /// Parse or Close sent, in order: true when its response ('1' or '3') is pgshard's to swallow.
     /// `over` replaces the segment's statement on this shard (a read around a unit in motion).
-    pub(super) fn render(&mut self, shard: usize, seg: &Batch, over: Option<&Arc<StatementDef>>, out: &mut BytesMut, flags: &mut VecDeque<bool>) {
+    pub(super) fn render(
+        &mut self,
+        shard: usize,
+        seg: &Batch,
+        over: Option<&Arc<StatementDef>>,
+        out: &mut BytesMut,
+        flags: &mut VecDeque<bool>,
+    ) {
         let co = self.conns[shard].as_mut().expect("held");
         let stmts = &mut self.ext.statements;
         // Evicts the least recently used statement if the connection's cache is full.
-        let prepare = |cache: &mut crate::prepared::ServerStatements, out: &mut BytesMut, flags: &mut VecDeque<bool>, def: &StatementDef, swallow: bool| {
+        let prepare = |cache: &mut crate::prepared::ServerStatements,
+                       out: &mut BytesMut,
+                       flags: &mut VecDeque<bool>,
+                       def: &StatementDef,
+                       swallow: bool| {
             if let Some(old) = cache.insert(def.key) {
                 messages::close_statement(out, &crate::prepared::global_name(old));
                 flags.push_back(true);

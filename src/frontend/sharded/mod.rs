@@ -41,7 +41,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: &str, message: impl Into<String>) -> Refusal {
-        Refusal { code: code.to_string(), message: message.into() }
+        Refusal {
+            code: code.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -159,7 +162,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.cw.write_all(&out)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), self.cw.write_all(&out))
+                    .await;
         }
         let _ = self.cw.shutdown().await;
         self.abandon().await;
@@ -193,7 +198,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 self.cbuf.buf = BytesMut::new();
             }
             // An idle transaction holding an old epoch wakes up if a fence revokes it.
-            let epoch = if self.tx.active() { self.epoch.clone() } else { None };
+            let epoch = if self.tx.active() {
+                self.epoch.clone()
+            } else {
+                None
+            };
             tokio::select! {
                 r = self.cr.read_idle(&mut self.cbuf) => match r {
                     Ok(0) | Err(_) => return SessionEnd::ClientGone,
@@ -211,7 +220,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        self.cw.write_all(&out).await.map_err(|_| SessionEnd::ClientGone)?;
+        self.cw
+            .write_all(&out)
+            .await
+            .map_err(|_| SessionEnd::ClientGone)?;
         self.cw.flush().await.map_err(|_| SessionEnd::ClientGone)?;
         self.out = out;
         self.out.clear();
@@ -259,7 +271,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 self.settle(r, true)
             }
             other => {
-                fatal_and_close(&mut self.out, "08P01", &format!("invalid frontend message type {other}"));
+                fatal_and_close(
+                    &mut self.out,
+                    "08P01",
+                    &format!("invalid frontend message type {other}"),
+                );
                 Err(SessionEnd::Protocol)
             }
         }
@@ -300,8 +316,15 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 && plan.scatter_sql.is_none()
                 && plan.hint.is_none();
             if usable {
-                let values: Vec<Option<&[u8]>> = stripped.literals.iter().map(|l| Some(l.as_slice())).collect();
-                let params = crate::router::Params { values: &values, formats: &[] };
+                let values: Vec<Option<&[u8]>> = stripped
+                    .literals
+                    .iter()
+                    .map(|l| Some(l.as_slice()))
+                    .collect();
+                let params = crate::router::Params {
+                    values: &values,
+                    formats: &[],
+                };
                 return self.run_statement(text, &plan, &params, None).await;
             }
         }
@@ -313,7 +336,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         if plan.statements > 1 {
             return self.on_multi_statement(text).await;
         }
-        self.run_statement(text, &plan, &crate::router::Params::NONE, None).await
+        self.run_statement(text, &plan, &crate::router::Params::NONE, None)
+            .await
     }
 
     /// Runs each statement of a multi-statement Query in order, inside one transaction, as
@@ -326,7 +350,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         for part in parts {
             let plan = self.app.plans.plan(part, &self.map);
-            if let Err(e) = self.run_statement(part, &plan, &crate::router::Params::NONE, None).await {
+            if let Err(e) = self
+                .run_statement(part, &plan, &crate::router::Params::NONE, None)
+                .await
+            {
                 // A BEGIN in the Query made the transaction the client's: it stays, failed.
                 if implicit && !self.tx.explicit() {
                     self.rollback_all().await?;
@@ -370,14 +397,26 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             )
             .into());
         }
-        self.stmt_writes = !matches!(plan.kind, Kind::Read | Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session);
+        self.stmt_writes = !matches!(
+            plan.kind,
+            Kind::Read | Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session
+        );
         self.replica_ok = self.reads.replicas
             && if self.tx.active() { self.tx.read_only() } else { matches!(plan.kind, Kind::Read) && plan.hint.is_none() }
             // A replica may not yet have the rows a move switched to its primary, or still have
             // those the move's cleanup deleted: tables in motion are read on primaries.
             && (self.map.motions.is_empty() || !plan.tables.iter().any(|t| self.map.motion_of(t).is_some()));
-        let sharded = matches!(plan.route, crate::router::Route::Keys { .. } | crate::router::Route::AllShards);
-        if sharded && !self.app.catalog.lease_valid() && !matches!(plan.kind, Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session) {
+        let sharded = matches!(
+            plan.route,
+            crate::router::Route::Keys { .. } | crate::router::Route::AllShards
+        );
+        if sharded
+            && !self.app.catalog.lease_valid()
+            && !matches!(
+                plan.kind,
+                Kind::Begin { .. } | Kind::Commit | Kind::Rollback | Kind::Session
+            )
+        {
             return Err(Refusal::new(
                 "57P03",
                 "this router could not renew its catalog lease in time, so a shard move may have begun that it does not know of; sharded tables are served again once the catalog is reachable",
@@ -396,9 +435,15 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         let hinted;
         let plan = match (&plan.hint, !self.params.is_empty() || self.tx.active()) {
-            (None, true) => match motion::session_hint(|n| self.tx.local_setting(n), &self.params)? {
+            (None, true) => match motion::session_hint(|n| self.tx.local_setting(n), &self.params)?
+            {
                 Some(h) => {
-                    hinted = Arc::new(Plan { hint: Some(h), scatter_sql: None, insert: None, ..(**plan).clone() });
+                    hinted = Arc::new(Plan {
+                        hint: Some(h),
+                        scatter_sql: None,
+                        insert: None,
+                        ..(**plan).clone()
+                    });
                     &hinted
                 }
                 None => plan,
@@ -409,17 +454,28 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let mut shards = self.target_shards(&target, plan);
         if !self.map.motions.is_empty() {
             shards = self.through_motion(plan, params, text, shards).await?;
-            self.shadow = motion::shadows(&self.map, plan, text, &mut shards, batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def))?;
+            self.shadow = motion::shadows(
+                &self.map,
+                plan,
+                text,
+                &mut shards,
+                batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def),
+            )?;
         }
         if let (Some(split), None) = (&plan.insert, batch) {
             if shards.len() > 1 {
-                let parts = split.split(&self.map, params.values).map_err(Refusal::from)?;
+                let parts = split
+                    .split(&self.map, params.values)
+                    .map_err(Refusal::from)?;
                 return self.split_insert(parts).await;
             }
         }
         let writes = !matches!(plan.kind, Kind::Read);
         match &plan.kind {
-            Kind::Utility | Kind::Ddl { transactional: false } => {
+            Kind::Utility
+            | Kind::Ddl {
+                transactional: false,
+            } => {
                 if self.tx.active() {
                     return Err(Refusal::new(
                         "25001",
@@ -460,7 +516,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Target::All => (0..self.pools.len()).collect(),
             Target::Some(v) => v.clone(),
             Target::One(s) => {
-                let floating = matches!(plan.route, Route::Any | Route::Reference { write: false }) && plan.hint.is_none();
+                let floating = matches!(plan.route, Route::Any | Route::Reference { write: false })
+                    && plan.hint.is_none();
                 if floating {
                     if let Some(held) = self.tx.first_touched() {
                         return vec![held];
@@ -492,12 +549,22 @@ impl ReadPolicy {
     fn of(app: &App, database: &str) -> ReadPolicy {
         let cfg = app.config.load();
         let r = &cfg.replicas;
-        let replicas = cfg.database(database).and_then(|d| d.replica_reads).unwrap_or(r.reads);
-        ReadPolicy { replicas, read_your_writes: r.read_your_writes, max_lag_us: r.max_lag.as_micros() as u64 }
+        let replicas = cfg
+            .database(database)
+            .and_then(|d| d.replica_reads)
+            .unwrap_or(r.reads);
+        ReadPolicy {
+            replicas,
+            read_your_writes: r.read_your_writes,
+            max_lag_us: r.max_lag.as_micros() as u64,
+        }
     }
 }
 
 /// Whether a database is spread over the shards.
 pub fn is_sharded(app: &App, database: &str) -> bool {
-    app.config.load().database(database).is_some_and(|d| d.sharded)
+    app.config
+        .load()
+        .database(database)
+        .is_some_and(|d| d.sharded)
 }

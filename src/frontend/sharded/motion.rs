@@ -7,19 +7,27 @@
 
 use super::{Refusal, ShardedSession, TxState};
 use crate::frontend::{ClientWrite, ReadReady};
+use crate::prepared::StatementDef;
 use crate::router::{Kind, Plan, Route};
 use crate::shardmap::config::MovePhase;
 use crate::shardmap::ShardMap;
-use crate::prepared::StatementDef;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Refuses a statement that touches a table in motion unless its key puts it on one shard.
 /// Called only when the map has motions.
-pub(super) fn guard(map: &ShardMap, plan: &Plan, text: &str, shards: &[usize], lease_valid: bool) -> Result<(), Refusal> {
+pub(super) fn guard(
+    map: &ShardMap,
+    plan: &Plan,
+    text: &str,
+    shards: &[usize],
+    lease_valid: bool,
+) -> Result<(), Refusal> {
     for table in &plan.tables {
-        let Some((mv, _)) = map.motion_of(table) else { continue };
+        let Some((mv, _)) = map.motion_of(table) else {
+            continue;
+        };
         let what = format!(
             "table {table} is in motion (move {}: {} from shard {} to shard {})",
             mv.id,
@@ -35,14 +43,25 @@ pub(super) fn guard(map: &ShardMap, plan: &Plan, text: &str, shards: &[usize], l
         }
         // Several keyed shards are safe only for a split INSERT (each shard gets its own rows):
         // an UPDATE by key list would also change the unit's copy on the other shard.
-        let keyed = matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none() && (shards.len() == 1 || plan.insert.is_some());
-        let truncate = text.trim_start().get(..8).is_some_and(|w| w.eq_ignore_ascii_case("truncate"));
+        let keyed = matches!(plan.route, Route::Keys { .. })
+            && plan.hint.is_none()
+            && (shards.len() == 1 || plan.insert.is_some());
+        let truncate = text
+            .trim_start()
+            .get(..8)
+            .is_some_and(|w| w.eq_ignore_ascii_case("truncate"));
         match plan.kind {
             Kind::Ddl { .. } | Kind::Utility => {
-                return Err(Refusal::new("55006", format!("{what}: DDL on it waits until the move completes or is aborted")));
+                return Err(Refusal::new(
+                    "55006",
+                    format!("{what}: DDL on it waits until the move completes or is aborted"),
+                ));
             }
             _ if truncate => {
-                return Err(Refusal::new("55006", format!("{what}: TRUNCATE waits until the move completes or is aborted")));
+                return Err(Refusal::new(
+                    "55006",
+                    format!("{what}: TRUNCATE waits until the move completes or is aborted"),
+                ));
             }
             Kind::Read => {}
             Kind::Write if keyed => {}
@@ -71,8 +90,15 @@ pub(super) struct Shadowed {
 /// every table in motion. `shards` is reordered so that a shard reading the plain tables leads
 /// (its RowDescription is the one the client gets). Reads pinned by their key need none: their
 /// keys route to the unit's owner.
-pub(super) fn shadows(map: &ShardMap, plan: &Plan, text: &str, shards: &mut [usize], stmt: Option<&StatementDef>) -> Result<Vec<Shadowed>, Refusal> {
-    if plan.kind != Kind::Read || (matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none()) {
+pub(super) fn shadows(
+    map: &ShardMap,
+    plan: &Plan,
+    text: &str,
+    shards: &mut [usize],
+    stmt: Option<&StatementDef>,
+) -> Result<Vec<Shadowed>, Refusal> {
+    if plan.kind != Kind::Read || (matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none())
+    {
         return Ok(Vec::new());
     }
     let base = match plan.scatter_sql.as_deref() {
@@ -83,12 +109,21 @@ pub(super) fn shadows(map: &ShardMap, plan: &Plan, text: &str, shards: &mut [usi
     for &shard in shards.iter() {
         let mut hide = Vec::new();
         for table in &plan.tables {
-            let Some((mv, column)) = map.motion_of(table) else { continue };
+            let Some((mv, column)) = map.motion_of(table) else {
+                continue;
+            };
             if mv.shadow_shard() != shard {
                 continue;
             }
             let d = &map.distributions[mv.dist];
-            let pred = mv.predicate_sql(column, &d.key_type, map.buckets).ok_or_else(|| Refusal::new("55006", format!("table {table} is in motion and its unit has no SQL form")))?;
+            let pred = mv
+                .predicate_sql(column, &d.key_type, map.buckets)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        "55006",
+                        format!("table {table} is in motion and its unit has no SQL form"),
+                    )
+                })?;
             hide.push((table.clone(), pred));
         }
         if hide.is_empty() {
@@ -97,10 +132,18 @@ pub(super) fn shadows(map: &ShardMap, plan: &Plan, text: &str, shards: &mut [usi
         let sql = crate::router::shadow::exclude(base, &hide).map_err(|why| {
             Refusal::new("55006", format!("a key-less read of a table in motion must leave out the copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move"))
         })?;
-        let def = stmt.map(|d| Arc::new(StatementDef::new(bytes::Bytes::from(sql.clone()), d.param_types.clone())));
+        let def = stmt.map(|d| {
+            Arc::new(StatementDef::new(
+                bytes::Bytes::from(sql.clone()),
+                d.param_types.clone(),
+            ))
+        });
         out.push(Shadowed { shard, sql, def });
     }
-    if let Some(lead) = shards.iter().position(|s| !out.iter().any(|o| o.shard == *s)) {
+    if let Some(lead) = shards
+        .iter()
+        .position(|s| !out.iter().any(|o| o.shard == *s))
+    {
         shards.swap(0, lead);
     }
     Ok(out)
@@ -108,19 +151,33 @@ pub(super) fn shadows(map: &ShardMap, plan: &Plan, text: &str, shards: &mut [usi
 
 /// The routing hint a session gave with `SET [LOCAL] pgshard.shard = N` / `pgshard.key = 'k'`;
 /// a transaction's SET LOCAL wins over the session's.
-pub(super) fn session_hint(local: impl Fn(&str) -> Option<String>, session: &crate::params::SessionParams) -> Result<Option<crate::router::Hint>, Refusal> {
+pub(super) fn session_hint(
+    local: impl Fn(&str) -> Option<String>,
+    session: &crate::params::SessionParams,
+) -> Result<Option<crate::router::Hint>, Refusal> {
     use crate::router::Hint;
     let names = ["pgshard.shard", "pgshard.key"];
     let locals = names.iter().filter_map(|&n| Some((n, local(n)?)));
-    let sessions = names.iter().filter_map(|&n| Some((n, session.get(n)?.to_string())));
+    let sessions = names
+        .iter()
+        .filter_map(|&n| Some((n, session.get(n)?.to_string())));
     for (name, raw) in locals.chain(sessions) {
         let v = raw.trim();
-        let v = if v.len() >= 2 && v.starts_with('\'') && v.ends_with('\'') { v[1..v.len() - 1].replace("''", "'") } else { v.to_string() };
+        let v = if v.len() >= 2 && v.starts_with('\'') && v.ends_with('\'') {
+            v[1..v.len() - 1].replace("''", "'")
+        } else {
+            v.to_string()
+        };
         if v.is_empty() || v.eq_ignore_ascii_case("default") {
             continue;
         }
         return Ok(Some(if name == "pgshard.shard" {
-            Hint::Shard(v.parse().map_err(|_| Refusal::new("22023", format!("pgshard.shard must be a shard number, not {raw}")))?)
+            Hint::Shard(v.parse().map_err(|_| {
+                Refusal::new(
+                    "22023",
+                    format!("pgshard.shard must be a shard number, not {raw}"),
+                )
+            })?)
         } else {
             Hint::Key(v)
         }));
@@ -153,8 +210,16 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         };
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         loop {
-            guard(&self.map, plan, text, &shards, self.app.catalog.lease_valid())?;
-            let Some(id) = fenced(&self.map, plan, &shards) else { return Ok(shards) };
+            guard(
+                &self.map,
+                plan,
+                text,
+                &shards,
+                self.app.catalog.lease_valid(),
+            )?;
+            let Some(id) = fenced(&self.map, plan, &shards) else {
+                return Ok(shards);
+            };
             let changed = self.app.map_changed.notified();
             if self.app.shardmap.load().version == self.map.version {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -176,7 +241,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     pub(super) async fn surrender(&mut self) {
         let explicit = self.tx.explicit();
         let _ = self.rollback_all().await;
-        self.tx = if explicit { TxState::abandoned() } else { TxState::default() };
+        self.tx = if explicit {
+            TxState::abandoned()
+        } else {
+            TxState::default()
+        };
         self.epoch = None;
         self.revoked = true;
     }
@@ -192,7 +261,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         let ends = text.is_some_and(|t| {
             let w = t.trim_start();
-            ["rollback", "abort"].iter().any(|k| w.get(..k.len()).is_some_and(|p| p.eq_ignore_ascii_case(k)))
+            ["rollback", "abort"]
+                .iter()
+                .any(|k| w.get(..k.len()).is_some_and(|p| p.eq_ignore_ascii_case(k)))
         });
         (!ends).then(|| {
             Refusal::new(

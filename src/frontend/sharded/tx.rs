@@ -73,7 +73,12 @@ impl TxState {
 
     /// An explicit transaction rolled back behind the client's back: failed until it ends it.
     pub fn abandoned() -> TxState {
-        TxState { open: true, explicit: true, failed: true, ..TxState::default() }
+        TxState {
+            open: true,
+            explicit: true,
+            failed: true,
+            ..TxState::default()
+        }
     }
 
     /// True for a transaction the client opened with BEGIN.
@@ -83,7 +88,11 @@ impl TxState {
 
     /// Opens pgshard's own transaction around a multi-shard write.
     pub fn begin_implicit(&mut self) {
-        *self = TxState { open: true, begin_sql: "BEGIN".into(), ..TxState::default() };
+        *self = TxState {
+            open: true,
+            begin_sql: "BEGIN".into(),
+            ..TxState::default()
+        };
     }
 
     /// The first shard this transaction reached.
@@ -107,8 +116,14 @@ impl TxState {
         self.local_sets.push(sql.to_string());
         // `SET LOCAL name = value` read as `SET name = value`: only pgshard's own hints matter here.
         let t = sql.trim_start();
-        let rest = t.get(3..).map(str::trim_start).and_then(|r| r.get(5..)).unwrap_or("");
-        if let crate::sqlclass::QueryKind::Set { name, value } = crate::sqlclass::classify(&format!("SET {}", rest.trim_start())) {
+        let rest = t
+            .get(3..)
+            .map(str::trim_start)
+            .and_then(|r| r.get(5..))
+            .unwrap_or("");
+        if let crate::sqlclass::QueryKind::Set { name, value } =
+            crate::sqlclass::classify(&format!("SET {}", rest.trim_start()))
+        {
             if name.to_ascii_lowercase().starts_with("pgshard.") {
                 self.local_hints.push((name.to_ascii_lowercase(), value));
             }
@@ -117,7 +132,11 @@ impl TxState {
 
     /// The latest `SET LOCAL name = value` of this transaction for a pgshard.* `name`.
     pub fn local_setting(&self, name: &str) -> Option<String> {
-        self.local_hints.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        self.local_hints
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -127,7 +146,10 @@ pub const GID_PREFIX: &str = "pgshard";
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// The connection to `shard` for the current statement: borrowed from the pool if not held,
     /// with the client's settings applied and, inside a transaction, BEGIN sent.
-    pub(super) async fn conn(&mut self, shard: usize) -> Result<&mut crate::pool::Checkout, Failure> {
+    pub(super) async fn conn(
+        &mut self,
+        shard: usize,
+    ) -> Result<&mut crate::pool::Checkout, Failure> {
         if self.conns[shard].is_none() {
             let (node, co) = self.checkout(shard).await?;
             self.conns[shard] = Some(co);
@@ -139,7 +161,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         if let Some(sql) = co.conn.params.diff_sql(&self.params) {
             if let Err(e) = co.conn.exec_quiet(&sql, max).await {
                 self.drop_conn(shard, false);
-                return Err(Refusal::new(e.sqlstate(), format!("cannot apply session settings: {e}")).into());
+                return Err(Refusal::new(
+                    e.sqlstate(),
+                    format!("cannot apply session settings: {e}"),
+                )
+                .into());
             }
             co.conn.params = self.params.clone();
         }
@@ -165,8 +191,15 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let nodes = self.pools[shard].len();
         let writer = health.writer(shard).min(nodes - 1);
         if self.replica_ok {
-            let fence_us = if self.reads.read_your_writes { self.read_fence[shard] } else { 0 };
-            let needs = crate::health::ReadNeeds { max_lag_us: self.reads.max_lag_us, fence_us };
+            let fence_us = if self.reads.read_your_writes {
+                self.read_fence[shard]
+            } else {
+                0
+            };
+            let needs = crate::health::ReadNeeds {
+                max_lag_us: self.reads.max_lag_us,
+                fence_us,
+            };
             if let Some(node) = health.reader(shard, needs).filter(|&n| n < nodes) {
                 match self.pools[shard][node].checkout().await {
                     Ok(co) => {
@@ -181,7 +214,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 }
             }
         }
-        let co = self.pools[shard][writer].checkout().await.map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
+        let co = self.pools[shard][writer]
+            .checkout()
+            .await
+            .map_err(|e| Refusal::new(e.sqlstate(), e.to_string()))?;
         busy(&health, shard, writer, 1);
         Ok((writer, co))
     }
@@ -212,9 +248,18 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 
     /// BEGIN: nothing is sent until a statement reaches a shard.
-    pub(super) async fn begin(&mut self, text: &str, read_only: bool, batch: Option<&Batch>) -> Result<(), Failure> {
+    pub(super) async fn begin(
+        &mut self,
+        text: &str,
+        read_only: bool,
+        batch: Option<&Batch>,
+    ) -> Result<(), Failure> {
         if self.tx.open && self.tx.explicit {
-            messages::notice_response(&mut self.out, "25001", "there is already a transaction in progress");
+            messages::notice_response(
+                &mut self.out,
+                "25001",
+                "there is already a transaction in progress",
+            );
         } else if self.tx.open {
             // BEGIN inside a multi-statement Query: the implicit transaction becomes the
             // client's, with what it already did (as PostgreSQL does).
@@ -239,7 +284,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     pub(super) async fn commit(&mut self, reply: bool) -> Result<(), Failure> {
         if !self.tx.open {
             if reply {
-                messages::notice_response(&mut self.out, "25P01", "there is no transaction in progress");
+                messages::notice_response(
+                    &mut self.out,
+                    "25P01",
+                    "there is no transaction in progress",
+                );
                 messages::command_complete(&mut self.out, "COMMIT");
             }
             return Ok(());
@@ -252,7 +301,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             }
             return Ok(());
         }
-        let r = if self.tx.wrote.len() > 1 { self.commit_two_phase().await } else { self.commit_each().await };
+        let r = if self.tx.wrote.len() > 1 {
+            self.commit_two_phase().await
+        } else {
+            self.commit_each().await
+        };
         self.tx = TxState::default();
         self.release_idle();
         r?;
@@ -265,7 +318,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// Commits every touched shard (at most one wrote, so there is nothing to make atomic).
     async fn commit_each(&mut self) -> Result<(), Failure> {
         // The writer last: if a read-only shard fails to commit, the write is not yet committed.
-        let mut order: Vec<usize> = self.tx.touched.iter().copied().filter(|s| !self.tx.wrote.contains(s)).collect();
+        let mut order: Vec<usize> = self
+            .tx
+            .touched
+            .iter()
+            .copied()
+            .filter(|s| !self.tx.wrote.contains(s))
+            .collect();
         order.extend(self.tx.wrote.iter().copied());
         let mut failure = None;
         for s in order {
@@ -287,7 +346,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// then COMMIT PREPARED. Any failure before the decision rolls everything back.
     async fn commit_two_phase(&mut self) -> Result<(), Failure> {
         let txid = self.app.twophase.next_txid();
-        let readers: Vec<usize> = self.tx.touched.iter().copied().filter(|s| !self.tx.wrote.contains(s)).collect();
+        let readers: Vec<usize> = self
+            .tx
+            .touched
+            .iter()
+            .copied()
+            .filter(|s| !self.tx.wrote.contains(s))
+            .collect();
         for s in readers {
             self.exec_or_discard(s, "COMMIT").await;
         }
@@ -296,7 +361,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let mut failure = None;
         for &s in &writers {
             let gid = self.app.twophase.gid(txid, s);
-            match self.exec_on(s, &format!("PREPARE TRANSACTION '{gid}'")).await {
+            match self
+                .exec_on(s, &format!("PREPARE TRANSACTION '{gid}'"))
+                .await
+            {
                 Ok(()) => prepared.push(s),
                 Err(e) => {
                     failure = Some(e);
@@ -308,19 +376,29 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             for &s in &writers {
                 if prepared.contains(&s) {
                     let gid = self.app.twophase.gid(txid, s);
-                    self.exec_or_discard(s, &format!("ROLLBACK PREPARED '{gid}'")).await;
+                    self.exec_or_discard(s, &format!("ROLLBACK PREPARED '{gid}'"))
+                        .await;
                 } else {
                     self.exec_or_discard(s, "ROLLBACK").await;
                 }
             }
-            return Err(Refusal::new(&e.code, format!("transaction rolled back on every shard: {}", e.message)).into());
+            return Err(Refusal::new(
+                &e.code,
+                format!("transaction rolled back on every shard: {}", e.message),
+            )
+            .into());
         }
         if let Err(e) = self.app.twophase.log_commit(txid).await {
             for &s in &writers {
                 let gid = self.app.twophase.gid(txid, s);
-                self.exec_or_discard(s, &format!("ROLLBACK PREPARED '{gid}'")).await;
+                self.exec_or_discard(s, &format!("ROLLBACK PREPARED '{gid}'"))
+                    .await;
             }
-            return Err(Refusal::new("58030", format!("cannot record the commit decision, rolled back: {e}")).into());
+            return Err(Refusal::new(
+                "58030",
+                format!("cannot record the commit decision, rolled back: {e}"),
+            )
+            .into());
         }
         // Decided: from here on the transaction is committed; a shard that cannot be reached
         // now is finished by the resolver (at start, or its periodic pass).
@@ -338,7 +416,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// ROLLBACK: on every shard the transaction reached.
     pub(super) async fn rollback(&mut self, reply: bool) -> Result<(), Failure> {
         if !self.tx.open && reply {
-            messages::notice_response(&mut self.out, "25P01", "there is no transaction in progress");
+            messages::notice_response(
+                &mut self.out,
+                "25P01",
+                "there is no transaction in progress",
+            );
         }
         self.rollback_all().await?;
         self.tx = TxState::default();
@@ -351,7 +433,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// Rolls back every held connection; ones that cannot be cleaned are discarded.
     pub(super) async fn rollback_all(&mut self) -> Result<(), Failure> {
         for s in 0..self.conns.len() {
-            let Some(co) = self.conns[s].as_ref() else { continue };
+            let Some(co) = self.conns[s].as_ref() else {
+                continue;
+            };
             if co.conn.tx_status != b'I' || !co.conn.rbuf.is_empty() {
                 self.exec_or_discard(s, "ROLLBACK").await;
             }
@@ -364,7 +448,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// Runs control SQL on a held connection; a failure is returned as a refusal.
     async fn exec_on(&mut self, shard: usize, sql: &str) -> Result<(), Refusal> {
         let max = self.max_msg;
-        let Some(co) = self.conns[shard].as_mut() else { return Ok(()) };
+        let Some(co) = self.conns[shard].as_mut() else {
+            return Ok(());
+        };
         let r = tokio::time::timeout(Duration::from_secs(30), co.conn.exec_quiet(sql, max)).await;
         match r {
             Ok(Ok(())) => Ok(()),
@@ -377,7 +463,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             }
             Err(_) => {
                 self.drop_conn(shard, false);
-                Err(Refusal::new("08006", format!("shard {shard}: no answer to {sql}")))
+                Err(Refusal::new(
+                    "08006",
+                    format!("shard {shard}: no answer to {sql}"),
+                ))
             }
         }
     }
@@ -405,7 +494,11 @@ fn busy(health: &crate::health::Health, shard: usize, node: usize, delta: isize)
         if delta > 0 {
             n.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
-            let _ = n.busy.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |b| b.checked_sub(1));
+            let _ = n.busy.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |b| b.checked_sub(1),
+            );
         }
     }
 }
