@@ -75,6 +75,13 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Put the next shard of the config into the catalog's map: schema and reference tables
+    /// copied, then it serves (empty of sharded rows until `rebalance --apply` fills it).
+    /// Every live router's config must list it. Exit status: 0 added, 2 refused.
+    AddShard {
+        #[command(flatten)]
+        shards: ShardArgs,
+    },
     /// Move every bucket of a shard onto the others (rebalance --drain SHARD).
     DrainShard {
         /// The shard to empty.
@@ -219,6 +226,48 @@ async fn main() -> anyhow::Result<()> {
             if let Err(e) = r {
                 eprintln!("shardctl: {e}");
                 std::process::exit(2);
+            }
+        }
+        Command::AddShard { shards } => {
+            let dsn = cli
+                .catalog
+                .as_deref()
+                .context("shardctl add-shard needs --catalog (or PGSHARD_CATALOG)")?;
+            let links = shard_links(&shards)?;
+            let (cat, _) = Catalog::connect(dsn)
+                .await
+                .context("connecting to the catalog")?;
+            let progress = |line: &str| eprintln!("{line}");
+            match pgshard::rebalance::add::add_shard(
+                &cat,
+                &links,
+                shards.ack_timeout.into(),
+                &progress,
+            )
+            .await
+            {
+                Ok(r) => {
+                    let cols = [
+                        "shard",
+                        "version",
+                        "schema_copied",
+                        "reference_tables",
+                        "reference_rows",
+                    ]
+                    .map(String::from);
+                    let row = vec![
+                        r.shard.to_string(),
+                        r.version.to_string(),
+                        r.schema_copied.to_string(),
+                        r.reference_tables.to_string(),
+                        r.reference_rows.to_string(),
+                    ];
+                    print_rows("added", &cols, &[row], cli.json);
+                }
+                Err(e) => {
+                    eprintln!("shardctl: {e}");
+                    std::process::exit(2);
+                }
             }
         }
         Command::Map => {
@@ -497,7 +546,17 @@ fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::Shard
                 )
             })
             .unwrap_or_default();
+        let mut replicas = Vec::new();
+        for r in &s.replicas {
+            let (h, p) = pgshard::config::split_host_port(r)
+                .with_context(|| format!("bad replica address {r}"))?;
+            replicas.push(format!(
+                "host={h} port={p} user='{}' dbname='{database}'{pw}",
+                user.name
+            ));
+        }
         shards.push(pgshard::rebalance::ShardLink {
+            replicas,
             dsn: format!(
                 "host={host} port={port} user='{}' dbname='{database}'{pw}",
                 user.name

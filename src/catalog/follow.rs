@@ -92,17 +92,26 @@ pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError>
         .fence_wait_ms
         .store(cc.fence_wait.as_millis() as u64, Ordering::Relaxed);
     let instance = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+    let cfg = app.config.load_full();
     let me = Me {
-        router_id: app.config.load().general.router_id.clone(),
+        router_id: cfg.general.router_id.clone(),
         instance,
-        addr: app.config.load().general.listen.to_string(),
+        addr: cfg.general.listen.to_string(),
+        shards: cfg.shards.len(),
     };
     // A previous run of this router that died keeps its lease until it runs out.
     let deadline = Instant::now() + cc.lease + Duration::from_secs(1);
     let t = loop {
         let t = Instant::now();
         match cat
-            .heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, map.version)
+            .heartbeat(
+                &me.router_id,
+                &me.instance,
+                &me.addr,
+                cc.lease,
+                map.version,
+                me.shards,
+            )
             .await
         {
             Ok(_) => break t,
@@ -124,6 +133,8 @@ struct Me {
     router_id: String,
     instance: String,
     addr: String,
+    /// Shards this router's config lists: maps may use these many or fewer.
+    shards: usize,
 }
 
 async fn follow(
@@ -203,7 +214,14 @@ async fn refresh(
         app.catalog.acked.load(Ordering::Acquire)
     };
     let latest = cat
-        .heartbeat(&me.router_id, &me.instance, &me.addr, cc.lease, ack)
+        .heartbeat(
+            &me.router_id,
+            &me.instance,
+            &me.addr,
+            cc.lease,
+            ack,
+            me.shards,
+        )
         .await?;
     app.catalog.acked.store(ack, Ordering::Release);
     if latest > serving {
@@ -216,21 +234,23 @@ async fn refresh(
 /// Swaps in a catalog map (unless it does not fit this router's shards) and starts a new
 /// epoch; returns the old epoch, whose holders must end before the version is acknowledged.
 fn install(app: &App, map: &MapRow) -> Result<Arc<Epoch>, CatalogError> {
+    // A config may list shards the map does not use yet (added with `shardctl add-shard`).
     let shards = app.config.load().shards.len();
-    if map.shards != shards {
+    if map.shards > shards {
         return Err(CatalogError::BadMap {
             version: map.version,
             reason: format!(
-                "it spans {} shards but this router's config lists {shards}",
+                "it spans {} shards but this router's config lists only {shards}",
                 map.shards
             ),
         });
     }
-    let built =
-        ShardMap::build(&map.sharding, shards, map.version).map_err(|e| CatalogError::BadMap {
+    let built = ShardMap::build(&map.sharding, map.shards, map.version).map_err(|e| {
+        CatalogError::BadMap {
             version: map.version,
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     app.shardmap.store(Arc::new(built));
     // Sessions read the epoch before the map: whoever sees the new epoch sees the new map.
     let old = app.epoch.swap(Epoch::new(map.version));

@@ -7,7 +7,10 @@ use super::CatalogError;
 use tokio_postgres::Client;
 
 /// (version, SQL) in order of application.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_catalog.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_catalog.sql")),
+    (2, include_str!("../../migrations/0002_router_shards.sql")),
+];
 
 /// Lock key: any fixed number the catalog database does not use for something else.
 const LOCK_KEY: i64 = 0x0070_6773_6861_7264; // "pgshard" in ASCII

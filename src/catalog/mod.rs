@@ -83,6 +83,8 @@ pub struct RouterRow {
     pub acked_version: u64,
     /// Seconds until the lease runs out (negative: expired).
     pub lease_left: f64,
+    /// Shards the router's config lists (None: a router older than catalog version 2).
+    pub shards: Option<usize>,
 }
 
 /// A connection to the catalog.
@@ -203,20 +205,21 @@ impl Catalog {
         addr: &str,
         lease: Duration,
         acked: u64,
+        shards: usize,
     ) -> Result<u64, CatalogError> {
         let row = self
             .client
             .query_opt(
-                "INSERT INTO pgshard.routers (router_id, addr, instance, lease_until, acked_version)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
+                "INSERT INTO pgshard.routers (router_id, addr, instance, lease_until, acked_version, shards)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6)
                  ON CONFLICT (router_id) DO UPDATE
                    SET addr = EXCLUDED.addr, instance = EXCLUDED.instance, lease_until = EXCLUDED.lease_until,
-                       acked_version = EXCLUDED.acked_version,
+                       acked_version = EXCLUDED.acked_version, shards = EXCLUDED.shards,
                        started_at = CASE WHEN pgshard.routers.instance = EXCLUDED.instance
                                          THEN pgshard.routers.started_at ELSE now() END
                    WHERE pgshard.routers.instance = EXCLUDED.instance OR pgshard.routers.lease_until < now()
                  RETURNING (SELECT coalesce(max(version), 0) FROM pgshard.maps)",
-                &[&router_id, &addr, &instance, &lease.as_secs_f64(), &(acked as i64)],
+                &[&router_id, &addr, &instance, &lease.as_secs_f64(), &(acked as i64), &(shards as i32)],
             )
             .await?;
         match row {
@@ -230,7 +233,7 @@ impl Catalog {
         let rows = self
             .client
             .query(
-                "SELECT router_id, addr, acked_version, extract(epoch FROM lease_until - now())::float8
+                "SELECT router_id, addr, acked_version, extract(epoch FROM lease_until - now())::float8, shards
                  FROM pgshard.routers ORDER BY router_id",
                 &[],
             )
@@ -242,6 +245,7 @@ impl Catalog {
                 addr: r.get(1),
                 acked_version: r.get::<_, i64>(2) as u64,
                 lease_left: r.get(3),
+                shards: r.get::<_, Option<i32>>(4).map(|n| n as usize),
             })
             .collect())
     }

@@ -92,6 +92,16 @@ pub async fn copy_unit(
         .copy_out(&format!("COPY (SELECT * FROM {t} WHERE {pred}) TO STDOUT"))
         .await?;
     let sink = target.copy_in(&format!("COPY {t} FROM STDIN")).await?;
+    let r = pipe(out, sink).await?;
+    tx.commit().await?;
+    Ok(r)
+}
+
+/// Streams a `COPY … TO STDOUT` into a `COPY … FROM STDIN`; returns (rows, bytes).
+pub async fn pipe(
+    out: tokio_postgres::CopyOutStream,
+    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+) -> Result<(u64, u64), MoveError> {
     pin_mut!(out);
     pin_mut!(sink);
     let mut bytes = 0u64;
@@ -103,7 +113,6 @@ pub async fn copy_unit(
         sink.feed(chunk).await?;
     }
     let rows = sink.finish().await?;
-    tx.commit().await?;
     Ok((rows, bytes))
 }
 

@@ -5,6 +5,7 @@
 //! fence (routers drain and hold the unit) → marker → switch → verify → cleanup.
 //! Control plane only: tokio-postgres and a replication connection, never the data path.
 
+pub mod add;
 pub mod apply;
 pub mod copy;
 pub mod plan;
@@ -13,9 +14,7 @@ pub mod stream;
 
 use crate::backend::{BackendError, ConnectParams};
 use crate::catalog::{Catalog, CatalogError};
-use crate::shardmap::config::{
-    BucketRange, KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig,
-};
+use crate::shardmap::config::{KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig};
 use crate::shardmap::{Located, ShardMap, Strategy};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +31,7 @@ pub enum MoveError {
     Stream(String),
     #[error("verification failed: {0}")]
     Mismatch(String),
-    #[error("{0}")]
+    #[error("{}", db_detail(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Backend(#[from] BackendError),
@@ -45,6 +44,14 @@ pub enum MoveError {
     Stopped(MovePhase),
 }
 
+/// A database error with the server's message and SQLSTATE (tokio-postgres shows "db error").
+fn db_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {} ({})", e, d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
 /// How the mover reaches one shard's primary.
 #[derive(Debug, Clone)]
 pub struct ShardLink {
@@ -52,6 +59,8 @@ pub struct ShardLink {
     pub dsn: String,
     /// The same server for the replication connection.
     pub connect: ConnectParams,
+    /// Connection strings of the shard's replicas (routers read there).
+    pub replicas: Vec<String>,
 }
 
 /// What to move.
@@ -482,51 +491,12 @@ impl<'a> Mover<'a> {
         note: &str,
         edit: impl Fn(&mut ShardingConfig),
     ) -> Result<u64, MoveError> {
-        for _ in 0..5 {
-            let latest = self
-                .cat
-                .latest_map()
-                .await?
-                .ok_or_else(|| MoveError::Refused("the catalog lost its map".into()))?;
-            let mut next = latest.sharding.clone();
-            edit(&mut next);
-            match self
-                .cat
-                .publish_map(latest.version, &next, latest.shards, note)
-                .await
-            {
-                Ok(v) => return Ok(v),
-                Err(CatalogError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(MoveError::Refused(
-            "the catalog map keeps changing under the move".into(),
-        ))
+        publish_edit(self.cat, note, |s, _| edit(s)).await
     }
 
     /// Waits until every router holding a live lease serves version `v` or later.
     async fn acks(&self, v: u64) -> Result<(), MoveError> {
-        let deadline = Instant::now() + self.req.ack_timeout;
-        loop {
-            let routers = self.cat.routers().await?;
-            let behind: Vec<String> = routers
-                .iter()
-                .filter(|r| r.lease_left > 0.0 && r.acked_version < v)
-                .map(|r| r.router_id.clone())
-                .collect();
-            if behind.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(MoveError::Refused(format!(
-                    "routers {} did not acknowledge map version {v} within {:?} (long transactions, or unreachable routers)",
-                    behind.join(", "),
-                    self.req.ack_timeout
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_acks(self.cat, v, self.req.ack_timeout).await
     }
 
     async fn before_switch(&mut self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
@@ -764,10 +734,12 @@ impl<'a> Mover<'a> {
     async fn wait_standbys(&self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
         for shard in [self.source, self.target] {
             let c = connect(&self.shards[shard].dsn).await?;
-            match standby::wait_replayed(&c, Duration::from_secs(30)).await? {
-                standby::Standbys::CaughtUp => {}
-                standby::Standbys::Unseen => progress(&format!("move {}: warning: cannot see shard {shard}'s replicas' replay positions (grant pg_read_all_stats); they may briefly lag the move", self.id)),
-                standby::Standbys::Behind(n) => progress(&format!("move {}: warning: {n} replica(s) of shard {shard} still lag after 30 s; routers skip replicas beyond max_replica_lag", self.id)),
+            for (i, r) in self.shards[shard].replicas.iter().enumerate() {
+                match standby::wait_replayed(&c, r, Duration::from_secs(30)).await {
+                    Ok(true) => {}
+                    Ok(false) => progress(&format!("move {}: warning: replica {i} of shard {shard} still lags after 30 s; routers skip replicas beyond max_replica_lag", self.id)),
+                    Err(e) => progress(&format!("move {}: warning: replica {i} of shard {shard}: {e}; routers skip replicas they cannot reach", self.id)),
+                }
             }
         }
         Ok(())
@@ -824,6 +796,53 @@ impl<'a> Mover<'a> {
     }
 }
 
+/// Publishes the catalog's latest map changed by `edit` (which also gets the shard count to
+/// change), retrying when another publisher got there first.
+pub(crate) async fn publish_edit(
+    cat: &Catalog,
+    note: &str,
+    edit: impl Fn(&mut ShardingConfig, &mut usize),
+) -> Result<u64, MoveError> {
+    for _ in 0..5 {
+        let latest = cat
+            .latest_map()
+            .await?
+            .ok_or_else(|| MoveError::Refused("the catalog lost its map".into()))?;
+        let mut next = latest.sharding.clone();
+        let mut shards = latest.shards;
+        edit(&mut next, &mut shards);
+        match cat.publish_map(latest.version, &next, shards, note).await {
+            Ok(v) => return Ok(v),
+            Err(CatalogError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(MoveError::Refused("the catalog map keeps changing".into()))
+}
+
+/// Waits until every router holding a live lease serves version `v` or later.
+pub(crate) async fn wait_acks(cat: &Catalog, v: u64, timeout: Duration) -> Result<(), MoveError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let routers = cat.routers().await?;
+        let behind: Vec<String> = routers
+            .iter()
+            .filter(|r| r.lease_left > 0.0 && r.acked_version < v)
+            .map(|r| r.router_id.clone())
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(MoveError::Refused(format!(
+                "routers {} did not acknowledge map version {v} within {timeout:?} (long transactions, or unreachable routers)",
+                behind.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn set_phase(s: &mut ShardingConfig, id: u64, phase: MovePhase) {
     for m in s.moves.iter_mut().filter(|m| m.id == id) {
         m.phase = phase;
@@ -855,18 +874,7 @@ fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, owner: &[usi
             owner[b as usize] = target;
         }
     }
-    let mut ranges: Vec<BucketRange> = Vec::new();
-    for (b, &sh) in owner.iter().enumerate() {
-        match ranges.last_mut() {
-            Some(r) if r.shard == sh && r.to + 1 == b as u32 => r.to = b as u32,
-            _ => ranges.push(BucketRange {
-                from: b as u32,
-                to: b as u32,
-                shard: sh,
-            }),
-        }
-    }
-    d.bucket_map = ranges;
+    d.bucket_map = add::bucket_ranges(&owner);
 }
 
 /// A range distribution's entries with `[r.lo, r.hi)` cut out of the entry holding it and

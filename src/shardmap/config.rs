@@ -27,6 +27,10 @@ pub struct ShardingConfig {
     /// Units in motion between shards; written by `shardctl move` into the catalog's maps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moves: Vec<MoveConfig>,
+    /// Shards being added (`shardctl add-shard`): they take writes to reference tables but
+    /// serve no reads of them until their copy of those tables is complete.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joining: Vec<usize>,
 }
 
 impl Default for ShardingConfig {
@@ -38,6 +42,7 @@ impl Default for ShardingConfig {
             keyless_writes: true,
             distributions: Vec::new(),
             tables: Vec::new(),
+            joining: Vec::new(),
             moves: Vec::new(),
         }
     }

@@ -106,6 +106,9 @@ pub struct ShardMap {
     tables: HashMap<String, TableRule>,
     /// Units in motion (empty unless a move runs): checked only when non-empty.
     pub motions: Vec<motion::Motion>,
+    /// Shards that may serve reads of reference tables and table-less statements (all but
+    /// those still joining).
+    pub readable: Vec<ShardId>,
 }
 
 impl ShardMap {
@@ -303,8 +306,16 @@ impl ShardMap {
             }
         }
         let motions = motion::build(&cfg.moves, &by_name, &distributions, cfg.buckets, shards)?;
+        if let Some(j) = cfg.joining.iter().find(|&&j| j >= shards) {
+            return bad(format!("joining shard {j} does not exist"));
+        }
+        let readable: Vec<ShardId> = (0..shards).filter(|s| !cfg.joining.contains(s)).collect();
+        if readable.is_empty() {
+            return bad("every shard is joining".to_string());
+        }
         Ok(ShardMap {
             motions,
+            readable,
             version,
             shards,
             buckets: cfg.buckets,
@@ -431,6 +442,11 @@ impl ShardMap {
                 .map(|m| (m, column.as_str())),
             TableRule::Reference => None,
         }
+    }
+
+    /// A shard that serves reads of reference tables, picked by `seed` (spreads clients).
+    pub fn any_readable(&self, seed: usize) -> ShardId {
+        self.readable[seed % self.readable.len()]
     }
 
     /// The bucket of a hash or tenant key (for rebalancing and SHOW ROUTE).

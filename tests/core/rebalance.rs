@@ -37,15 +37,33 @@ const TABLE: &str = "[[sharding.distributions]]\nname = \"mv\"\nstrategy = \"has
                      ranges = [{ hi = 1000000000000000, shard = 0 }, { lo = 1000000000000000, shard = 1 }]\n\n\
                      [[sharding.tables]]\nname = \"mv_ranges\"\ndistribution = \"mvr\"\ncolumn = \"id\"\n\n\
                      [[sharding.tables]]\nname = \"mv_items\"\ndistribution = \"mv\"\ncolumn = \"id\"\n\n\
+                     [[sharding.tables]]\nname = \"mv_ref\"\nreference = true\n\n\
                      [[sharding.tables]]\nname = \"mv_orders\"\ndistribution = \"mvt\"\ncolumn = \"tenant\"\n";
 
 fn router(h: &Harness, id: &str) -> Result<Router, String> {
-    let more = format!(
+    router_with(h, id, None)
+}
+
+/// A router of the trial; `third` adds a shard (primary port) after the topology's two.
+fn router_with(h: &Harness, id: &str, third: Option<u16>) -> Result<Router, String> {
+    let more = trial_config(h);
+    let general = format!("router_id = \"{id}\"");
+    h.spawn_with(|port, metrics| {
+        let mut c = h.config(port, metrics, &general, &more);
+        if let Some(p) = third {
+            c.push_str(&format!("[[shards]]\nprimary = \"127.0.0.1:{p}\"\n\n"));
+        }
+        c
+    })
+}
+
+/// The trial's catalog, sharded database and distributions, as router config.
+fn trial_config(h: &Harness) -> String {
+    format!(
         "[catalog]\ndsn = \"{}\"\nlease = \"2s\"\npoll_interval = \"200ms\"\ndrain_timeout = \"2s\"\nfence_wait = \"5s\"\n{}\n{TABLE}",
         dsn(h),
         crate::sharding::SHARDING
-    );
-    h.spawn_router(&format!("router_id = \"{id}\""), &more)
+    )
 }
 
 /// What one writer knows was acknowledged: live ids with their value.
@@ -489,6 +507,13 @@ fn move_under_writers(h: &Harness) -> TestResult {
         .await
         .pgx("seed")?;
         seeds_on_replicas(h, "mv_items").await?;
+        c.batch_execute("CREATE TABLE mv_ref (id int PRIMARY KEY, v int NOT NULL)")
+            .await
+            .pgx("reference ddl")?;
+        let refs: Vec<String> = (1..=50).map(|i| format!("({i}, 0)")).collect();
+        c.batch_execute(&format!("INSERT INTO mv_ref VALUES {}", refs.join(", ")))
+            .await
+            .pgx("reference rows")?;
 
         // Buckets 0-1023 live on shard 0 (4096 buckets over 2 shards); move them to shard 1.
         let run = move_with_writers(
@@ -863,16 +888,204 @@ fn move_under_writers(h: &Harness) -> TestResult {
             .map_err(|e| e.to_string())?;
         Ok(())
     })?;
+    drop((a, b));
+    add_shard_and_fill(h)?;
     for s in 0..2 {
         h.cluster
             .psql(
                 h.primary(s),
                 "shop",
-                "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges",
+                "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges, mv_ref",
             )
             .ctx("drop")?;
     }
-    drop((a, b));
+    Ok(())
+}
+
+/// `shardctl add-shard` puts a third server into the map while a client keeps updating a
+/// reference table; `rebalance --apply` then moves buckets onto it under the placement check.
+fn add_shard_and_fill(h: &Harness) -> TestResult {
+    let mut spec = pgshard::topology::ClusterSpec::new(1, 0, h.dir.join("pg-added"));
+    spec.users = vec![
+        ("app".into(), APP_PW.into()),
+        ("admin".into(), "admin-secret".into()),
+    ];
+    spec.databases = vec!["shop".into()];
+    let third =
+        pgshard::topology::LocalCluster::start(spec).map_err(|e| format!("third server: {e}"))?;
+    let p3 = third.primary(0).port;
+    let cat_dsn = dsn(h);
+    let ctl = move |config: &std::path::Path, args: &[&str]| {
+        let mut all = vec!["--catalog".to_string(), cat_dsn.clone()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.extend([
+            "--config".into(),
+            config.display().to_string(),
+            "--database".into(),
+            "shop".into(),
+        ]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+            .args(&all)
+            .output()
+            .expect("run shardctl")
+    };
+    // Routers whose config lists two shards hold it up (old ones' leases run out first).
+    let two = router_with(h, "ma", None)?;
+    let three_cfg = h.dir.join("three-shards.toml");
+    std::fs::write(
+        &three_cfg,
+        h.config(1, 1, "", &trial_config(h))
+            + &format!("[[shards]]\nprimary = \"127.0.0.1:{p3}\"\n"),
+    )
+    .ctx("config")?;
+    let out = ctl(&two.config_path, &["add-shard"]);
+    ensure!(
+        out.status.code() == Some(2)
+            && String::from_utf8_lossy(&out.stderr).contains("all 2 shards"),
+        "add-shard without a new shard in the config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&three_cfg, &["add-shard"]);
+    ensure!(
+        out.status.code() == Some(2)
+            && String::from_utf8_lossy(&out.stderr).contains("ma (2 shards)"),
+        "add-shard while a router lacks the shard: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(two);
+    let a = router_with(h, "ma", Some(p3))?;
+    let b = router_with(h, "mb", Some(p3))?;
+    block_on(async {
+        // mv_items afresh: the negative control above left the unit it broke on two shards.
+        let c = connect_port(a.port, "app", APP_PW, "shop", "").await?;
+        c.batch_execute("DROP TABLE mv_items; CREATE TABLE mv_items (id int8 PRIMARY KEY, v int NOT NULL, note text)").await.pgx("fresh mv_items")?;
+        let values: Vec<String> = (1..=6000)
+            .map(|i| format!("({i}, {}, 'seed')", i % 7))
+            .collect();
+        c.batch_execute(&format!(
+            "INSERT INTO mv_items (id, v, note) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .pgx("seed")?;
+        let truth: HashMap<i64, i32> = (1..=6000).map(|i| (i, (i % 7) as i32)).collect();
+        // A client updates the reference table through the whole add-shard.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let (stop, port) = (stop.clone(), a.port);
+            async move {
+                let c = connect_port(port, "app", APP_PW, "shop", "").await?;
+                let mut acked = vec![0i64; 51];
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = 1 + (n % 50) as i32;
+                    match c
+                        .execute("UPDATE mv_ref SET v = v + 1 WHERE id = $1", &[&id])
+                        .await
+                    {
+                        Ok(_) => acked[id as usize] += 1,
+                        Err(e) if sqlstate(&e) == "40001" => {}
+                        Err(e) => return Err(format!("reference update: {e:?}")),
+                    }
+                }
+                Ok::<_, String>(acked)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let config = a.config_path.clone();
+        let c2 = ctl.clone();
+        let out = tokio::task::spawn_blocking(move || c2(&config, &["add-shard"]))
+            .await
+            .ctx("add-shard")?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let acked = writer.await.ctx("writer")??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "add-shard: {stderr}");
+        eprintln!(
+            "rebalance: add-shard: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        // Every shard holds the reference table exactly as acknowledged.
+        let want: String = (1..=50)
+            .map(|i| format!("{i}:{}", acked[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        for port in [h.primary(0).port, h.primary(1).port, p3] {
+            let d = connect_port(port, "app", APP_PW, "shop", "").await?;
+            let got = one(
+                &d,
+                "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM mv_ref",
+            )
+            .await?;
+            ensure!(
+                got == want,
+                "reference table on the server at port {port}: {got}, acknowledged {want}"
+            );
+        }
+        ensure!(
+            acked.iter().sum::<i64>() > 20,
+            "the reference table was written during add-shard ({} updates)",
+            acked.iter().sum::<i64>()
+        );
+        // The new shard takes a third of the rows.
+        let config = a.config_path.clone();
+        let c2 = ctl.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            c2(
+                &config,
+                &[
+                    "rebalance",
+                    "--distribution",
+                    "mv",
+                    "--apply",
+                    "--tolerance",
+                    "0.05",
+                ],
+            )
+        })
+        .await
+        .ctx("rebalance")?;
+        ensure!(
+            run.status.success(),
+            "rebalance onto the new shard: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let (map, dist, moves) = current_map(h).await?;
+        ensure!(
+            map.shards == 3 && moves == 0 && map.readable == [0, 1, 2],
+            "map after add-shard + rebalance: {} shards, {moves} moves",
+            map.shards
+        );
+        let ports = [h.primary(0).port, h.primary(1).port, p3];
+        check_placement_on(&ports, "mv_items", &map, dist, &truth).await?;
+        let d = connect_port(p3, "app", APP_PW, "shop", "").await?;
+        let on_new: usize = one(&d, "SELECT count(*) FROM mv_items")
+            .await?
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        ensure!(
+            on_new * 4 > truth.len(),
+            "shard 2 holds {on_new} of {} rows after rebalancing",
+            truth.len()
+        );
+        let c = connect_port(b.port, "app", APP_PW, "shop", "").await?;
+        c.batch_execute("BEGIN").await.pgx("begin")?;
+        let total = one(&c, "SELECT count(*) FROM mv_items").await?;
+        c.batch_execute("COMMIT").await.pgx("commit")?;
+        ensure!(
+            total == truth.len().to_string(),
+            "key-less count over three shards {total} = ground truth {}",
+            truth.len()
+        );
+        eprintln!("rebalance: added shard 2 under reference writes; rebalance moved {on_new} rows onto it");
+        Ok(())
+    })?;
+    drop((a, b, third));
     Ok(())
 }
 
@@ -887,6 +1100,11 @@ async fn check_placement(
     check_placement_of(h, "mv_items", map, dist, truth).await
 }
 
+/// The shards' primary ports (the topology's two).
+fn primaries(h: &Harness) -> Vec<u16> {
+    vec![h.primary(0).port, h.primary(1).port]
+}
+
 /// `check_placement` for any table of the trial.
 async fn check_placement_of(
     h: &Harness,
@@ -895,9 +1113,20 @@ async fn check_placement_of(
     dist: usize,
     truth: &HashMap<i64, i32>,
 ) -> TestResult {
+    check_placement_on(&primaries(h), table, map, dist, truth).await
+}
+
+/// `check_placement` over the shards whose primaries listen on `ports`.
+async fn check_placement_on(
+    ports: &[u16],
+    table: &str,
+    map: &ShardMap,
+    dist: usize,
+    truth: &HashMap<i64, i32>,
+) -> TestResult {
     let mut seen: HashMap<i64, (usize, i32)> = HashMap::new();
-    for s in 0..2 {
-        let c = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
+    for (s, port) in ports.iter().enumerate() {
+        let c = connect_port(*port, "app", APP_PW, "shop", "").await?;
         for r in c
             .query(&format!("SELECT id, v FROM {table}"), &[])
             .await

@@ -34,7 +34,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let placement = self.copy_placement(plan, &spec).await?;
         let shards: Vec<usize> = match &placement {
             Placement::Same(s) => s.clone(),
-            Placement::ByKey { .. } => (0..self.pools.len()).collect(),
+            Placement::ByKey { .. } => (0..self.map.shards).collect(),
         };
         if matches!(placement, Placement::ByKey { .. }) {
             if spec.format == CopyFormat::Binary {
@@ -71,7 +71,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Route::Refuse { sqlstate, message } => {
                 Err(Refusal::new(sqlstate, message.clone()).into())
             }
-            Route::Reference { .. } => Ok(Placement::Same((0..self.pools.len()).collect())),
+            Route::Reference { .. } => Ok(Placement::Same((0..self.map.shards).collect())),
             Route::DefaultShard => Ok(Placement::Same(vec![self.map.default_shard])),
             _ => {
                 let Some(TableRule::Sharded { dist, column, .. }) =

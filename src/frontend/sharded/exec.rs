@@ -402,7 +402,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let shard = self
             .tx
             .first_touched()
-            .unwrap_or(self.info.pid.unsigned_abs() as usize % self.pools.len());
+            .unwrap_or(self.map.any_readable(self.info.pid.unsigned_abs() as usize));
         let before = self.out.len();
         self.run_single(shard, text, false, batch).await?;
         let ok = !contains_error(&self.out[before..]);

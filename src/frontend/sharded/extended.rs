@@ -232,7 +232,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let shard = self
                 .tx
                 .first_touched()
-                .unwrap_or(self.info.pid.unsigned_abs() as usize % self.pools.len());
+                .unwrap_or(self.map.any_readable(self.info.pid.unsigned_abs() as usize));
             return self.run_single(shard, "", false, Some(seg)).await;
         }
         let text = String::from_utf8_lossy(&stmt.def.text).into_owned();

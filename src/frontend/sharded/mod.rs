@@ -513,7 +513,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     fn target_shards(&self, target: &crate::router::Target, plan: &Plan) -> Vec<usize> {
         use crate::router::{Route, Target};
         match target {
-            Target::All => (0..self.pools.len()).collect(),
+            Target::All => (0..self.map.shards).collect(),
             Target::Some(v) => v.clone(),
             Target::One(s) => {
                 let floating = matches!(plan.route, Route::Any | Route::Reference { write: false })
@@ -522,7 +522,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     if let Some(held) = self.tx.first_touched() {
                         return vec![held];
                     }
-                    return vec![self.info.pid.unsigned_abs() as usize % self.pools.len()];
+                    return vec![self.map.any_readable(self.info.pid.unsigned_abs() as usize)];
                 }
                 vec![*s]
             }
