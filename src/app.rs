@@ -185,7 +185,7 @@ impl App {
         let users = build_users(&config);
         // Validated with the config, so building cannot fail here.
         let map =
-            ShardMap::build(&config.sharding, config.shards.len(), 1).expect("validated config");
+            ShardMap::build(&config.sharding, config.map_shards(), 1).expect("validated config");
         Arc::new(App {
             shardmap: ArcSwap::from_pointee(map),
             plans: PlanCache::new(10_000),
@@ -314,7 +314,7 @@ impl App {
             .load(std::sync::atomic::Ordering::Acquire)
         {
             let version = self.shardmap.load().version + 1;
-            if let Ok(map) = ShardMap::build(&config.sharding, config.shards.len(), version) {
+            if let Ok(map) = ShardMap::build(&config.sharding, config.map_shards(), version) {
                 self.shardmap.store(Arc::new(map));
             }
         }

@@ -236,6 +236,11 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Shards the config's own map uses: `sharding.shards`, or every shard listed.
+    pub fn map_shards(&self) -> usize {
+        self.sharding.shards.unwrap_or(self.shards.len())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let g = &self.general;
@@ -315,7 +320,17 @@ impl Config {
                 "replicas.check_interval and replicas.check_timeout must be above 0".into(),
             );
         }
-        crate::shardmap::ShardMap::build(&self.sharding, self.shards.len(), 0)
+        if self
+            .sharding
+            .shards
+            .is_some_and(|n| n == 0 || n > self.shards.len())
+        {
+            return bad(format!(
+                "sharding.shards must be between 1 and the {} shards listed",
+                self.shards.len()
+            ));
+        }
+        crate::shardmap::ShardMap::build(&self.sharding, self.map_shards(), 0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }

@@ -12,6 +12,10 @@ pub struct DemoArgs {
     /// Number of shard primaries.
     #[arg(long, default_value_t = 2)]
     pub shards: usize,
+    /// Extra shard primaries listed in the config but not in the map yet, for trying
+    /// `shardctl add-shard` and `rebalance` (the catalog lives on shard 0's primary).
+    #[arg(long, default_value_t = 1)]
+    pub spare_shards: usize,
     /// Streaming replicas per primary.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
@@ -71,8 +75,25 @@ distribution = "by_tenant"
 column = "tenant_id"
 "#;
 
-/// The router config for a local cluster.
-pub fn config_for(cluster: &LocalCluster, listen: &str, metrics: &str) -> String {
+/// The catalog database the demo keeps on shard 0's primary.
+const CATALOG_DB: &str = "pgshard_catalog";
+
+/// The catalog connection string of a demo cluster.
+fn catalog_dsn(cluster: &LocalCluster) -> String {
+    let p = cluster.primary(0);
+    format!(
+        "host={} port={} user=app password=app dbname={CATALOG_DB}",
+        p.host, p.port
+    )
+}
+
+/// The router config for a local cluster whose map uses its first `map_shards` shards.
+pub fn config_for(
+    cluster: &LocalCluster,
+    listen: &str,
+    metrics: &str,
+    map_shards: usize,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -80,7 +101,16 @@ pub fn config_for(cluster: &LocalCluster, listen: &str, metrics: &str) -> String
     );
     let _ = writeln!(s, "[[users]]\nname = \"app\"\npassword = \"app\"\n\n[[users]]\nname = \"admin\"\npassword = \"admin\"\n");
     let _ = writeln!(s, "[[databases]]\nname = \"app\"\nsharded = true\n");
-    let _ = writeln!(s, "{}", DEMO_SHARDING);
+    let _ = writeln!(s, "[catalog]\ndsn = \"{}\"\n", catalog_dsn(cluster));
+    let _ = writeln!(
+        s,
+        "{}",
+        DEMO_SHARDING.replacen(
+            "[sharding]\n",
+            &format!("[sharding]\nshards = {map_shards}\n"),
+            1
+        )
+    );
     let shards = cluster
         .servers
         .iter()
@@ -110,13 +140,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("pgshard-demo"));
-    let mut spec = ClusterSpec::new(args.shards, args.replicas, dir.clone());
+    let mut spec = ClusterSpec::new(args.shards + args.spare_shards, args.replicas, dir.clone());
     spec.first_port = Some(args.first_port);
     spec.users = vec![
         ("app".into(), "app".into()),
         ("admin".into(), "admin".into()),
     ];
-    spec.databases = vec!["app".into()];
+    spec.databases = vec!["app".into(), CATALOG_DB.into()];
     println!(
         "starting {} shard(s) with {} replica(s) each under {} ...",
         args.shards,
@@ -125,7 +155,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let mut cluster = LocalCluster::start(spec)?;
     let metrics = "127.0.0.1:9930";
-    let text = config_for(&cluster, &args.listen, metrics);
+    let text = config_for(&cluster, &args.listen, metrics, args.shards);
     let config_path = dir.join("pgshard.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::parse(&text)?;
@@ -148,6 +178,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("connect:  psql \"postgres://app:app@{host}:{port}/app\"");
     println!("admin:    psql \"postgres://admin:admin@{host}:{port}/pgshard\" -c 'SHOW POOLS'");
     println!("metrics:  curl http://{metrics}/metrics");
+    let ctl = format!("shardctl --catalog \"{}\"", catalog_dsn(&cluster));
+    println!("catalog:  {ctl} status --config {}", config_path.display());
+    if args.spare_shards > 0 {
+        println!(
+            "spare:    shard {} is listed but not in the map: {ctl} add-shard --config {}",
+            args.shards,
+            config_path.display()
+        );
+    }
     println!("press Ctrl-C to stop pgshard and the PostgreSQL servers\n");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

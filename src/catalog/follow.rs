@@ -73,7 +73,7 @@ pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError>
                 .publish_map(
                     0,
                     &cfg.sharding,
-                    cfg.shards.len(),
+                    cfg.map_shards(),
                     "seeded from the config file",
                 )
                 .await

@@ -283,3 +283,15 @@ async fn copy_reference(
         return Ok(rows);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_ranges;
+
+    #[test]
+    fn placement_as_fewest_ranges() {
+        let r = bucket_ranges(&[0, 0, 1, 1, 1, 0, 2]);
+        let got: Vec<(u32, u32, usize)> = r.iter().map(|b| (b.from, b.to, b.shard)).collect();
+        assert_eq!(got, [(0, 1, 0), (2, 4, 1), (5, 5, 0), (6, 6, 2)]);
+    }
+}

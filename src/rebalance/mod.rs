@@ -938,3 +938,47 @@ async fn connect(dsn: &str) -> Result<Client, MoveError> {
     tokio::spawn(conn);
     Ok(c)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_range;
+    use crate::shardmap::config::{Bound, KeyRange, RangeConfig};
+
+    fn entry(lo: Option<i64>, hi: Option<i64>, shard: usize) -> RangeConfig {
+        RangeConfig {
+            lo: lo.map(Bound::Int),
+            hi: hi.map(Bound::Int),
+            shard,
+        }
+    }
+
+    #[test]
+    fn a_moved_range_splits_its_entry() {
+        let map = [entry(None, Some(100), 0), entry(Some(100), None, 1)];
+        let unit = KeyRange {
+            lo: Some(Bound::Int(10)),
+            hi: Some(Bound::Int(20)),
+        };
+        let got = split_range(&map, "int8", &unit, 1);
+        let want = [
+            entry(None, Some(10), 0),
+            entry(Some(10), Some(20), 1),
+            entry(Some(20), Some(100), 0),
+            entry(Some(100), None, 1),
+        ];
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        // A unit that starts where its entry starts leaves no empty piece behind.
+        let unit = KeyRange {
+            lo: Some(Bound::Int(100)),
+            hi: None,
+        };
+        let got = split_range(&map, "int8", &unit, 0);
+        assert_eq!(
+            format!("{got:?}"),
+            format!(
+                "{:?}",
+                [entry(None, Some(100), 0), entry(Some(100), None, 0)]
+            )
+        );
+    }
+}

@@ -27,6 +27,10 @@ pub struct ShardingConfig {
     /// Units in motion between shards; written by `shardctl move` into the catalog's maps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moves: Vec<MoveConfig>,
+    /// How many of the config's shards the map uses (default: all); the rest wait for
+    /// `shardctl add-shard`. Not part of a catalog map, which records its own shard count.
+    #[serde(default, skip_serializing)]
+    pub shards: Option<usize>,
     /// Shards being added (`shardctl add-shard`): they take writes to reference tables but
     /// serve no reads of them until their copy of those tables is complete.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -42,6 +46,7 @@ impl Default for ShardingConfig {
             keyless_writes: true,
             distributions: Vec::new(),
             tables: Vec::new(),
+            shards: None,
             joining: Vec::new(),
             moves: Vec::new(),
         }
