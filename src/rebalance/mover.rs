@@ -1,0 +1,326 @@
+//! The mover's state and its setup: a move planned from a request, or one already in the
+//! catalog's map (abort, resume), assembled with its tables' predicates.
+
+use super::stream::ChangeStream;
+use super::{
+    apply, copy, publish_edit, wait_acks, MoveError, MoveReport, MoveRequest, ShardLink, UnitSpec,
+};
+use crate::catalog::{Catalog, CatalogError};
+use crate::shardmap::config::{MoveConfig, MovePhase, ShardingConfig};
+use crate::shardmap::{Located, ShardMap, Strategy};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// One move in progress.
+pub(super) struct Mover<'a> {
+    pub(super) cat: &'a Catalog,
+    pub(super) shards: &'a [ShardLink],
+    pub(super) req: MoveRequest,
+    pub(super) id: u64,
+    pub(super) source: usize,
+    pub(super) target: usize,
+    pub(super) describe: String,
+    pub(super) config: MoveConfig,
+    /// Tables of the distribution with their unit predicate and per-bucket grouping.
+    pub(super) tables: Vec<(String, String, String)>,
+    pub(super) key_columns: HashMap<String, String>,
+    pub(super) moving: Arc<ShardMap>,
+    pub(super) published: bool,
+    pub(super) slot: Option<String>,
+    pub(super) stream: Option<ChangeStream>,
+    pub(super) applier: Option<apply::Applier>,
+    /// A target connection holding a snapshot taken just before the switch.
+    pub(super) at_switch: Option<Client>,
+    pub(super) report: MoveReport,
+}
+
+impl<'a> Mover<'a> {
+    /// Checks the request against the current map and records the move in the catalog.
+    pub(super) async fn plan(
+        cat: &'a Catalog,
+        shards: &'a [ShardLink],
+        req: MoveRequest,
+    ) -> Result<Mover<'a>, MoveError> {
+        let base = cat
+            .latest_map()
+            .await?
+            .ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
+        let map = ShardMap::build(&base.sharding, base.shards, base.version)
+            .map_err(|e| MoveError::Refused(e.to_string()))?;
+        let dist = map
+            .distributions
+            .iter()
+            .position(|d| d.name == req.distribution)
+            .ok_or_else(|| {
+                MoveError::Refused(format!("no distribution named {}", req.distribution))
+            })?;
+        if let Some(m) = map.motions.iter().find(|m| m.dist == dist) {
+            return Err(MoveError::Refused(format!(
+                "move {} of {} is still in flight; finish or abort it first",
+                m.id, req.distribution
+            )));
+        }
+        let source = match &req.unit {
+            UnitSpec::Tenant(t) => {
+                let k = map
+                    .parse_key(dist, t.as_bytes())
+                    .map_err(|e| MoveError::Refused(e.to_string()))?;
+                match map
+                    .locate(dist, &k, None)
+                    .map_err(|e| MoveError::Refused(e.to_string()))?
+                {
+                    Located::One(s) => s,
+                    Located::Group(_) => {
+                        return Err(MoveError::Refused("geo units cannot move yet".into()))
+                    }
+                }
+            }
+            UnitSpec::Buckets(r) => {
+                match (&map.distributions[dist].strategy, r.first()) {
+                    (
+                        Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. },
+                        Some(&[lo, _]),
+                    ) if (lo as usize) < bucket_shard.len() => bucket_shard[lo as usize],
+                    _ => return Err(MoveError::Refused(
+                        "bucket units need a hash or tenant distribution and valid bucket ranges"
+                            .into(),
+                    )),
+                }
+            }
+            UnitSpec::Range(r) => {
+                let d = &map.distributions[dist];
+                let Strategy::Range { ranges } = &d.strategy else {
+                    return Err(MoveError::Refused(format!(
+                        "{} is not a range distribution",
+                        req.distribution
+                    )));
+                };
+                let key = |b: &Option<crate::shardmap::config::Bound>| {
+                    b.as_ref()
+                        .map(|b| crate::shardmap::bound_key(&d.key_type, b))
+                        .transpose()
+                };
+                let span = (
+                    key(&r.lo).map_err(|e| MoveError::Refused(e.to_string()))?,
+                    key(&r.hi).map_err(|e| MoveError::Refused(e.to_string()))?,
+                );
+                let e = crate::shardmap::range_entry(ranges, &span)
+                    .ok_or_else(|| MoveError::Refused("the range must lie within one range of the map (`shardctl map` shows them)".into()))?;
+                ranges[e].2
+            }
+        };
+        if req.target >= shards.len() || req.target == source {
+            return Err(MoveError::Refused(format!(
+                "target shard {} must be another existing shard (the unit is on {source})",
+                req.target
+            )));
+        }
+        let row = cat
+            .client()
+            .query_one(
+                "INSERT INTO pgshard.moves (distribution, unit, source, target, state) VALUES ($1, $2, $3, $4, 'planned') RETURNING id",
+                &[&req.distribution, &format!("{:?}", req.unit), &(source as i32), &(req.target as i32)],
+            )
+            .await
+            .map_err(CatalogError::from)?;
+        let id = row.get::<_, i64>(0) as u64;
+        let config = MoveConfig {
+            id,
+            distribution: req.distribution.clone(),
+            tenant: match &req.unit {
+                UnitSpec::Tenant(t) => Some(t.clone()),
+                _ => None,
+            },
+            buckets: match &req.unit {
+                UnitSpec::Buckets(r) => r.clone(),
+                _ => vec![],
+            },
+            range: match &req.unit {
+                UnitSpec::Range(r) => Some(r.clone()),
+                _ => None,
+            },
+            source,
+            target: req.target,
+            phase: MovePhase::Copying,
+        };
+        let mut with = base.sharding.clone();
+        with.moves.push(config.clone());
+        Mover::assemble(cat, shards, req, config, &with, base.shards, base.version)
+    }
+
+    /// A move already in the catalog's map (for abort and resume).
+    pub(super) async fn existing(
+        cat: &'a Catalog,
+        shards: &'a [ShardLink],
+        id: u64,
+        ack_timeout: Duration,
+    ) -> Result<Mover<'a>, MoveError> {
+        let base = cat
+            .latest_map()
+            .await?
+            .ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
+        let Some(config) = base.sharding.moves.iter().find(|m| m.id == id).cloned() else {
+            let state: Option<String> = cat
+                .client()
+                .query_opt(
+                    "SELECT state FROM pgshard.moves WHERE id = $1",
+                    &[&(id as i64)],
+                )
+                .await
+                .map_err(CatalogError::from)?
+                .map(|r| r.get(0));
+            return Err(MoveError::Refused(match state {
+                Some(s) => format!("move {id} is not in flight (state {s})"),
+                None => format!("there is no move {id}"),
+            }));
+        };
+        let req = MoveRequest {
+            distribution: config.distribution.clone(),
+            unit: match (&config.tenant, &config.range) {
+                (Some(t), _) => UnitSpec::Tenant(t.clone()),
+                (None, Some(r)) => UnitSpec::Range(r.clone()),
+                (None, None) => UnitSpec::Buckets(config.buckets.clone()),
+            },
+            target: config.target,
+            ack_timeout,
+            skip_marker_wait: false,
+            stop_after: None,
+        };
+        let mut m = Mover::assemble(
+            cat,
+            shards,
+            req,
+            config,
+            &base.sharding,
+            base.shards,
+            base.version,
+        )?;
+        m.published = true;
+        m.slot = Some(m.name());
+        Ok(m)
+    }
+
+    /// The mover's working state for `config` within the map `sharding` (which holds the move).
+    pub(super) fn assemble(
+        cat: &'a Catalog,
+        shards: &'a [ShardLink],
+        req: MoveRequest,
+        config: MoveConfig,
+        sharding: &ShardingConfig,
+        nshards: usize,
+        version: u64,
+    ) -> Result<Mover<'a>, MoveError> {
+        let id = config.id;
+        let moving = Arc::new(
+            ShardMap::build(sharding, nshards, version)
+                .map_err(|e| MoveError::Refused(e.to_string()))?,
+        );
+        let motion =
+            moving.motions.iter().find(|m| m.id == id).ok_or_else(|| {
+                MoveError::Refused("the move did not make it into the map".into())
+            })?;
+        let d = &moving.distributions[motion.dist];
+        let mut tables = Vec::new();
+        let mut key_columns = HashMap::new();
+        for (name, column) in moving.tables_of(motion.dist) {
+            let pred = motion
+                .predicate_sql(&column, &d.key_type, moving.buckets)
+                .ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
+            // Verification compares per bucket, or a tenant or key range as one group.
+            let g = match config.buckets.is_empty() {
+                true => "0".to_string(),
+                false => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets)
+                    .unwrap_or_else(|| "0".into()),
+            };
+            key_columns.insert(name.clone(), column);
+            tables.push((name, pred, g));
+        }
+        if tables.is_empty() {
+            return Err(MoveError::Refused(format!(
+                "no table is placed by distribution {}",
+                config.distribution
+            )));
+        }
+        let describe = motion.describe();
+        let (source, target) = (config.source, config.target);
+        Ok(Mover {
+            cat,
+            shards,
+            req,
+            id,
+            source,
+            target,
+            describe,
+            config,
+            tables,
+            key_columns,
+            moving,
+            published: false,
+            slot: None,
+            stream: None,
+            applier: None,
+            at_switch: None,
+            report: MoveReport {
+                id,
+                source,
+                target,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Keeps the tables the source has (a declared table it lacks holds none of the unit).
+    pub(super) async fn retain_existing(
+        &mut self,
+        src: &Client,
+        progress: &dyn Fn(&str),
+    ) -> Result<(), MoveError> {
+        let mut present = Vec::new();
+        for t in std::mem::take(&mut self.tables) {
+            if copy::exists(src, &t.0).await? {
+                present.push(t);
+            } else {
+                progress(&format!(
+                    "move {}: table {} does not exist on shard {}; nothing of it to move",
+                    self.id, t.0, self.source
+                ));
+            }
+        }
+        if present.is_empty() {
+            return Err(MoveError::Refused(format!(
+                "no table of distribution {} exists on shard {}",
+                self.req.distribution, self.source
+            )));
+        }
+        self.tables = present;
+        Ok(())
+    }
+
+    pub(super) fn name(&self) -> String {
+        format!("pgshard_move_{}", self.id)
+    }
+
+    pub(super) async fn state(&self, state: &str, detail: &str) {
+        let _ = self
+            .cat
+            .client()
+            .execute("UPDATE pgshard.moves SET state = $2, detail = $3, updated_at = now() WHERE id = $1", &[&(self.id as i64), &state, &detail])
+            .await;
+    }
+
+    /// Publishes the latest map changed by `edit`, retrying if another writer got in first.
+    pub(super) async fn publish(
+        &self,
+        note: &str,
+        edit: impl Fn(&mut ShardingConfig),
+    ) -> Result<u64, MoveError> {
+        publish_edit(self.cat, note, |s, _| edit(s)).await
+    }
+
+    /// Waits until every router holding a live lease serves version `v` or later.
+    pub(super) async fn acks(&self, v: u64) -> Result<(), MoveError> {
+        wait_acks(self.cat, v, self.req.ack_timeout).await
+    }
+}

@@ -1,0 +1,327 @@
+//! The mover's steps: copy and catch up, fence, marker, switch, verify, clean up; and the
+//! abort that undoes a move before its switch.
+
+use super::mapedit::{set_phase, switch};
+use super::mover::Mover;
+use super::{apply, connect, copy, standby, stream, MoveError};
+use crate::shardmap::config::MovePhase;
+use crate::shardmap::Strategy;
+use std::time::{Duration, Instant};
+use stream::Event;
+
+use tokio_postgres::Client;
+
+impl Mover<'_> {
+    pub(super) async fn before_switch(&mut self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+        let mut src = connect(&self.shards[self.source].dsn).await?;
+        let tgt = connect(&self.shards[self.target].dsn).await?;
+        self.retain_existing(&src, progress).await?;
+        for (table, _, _) in &self.tables {
+            copy::validate(&src, &tgt, table, &self.key_columns[table]).await?;
+        }
+        // Routers must hide the target's copy from key-less statements before rows arrive.
+        let cfg = self.config.clone();
+        let v = self
+            .publish(&format!("move {}: copying", self.id), |s| {
+                s.moves.push(cfg.clone())
+            })
+            .await?;
+        self.published = true;
+        self.acks(v).await?;
+        self.state("copying", "").await;
+        tgt.batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgshard; CREATE TABLE IF NOT EXISTS pgshard.move_progress \
+             (move_id bigint PRIMARY KEY, applied_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        for (table, pred, _) in &self.tables {
+            copy::delete_unit(&tgt, table, pred, 10_000).await?;
+        }
+        let filters: Result<Vec<String>, MoveError> = self
+            .tables
+            .iter()
+            .map(|(t, p, _)| Ok(format!("{} WHERE ({p})", apply::table_ident(t)?)))
+            .collect();
+        src.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            self.name(),
+            filters?.join(", ")
+        ))
+        .await?;
+        let mut repl = stream::ReplicationConn::open(&self.shards[self.source].connect).await?;
+        let slot = repl.create_slot(&self.name()).await?;
+        self.slot = Some(slot.name.clone());
+        let t = Instant::now();
+        for (table, pred, _) in &self.tables {
+            let (rows, bytes) =
+                copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred).await?;
+            progress(&format!(
+                "move {}: copied {rows} rows ({bytes} bytes) of {table}",
+                self.id
+            ));
+            self.report.rows_copied += rows;
+            self.report.bytes_copied += bytes;
+        }
+        self.report.copy_ms = t.elapsed().as_millis() as u64;
+        self.stream = Some(
+            repl.start(&slot.name, slot.consistent_point, &self.name())
+                .await?,
+        );
+        let moving = self.moving.clone();
+        let id = self.id;
+        let owns: apply::Owns = Box::new(move |_table, key| {
+            let m = moving.motions.iter().find(|m| m.id == id)?;
+            let k = moving.parse_key(m.dist, key.as_bytes()).ok()?;
+            Some(m.owns(&k, moving.buckets))
+        });
+        self.applier = Some(apply::Applier::new(
+            self.id,
+            self.key_columns.clone(),
+            owns,
+            slot.consistent_point,
+        ));
+
+        // Catch up until a probe marker comes back quickly: the target is close behind.
+        let t = Instant::now();
+        for round in 0.. {
+            let r = Instant::now();
+            self.marker(&src, &tgt, &format!("probe {round}")).await?;
+            if r.elapsed() < Duration::from_millis(200) || round >= 50 {
+                break;
+            }
+        }
+        self.report.catchup_ms = t.elapsed().as_millis() as u64;
+        if self.req.stop_after == Some(MovePhase::Copying) {
+            return Err(MoveError::Stopped(MovePhase::Copying));
+        }
+        progress(&format!(
+            "move {}: caught up ({} changes applied); fencing",
+            self.id,
+            self.applier.as_ref().map_or(0, |a| a.changes)
+        ));
+
+        let verify = connect(&self.shards[self.target].dsn).await?;
+        // Fence: routers hold new statements for the unit and drain what began before.
+        let fence_start = Instant::now();
+        let v = self
+            .publish(&format!("move {}: fenced", self.id), |s| {
+                set_phase(s, self.id, MovePhase::Fenced)
+            })
+            .await?;
+        self.state("fenced", "").await;
+        self.acks(v).await?;
+        self.report.fence_ack_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
+        if self.req.stop_after == Some(MovePhase::Fenced) {
+            return Err(MoveError::Stopped(MovePhase::Fenced));
+        }
+        let t = Instant::now();
+        if self.req.skip_marker_wait {
+            emit_marker(&src, &self.name(), "fence").await?;
+        } else {
+            self.marker(&src, &tgt, "fence").await?;
+        }
+        self.report.marker_ms = t.elapsed().as_secs_f64() * 1000.0;
+        // The target as of the switch, for verification after it.
+        verify
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+            .await?;
+        let (target, unit) = (self.target, self.config.clone());
+        let dist = self
+            .moving
+            .distributions
+            .iter()
+            .position(|d| d.name == self.req.distribution)
+            .unwrap_or(0);
+        let owner = match &self.moving.distributions[dist].strategy {
+            Strategy::Hash { bucket_shard } | Strategy::Tenant { bucket_shard, .. } => {
+                bucket_shard.clone()
+            }
+            _ => vec![],
+        };
+        let id = self.id;
+        self.publish(&format!("move {id}: switched"), |s| {
+            switch(s, &unit, target, &owner)
+        })
+        .await?;
+        self.report.pause_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
+        self.published = false;
+        self.state("switched", "").await;
+        progress(&format!(
+            "move {}: switched after a {:.1} ms pause; verifying",
+            self.id, self.report.pause_ms
+        ));
+        self.report.changes_applied = self.applier.as_ref().map_or(0, |a| a.changes);
+        self.at_switch = Some(verify);
+        Ok(())
+    }
+
+    /// Emits a transactional marker on the source and applies the stream up to it.
+    pub(super) async fn marker(
+        &mut self,
+        src: &Client,
+        tgt: &Client,
+        label: &str,
+    ) -> Result<(), MoveError> {
+        emit_marker(src, &self.name(), label).await?;
+        let prefix = self.name();
+        let (Some(stream), Some(applier)) = (self.stream.as_mut(), self.applier.as_mut()) else {
+            return Err(MoveError::Stream("no stream".into()));
+        };
+        let mut seen = false;
+        loop {
+            if applier.pending() && !stream.buffered() {
+                applier.flush(tgt).await?;
+                stream.feedback(applier.applied).await?;
+            }
+            let ev = stream.next(applier.applied).await?;
+            if let Event::Message { prefix: p, content } = &ev {
+                seen |= *p == prefix && content == label.as_bytes();
+            }
+            let rel = match &ev {
+                Event::Insert { rel, .. }
+                | Event::Update { rel, .. }
+                | Event::Delete { rel, .. } => stream.relation(*rel),
+                _ => None,
+            };
+            applier.on_event(rel, &ev)?;
+            if seen && matches!(ev, Event::Commit { .. }) {
+                applier.flush(tgt).await?;
+                stream.feedback(applier.applied).await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Compares the unit on the source (frozen since the fence) with the target as of the switch.
+    pub(super) async fn verify(&mut self, src: &Client) -> Result<(), MoveError> {
+        let verify = self
+            .at_switch
+            .take()
+            .ok_or_else(|| MoveError::Refused("no snapshot of the switch".into()))?;
+        let verify = &verify;
+        for (table, pred, group) in &self.tables {
+            let a = copy::fingerprint(src, table, pred, group).await?;
+            let b = copy::fingerprint(verify, table, pred, group).await?;
+            if a != b {
+                let bad: Vec<i64> = a
+                    .iter()
+                    .filter(|x| !b.contains(x))
+                    .chain(b.iter().filter(|x| !a.contains(x)))
+                    .map(|x| x.0)
+                    .collect();
+                let detail = format!("table {table}: groups {bad:?} differ between source and target (source {} rows, target {} rows)",
+                    a.iter().map(|x| x.1).sum::<i64>(), b.iter().map(|x| x.1).sum::<i64>());
+                self.state("switched-unverified", &detail).await;
+                return Err(MoveError::Mismatch(detail));
+            }
+            self.report.groups_verified += a.len();
+            self.report.rows_verified += a.iter().map(|x| x.1).sum::<i64>();
+        }
+        Ok(())
+    }
+
+    /// After the switch: drop replication, delete the unit from the source, end the move.
+    pub(super) async fn after_switch(
+        &mut self,
+        src: &Client,
+        progress: &dyn Fn(&str),
+    ) -> Result<(), MoveError> {
+        self.drop_replication(src).await;
+        let v = self.cat.latest_map().await?.map_or(0, |m| m.version);
+        self.acks(v).await?;
+        for (table, pred, _) in &self.tables {
+            self.report.rows_deleted_on_source +=
+                copy::delete_unit(src, table, pred, 10_000).await?;
+        }
+        self.wait_standbys(progress).await?;
+        let id = self.id;
+        self.publish(&format!("move {id}: done"), |s| {
+            s.moves.retain(|m| m.id != id)
+        })
+        .await?;
+        self.state("done", "").await;
+        progress(&format!(
+            "move {}: done; {} rows removed from shard {}",
+            self.id, self.report.rows_deleted_on_source, self.source
+        ));
+        Ok(())
+    }
+
+    /// Routers read the unit's tables on replicas again once the move leaves the map: the
+    /// replicas of both shards must have replayed the copy and the deletions first.
+    pub(super) async fn wait_standbys(&self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+        for shard in [self.source, self.target] {
+            let c = connect(&self.shards[shard].dsn).await?;
+            for (i, r) in self.shards[shard].replicas.iter().enumerate() {
+                match standby::wait_replayed(&c, r, Duration::from_secs(30)).await {
+                    Ok(true) => {}
+                    Ok(false) => progress(&format!("move {}: warning: replica {i} of shard {shard} still lags after 30 s; routers skip replicas beyond max_replica_lag", self.id)),
+                    Err(e) => progress(&format!("move {}: warning: replica {i} of shard {shard}: {e}; routers skip replicas they cannot reach", self.id)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn drop_replication(&mut self, src: &Client) {
+        self.stream = None;
+        if let Some(slot) = self.slot.take() {
+            // The walsender lets go of the slot a moment after its connection closes.
+            for _ in 0..50 {
+                let sql = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+                if src.execute(sql, &[&slot]).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let _ = src
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name()))
+            .await;
+    }
+
+    /// Undoes a move that has not switched: routers forget it, replication is dropped, and the
+    /// target's partial copy is deleted.
+    /// The copy is deleted while the move is still in the map: until the move leaves it, routers
+    /// leave the target's copy out of key-less reads.
+    pub(super) async fn abort(&mut self) {
+        let id = self.id;
+        if self.published {
+            // Statements held by a fence go on at once.
+            let _ = self
+                .publish(&format!("move {id}: aborting"), |s| {
+                    set_phase(s, id, MovePhase::Copying)
+                })
+                .await;
+        }
+        if let Ok(src) = connect(&self.shards[self.source].dsn).await {
+            self.drop_replication(&src).await;
+        }
+        if let Ok(tgt) = connect(&self.shards[self.target].dsn).await {
+            for (table, pred, _) in &self.tables {
+                let _ = copy::delete_unit(&tgt, table, pred, 10_000).await;
+            }
+        }
+        if self.published {
+            let _ = self.wait_standbys(&|m| eprintln!("{m}")).await;
+            let _ = self
+                .publish(&format!("move {id}: aborted"), |s| {
+                    s.moves.retain(|m| m.id != id)
+                })
+                .await;
+        }
+        self.state("aborted", "").await;
+    }
+}
+
+/// Writes a transactional marker into the source's WAL. Its commit flushes the WAL even where
+/// `synchronous_commit = off` (the walsender only sends flushed WAL; otherwise the marker would
+/// wait for the WAL writer, up to `wal_writer_delay`, inside the write pause).
+pub(super) async fn emit_marker(src: &Client, prefix: &str, label: &str) -> Result<(), MoveError> {
+    src.batch_execute(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, '{prefix}', '{}'); COMMIT",
+        label.replace('\'', "''")
+    ))
+    .await?;
+    Ok(())
+}
