@@ -117,7 +117,7 @@ async fn check(
     let c = conn.as_mut().expect("connected");
     let rows = c
         .query_rows(
-            "SELECT pg_is_in_recovery()::text, (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text",
+            "SELECT pg_is_in_recovery()::text, (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
             params.max_message_size,
         )
         .await;

@@ -7,15 +7,21 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// Waits until the replica at `replica_dsn` has replayed the primary's WAL up to where it is
-/// now; false if it has not within `limit`. The insert position, not the write position: with
-/// `synchronous_commit = off` a commit can sit in WAL buffers past the write position.
+/// now; false if it has not within `limit`. A synchronous commit first: with
+/// `synchronous_commit = off` earlier commits (the move's deletions) may not be flushed yet,
+/// and walsenders send only flushed WAL; the flush position after it covers them all.
 pub async fn wait_replayed(
     primary: &Client,
     replica_dsn: &str,
     limit: Duration,
 ) -> Result<bool, super::MoveError> {
+    primary
+        .batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT",
+        )
+        .await?;
     let lsn: String = primary
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
         .await?
         .get(0);
     let replica = super::connect(replica_dsn).await?;

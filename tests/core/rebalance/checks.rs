@@ -1,0 +1,148 @@
+//! What the move trials check on the servers: placement against the ground truth, leftovers,
+//! replicas, the catalog's map.
+
+use super::dsn;
+use crate::ensure;
+use crate::harness::{connect_port, first_value as one, Harness, PgContext, TestResult, APP_PW};
+use pgshard::catalog::Catalog;
+use pgshard::shardmap::{Located, ShardMap};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// No replication slot or publication of a move is left on any shard.
+pub(super) async fn no_leftovers(h: &Harness) -> TestResult {
+    for s in 0..2 {
+        let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
+        let n = one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgshard_move_%') + (SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgshard_move_%')").await?;
+        ensure!(n == "0", "shard {s} keeps {n} slots/publications of moves");
+    }
+    Ok(())
+}
+
+/// Waits until the shards' replicas hold the 4000 seed rows of `table` (readers outside a move
+/// read replicas; a reader that is not the writer may otherwise see them lag).
+pub(super) async fn seeds_on_replicas(h: &Harness, table: &str) -> TestResult {
+    let t = Instant::now();
+    loop {
+        let mut n = 0;
+        for s in 0..2 {
+            let r = connect_port(h.cluster.replicas(s)[0].port, "app", APP_PW, "shop", "").await?;
+            n += one(
+                &r,
+                &format!("SELECT count(*) FROM {table} WHERE id <= 4000"),
+            )
+            .await
+            .unwrap_or_default()
+            .parse::<i64>()
+            .unwrap_or(0);
+        }
+        if n == 4000 {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "replicas hold {n} of {table}'s 4000 seed rows after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The catalog's current map, built.
+pub(super) async fn current_map(h: &Harness) -> Result<(ShardMap, usize, usize), String> {
+    current_map_of(h, "mv").await
+}
+
+/// The catalog's current map, the index of distribution `dist` and the moves in flight.
+pub(super) async fn current_map_of(
+    h: &Harness,
+    dist: &str,
+) -> Result<(ShardMap, usize, usize), String> {
+    let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
+    let row = cat
+        .latest_map()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no map")?;
+    let map = ShardMap::build(&row.sharding, row.shards, row.version).map_err(|e| e.to_string())?;
+    let dist = map
+        .distributions
+        .iter()
+        .position(|d| d.name == dist)
+        .ok_or("no such distribution")?;
+    Ok((map, dist, row.sharding.moves.len()))
+}
+
+/// Every row of `truth` is on the shard the map puts it, exactly once, with its last value;
+/// no other row exists.
+pub(super) async fn check_placement(
+    h: &Harness,
+    map: &ShardMap,
+    dist: usize,
+    truth: &HashMap<i64, i32>,
+) -> TestResult {
+    check_placement_of(h, "mv_items", map, dist, truth).await
+}
+
+/// The shards' primary ports (the topology's two).
+pub(super) fn primaries(h: &Harness) -> Vec<u16> {
+    vec![h.primary(0).port, h.primary(1).port]
+}
+
+/// `check_placement` for any table of the trial.
+pub(super) async fn check_placement_of(
+    h: &Harness,
+    table: &str,
+    map: &ShardMap,
+    dist: usize,
+    truth: &HashMap<i64, i32>,
+) -> TestResult {
+    check_placement_on(&primaries(h), table, map, dist, truth).await
+}
+
+/// `check_placement` over the shards whose primaries listen on `ports`.
+pub(super) async fn check_placement_on(
+    ports: &[u16],
+    table: &str,
+    map: &ShardMap,
+    dist: usize,
+    truth: &HashMap<i64, i32>,
+) -> TestResult {
+    let mut seen: HashMap<i64, (usize, i32)> = HashMap::new();
+    for (s, port) in ports.iter().enumerate() {
+        let c = connect_port(*port, "app", APP_PW, "shop", "").await?;
+        for r in c
+            .query(&format!("SELECT id, v FROM {table}"), &[])
+            .await
+            .pgx("scan shard")?
+        {
+            let (id, v): (i64, i32) = (r.get(0), r.get(1));
+            if let Some(prev) = seen.insert(id, (s, v)) {
+                return Err(format!("id {id} is on shard {} and shard {s}", prev.0));
+            }
+        }
+    }
+    let t = Instant::now();
+    for (id, v) in truth {
+        let Some(&(s, got)) = seen.get(id) else {
+            return Err(format!("acknowledged id {id} is missing"));
+        };
+        ensure!(got == *v, "id {id}: value {got}, acknowledged {v}");
+        let key = pgshard::pghash::KeyValue::Int(*id);
+        ensure!(
+            map.locate(dist, &key, None).map_err(|e| e.to_string())? == Located::One(s),
+            "id {id} is on shard {s}, the map says otherwise"
+        );
+    }
+    ensure!(
+        seen.len() == truth.len(),
+        "{} rows on the shards, {} acknowledged",
+        seen.len(),
+        truth.len()
+    );
+    eprintln!(
+        "rebalance: {} rows checked in {:?}",
+        truth.len(),
+        t.elapsed()
+    );
+    Ok(())
+}

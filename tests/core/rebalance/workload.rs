@@ -1,0 +1,368 @@
+//! The workload of the move trials: writers and key-less readers through the routers, and
+//! shardctl runs.
+
+use super::dsn;
+use crate::ensure;
+use crate::harness::{
+    connect_port, first_value as one, sqlstate, Context, Harness, PgContext, APP_PW,
+};
+use pgshard::catalog::Catalog;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What one writer knows was acknowledged: live ids with their value.
+#[derive(Default)]
+pub(super) struct Acked {
+    pub(super) rows: HashMap<i64, i32>,
+    pub(super) live: Vec<i64>,
+    pub(super) ops: u64,
+    pub(super) retried: u64,
+}
+
+/// Inserts, updates and deletes its own rows until `stop`; every statement's result is checked
+/// (an UPDATE or DELETE of a live row must find it on the shard the router picks).
+pub(super) async fn writer(
+    port: u16,
+    table: &'static str,
+    w: i64,
+    stop: Arc<AtomicBool>,
+    during: Arc<AtomicU64>,
+    moving: Arc<AtomicBool>,
+) -> Result<Acked, String> {
+    let c = connect_port(port, "app", APP_PW, "shop", "").await?;
+    let mut a = Acked::default();
+    let mut n: i64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let pick = |a: &Acked| a.live[(n as usize * 7919) % a.live.len()];
+        let r = match n % 10 {
+            7 | 8 if !a.live.is_empty() => {
+                let id = pick(&a);
+                c.execute(
+                    &format!("UPDATE {table} SET v = v + 1 WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .map(|k| (k, Some((id, a.rows[&id] + 1))))
+            }
+            9 if !a.live.is_empty() => {
+                let id = pick(&a);
+                c.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id])
+                    .await
+                    .map(|k| (k, Some((id, -1))))
+            }
+            _ => {
+                let id = w * 10_000_000 + n;
+                c.simple_query(&format!(
+                    "INSERT INTO {table} (id, v, note) VALUES ({id}, 0, 'w{w}')"
+                ))
+                .await
+                .map(|_| (1, Some((id, 0))))
+            }
+        };
+        match r {
+            Ok((k, Some((id, v)))) => {
+                ensure!(k == 1, "writer {w}: statement on id {id} touched {k} rows");
+                if v < 0 {
+                    a.rows.remove(&id);
+                    a.live.retain(|&x| x != id);
+                } else if a.rows.insert(id, v).is_none() {
+                    a.live.push(id);
+                }
+                a.ops += 1;
+                if moving.load(Ordering::Relaxed) {
+                    during.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok((_, None)) => {}
+            // A fence that outlasted the wait: not acknowledged, the writer just goes on.
+            Err(e) if sqlstate(&e) == "40001" => a.retried += 1,
+            Err(e) => return Err(format!("writer {w}: {e:?}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Key-less reads of the seed rows (ids 1-4000, which no writer touches) until `stop`, through
+/// the simple and the extended protocol, with a scatter merge too: while the unit's rows are on
+/// two shards every answer must still count each row once. Returns the reads made during the move.
+pub(super) async fn reader(
+    port: u16,
+    table: &'static str,
+    diag_ports: [u16; 4],
+    stop: Arc<AtomicBool>,
+    moving: Arc<AtomicBool>,
+) -> Result<u64, String> {
+    let c = connect_port(port, "app", APP_PW, "shop", "").await?;
+    let count = c
+        .prepare(&format!(
+            "SELECT count(*), sum(v) FROM {table} WHERE id <= $1"
+        ))
+        .await
+        .pgx("prepare")?;
+    let mut during = 0;
+    let mut n = 0u64;
+    let rows = |m: Vec<tokio_postgres::SimpleQueryMessage>| {
+        let vals = m.iter().filter_map(|x| match x {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            _ => None,
+        });
+        vals.collect::<Vec<_>>().join(" ")
+    };
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let got = match n % 3 {
+            0 => c
+                .query_one(&count, &[&4000i64])
+                .await
+                .map(|r| format!("{} {}", r.get::<_, i64>(0), r.get::<_, i64>(1))),
+            1 => c
+                .simple_query(&format!(
+                    "SELECT count(*), sum(v) FROM {table} WHERE id <= 4000"
+                ))
+                .await
+                .map(rows),
+            _ => c
+                .simple_query(&format!(
+                    "SELECT id FROM {table} WHERE id <= 4000 ORDER BY id DESC LIMIT 2"
+                ))
+                .await
+                .map(rows),
+        };
+        let want = if n % 3 == 2 { "4000 3999" } else { "4000 0" };
+        match got {
+            Ok(g) if g != want => {
+                // What each server holds right then, to tell a stale replica from a missed filter.
+                let mut held = Vec::new();
+                for p in diag_ports.iter() {
+                    let d = connect_port(*p, "app", APP_PW, "shop", "").await?;
+                    held.push(
+                        one(
+                            &d,
+                            &format!("SELECT count(*) FROM {table} WHERE id <= 4000"),
+                        )
+                        .await?,
+                    );
+                }
+                return Err(format!("key-less read during a move: got {g}, want {want}; servers (p0 r0 p1 r1) hold {held:?}"));
+            }
+            Ok(_) => {}
+            Err(e) if sqlstate(&e) == "40001" => {}
+            Err(e) => return Err(format!("key-less read during a move: {e:?}")),
+        }
+        if moving.load(Ordering::Relaxed) {
+            during += 1;
+        }
+    }
+    Ok(during)
+}
+
+pub(super) fn shardctl_move(
+    dsn: String,
+    config: &std::path::Path,
+    buckets: &str,
+    to: usize,
+    extra: &[String],
+) -> std::process::Output {
+    let mut args = vec![
+        "--catalog".to_string(),
+        dsn,
+        "move".into(),
+        "--distribution".into(),
+        "mv".into(),
+        "--buckets".into(),
+        buckets.into(),
+    ];
+    if let Some(t) = buckets.strip_prefix("tenant:") {
+        args[3..].clone_from_slice(&[
+            "--distribution".into(),
+            "mvt".into(),
+            "--tenant".into(),
+            t.into(),
+        ]);
+    }
+    if let Some(r) = buckets.strip_prefix("range:") {
+        args[3..].clone_from_slice(&[
+            "--distribution".into(),
+            "mvr".into(),
+            "--range".into(),
+            r.into(),
+        ]);
+    }
+    args.extend([
+        "--to".into(),
+        to.to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--database".into(),
+        "shop".into(),
+    ]);
+    args.extend(extra.iter().cloned());
+    std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(&args)
+        .output()
+        .expect("run shardctl")
+}
+
+/// A `shardctl abort|resume <id>` run.
+pub(super) fn shardctl_then(
+    dsn: String,
+    config: &std::path::Path,
+    verb: &str,
+    id: u64,
+) -> std::process::Output {
+    let args = [
+        "--catalog".to_string(),
+        dsn,
+        verb.into(),
+        id.to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--database".into(),
+        "shop".into(),
+    ];
+    std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(&args)
+        .output()
+        .expect("run shardctl")
+}
+
+/// What a move under writers produced.
+pub(super) struct Run {
+    pub(super) out: std::process::Output,
+    /// The `abort`/`resume` that followed, if asked.
+    pub(super) then: Option<std::process::Output>,
+    pub(super) acked: Vec<Result<Acked, String>>,
+    /// Writes acknowledged while shardctl ran.
+    pub(super) during: u64,
+    /// Key-less reads answered while shardctl ran (all of them right).
+    pub(super) reads: u64,
+}
+
+/// The table and distribution a unit as `shardctl_move` takes it belongs to.
+pub(super) fn table_of(unit: &str) -> (&'static str, &'static str) {
+    if unit.starts_with("range:") {
+        ("mv_ranges", "mvr")
+    } else {
+        ("mv_items", "mv")
+    }
+}
+
+/// Runs `shardctl move` (then, if asked, `shardctl abort|resume` of the move it left in flight)
+/// while 8 writers (4 per router) work.
+pub(super) async fn move_with_writers(
+    h: &Harness,
+    ports: [u16; 2],
+    config: &std::path::Path,
+    buckets: &str,
+    to: usize,
+    extra: &[&str],
+    then: Option<&str>,
+    base: i64,
+) -> Result<Run, String> {
+    let (table, dist_name) = table_of(buckets);
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = Arc::new(AtomicU64::new(0));
+    let moving = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        tasks.push(tokio::spawn(writer(
+            ports[w as usize % 2],
+            table,
+            base + w,
+            stop.clone(),
+            during.clone(),
+            moving.clone(),
+        )));
+    }
+    let diag = [
+        h.primary(0).port,
+        h.cluster.replicas(0)[0].port,
+        h.primary(1).port,
+        h.cluster.replicas(1)[0].port,
+    ];
+    let readers: Vec<_> = ports
+        .iter()
+        .map(|&p| tokio::spawn(reader(p, table, diag, stop.clone(), moving.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    moving.store(true, Ordering::Relaxed);
+    let (d, cfg, buckets, extra) = (
+        dsn(h),
+        config.to_path_buf(),
+        buckets.to_string(),
+        extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    );
+    let out = tokio::task::spawn_blocking(move || shardctl_move(d, &cfg, &buckets, to, &extra))
+        .await
+        .ctx("shardctl task")?;
+    let then = match then {
+        Some(verb) => {
+            let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
+            let map = cat
+                .latest_map()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no map")?;
+            let id = map
+                .sharding
+                .moves
+                .iter()
+                .find(|m| m.distribution == dist_name)
+                .ok_or("no move left in flight")?
+                .id;
+            let (d, cfg, verb) = (dsn(h), config.to_path_buf(), verb.to_string());
+            Some(
+                tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, &verb, id))
+                    .await
+                    .ctx("shardctl task")?,
+            )
+        }
+        None => None,
+    };
+    moving.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.push(t.await.ctx("writer task")?);
+    }
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.ctx("reader task")?.map_err(|e| {
+            format!(
+                "{e}\nshardctl said: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    }
+    Ok(Run {
+        out,
+        then,
+        acked,
+        during: during.load(Ordering::Relaxed),
+        reads,
+    })
+}
+
+/// Adds what the writers acknowledged to the ground truth (all must have succeeded).
+pub(super) fn record(
+    truth: &mut HashMap<i64, i32>,
+    acked: Vec<Result<Acked, String>>,
+) -> Result<(u64, u64), String> {
+    let (mut ops, mut retried) = (0, 0);
+    for a in acked {
+        let a = a?;
+        truth.extend(a.rows.iter().map(|(k, v)| (*k, *v)));
+        ops += a.ops;
+        retried += a.retried;
+    }
+    Ok((ops, retried))
+}
