@@ -182,6 +182,14 @@ pub(super) fn build(
             ));
         }
         let d = &dists[dist];
+        let motion = |unit| Motion {
+            id: m.id,
+            dist,
+            unit,
+            source: m.source,
+            target: m.target,
+            phase: m.phase,
+        };
         let here = if m.phase == MovePhase::Switched {
             m.target
         } else {
@@ -227,14 +235,7 @@ pub(super) fn build(
                 span,
                 text,
             };
-            out.push(Motion {
-                id: m.id,
-                dist,
-                unit,
-                source: m.source,
-                target: m.target,
-                phase: m.phase,
-            });
+            out.push(motion(unit));
             continue;
         }
         let (directory, bucket_shard) = match &d.strategy {
@@ -299,14 +300,7 @@ pub(super) fn build(
             }
             _ => return bad("set exactly one of 'tenant' and 'buckets'".into()),
         };
-        out.push(Motion {
-            id: m.id,
-            dist,
-            unit,
-            source: m.source,
-            target: m.target,
-            phase: m.phase,
-        });
+        out.push(motion(unit));
     }
     Ok(out)
 }

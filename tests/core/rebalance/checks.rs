@@ -52,17 +52,23 @@ pub(super) async fn current_map(h: &Harness) -> Result<(ShardMap, usize, usize),
     current_map_of(h, "mv").await
 }
 
-/// The catalog's current map, the index of distribution `dist` and the moves in flight.
-pub(super) async fn current_map_of(
-    h: &Harness,
-    dist: &str,
-) -> Result<(ShardMap, usize, usize), String> {
+/// A connection to the trial's catalog and the map it holds now.
+pub(super) async fn latest_map(h: &Harness) -> Result<(Catalog, pgshard::catalog::MapRow), String> {
     let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
     let row = cat
         .latest_map()
         .await
         .map_err(|e| e.to_string())?
         .ok_or("no map")?;
+    Ok((cat, row))
+}
+
+/// The catalog's current map, the index of distribution `dist` and the moves in flight.
+pub(super) async fn current_map_of(
+    h: &Harness,
+    dist: &str,
+) -> Result<(ShardMap, usize, usize), String> {
+    let (_, row) = latest_map(h).await?;
     let map = ShardMap::build(&row.sharding, row.shards, row.version).map_err(|e| e.to_string())?;
     let dist = map
         .distributions

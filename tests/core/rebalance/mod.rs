@@ -13,7 +13,6 @@ use crate::trial;
 use add_shard::add_shard_and_fill;
 use checks::*;
 use libtest_mimic::Trial;
-use pgshard::catalog::Catalog;
 use pgshard::shardmap::Located;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -425,10 +424,9 @@ fn move_under_writers(h: &Harness) -> TestResult {
             String::from_utf8_lossy(&run.out.stderr)
         );
         ensure!(
-            run.during > 50 && run.reads > 10,
-            "the range moved under writes ({}) and reads ({})",
-            run.during,
-            run.reads
+            run.during > 50,
+            "the range moved under writes ({})",
+            run.during
         );
         let mut range_truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();
         record(&mut range_truth, run.acked)?;
@@ -471,12 +469,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         );
 
         // Leave no move behind for other trials.
-        let (cat, _) = Catalog::connect(&dsn(h)).await.map_err(|e| e.to_string())?;
-        let row = cat
-            .latest_map()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no map")?;
+        let (cat, row) = latest_map(h).await?;
         let mut clean = row.sharding.clone();
         clean.moves.clear();
         cat.publish_map(row.version, &clean, row.shards, "test cleanup")
