@@ -288,17 +288,23 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 b'B' | b'D' | b'C' => statement_ref(tag, &m[5..]).map(|(_, n, _)| n),
                 _ => None,
             };
-            if let (Some((key, o)), Some(b"")) = (replaced, name) {
+            if let (Some((_, o)), Some(b""), Some(stmt)) = (replaced, name, seg.stmt.as_ref()) {
                 // The unnamed statement is prepared here in its replaced form: from the
-                // client's Parse, or before a Bind of one parsed in an earlier batch.
-                let is_it = stmts.get(&b""[..]).is_some_and(|s| s.def.key == key);
-                if is_it && tag == b'P' {
+                // client's Parse of the segment's statement (a pipeline may parse other unnamed
+                // statements in other segments), or before the segment's Bind of one parsed in
+                // an earlier batch.
+                let own = |text: &[u8], types: &[u8]| {
+                    text == &stmt.def.text[..] && types == &stmt.def.param_types[..]
+                };
+                if tag == b'P'
+                    && parse_parse(&m[5..]).is_some_and(|(_, text, types)| own(text, types))
+                {
                     messages::parse(out, b"", &o.text, &o.param_types);
                     flags.push_back(false);
                     unnamed_parsed = true;
                     continue;
                 }
-                if is_it && tag == b'B' && !unnamed_parsed {
+                if tag == b'B' && !unnamed_parsed {
                     messages::parse(out, b"", &o.text, &o.param_types);
                     flags.push_back(true);
                     unnamed_parsed = true;
