@@ -286,6 +286,22 @@ fn share_and_follow(h: &Harness) -> TestResult {
             one(&c, "SELECT count(*) FROM cat_orders /* pgshard: shard=1 */").await? == "0",
             "a hinted read of the target leaves its copy out"
         );
+        // The extended protocol, named (prepared) and unnamed (query_typed) statements alike.
+        let named = c
+            .query_one("SELECT count(*) FROM cat_orders", &[])
+            .await
+            .pgx("named")?;
+        let unnamed = c
+            .query_typed(
+                "SELECT n FROM cat_orders WHERE n > $1",
+                &[(&0i32, tokio_postgres::types::Type::INT4)],
+            )
+            .await
+            .pgx("unnamed")?;
+        ensure!(
+            named.get::<_, i64>(0) == 1 && unnamed.len() == 1,
+            "extended-protocol key-less counts leave the target's copy out"
+        );
         c.batch_execute("INSERT INTO cat_orders (tenant, n) VALUES ('big', 2); INSERT INTO cat_orders (tenant, n) VALUES ('big', 3), ('small', 4)").await.pgx("keyed inserts")?;
         ensure!(
             one(&c, "SELECT sum(n) FROM cat_orders WHERE tenant = 'big'").await? == "6",
