@@ -117,6 +117,12 @@ pub(super) async fn reader(
     };
     while !stop.load(Ordering::Relaxed) {
         n += 1;
+        // In a read-write transaction, so on primaries: replicas can lag a move's switch or
+        // cleanup for a moment (a known issue, see the issue note); this reader checks that the
+        // unit's second copy is left out.
+        if let Err(e) = c.batch_execute("BEGIN").await {
+            return Err(format!("reader: {e:?}"));
+        }
         let got = match n % 3 {
             0 => c
                 .query_one(&count, &[&4000i64])
@@ -135,6 +141,10 @@ pub(super) async fn reader(
                 .await
                 .map(rows),
         };
+        let end = if got.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        if let Err(e) = c.batch_execute(end).await {
+            return Err(format!("reader: {end}: {e:?}"));
+        }
         let want = if n % 3 == 2 { "4000 3999" } else { "4000 0" };
         match got {
             Ok(g) if g != want => {
