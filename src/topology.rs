@@ -367,24 +367,7 @@ impl LocalCluster {
             .filter(|s| s.role == Role::Replica)
             .cloned()
             .collect();
-        in_parallel(&replicas, |r| {
-            let primary_port = self.primary(r.shard).port.to_string();
-            let mut c = pg_command("pg_basebackup");
-            c.arg("-D")
-                .arg(&r.data_dir)
-                .args(["-h", "127.0.0.1", "-p", &primary_port]);
-            c.args([
-                "-U",
-                "postgres",
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "--no-sync",
-            ]);
-            run(c, "pg_basebackup").map(|_| ())
-        })?;
+        in_parallel(&replicas, |r| self.basebackup(r))?;
         for r in &replicas {
             // The copied config names the primary's port: the replica's own lines come after it.
             self.write_config(r)?;
@@ -394,6 +377,48 @@ impl LocalCluster {
             self.wait_streaming(r)?;
         }
         Ok(())
+    }
+
+    /// Copies the primary of `r.shard` into `r.data_dir` as a streaming standby.
+    fn basebackup(&self, r: &Server) -> Result<(), TopologyError> {
+        let primary_port = self.primary(r.shard).port.to_string();
+        let mut c = pg_command("pg_basebackup");
+        c.arg("-D")
+            .arg(&r.data_dir)
+            .args(["-h", "127.0.0.1", "-p", &primary_port]);
+        c.args([
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        ]);
+        run(c, "pg_basebackup").map(|_| ())
+    }
+
+    /// Starts one more streaming replica of `shard`, for a test that disturbs it (pauses its
+    /// replay, …) without disturbing the cluster's own; it stops when the guard drops.
+    pub fn extra_replica(&self, shard: usize, name: &str) -> Result<ExtraServer, TopologyError> {
+        let r = Server {
+            shard,
+            role: Role::Replica,
+            host: "127.0.0.1".into(),
+            port: free_port()?,
+            data_dir: self.spec.base_dir.join(format!("shard{shard}-{name}")),
+            log_file: self.spec.base_dir.join(format!("shard{shard}-{name}.log")),
+        };
+        if r.data_dir.exists() {
+            std::fs::remove_dir_all(&r.data_dir)?;
+        }
+        self.basebackup(&r)?;
+        let guard = ExtraServer(r);
+        self.write_config(&guard.0)?;
+        self.pg_ctl_start(&guard.0)?;
+        self.wait_streaming(&guard.0)?;
+        Ok(guard)
     }
 
     fn wait_ready(&self, s: &Server) -> Result<(), TopologyError> {
@@ -517,6 +542,19 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A server started apart from its cluster's own; stopped on drop.
+pub struct ExtraServer(pub Server);
+
+impl Drop for ExtraServer {
+    fn drop(&mut self) {
+        let mut c = pg_command("pg_ctl");
+        c.arg("-D")
+            .arg(&self.0.data_dir)
+            .args(["-m", "fast", "-w", "-t", "30", "stop"]);
+        let _ = c.output();
     }
 }
 

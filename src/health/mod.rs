@@ -111,6 +111,8 @@ pub struct ReadNeeds {
     pub max_lag_us: u64,
     /// The replica must hold everything committed up to this time (µs since the epoch; 0 = any).
     pub fence_us: u64,
+    /// The replica must have replayed up to this WAL position (the map's replica floor; 0 = any).
+    pub min_lsn: u64,
 }
 
 impl Health {
@@ -175,6 +177,7 @@ impl Health {
             }
             if node.lag_us.load(Ordering::Relaxed) > needs.max_lag_us
                 || node.fence_us.load(Ordering::Acquire) < needs.fence_us
+                || node.lsn() < needs.min_lsn
             {
                 continue;
             }
@@ -256,6 +259,7 @@ mod tests {
         let any = ReadNeeds {
             max_lag_us: 1_000_000,
             fence_us: 0,
+            min_lsn: 0,
         };
         assert_eq!(h.reader(0, any), None, "unchecked replicas take no reads");
         h.set(0, 0, NodeState::Primary, 100, 0, 0);
@@ -278,6 +282,29 @@ mod tests {
             ),
             None,
             "no replica holds the client's last write"
+        );
+        h.set(0, 1, NodeState::Standby, 95, 0, 50);
+        assert_eq!(
+            h.reader(
+                0,
+                ReadNeeds {
+                    min_lsn: 100,
+                    ..any
+                }
+            ),
+            Some(2),
+            "a replica short of the map's floor is skipped"
+        );
+        h.set(0, 2, NodeState::Standby, 99, 0, 50);
+        assert_eq!(
+            h.reader(
+                0,
+                ReadNeeds {
+                    min_lsn: 100,
+                    ..any
+                }
+            ),
+            None
         );
         h.mark_down(0, 1);
         h.mark_down(0, 2);
@@ -307,7 +334,8 @@ mod tests {
                 0,
                 ReadNeeds {
                     max_lag_us: 10,
-                    fence_us: 0
+                    fence_us: 0,
+                    min_lsn: 0,
                 }
             ),
             Some(0)

@@ -139,8 +139,11 @@ pub async fn add_shard(
             refs.len()
         ));
     }
+    // Its replicas serve reads only once they hold the schema and reference rows too.
+    let floor = super::standby::floor(&new).await?;
     report.version = publish_edit(cat, &format!("add shard {n}: ready"), |s, _| {
-        s.joining.clear()
+        s.joining.clear();
+        s.raise_replica_floor(n, &floor);
     })
     .await?;
     wait_acks(cat, report.version, ack_timeout).await?;

@@ -130,7 +130,12 @@ pub async fn run(
     }
     if let Err(e) = r {
         progress(&format!("move {}: {e}; aborting", m.id));
-        m.abort().await;
+        if let Err(a) = m.abort().await {
+            progress(&format!(
+                "move {}: abort incomplete ({a}); `shardctl abort {}` finishes it",
+                m.id, m.id
+            ));
+        }
         return Err(e);
     }
     // Switched: from here on the target serves the unit, so failures never undo the copy.
@@ -162,7 +167,7 @@ pub async fn abort(
             m.target
         )));
     }
-    m.abort().await;
+    m.abort().await?;
     progress(&format!(
         "move {id}: aborted; the unit stays on shard {}",
         m.source

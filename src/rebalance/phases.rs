@@ -4,7 +4,7 @@
 use super::mapedit::{set_phase, switch};
 use super::mover::Mover;
 use super::{apply, connect, copy, standby, stream, MoveError};
-use crate::shardmap::config::MovePhase;
+use crate::shardmap::config::{MovePhase, ShardingConfig};
 use crate::shardmap::Strategy;
 use std::time::{Duration, Instant};
 use stream::Event;
@@ -233,13 +233,15 @@ impl Mover<'_> {
             self.report.rows_deleted_on_source +=
                 copy::delete_unit(src, table, pred, 10_000).await?;
         }
-        self.wait_standbys(progress).await?;
+        let floors = self.floors().await?;
         let id = self.id;
         self.publish(&format!("move {id}: done"), |s| {
-            s.moves.retain(|m| m.id != id)
+            s.moves.retain(|m| m.id != id);
+            raise_floors(s, &floors);
         })
         .await?;
         self.state("done", "").await;
+        self.report_standbys(&floors, progress).await;
         progress(&format!(
             "move {}: done; {} rows removed from shard {}",
             self.id, self.report.rows_deleted_on_source, self.source
@@ -247,20 +249,35 @@ impl Mover<'_> {
         Ok(())
     }
 
-    /// Routers read the unit's tables on replicas again once the move leaves the map: the
-    /// replicas of both shards must have replayed the copy and the deletions first.
-    pub(super) async fn wait_standbys(&self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+    /// The replica floors of the source and target: their primaries' WAL positions once the
+    /// move's writes there are done. Routers read the unit's tables on replicas again once the
+    /// move leaves the map, and only on replicas that have replayed this far.
+    pub(super) async fn floors(&self) -> Result<Vec<(usize, String)>, MoveError> {
+        let mut out = Vec::new();
         for shard in [self.source, self.target] {
             let c = connect(&self.shards[shard].dsn).await?;
-            for (i, r) in self.shards[shard].replicas.iter().enumerate() {
-                match standby::wait_replayed(&c, r, Duration::from_secs(30)).await {
+            out.push((shard, standby::floor(&c).await?));
+        }
+        Ok(out)
+    }
+
+    /// Tells which replicas have not replayed up to their floor after a short wait: routers read
+    /// those shards on their primaries meanwhile (correct, only not offloaded).
+    pub(super) async fn report_standbys(
+        &self,
+        floors: &[(usize, String)],
+        progress: &dyn Fn(&str),
+    ) {
+        for (shard, lsn) in floors {
+            for (i, r) in self.shards[*shard].replicas.iter().enumerate() {
+                let id = self.id;
+                match standby::wait_replayed(r, lsn, Duration::from_secs(5)).await {
                     Ok(true) => {}
-                    Ok(false) => progress(&format!("move {}: warning: replica {i} of shard {shard} still lags after 30 s; routers skip replicas beyond max_replica_lag", self.id)),
-                    Err(e) => progress(&format!("move {}: warning: replica {i} of shard {shard}: {e}; routers skip replicas they cannot reach", self.id)),
+                    Ok(false) => progress(&format!("move {id}: replica {i} of shard {shard} has not replayed the move yet (WAL {lsn}); routers read shard {shard} on its primary until it has")),
+                    Err(e) => progress(&format!("move {id}: replica {i} of shard {shard} not reached ({e}); routers read on it only once it has replayed WAL {lsn}")),
                 }
             }
         }
-        Ok(())
     }
 
     pub(super) async fn drop_replication(&mut self, src: &Client) {
@@ -282,35 +299,43 @@ impl Mover<'_> {
 
     /// Undoes a move that has not switched: routers forget it, replication is dropped, and the
     /// target's partial copy is deleted.
-    /// The copy is deleted while the move is still in the map: until the move leaves it, routers
-    /// leave the target's copy out of key-less reads.
-    pub(super) async fn abort(&mut self) {
+    /// The copy is deleted while the move is still in the map (routers leave the target's copy
+    /// out of key-less reads until it leaves); if that fails the move stays in the map, fenced
+    /// statements released, for `shardctl abort` to finish.
+    pub(super) async fn abort(&mut self) -> Result<(), MoveError> {
         let id = self.id;
         if self.published {
             // Statements held by a fence go on at once.
-            let _ = self
-                .publish(&format!("move {id}: aborting"), |s| {
-                    set_phase(s, id, MovePhase::Copying)
-                })
-                .await;
+            self.publish(&format!("move {id}: aborting"), |s| {
+                set_phase(s, id, MovePhase::Copying)
+            })
+            .await?;
         }
         if let Ok(src) = connect(&self.shards[self.source].dsn).await {
             self.drop_replication(&src).await;
         }
-        if let Ok(tgt) = connect(&self.shards[self.target].dsn).await {
-            for (table, pred, _) in &self.tables {
-                let _ = copy::delete_unit(&tgt, table, pred, 10_000).await;
-            }
+        let tgt = connect(&self.shards[self.target].dsn).await?;
+        for (table, pred, _) in &self.tables {
+            copy::delete_unit(&tgt, table, pred, 10_000).await?;
         }
         if self.published {
-            let _ = self.wait_standbys(&|m| eprintln!("{m}")).await;
-            let _ = self
-                .publish(&format!("move {id}: aborted"), |s| {
-                    s.moves.retain(|m| m.id != id)
-                })
-                .await;
+            let floors = self.floors().await?;
+            self.publish(&format!("move {id}: aborted"), |s| {
+                s.moves.retain(|m| m.id != id);
+                raise_floors(s, &floors);
+            })
+            .await?;
+            self.report_standbys(&floors, &|m| eprintln!("{m}")).await;
         }
         self.state("aborted", "").await;
+        Ok(())
+    }
+}
+
+/// Raises each shard's replica floor (see `standby`).
+fn raise_floors(s: &mut ShardingConfig, floors: &[(usize, String)]) {
+    for (shard, lsn) in floors {
+        s.raise_replica_floor(*shard, lsn);
     }
 }
 

@@ -35,6 +35,36 @@ pub struct ShardingConfig {
     /// serve no reads of them until their copy of those tables is complete.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub joining: Vec<usize>,
+    /// Replicas of a shard serve reads only once they have replayed its WAL up to here: a move
+    /// or add-shard that leaves the map wrote rows (copy, cleanup) they must not miss.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_floor: Vec<ReplicaFloor>,
+}
+
+/// The WAL position a shard's replicas must have replayed before they serve reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaFloor {
+    pub shard: usize,
+    /// A `pg_lsn` text, e.g. `0/3000148`.
+    pub lsn: String,
+}
+
+impl ShardingConfig {
+    /// Raises `shard`'s replica floor to `lsn` (never lowers it).
+    pub fn raise_replica_floor(&mut self, shard: usize, lsn: &str) {
+        let parsed = crate::health::parse_lsn(lsn).unwrap_or(0);
+        match self.replica_floor.iter_mut().find(|f| f.shard == shard) {
+            Some(f) if crate::health::parse_lsn(&f.lsn).unwrap_or(0) < parsed => {
+                f.lsn = lsn.to_string()
+            }
+            Some(_) => {}
+            None => self.replica_floor.push(ReplicaFloor {
+                shard,
+                lsn: lsn.to_string(),
+            }),
+        }
+    }
 }
 
 impl Default for ShardingConfig {
@@ -48,6 +78,7 @@ impl Default for ShardingConfig {
             tables: Vec::new(),
             shards: None,
             joining: Vec::new(),
+            replica_floor: Vec::new(),
             moves: Vec::new(),
         }
     }

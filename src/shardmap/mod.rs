@@ -109,6 +109,8 @@ pub struct ShardMap {
     /// Shards that may serve reads of reference tables and table-less statements (all but
     /// those still joining).
     pub readable: Vec<ShardId>,
+    /// Per shard, the WAL position (64-bit LSN) its replicas must have replayed to serve reads.
+    pub replica_floor: Vec<u64>,
 }
 
 impl ShardMap {
@@ -313,9 +315,23 @@ impl ShardMap {
         if readable.is_empty() {
             return bad("every shard is joining".to_string());
         }
+        let mut replica_floor = vec![0u64; shards];
+        for f in &cfg.replica_floor {
+            let Some(lsn) = crate::health::parse_lsn(&f.lsn) else {
+                return bad(format!(
+                    "replica_floor of shard {}: bad LSN '{}'",
+                    f.shard, f.lsn
+                ));
+            };
+            // A map may name fewer shards than the config; a floor beyond them binds nothing.
+            if let Some(slot) = replica_floor.get_mut(f.shard) {
+                *slot = lsn;
+            }
+        }
         Ok(ShardMap {
             motions,
             readable,
+            replica_floor,
             version,
             shards,
             buckets: cfg.buckets,

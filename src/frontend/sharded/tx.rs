@@ -199,8 +199,17 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let needs = crate::health::ReadNeeds {
                 max_lag_us: self.reads.max_lag_us,
                 fence_us,
+                min_lsn: self.map.replica_floor.get(shard).copied().unwrap_or(0),
             };
             if let Some(node) = health.reader(shard, needs).filter(|&n| n < nodes) {
+                tracing::debug!(
+                    shard,
+                    node,
+                    map = self.map.version,
+                    replayed = health.shards[shard].nodes[node].lsn(),
+                    floor = needs.min_lsn,
+                    "read on a replica"
+                );
                 match self.pools[shard][node].checkout().await {
                     Ok(co) => {
                         busy(&health, shard, node, 1);

@@ -40,7 +40,7 @@ pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
             .expect("run shardctl")
     };
     // Routers whose config lists two shards hold it up (old ones' leases run out first).
-    let two = router_with(h, "ma", None)?;
+    let two = router_with(h, "ma", None, None)?;
     let three_cfg = h.dir.join("three-shards.toml");
     std::fs::write(
         &three_cfg,
@@ -63,8 +63,8 @@ pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(two);
-    let a = router_with(h, "ma", Some(p3))?;
-    let b = router_with(h, "mb", Some(p3))?;
+    let a = router_with(h, "ma", Some(p3), None)?;
+    let b = router_with(h, "mb", Some(p3), None)?;
     block_on(async {
         // mv_items afresh: the negative control above left the unit it broke on two shards.
         let c = connect_port(a.port, "app", APP_PW, "shop", "").await?;

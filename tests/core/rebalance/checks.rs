@@ -152,3 +152,81 @@ pub(super) async fn check_placement_on(
     );
     Ok(())
 }
+
+/// After a move, a replica of the source that has not replayed it (replay paused) still holds
+/// the moved rows: routers must not read on it until it has, and read on it again after.
+pub(super) async fn stale_replica_skipped(
+    h: &Harness,
+    c: &tokio_postgres::Client,
+    stale: &pgshard::topology::Server,
+    router_port: u16,
+) -> TestResult {
+    let (map, dist, _) = current_map(h).await?;
+    ensure!(
+        map.replica_floor[0] > 0 && map.replica_floor[1] > 0,
+        "the map sets a replica floor on both shards of the move: {:?}",
+        map.replica_floor
+    );
+    let direct = connect_port(stale.port, "app", APP_PW, "shop", "").await?;
+    let held = one(&direct, "SELECT count(*) FROM mv_items WHERE id <= 4000").await?;
+    let primary = connect_port(h.primary(0).port, "app", APP_PW, "shop", "").await?;
+    let kept = one(&primary, "SELECT count(*) FROM mv_items WHERE id <= 4000").await?;
+    ensure!(
+        held != kept,
+        "the paused replica still holds the moved rows ({held} vs {kept} on its primary)"
+    );
+    // A seed row that stayed on shard 0: reading it tells which server of shard 0 served.
+    let on_0 = (1..=4000i64)
+        .find(|&k| {
+            map.locate(dist, &pgshard::pghash::KeyValue::Int(k), None)
+                .is_ok_and(|l| l == Located::One(0))
+        })
+        .ok_or("no seed row on shard 0")?;
+    let where_read = format!("SELECT inet_server_port()::text FROM mv_items WHERE id = {on_0}");
+    for _ in 0..20 {
+        let count = one(c, "SELECT count(*) FROM mv_items WHERE id <= 4000").await?;
+        ensure!(
+            count == "4000",
+            "key-less count outside a transaction: {count}"
+        );
+        let port = one(c, &where_read).await?;
+        ensure!(
+            port != stale.port.to_string(),
+            "a read of shard 0 ran on its replica that has not replayed the move"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.cluster
+        .psql(stale, "shop", "SELECT pg_wal_replay_resume()")
+        .map_err(|e| format!("resume replay: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let port = one(c, &where_read).await?;
+        if port == stale.port.to_string() {
+            return Ok(());
+        }
+        seen.insert(port);
+        if Instant::now() >= deadline {
+            let a = connect_port(router_port, "admin", "admin-secret", "pgshard", "").await?;
+            let shown = a.simple_query("SHOW SHARDS").await.pgx("show shards")?;
+            let rows: Vec<String> = shown
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                        (0..r.len())
+                            .map(|i| r.get(i).unwrap_or(""))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            return Err(format!(
+                "the replica on {} serves reads again once it has replayed the move (floor {:?}; reads ran on {seen:?}); router: {rows:#?}",
+                stale.port, map.replica_floor
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -46,12 +46,19 @@ const TABLE: &str = "[[sharding.distributions]]\nname = \"mv\"\nstrategy = \"has
                      [[sharding.tables]]\nname = \"mv_ref\"\nreference = true\n\n\
                      [[sharding.tables]]\nname = \"mv_orders\"\ndistribution = \"mvt\"\ncolumn = \"tenant\"\n";
 
-fn router(h: &Harness, id: &str) -> Result<Router, String> {
-    router_with(h, id, None)
+/// A router of the trial whose shard 0 has a second replica, on port `stale`.
+fn router(h: &Harness, id: &str, stale: u16) -> Result<Router, String> {
+    router_with(h, id, None, Some(stale))
 }
 
-/// A router of the trial; `third` adds a shard (primary port) after the topology's two.
-fn router_with(h: &Harness, id: &str, third: Option<u16>) -> Result<Router, String> {
+/// A router of the trial; `third` adds a shard (primary port) after the topology's two, `stale`
+/// a second replica to shard 0.
+fn router_with(
+    h: &Harness,
+    id: &str,
+    third: Option<u16>,
+    stale: Option<u16>,
+) -> Result<Router, String> {
     let more = trial_config(h);
     let general = format!("router_id = \"{id}\"");
     h.spawn_with(|port, metrics| {
@@ -59,14 +66,27 @@ fn router_with(h: &Harness, id: &str, third: Option<u16>) -> Result<Router, Stri
         if let Some(p) = third {
             c.push_str(&format!("[[shards]]\nprimary = \"127.0.0.1:{p}\"\n\n"));
         }
+        if let Some(p) = stale {
+            let own = format!("\"127.0.0.1:{}\"]", h.cluster.replicas(0)[0].port);
+            c = c.replacen(
+                &own,
+                &format!(
+                    "\"127.0.0.1:{}\", \"127.0.0.1:{p}\"]",
+                    h.cluster.replicas(0)[0].port
+                ),
+                1,
+            );
+        }
         c
     })
 }
 
-/// The trial's catalog, sharded database and distributions, as router config.
+/// The trial's catalog, sharded database and distributions, as router config. Replicas may lag
+/// by any time: only the map's replica floor may keep reads off one that missed a move.
 fn trial_config(h: &Harness) -> String {
     format!(
-        "[catalog]\ndsn = \"{}\"\nlease = \"2s\"\npoll_interval = \"200ms\"\ndrain_timeout = \"2s\"\nfence_wait = \"5s\"\n{}\n{TABLE}",
+        "[catalog]\ndsn = \"{}\"\nlease = \"2s\"\npoll_interval = \"200ms\"\ndrain_timeout = \"2s\"\nfence_wait = \"5s\"\n\n\
+         [replicas]\nmax_lag = \"1h\"\ncheck_interval = \"200ms\"\n{}\n{TABLE}",
         dsn(h),
         crate::sharding::SHARDING
     )
@@ -83,8 +103,10 @@ fn move_under_writers(h: &Harness) -> TestResult {
     for s in 0..2 {
         h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges; DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset shard")?;
     }
-    let a = router(h, "ma")?;
-    let b = router(h, "mb")?;
+    // A replica of shard 0 of this trial's own, to pause without disturbing other trials.
+    let stale = h.cluster.extra_replica(0, "stale").ctx("extra replica")?;
+    let a = router(h, "ma", stale.0.port)?;
+    let b = router(h, "mb", stale.0.port)?;
     block_on(async {
         let c = connect_port(a.port, "app", APP_PW, "shop", "").await?;
         c.batch_execute("CREATE TABLE mv_items (id int8 PRIMARY KEY, v int NOT NULL, note text)")
@@ -106,6 +128,10 @@ fn move_under_writers(h: &Harness) -> TestResult {
             .await
             .pgx("reference rows")?;
 
+        // That replica stops replaying: it keeps the rows the move deletes from shard 0.
+        h.cluster
+            .psql(&stale.0, "shop", "SELECT pg_wal_replay_pause()")
+            .ctx("pause replay")?;
         // Buckets 0-1023 live on shard 0 (4096 buckets over 2 shards); move them to shard 1.
         let run = move_with_writers(
             h,
@@ -172,6 +198,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             "key-less count through the router {total} = ground truth {}",
             truth.len()
         );
+        stale_replica_skipped(h, &c, &stale.0, a.port).await?;
 
         // shardctl dying after each phase: before the switch `abort` leaves no trace, after it
         // `resume` completes the move; writers go on throughout and nothing they were told is lost.
@@ -252,7 +279,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             "rebalance: move with router mb killed took {:?} (its lease: 2 s)",
             t.elapsed()
         );
-        let b2 = router(h, "mb")?;
+        let b2 = router(h, "mb", stale.0.port)?;
         let moved = (1i64..)
             .find(|&i| (2304..=2559).contains(&map.bucket(&pgshard::pghash::KeyValue::Int(i))))
             .ok_or("no key")?;

@@ -90,14 +90,14 @@ pub(super) async fn writer(
 pub(super) async fn reader(
     port: u16,
     table: &'static str,
-    diag_ports: [u16; 4],
+    catalog: String,
     stop: Arc<AtomicBool>,
     moving: Arc<AtomicBool>,
 ) -> Result<u64, String> {
     let c = connect_port(port, "app", APP_PW, "shop", "").await?;
     let count = c
         .prepare(&format!(
-            "SELECT count(*), sum(v) FROM {table} WHERE id <= $1"
+            "SELECT count(*), sum(v), min(inet_server_port()), max(inet_server_port()) FROM {table} WHERE id <= $1"
         ))
         .await
         .pgx("prepare")?;
@@ -117,20 +117,24 @@ pub(super) async fn reader(
     };
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        // In a read-write transaction, so on primaries: replicas can lag a move's switch or
-        // cleanup for a moment (a known issue, see the issue note); this reader checks that the
-        // unit's second copy is left out.
-        if let Err(e) = c.batch_execute("BEGIN").await {
-            return Err(format!("reader: {e:?}"));
-        }
+        // Outside a transaction: on primaries while the table is in motion, on replicas once
+        // they have replayed past the map's floor for the shard.
         let got = match n % 3 {
             0 => c
                 .query_one(&count, &[&4000i64])
                 .await
-                .map(|r| format!("{} {}", r.get::<_, i64>(0), r.get::<_, i64>(1))),
+                .map(|r| {
+                    format!(
+                        "{} {} {:?} {:?}",
+                        r.get::<_, i64>(0),
+                        r.get::<_, i64>(1),
+                        r.get::<_, Option<i32>>(2),
+                        r.get::<_, Option<i32>>(3)
+                    )
+                }),
             1 => c
                 .simple_query(&format!(
-                    "SELECT count(*), sum(v) FROM {table} WHERE id <= 4000"
+                    "SELECT count(*), sum(v), min(inet_server_port()), max(inet_server_port()) FROM {table} WHERE id <= 4000"
                 ))
                 .await
                 .map(rows),
@@ -141,26 +145,42 @@ pub(super) async fn reader(
                 .await
                 .map(rows),
         };
-        let end = if got.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        if let Err(e) = c.batch_execute(end).await {
-            return Err(format!("reader: {end}: {e:?}"));
-        }
         let want = if n % 3 == 2 { "4000 3999" } else { "4000 0" };
         match got {
-            Ok(g) if g != want => {
+            // Past the answer: the lowest and highest port of the servers that gave it.
+            Ok(g) if !g.starts_with(&format!("{want} ")) && g != want => {
                 // What each server holds right then, to tell a stale replica from a missed filter.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() % 60_000);
+                // Every server the router knows, what it holds and the router's view of it.
                 let mut held = Vec::new();
-                for p in diag_ports.iter() {
-                    let d = connect_port(*p, "app", APP_PW, "shop", "").await?;
-                    held.push(
-                        one(
-                            &d,
-                            &format!("SELECT count(*) FROM {table} WHERE id <= 4000"),
-                        )
-                        .await?,
-                    );
+                let admin = connect_port(port, "admin", "admin-secret", "pgshard", "").await?;
+                let shown = admin.simple_query("SHOW SHARDS").await.pgx("show shards")?;
+                for m in shown {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        let row: Vec<&str> = (0..r.len()).map(|i| r.get(i).unwrap_or("")).collect();
+                        let p: u16 = row[3].parse().unwrap_or(0);
+                        let d = connect_port(p, "app", APP_PW, "shop", "").await?;
+                        let count = one(&d, &format!("SELECT count(*) || ' rows at ' || CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END FROM {table} WHERE id <= 4000")).await?;
+                        held.push(format!("{} | {count}", row.join(" ")));
+                    }
                 }
-                return Err(format!("key-less read during a move: got {g}, want {want}; servers (p0 r0 p1 r1) hold {held:?}"));
+                let history = match tokio_postgres::connect(&catalog, tokio_postgres::NoTls).await {
+                    Ok((cat, conn)) => {
+                        tokio::spawn(conn);
+                        let rows = cat
+                            .query(
+                                "SELECT version || ' ' || note || ' at ' || to_char(created_at, 'HH24:MI:SS.MS') FROM pgshard.maps ORDER BY version DESC LIMIT 6",
+                                &[],
+                            )
+                            .await
+                            .map(|r| r.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>());
+                        format!("{rows:?}")
+                    }
+                    Err(e) => e.to_string(),
+                };
+                return Err(format!("key-less read during a move (form {}, at second {:.3} of the minute): got {g}, want {want}; servers (router's view | what they hold) {held:#?}; maps {history}", n % 3, now as f64 / 1000.0));
             }
             Ok(_) => {}
             Err(e) if sqlstate(&e) == "40001" => {}
@@ -291,19 +311,14 @@ pub(super) async fn move_with_writers(
             moving.clone(),
         )));
     }
-    let diag = [
-        h.primary(0).port,
-        h.cluster.replicas(0)[0].port,
-        h.primary(1).port,
-        h.cluster.replicas(1)[0].port,
-    ];
-    // Not during range moves: there, 2 runs in about 10 saw a key-less count of the seed rows
-    // on both shards (8000 for 4000), not yet explained; the issue note tracks it.
+    // Not during the range move: with readers there, about 1 run in 3 stalled in its catch-up
+    // (the source's walsender blocked sending, shardctl parked with nothing to wait for); not
+    // yet explained, the issue note tracks it.
     let read = table != "mv_ranges";
     let readers: Vec<_> = ports
         .iter()
         .filter(|_| read)
-        .map(|&p| tokio::spawn(reader(p, table, diag, stop.clone(), moving.clone())))
+        .map(|&p| tokio::spawn(reader(p, table, dsn(h), stop.clone(), moving.clone())))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     moving.store(true, Ordering::Relaxed);
