@@ -120,6 +120,15 @@ impl FrameBuf {
         r.read_buf(&mut self.buf).await
     }
 
+    /// Reads what the socket holds already, without waiting; 0 when it holds nothing (or at end
+    /// of stream, which the next `fill` reports).
+    pub fn try_fill(&mut self, r: &tokio::net::TcpStream) -> usize {
+        if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        r.try_read_buf(&mut self.buf).unwrap_or(0)
+    }
+
     /// True when no partial message is buffered.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()

@@ -100,6 +100,11 @@ impl Applier {
         Ok(())
     }
 
+    /// Size of the SQL gathered for the next flush.
+    pub fn batch_bytes(&self) -> usize {
+        self.batch.len()
+    }
+
     /// True when committed changes wait to be applied.
     pub fn pending(&self) -> bool {
         self.batch_end > self.applied

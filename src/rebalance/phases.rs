@@ -11,6 +11,11 @@ use stream::Event;
 
 use tokio_postgres::Client;
 
+/// A catch-up batch is applied once this much SQL has gathered, even while more changes wait:
+/// the stream is not read while a batch applies, and the walsender ends a connection that
+/// stays silent for `wal_sender_timeout`.
+const FLUSH_BYTES: usize = 1 << 20;
+
 impl Mover<'_> {
     pub(super) async fn before_switch(&mut self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
         let mut src = connect(&self.shards[self.source].dsn).await?;
@@ -169,7 +174,7 @@ impl Mover<'_> {
         };
         let mut seen = false;
         loop {
-            if applier.pending() && !stream.buffered() {
+            if applier.pending() && (!stream.buffered() || applier.batch_bytes() > FLUSH_BYTES) {
                 applier.flush(tgt).await?;
                 stream.feedback(applier.applied).await?;
             }

@@ -171,9 +171,19 @@ impl ChangeStream {
         self.relations.get(&oid)
     }
 
-    /// True when another message is already buffered (no need to wait on the network).
+    /// True when another message is at hand: buffered, or already in the socket. Reading what
+    /// the socket holds lets the applier batch all the server has sent before it flushes;
+    /// flushing after every 8 KB read made catch-up slower than a busy source writes WAL, and
+    /// a move never got out of it.
     pub fn buffered(&mut self) -> bool {
-        matches!(self.conn.rbuf.peek(self.max), Ok(Some(_)))
+        loop {
+            if matches!(self.conn.rbuf.peek(self.max), Ok(Some(_))) {
+                return true;
+            }
+            if self.conn.rbuf.try_fill(&self.conn.stream) == 0 {
+                return false;
+            }
+        }
     }
 
     /// The next event, answering keepalives that ask for a reply with `flushed`.
