@@ -240,3 +240,47 @@ pub(super) async fn stale_replica_skipped(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// For a wrong key-less read: every server the router at `port` knows, its view of it (SHOW
+/// SHARDS) and what the server holds of `table`'s seed rows; and the catalog's latest maps.
+pub(super) async fn what_servers_hold(port: u16, table: &str, catalog: &str) -> (String, String) {
+    let mut held = Vec::new();
+    if let Ok(admin) = connect_port(port, "admin", "admin-secret", "pgshard", "").await {
+        for m in admin.simple_query("SHOW SHARDS").await.unwrap_or_default() {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                let row: Vec<&str> = (0..r.len()).map(|i| r.get(i).unwrap_or("")).collect();
+                let sql = format!("SELECT count(*) || ' rows at ' || CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END FROM {table} WHERE id <= 4000");
+                let count = match connect_port(
+                    row[3].parse().unwrap_or(0),
+                    "app",
+                    APP_PW,
+                    "shop",
+                    "",
+                )
+                .await
+                {
+                    Ok(d) => one(&d, &sql).await.unwrap_or_else(|e| e),
+                    Err(e) => e,
+                };
+                held.push(format!("{} | {count}", row.join(" ")));
+            }
+        }
+    }
+    let history = match tokio_postgres::connect(catalog, tokio_postgres::NoTls).await {
+        Ok((cat, conn)) => {
+            tokio::spawn(conn);
+            let sql = "SELECT version || ' ' || note || ' at ' || to_char(created_at, 'HH24:MI:SS.MS') FROM pgshard.maps ORDER BY version DESC LIMIT 6";
+            match cat.query(sql, &[]).await {
+                Ok(rows) => format!(
+                    "{:?}",
+                    rows.iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect::<Vec<_>>()
+                ),
+                Err(e) => e.to_string(),
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    (format!("{held:#?}"), history)
+}
