@@ -104,6 +104,15 @@ impl TxState {
         self.touched.contains(&shard)
     }
 
+    /// Shards the transaction reached that did not write.
+    fn read_only_shards(&self) -> Vec<usize> {
+        self.touched
+            .iter()
+            .copied()
+            .filter(|s| !self.wrote.contains(s))
+            .collect()
+    }
+
     /// Records that `shard` ran a write.
     pub fn wrote_on(&mut self, shard: usize) {
         if self.open && !self.wrote.contains(&shard) {
@@ -327,13 +336,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// Commits every touched shard (at most one wrote, so there is nothing to make atomic).
     async fn commit_each(&mut self) -> Result<(), Failure> {
         // The writer last: if a read-only shard fails to commit, the write is not yet committed.
-        let mut order: Vec<usize> = self
-            .tx
-            .touched
-            .iter()
-            .copied()
-            .filter(|s| !self.tx.wrote.contains(s))
-            .collect();
+        let mut order = self.tx.read_only_shards();
         order.extend(self.tx.wrote.iter().copied());
         let mut failure = None;
         for s in order {
@@ -355,13 +358,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// then COMMIT PREPARED. Any failure before the decision rolls everything back.
     async fn commit_two_phase(&mut self) -> Result<(), Failure> {
         let txid = self.app.twophase.next_txid();
-        let readers: Vec<usize> = self
-            .tx
-            .touched
-            .iter()
-            .copied()
-            .filter(|s| !self.tx.wrote.contains(s))
-            .collect();
+        let readers = self.tx.read_only_shards();
         for s in readers {
             self.exec_or_discard(s, "COMMIT").await;
         }
