@@ -46,7 +46,10 @@ pub struct ClientInfo {
     pub secret: i32,
     pub addr: SocketAddr,
     pub user: String,
+    /// The config entry's name (a tenant database's clients: the entry its prefix names).
     pub database: String,
+    /// The tenant a tenant database's name selected.
+    pub tenant: Option<String>,
     pub application_name: String,
     pub connected: Instant,
     pub state: AtomicU8,

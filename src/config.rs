@@ -159,6 +159,13 @@ pub struct Database {
     /// Overrides `[replicas] reads` for this database.
     #[serde(default)]
     pub replica_reads: Option<bool>,
+    /// Database-per-tenant: a client connecting to `<prefix><tenant>` uses this entry and
+    /// sees only that tenant's rows of the tenant distribution's tables.
+    #[serde(default)]
+    pub tenant_prefix: Option<String>,
+    /// The distribution whose key is the tenant (defaults to the only tenant-strategy one).
+    #[serde(default)]
+    pub tenant_distribution: Option<String>,
 }
 
 /// One shard: a primary and its replicas, as `host:port`.
@@ -301,6 +308,7 @@ impl Config {
             if d.pool_size == Some(0) {
                 return bad(format!("databases.{}.pool_size must be at least 1", d.name));
             }
+            self.check_tenant_database(d)?;
         }
         if g.router_id.is_empty() || !g.router_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return bad(format!(
@@ -343,6 +351,72 @@ impl Config {
     /// The database entry named `name`.
     pub fn database(&self, name: &str) -> Option<&Database> {
         self.databases.iter().find(|d| d.name == name)
+    }
+
+    /// The entry a client's database name selects, and the tenant it names: an exact name
+    /// first, else the entry whose `tenant_prefix` starts it (the longest, if several).
+    pub fn resolve_database<'a>(&self, name: &'a str) -> Option<(&Database, Option<&'a str>)> {
+        if let Some(d) = self.database(name) {
+            return Some((d, None));
+        }
+        self.databases
+            .iter()
+            .filter_map(|d| {
+                let tenant = name.strip_prefix(d.tenant_prefix.as_deref()?)?;
+                (!tenant.is_empty()).then_some((d, Some(tenant)))
+            })
+            .max_by_key(|(d, _)| d.tenant_prefix.as_ref().map_or(0, String::len))
+    }
+
+    /// The distribution a tenant database's tenants belong to.
+    pub fn tenant_distribution<'a>(&'a self, d: &'a Database) -> Option<&'a str> {
+        d.tenant_prefix.as_ref()?;
+        if let Some(n) = &d.tenant_distribution {
+            return Some(n);
+        }
+        let mut tenants = self
+            .sharding
+            .distributions
+            .iter()
+            .filter(|x| x.strategy == crate::shardmap::config::StrategyName::Tenant);
+        let one = tenants.next()?;
+        tenants.next().is_none().then_some(one.name.as_str())
+    }
+
+    fn check_tenant_database(&self, d: &Database) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let Some(prefix) = &d.tenant_prefix else {
+            if d.tenant_distribution.is_some() {
+                return bad(format!(
+                    "databases.{}.tenant_distribution needs tenant_prefix",
+                    d.name
+                ));
+            }
+            return Ok(());
+        };
+        if prefix.is_empty() || !d.sharded {
+            return bad(format!(
+                "databases.{}.tenant_prefix must be non-empty and the database sharded = true",
+                d.name
+            ));
+        }
+        let Some(dist) = self.tenant_distribution(d) else {
+            return bad(format!(
+                "databases.{}: name the tenant_distribution (there is not exactly one tenant-strategy distribution)",
+                d.name
+            ));
+        };
+        match self.sharding.distributions.iter().find(|x| x.name == dist) {
+            None => bad(format!(
+                "databases.{}.tenant_distribution: no distribution is named '{dist}'",
+                d.name
+            )),
+            Some(x) if x.strategy == crate::shardmap::config::StrategyName::Geo => bad(format!(
+                "databases.{}.tenant_distribution: '{dist}' is a geo distribution; a tenant lives on one shard",
+                d.name
+            )),
+            Some(_) => Ok(()),
+        }
     }
 }
 
@@ -411,6 +485,28 @@ mod tests {
         let c = Config::parse(include_str!("../config/pgshard.toml")).unwrap();
         assert_eq!(c.shards.len(), 2);
         assert_eq!(c.general.admin_users, vec!["admin".to_string()]);
+    }
+
+    #[test]
+    fn tenant_databases_resolve_by_prefix() {
+        let sharding = "[[sharding.distributions]]\nname = \"t\"\nstrategy = \"tenant\"\nkey_type = \"text\"\n";
+        let base = format!("{MIN}{sharding}[[databases]]\nname = \"app\"\nsharded = true\ntenant_prefix = \"app_\"\n[[databases]]\nname = \"app_admin\"\n");
+        let c = Config::parse(&base).unwrap();
+        let (d, t) = c.resolve_database("app_acme").unwrap();
+        assert_eq!((d.name.as_str(), t), ("app", Some("acme")));
+        // An exact name wins over a prefix; the prefix alone names no tenant.
+        let (d, t) = c.resolve_database("app_admin").unwrap();
+        assert_eq!((d.name.as_str(), t), ("app_admin", None));
+        assert!(c.resolve_database("app_").is_none());
+        assert!(c.resolve_database("other").is_none());
+        assert_eq!(c.tenant_distribution(c.database("app").unwrap()), Some("t"));
+
+        let unsharded = base.replace("sharded = true\n", "");
+        let err = Config::parse(&unsharded).unwrap_err().to_string();
+        assert!(err.contains("tenant_prefix"), "{err}");
+        let geo = format!("{MIN}[[sharding.distributions]]\nname = \"g\"\nstrategy = \"geo\"\nkey_type = \"text\"\nregions = {{ eu = [0] }}\ndefault_region = \"eu\"\n[[databases]]\nname = \"app\"\nsharded = true\ntenant_prefix = \"app_\"\ntenant_distribution = \"g\"\n");
+        let err = Config::parse(&geo).unwrap_err().to_string();
+        assert!(err.contains("geo"), "{err}");
     }
 
     #[test]

@@ -349,15 +349,29 @@ async fn authenticate_client<S: ClientIo>(
         .await;
         return None;
     }
-    if !is_admin && cfg.database(&database).is_none() {
-        refuse(
-            s,
-            "3D000",
-            &format!("database \"{database}\" does not exist"),
-        )
-        .await;
-        return None;
-    }
+    // A tenant database's clients use the entry its prefix names, scoped to the tenant.
+    let (database, tenant) = match cfg.resolve_database(&database) {
+        _ if is_admin => (database, None),
+        Some((d, Some(tenant))) if !tenant_key_valid(app, &cfg, d, tenant) => {
+            refuse(
+                s,
+                "3D000",
+                &format!("database \"{database}\" does not exist: '{tenant}' is not a key of its tenant distribution"),
+            )
+            .await;
+            return None;
+        }
+        Some((d, tenant)) => (d.name.clone(), tenant.map(str::to_string)),
+        None => {
+            refuse(
+                s,
+                "3D000",
+                &format!("database \"{database}\" does not exist"),
+            )
+            .await;
+            return None;
+        }
+    };
     let mut rbuf = FrameBuf::default();
     let auth_result = tokio::time::timeout(
         LOGIN_TIMEOUT,
@@ -389,6 +403,7 @@ async fn authenticate_client<S: ClientIo>(
         addr,
         user,
         database,
+        tenant,
         application_name: param(params, "application_name").unwrap_or("").to_string(),
         connected: Instant::now(),
         state: AtomicU8::new(client_state::IDLE),
@@ -412,6 +427,19 @@ async fn authenticate_client<S: ClientIo>(
         info,
         admin: is_admin,
     })
+}
+
+/// Whether `tenant` parses as a key of the tenant database `d`'s distribution.
+fn tenant_key_valid(
+    app: &App,
+    cfg: &crate::config::Config,
+    d: &crate::config::Database,
+    tenant: &str,
+) -> bool {
+    let map = app.shardmap.load();
+    cfg.tenant_distribution(d)
+        .and_then(|name| map.distributions.iter().position(|x| x.name == name))
+        .is_some_and(|dist| map.parse_key(dist, tenant.as_bytes()).is_ok())
 }
 
 async fn run_pooled<S: ClientIo>(

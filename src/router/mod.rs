@@ -16,7 +16,15 @@ mod walk;
 pub use analyze::analyze;
 pub use cache::PlanCache;
 pub use insert::InsertSplit;
-pub use route::route;
+pub use route::{keys_all_equal, route};
+
+/// How a table's rows are placed, as a statement names it (unqualified: `public.`).
+pub fn table_rule<'m>(
+    map: &'m crate::shardmap::ShardMap,
+    name: &str,
+) -> Option<&'m crate::shardmap::TableRule> {
+    walk::lookup(map, name)
+}
 
 use crate::scatter::spec::MergeSpec;
 

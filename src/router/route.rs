@@ -131,11 +131,6 @@ pub(super) fn locate_expr(
     params: &Params,
     out: &mut Vec<usize>,
 ) -> Result<(), RouteError> {
-    let null = || {
-        map_error(MapError::NullKey {
-            dist: map.distributions[dist].name.clone(),
-        })
-    };
     let within_buf;
     let within_key = match within {
         None => None,
@@ -151,7 +146,7 @@ pub(super) fn locate_expr(
             within_buf.as_ref().map(|(b, bin)| loose_key(b, *bin))
         }
     };
-    let mut place = |k: KeyValue| -> Result<(), RouteError> {
+    each_key(map, dist, key, params, |k| {
         match map
             .locate(dist, &k, within_key.as_ref())
             .map_err(map_error)?
@@ -160,14 +155,30 @@ pub(super) fn locate_expr(
             Located::Group(g) => out.extend(g),
         }
         Ok(())
+    })
+}
+
+/// Calls `f` with each key value one key expression stands for (an array parameter: each
+/// element); a NULL key is an error.
+pub(super) fn each_key(
+    map: &ShardMap,
+    dist: usize,
+    key: &KeyExpr,
+    params: &Params,
+    mut f: impl FnMut(KeyValue) -> Result<(), RouteError>,
+) -> Result<(), RouteError> {
+    let null = || {
+        map_error(MapError::NullKey {
+            dist: map.distributions[dist].name.clone(),
+        })
     };
     match key {
         KeyExpr::Null => Err(null()),
-        KeyExpr::Literal(s) => place(map.parse_key(dist, s.as_bytes()).map_err(map_error)?),
+        KeyExpr::Literal(s) => f(map.parse_key(dist, s.as_bytes()).map_err(map_error)?),
         KeyExpr::Param(n) => match param(params, *n)? {
             (None, _) => Err(null()),
-            (Some(b), false) => place(map.parse_key(dist, b).map_err(map_error)?),
-            (Some(b), true) => place(map.parse_key_binary(dist, b).map_err(map_error)?),
+            (Some(b), false) => f(map.parse_key(dist, b).map_err(map_error)?),
+            (Some(b), true) => f(map.parse_key_binary(dist, b).map_err(map_error)?),
         },
         KeyExpr::ParamArray(n) => {
             let (Some(b), binary) = param(params, *n)? else {
@@ -189,11 +200,35 @@ pub(super) fn locate_expr(
                 } else {
                     map.parse_key(dist, &e)
                 };
-                place(k.map_err(map_error)?)?;
+                f(k.map_err(map_error)?)?;
             }
             Ok(())
         }
     }
+}
+
+/// True when every key of a keyed route under `dist` equals `want` (and there is at least one).
+pub fn keys_all_equal(
+    map: &ShardMap,
+    route: &Route,
+    dist: usize,
+    params: &Params,
+    want: &KeyValue,
+) -> Result<bool, RouteError> {
+    let Route::Keys { dist: d, keys, .. } = route else {
+        return Ok(false);
+    };
+    if *d != dist || keys.is_empty() {
+        return Ok(false);
+    }
+    let mut all = true;
+    for k in keys {
+        each_key(map, dist, k, params, |v| {
+            all &= v == *want;
+            Ok(())
+        })?;
+    }
+    Ok(all)
 }
 
 /// A geo hash column value of unknown type: the hash column's type is not in the map, so

@@ -91,6 +91,10 @@ name = "countries"
 reference = true
 
 [[sharding.tables]]
+name = "tplans"
+reference = true
+
+[[sharding.tables]]
 name = "pgbench_accounts"
 distribution = "ids"
 column = "aid"
@@ -110,9 +114,21 @@ name = "pgbench_history"
 distribution = "ids"
 column = "aid"
 
+[[sharding.tables]]
+name = "tdocs"
+distribution = "tenants"
+column = "tenant"
+
+[[sharding.tables]]
+name = "tlines"
+distribution = "tenants"
+column = "tenant"
+
 [[databases]]
 name = "shop"
 sharded = true
+tenant_prefix = "shop_"
+tenant_distribution = "tenants"
 
 [[databases]]
 name = "bench"
@@ -120,7 +136,7 @@ sharded = true
 "#;
 
 /// The router serving the sharded databases, started once.
-fn router(h: &Harness) -> &Router {
+pub(crate) fn router(h: &Harness) -> &Router {
     h.sharded_router.get_or_init(|| {
         let log = h.dir.join("decisions-sharded.log");
         h.spawn_router(
@@ -138,14 +154,14 @@ pub(crate) fn shard_of(id: i64) -> usize {
 }
 
 /// SQL on one shard's primary directly.
-fn on_shard(h: &Harness, shard: usize, db: &str, sql: &str) -> Result<String, String> {
+pub(crate) fn on_shard(h: &Harness, shard: usize, db: &str, sql: &str) -> Result<String, String> {
     h.cluster
         .psql(h.primary(shard), db, sql)
         .ctx("direct psql")
         .map(|s| s.trim().to_string())
 }
 
-async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
+pub(crate) async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
     connect_port(router(h).port, "app", APP_PW, "shop", "").await
 }
 

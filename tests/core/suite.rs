@@ -10,6 +10,7 @@ mod protocol;
 mod rebalance;
 mod replicas;
 mod sharding;
+mod tenants;
 
 use harness::{Harness, TestResult};
 use libtest_mimic::{Arguments, Trial};
@@ -35,6 +36,7 @@ fn main() {
     trials.extend(protocol::trials());
     trials.extend(ops::trials());
     trials.extend(sharding::trials());
+    trials.extend(tenants::trials());
     trials.extend(replicas::trials());
     trials.extend(catalog::trials());
     trials.extend(rebalance::trials());

@@ -140,6 +140,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         batch: Option<&Batch>,
     ) -> Result<(), Failure> {
         // Start the COPY on every shard and wait for each to accept data.
+        let mut swallow = Vec::with_capacity(shards.len());
         for &s in shards {
             self.conn(s).await?;
             self.tx.wrote_on(s);
@@ -159,9 +160,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 .write_all(&q)
                 .await
                 .map_err(|e| Refusal::new("08006", e.to_string()))?;
+            swallow.push(flags);
         }
         let mut lead_response = None;
-        for &s in shards {
+        for (i, &s) in shards.iter().enumerate() {
             let max = self.max_msg;
             let co = self.conns[s].as_mut().expect("held");
             let mut f = co
@@ -171,7 +173,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 .map_err(|e| Refusal::new("08006", e.to_string()))?;
             // Extended protocol: ParseComplete/BindComplete come first; the lead's go to the client.
             while matches!(f.tag, b'1' | b'2' | b'3' | b'n' | b't' | b'N') {
-                if s == shards[0] {
+                // Parses and Closes pgshard added (the connection lacked a statement) are not
+                // the client's to see.
+                let ours = matches!(f.tag, b'1' | b'3') && swallow[i].pop_front().unwrap_or(false);
+                if i == 0 && !ours {
                     self.out.extend_from_slice(&f.raw);
                 }
                 let co = self.conns[s].as_mut().expect("held");
@@ -192,7 +197,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     // The others are waiting for data: fail their COPY too.
                     for &o in shards {
                         if o != s {
-                            self.copy_fail(o, "COPY failed on another shard").await;
+                            self.copy_fail(o, "COPY failed on another shard", batch.is_some())
+                                .await;
                         }
                     }
                     self.tx.fail_any();
@@ -229,6 +235,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Placement::Same(_) => None,
         };
         let map = self.map.clone();
+        let only = match (placement, &self.tenant) {
+            (Placement::ByKey { dist, .. }, Some(t)) if map.distributions[*dist].name == t.dist => {
+                Some(t.key.clone())
+            }
+            _ => None,
+        };
+        let only = only.as_deref();
         let mut failure: Option<Refusal> = None;
         loop {
             let (tag, len) = match self.cbuf.peek(self.max_msg) {
@@ -247,11 +260,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                         (Some(sp), Placement::ByKey { dist, .. }) => {
                             let r = sp.feed(
                                 data,
-                                |key| place(&map, *dist, key),
+                                |key| place(&map, *dist, key, only),
                                 |shard, row| bufs[shard].extend_from_slice(row),
                             );
                             if let Err(e) = r {
-                                failure = Some(Refusal::new("22P04", e.to_string()));
+                                failure = Some(copy_refusal(e));
                             }
                         }
                         _ => {
@@ -273,11 +286,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                             (&mut splitter, placement)
                         {
                             let r = sp.finish(
-                                |key| place(&map, *dist, key),
+                                |key| place(&map, *dist, key, only),
                                 |shard, row| bufs[shard].extend_from_slice(row),
                             );
                             if let Err(e) = r {
-                                failure = Some(Refusal::new("22P04", e.to_string()));
+                                failure = Some(copy_refusal(e));
                             }
                         }
                     }
@@ -305,8 +318,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         if let Some(f) = failure {
             for &s in shards {
-                self.copy_fail(s, &f.message).await;
+                self.copy_fail(s, &f.message, batch.is_some()).await;
             }
+            // As on success: the client's Sync after CopyDone is the one answered.
+            self.skip_ready = batch.is_some();
             return Err(f.into());
         }
         let mut total = 0u64;
@@ -382,8 +397,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             .map_err(|e| Refusal::new("08006", e.to_string()).into())
     }
 
-    /// Ends a shard's COPY with CopyFail and consumes its error.
-    async fn copy_fail(&mut self, shard: usize, why: &str) {
+    /// Ends a shard's COPY with CopyFail and consumes its error. `extended`: the COPY came with
+    /// the extended protocol, whose Sync the server ignored in COPY mode; after the error it
+    /// waits for another.
+    async fn copy_fail(&mut self, shard: usize, why: &str, extended: bool) {
         let max = self.max_msg;
         let Some(co) = self.conns[shard].as_mut() else {
             return;
@@ -393,6 +410,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         msg.put_u32((why.len() + 5) as u32);
         msg.extend_from_slice(why.as_bytes());
         msg.put_u8(0);
+        if extended {
+            messages::empty_message(&mut msg, b'S');
+        }
         if co.conn.stream.write_all(&msg).await.is_err()
             || co.conn.drain_until_ready(max).await.is_ok()
         {
@@ -407,21 +427,42 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 }
 
-/// The shard of a COPY row's key.
+/// The shard of a COPY row's key; `only` (a tenant session's tenant, same distribution)
+/// refuses rows of any other key.
 fn place(
     map: &crate::shardmap::ShardMap,
     dist: usize,
     key: Option<&[u8]>,
-) -> Result<usize, String> {
+    only: Option<&str>,
+) -> Result<usize, Refusal> {
+    let bad = |m: String| Refusal::new("22P04", m);
     let Some(k) = key else {
-        return Err(format!(
+        return Err(bad(format!(
             "a row's sharding key (distribution '{}') is NULL",
             map.distributions[dist].name
-        ));
+        )));
     };
-    let v = map.parse_key(dist, k).map_err(|e| e.to_string())?;
-    match map.locate(dist, &v, None).map_err(|e| e.to_string())? {
+    let v = map.parse_key(dist, k).map_err(|e| bad(e.to_string()))?;
+    if let Some(t) = only {
+        if map.parse_key(dist, t.as_bytes()).ok() != Some(v) {
+            return Err(Refusal::new(
+                "42501",
+                format!(
+                    "this session is tenant '{t}' only, and a COPY row belongs to tenant '{}'",
+                    String::from_utf8_lossy(k)
+                ),
+            ));
+        }
+    }
+    match map.locate(dist, &v, None).map_err(|e| bad(e.to_string()))? {
         Located::One(s) => Ok(s),
-        Located::Group(_) => Err("COPY into a geo table whose region spans several shards needs its hash column; insert those rows with INSERT".into()),
+        Located::Group(_) => Err(bad("COPY into a geo table whose region spans several shards needs its hash column; insert those rows with INSERT".into())),
+    }
+}
+
+fn copy_refusal(e: crate::scatter::copy::CopySplitError<Refusal>) -> Refusal {
+    match e {
+        crate::scatter::copy::CopySplitError::Place(r) => r,
+        other => Refusal::new("22P04", other.to_string()),
     }
 }

@@ -13,6 +13,7 @@ mod copy;
 mod exec;
 mod extended;
 mod motion;
+mod tenant;
 mod tx;
 
 use super::{fatal_and_close, ClientWrite, ReadReady, SessionEnd};
@@ -37,6 +38,12 @@ const FLUSH_AT: usize = 64 * 1024;
 pub struct Refusal {
     pub code: String,
     pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 impl Refusal {
@@ -108,6 +115,8 @@ pub struct ShardedSession<R, W> {
     /// Per-shard texts of the statement about to run (reads around a unit in motion); taken by
     /// the next exchange.
     shadow: Vec<motion::Shadowed>,
+    /// The tenant a tenant database's session is confined to.
+    tenant: Option<tenant::TenantScope>,
 }
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
@@ -126,6 +135,17 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let n = pools.len();
         let conns = (0..n).map(|_| None).collect();
         let reads = ReadPolicy::of(&app, &info.database);
+        let tenant = info.tenant.as_ref().and_then(|key| {
+            let cfg = app.config.load();
+            let db = cfg.database(&info.database)?;
+            let dist = cfg.tenant_distribution(db)?.to_string();
+            let prefix = db.tenant_prefix.as_deref().unwrap_or("");
+            Some(tenant::TenantScope::new(
+                key.clone(),
+                dist,
+                format!("{prefix}{key}"),
+            ))
+        });
         ShardedSession {
             app,
             info,
@@ -151,6 +171,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             epoch: None,
             revoked: false,
             shadow: Vec::new(),
+            tenant,
         }
     }
 
@@ -429,6 +450,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Kind::Rollback => return self.rollback(true).await,
             Kind::Session => return self.session_statement(text, plan, batch).await,
             Kind::Copy(spec) if spec.from_stdin => {
+                if let Some(t) = self.tenant.as_mut() {
+                    t.scope(&self.map, plan, params, text)?;
+                }
                 return Box::pin(self.copy_in(text, plan, spec.clone(), batch)).await;
             }
             _ => {}
@@ -450,6 +474,19 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             },
             _ => plan,
         };
+        let scoped;
+        let mut tenant_sql = None;
+        let plan = match self.tenant.as_mut() {
+            Some(t) => match t.scope(&self.map, plan, params, text)? {
+                tenant::Scoped::AsPlanned => plan,
+                tenant::Scoped::Filtered { plan, sql } => {
+                    scoped = plan;
+                    tenant_sql = Some(sql);
+                    &scoped
+                }
+            },
+            None => plan,
+        };
         let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
         let mut shards = self.target_shards(&target, plan);
         if !self.map.motions.is_empty() {
@@ -461,6 +498,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 &mut shards,
                 batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def),
             )?;
+        }
+        if let Some(sql) = tenant_sql {
+            // A keyed read: one shard, which motion shadows never rewrite.
+            let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
+            self.shadow = shards
+                .iter()
+                .map(|&s| motion::Shadowed::new(s, sql.to_string(), stmt))
+                .collect();
         }
         if let (Some(split), None) = (&plan.insert, batch) {
             if shards.len() > 1 {

@@ -85,6 +85,19 @@ pub(super) struct Shadowed {
     pub def: Option<Arc<StatementDef>>,
 }
 
+impl Shadowed {
+    /// `sql` for `shard`, prepared with the parameter types of `stmt` (extended protocol).
+    pub fn new(shard: usize, sql: String, stmt: Option<&StatementDef>) -> Shadowed {
+        let def = stmt.map(|d| {
+            Arc::new(StatementDef::new(
+                bytes::Bytes::from(sql.clone()),
+                d.param_types.clone(),
+            ))
+        });
+        Shadowed { shard, sql, def }
+    }
+}
+
 /// For a read that reaches the shard holding a unit's extra copy (the target while it is
 /// filled, the source until it is cleaned up), that shard's text with the unit filtered out of
 /// every table in motion. `shards` is reordered so that a shard reading the plain tables leads
@@ -132,13 +145,7 @@ pub(super) fn shadows(
         let sql = crate::router::shadow::exclude(base, &hide).map_err(|why| {
             Refusal::new("55006", format!("a key-less read of a table in motion must leave out the copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move"))
         })?;
-        let def = stmt.map(|d| {
-            Arc::new(StatementDef::new(
-                bytes::Bytes::from(sql.clone()),
-                d.param_types.clone(),
-            ))
-        });
-        out.push(Shadowed { shard, sql, def });
+        out.push(Shadowed::new(shard, sql, stmt));
     }
     if let Some(lead) = shards
         .iter()
