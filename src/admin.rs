@@ -419,11 +419,30 @@ fn show_route(app: &App, stmt: &str) -> Table {
 
 async fn show_shards(app: &App) -> Table {
     let health = app.health.load_full();
+    let map = app.shardmap.load_full();
     let mut t = Table::new(&[
-        "shard", "role", "host", "port", "health", "state", "writer", "lsn", "lag_ms",
+        "shard",
+        "role",
+        "host",
+        "port",
+        "health",
+        "state",
+        "writer",
+        "lsn",
+        "lag_ms",
+        "replica_floor",
+        "below_floor",
     ]);
+    let fmt_lsn = |lsn: u64| {
+        if lsn == 0 {
+            String::new()
+        } else {
+            format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+        }
+    };
     for (i, s) in health.shards.iter().enumerate() {
         let writer = health.writer(i);
+        let floor = map.replica_floor.get(i).copied().unwrap_or(0);
         for (n, node) in s.nodes.iter().enumerate() {
             let Some((host, port)) = split_host_port(&node.addr) else {
                 continue;
@@ -449,14 +468,13 @@ async fn show_shards(app: &App) -> Table {
                 if up { "up" } else { "down" }.into(),
                 state.name().into(),
                 (n == writer).to_string(),
-                if lsn == 0 {
-                    String::new()
-                } else {
-                    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-                },
+                fmt_lsn(lsn),
                 node.lag_us()
                     .map(|l| (l / 1000).to_string())
                     .unwrap_or_default(),
+                fmt_lsn(floor),
+                // Reads skip a replica that has not replayed a finished move's floor.
+                (n != writer && lsn < floor).to_string(),
             ]);
         }
     }

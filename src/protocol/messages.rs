@@ -263,9 +263,57 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
     ErrorFields { code, message }
 }
 
+/// A server's FATAL ErrorResponse (its connection ends) as an ERROR for a client whose own
+/// connection to pgshard goes on; None when `raw` is no FATAL error.
+pub fn demote_fatal(raw: &[u8]) -> Option<BytesMut> {
+    if raw.first() != Some(&b'E') || raw.len() < 5 {
+        return None;
+    }
+    let mut fields = Vec::new();
+    let mut c = super::framing::Cursor::new(&raw[5..]);
+    let mut fatal = false;
+    while let Some(t) = c.u8() {
+        if t == 0 {
+            break;
+        }
+        let v = c.str()?;
+        let v = match t {
+            b'S' | b'V' if v == "FATAL" || v == "PANIC" => {
+                fatal = true;
+                "ERROR"
+            }
+            _ => v,
+        };
+        fields.push((t, v));
+    }
+    if !fatal {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(raw.len());
+    let at = begin(&mut out, b'E');
+    for (t, v) in fields {
+        out.put_u8(t);
+        put_cstr(&mut out, v.as_bytes());
+    }
+    out.put_u8(0);
+    finish(&mut out, at);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_fatal_becomes_client_error() {
+        let mut fatal = BytesMut::new();
+        error_response(&mut fatal, Severity::Fatal, "57P01", "terminating", None);
+        let e = demote_fatal(&fatal).expect("demoted");
+        let mut want = BytesMut::new();
+        error_response(&mut want, Severity::Error, "57P01", "terminating", None);
+        assert_eq!(e, want);
+        assert!(demote_fatal(&want).is_none(), "an ERROR stays as it is");
+    }
 
     #[test]
     fn error_response_roundtrip() {

@@ -115,6 +115,11 @@ distribution = "ids"
 column = "aid"
 
 [[sharding.tables]]
+name = "lossy"
+distribution = "ids"
+column = "id"
+
+[[sharding.tables]]
 name = "tdocs"
 distribution = "tenants"
 column = "tenant"

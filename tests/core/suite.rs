@@ -9,6 +9,7 @@ mod pooling;
 mod protocol;
 mod rebalance;
 mod replicas;
+mod scatter_loss;
 mod sharding;
 mod tenants;
 
@@ -37,6 +38,7 @@ fn main() {
     trials.extend(ops::trials());
     trials.extend(sharding::trials());
     trials.extend(tenants::trials());
+    trials.extend(scatter_loss::trials());
     trials.extend(replicas::trials());
     trials.extend(catalog::trials());
     trials.extend(rebalance::trials());

@@ -336,6 +336,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let max = self.max_msg;
         let co = self.conns[shard].as_mut().expect("held");
         match co.conn.read_frame(max).await {
+            // The server's connection ends, the client's does not: it hears an ERROR.
+            Ok(f) if f.tag == b'E' => match messages::demote_fatal(&f.raw) {
+                Some(raw) => Ok(crate::protocol::Frame {
+                    tag: f.tag,
+                    raw: raw.freeze(),
+                }),
+                None => Ok(f),
+            },
             Ok(f) => Ok(f),
             Err(e) => Err(self.lost(shard, &e.to_string())),
         }

@@ -193,6 +193,11 @@ pub(super) async fn stale_replica_skipped(
         })
         .ok_or("no seed row on shard 0")?;
     let where_read = format!("SELECT inet_server_port()::text FROM mv_items WHERE id = {on_0}");
+    let below = shown_below_floor(router_port, stale.port).await?;
+    ensure!(
+        below == "true",
+        "SHOW SHARDS marks the paused replica below the floor: {below}"
+    );
     for _ in 0..20 {
         let count = one(c, "SELECT count(*) FROM mv_items WHERE id <= 4000").await?;
         ensure!(
@@ -283,4 +288,21 @@ pub(super) async fn what_servers_hold(port: u16, table: &str, catalog: &str) -> 
         Err(e) => e.to_string(),
     };
     (format!("{held:#?}"), history)
+}
+
+/// SHOW SHARDS' `below_floor` for the server on `port`, as `router_port`'s console gives it.
+async fn shown_below_floor(router_port: u16, port: u16) -> Result<String, String> {
+    let a = connect_port(router_port, "admin", "admin-secret", "pgshard", "").await?;
+    let shown = a.simple_query("SHOW SHARDS").await.pgx("show shards")?;
+    shown
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get("port") == Some(port.to_string().as_str()) =>
+            {
+                r.get("below_floor").map(str::to_string)
+            }
+            _ => None,
+        })
+        .ok_or_else(|| format!("SHOW SHARDS has no row for port {port}"))
 }
