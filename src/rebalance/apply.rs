@@ -1,7 +1,9 @@
 //! Applying a unit's changes to the target shard: each source transaction, in commit order,
 //! becomes idempotent SQL (upsert or delete by primary key). Transactions that arrive back to
 //! back are applied together, in one target transaction that also records the source LSN they
-//! end at, so a restart resumes exactly after what is durable.
+//! end at, so a restart resumes exactly after what is durable. Consecutive upserts (or deletes)
+//! of one table become one multi-row statement: a statement per row made the target's parse
+//! and plan the bottleneck, and catch-up could not outrun 8 writers.
 
 use super::stream::{Event, Lsn, Relation, Value};
 use super::MoveError;
@@ -11,16 +13,121 @@ use tokio_postgres::Client;
 /// Checks that a change's key belongs to the moving unit: (table, key column text).
 pub type Owns = Box<dyn Fn(&str, &str) -> Option<bool> + Send + Sync>;
 
+/// Rows one multi-row statement carries at most.
+const RUN_ROWS: usize = 500;
+
+/// One row change, as SQL pieces that consecutive changes of the same shape share.
+#[derive(Debug)]
+enum Change {
+    /// `head` = `INSERT INTO t (cols) VALUES `, `tail` = ` ON CONFLICT (pk) DO …`, `row` =
+    /// `(v1, v2)`, `key` = the primary key tuple (a statement may name a key only once).
+    Upsert {
+        head: String,
+        tail: String,
+        row: String,
+        key: String,
+    },
+    /// `head` = `DELETE FROM t WHERE (pk) IN (`, `key` = the primary key tuple.
+    Delete { head: String, key: String },
+    /// A statement of its own.
+    Sql(String),
+}
+
+/// The multi-row statement being gathered: upserts or deletes of one shape.
+#[derive(Debug, Default)]
+struct Run {
+    head: String,
+    /// Empty for deletes.
+    tail: String,
+    upsert: bool,
+    rows: Vec<String>,
+    keys: std::collections::HashSet<String>,
+    bytes: usize,
+}
+
+impl Run {
+    /// Takes `ch` if it extends this run; gives it back otherwise.
+    fn take(&mut self, ch: Change) -> Option<Change> {
+        let fits = self.rows.len() < RUN_ROWS
+            && match &ch {
+                Change::Upsert {
+                    head, tail, key, ..
+                } => {
+                    self.upsert
+                        && *head == self.head
+                        && *tail == self.tail
+                        && !self.keys.contains(key)
+                }
+                Change::Delete { head, .. } => !self.upsert && *head == self.head,
+                Change::Sql(_) => false,
+            };
+        if !fits {
+            return Some(ch);
+        }
+        match ch {
+            Change::Upsert { row, key, .. } => {
+                self.bytes += row.len() + 2;
+                self.rows.push(row);
+                self.keys.insert(key);
+            }
+            Change::Delete { key, .. } => {
+                self.bytes += key.len() + 2;
+                self.rows.push(key);
+            }
+            Change::Sql(_) => unreachable!("never fits"),
+        }
+        None
+    }
+
+    /// Starts a run with `ch`, or returns it when it is a statement of its own.
+    fn start(ch: Change) -> Result<Run, String> {
+        let (head, tail, upsert, row, key) = match ch {
+            Change::Upsert {
+                head,
+                tail,
+                row,
+                key,
+            } => (head, tail, true, row, Some(key)),
+            Change::Delete { head, key } => (head, String::new(), false, key, None),
+            Change::Sql(sql) => return Err(sql),
+        };
+        let bytes = head.len() + tail.len() + row.len() + 4;
+        Ok(Run {
+            head,
+            tail,
+            upsert,
+            rows: vec![row],
+            keys: key.into_iter().collect(),
+            bytes,
+        })
+    }
+
+    fn render(&self, out: &mut String) {
+        if self.rows.is_empty() {
+            return;
+        }
+        out.push_str(&self.head);
+        out.push_str(&self.rows.join(", "));
+        if !self.upsert {
+            out.push(')');
+        }
+        out.push_str(&self.tail);
+        out.push(';');
+    }
+}
+
 /// Turns pgoutput events into SQL on the target.
 pub struct Applier {
     move_id: u64,
     /// Sharding key column per table name.
     key_columns: std::collections::HashMap<String, String>,
     owns: Owns,
-    /// SQL of committed source transactions not yet applied.
+    /// SQL of committed source transactions not yet applied (before `run`).
     batch: String,
-    /// SQL of the source transaction being received.
-    current: String,
+    /// The last statement of the batch, still taking rows.
+    run: Run,
+    /// Changes of the source transaction being received.
+    current: Vec<Change>,
     /// LSN the batch ends at.
     batch_end: Lsn,
     /// Last source LSN durably applied on the target.
@@ -44,7 +151,8 @@ impl Applier {
             key_columns,
             owns,
             batch: String::new(),
-            current: String::new(),
+            run: Run::default(),
+            current: Vec::new(),
             batch_end: applied,
             applied,
             changes: 0,
@@ -62,9 +170,10 @@ impl Applier {
                 self.current_changes = 0;
             }
             Event::Commit { end } => {
-                self.batch.push_str(&self.current);
+                for ch in std::mem::take(&mut self.current) {
+                    self.gather(ch);
+                }
                 self.batch_changes += self.current_changes;
-                self.current.clear();
                 self.current_changes = 0;
                 self.batch_end = (*end).max(self.batch_end);
             }
@@ -102,7 +211,28 @@ impl Applier {
 
     /// Size of the SQL gathered for the next flush.
     pub fn batch_bytes(&self) -> usize {
-        self.batch.len()
+        self.batch.len() + self.run.bytes
+    }
+
+    /// Adds a committed change to the batch, extending the current run where it fits.
+    fn gather(&mut self, ch: Change) {
+        let Some(ch) = self.run.take(ch) else {
+            return;
+        };
+        self.run.render(&mut self.batch);
+        match Run::start(ch) {
+            Ok(run) => self.run = run,
+            Err(sql) => {
+                self.run = Run::default();
+                self.batch.push_str(&sql);
+            }
+        }
+    }
+
+    /// The batch's SQL, the open run included; leaves the batch empty.
+    fn take_batch(&mut self) -> String {
+        std::mem::take(&mut self.run).render(&mut self.batch);
+        std::mem::take(&mut self.batch)
     }
 
     /// True when committed changes wait to be applied.
@@ -118,7 +248,7 @@ impl Applier {
         let sql = format!(
             "BEGIN;{}INSERT INTO pgshard.move_progress (move_id, applied_lsn) VALUES ({}, '{}') \
              ON CONFLICT (move_id) DO UPDATE SET applied_lsn = EXCLUDED.applied_lsn, updated_at = now();COMMIT",
-            self.batch,
+            self.take_batch(),
             self.move_id,
             super::stream::format_lsn(self.batch_end)
         );
@@ -128,7 +258,6 @@ impl Applier {
         }
         self.applied = self.batch_end;
         self.changes += self.batch_changes;
-        self.batch.clear();
         self.batch_changes = 0;
         Ok(())
     }
@@ -197,36 +326,65 @@ impl Applier {
                 .map(|(c, v)| format!("{c} = {v}"))
                 .collect();
             let cond = key_condition(rel, row)?;
-            self.current.push_str(&format!(
+            self.current.push(Change::Sql(format!(
                 "UPDATE {table} SET {} WHERE {cond};",
                 set.join(", ")
-            ));
+            )));
         } else {
             let conflict = if sets.is_empty() {
                 "NOTHING".to_string()
             } else {
                 format!("UPDATE SET {}", sets.join(", "))
             };
-            self.current.push_str(&format!(
-                "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO {conflict};",
-                cols.join(", "),
-                vals.join(", "),
-                keys.join(", ")
-            ));
+            self.current.push(Change::Upsert {
+                head: format!("INSERT INTO {table} ({}) VALUES ", cols.join(", ")),
+                tail: format!(" ON CONFLICT ({}) DO {conflict}", keys.join(", ")),
+                row: format!("({})", vals.join(", ")),
+                key: key_tuple(rel, row)?.1,
+            });
         }
         self.current_changes += 1;
         Ok(())
     }
 
     fn delete(&mut self, rel: &Relation, old: &[Value]) -> Result<(), MoveError> {
-        let cond = key_condition(rel, old)?;
-        self.current.push_str(&format!(
-            "DELETE FROM {} WHERE {cond};",
-            table_ident(&rel.name)?
-        ));
+        let (cols, key) = key_tuple(rel, old)?;
+        self.current.push(Change::Delete {
+            head: format!("DELETE FROM {} WHERE {cols} IN (", table_ident(&rel.name)?),
+            key,
+        });
         self.current_changes += 1;
         Ok(())
     }
+}
+
+/// `(pk1, pk2)` and `('v1', 'v2')` from a row or key image.
+fn key_tuple(rel: &Relation, row: &[Value]) -> Result<(String, String), MoveError> {
+    let mut cols = Vec::new();
+    let mut vals = Vec::new();
+    for (i, v) in row.iter().enumerate() {
+        if !rel.key[i] {
+            continue;
+        }
+        let Value::Text(t) = v else {
+            return Err(MoveError::Refused(format!(
+                "{}: primary key column {} is NULL in a change",
+                rel.name, rel.columns[i]
+            )));
+        };
+        cols.push(ident(&rel.columns[i])?);
+        vals.push(literal(t));
+    }
+    if cols.is_empty() {
+        return Err(MoveError::Refused(format!(
+            "{}: no primary key in the replication stream",
+            rel.name
+        )));
+    }
+    Ok((
+        format!("({})", cols.join(", ")),
+        format!("({})", vals.join(", ")),
+    ))
 }
 
 /// `pk1 = 'v1' AND pk2 = 'v2'` from a row or key image.
@@ -329,10 +487,58 @@ mod tests {
         a.on_event(None, &Event::Commit { end: 42 }).unwrap();
         assert!(a.pending());
         assert_eq!(
-            a.batch,
+            a.take_batch(),
             "INSERT INTO orders (id, tenant, note) VALUES ('1', 'big', 'it''s') ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, note = EXCLUDED.note;\
              UPDATE orders SET id = '1', tenant = 'big' WHERE id = '1';\
-             DELETE FROM orders WHERE id = '1';"
+             DELETE FROM orders WHERE (id) IN (('1'));"
+        );
+    }
+
+    #[test]
+    fn back_to_back_changes_share_a_statement_unless_a_key_repeats() {
+        let mut a = applier();
+        let r = rel();
+        let row = |id: &str| {
+            vec![
+                Value::Text(id.into()),
+                Value::Text("big".into()),
+                Value::Text("n".into()),
+            ]
+        };
+        let mut end = 0;
+        let mut tx = |a: &mut Applier, ev: Event| {
+            end += 1;
+            a.on_event(Some(&r), &Event::Begin).unwrap();
+            a.on_event(Some(&r), &ev).unwrap();
+            a.on_event(None, &Event::Commit { end }).unwrap();
+        };
+        for id in ["1", "2", "1", "3"] {
+            tx(
+                &mut a,
+                Event::Insert {
+                    rel: 1,
+                    new: row(id),
+                },
+            );
+        }
+        for id in ["2", "3"] {
+            tx(
+                &mut a,
+                Event::Delete {
+                    rel: 1,
+                    old: row(id),
+                },
+            );
+        }
+        let ins = "INSERT INTO orders (id, tenant, note) VALUES ";
+        let upd = " ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, note = EXCLUDED.note;";
+        assert_eq!(
+            a.take_batch(),
+            format!(
+                "{ins}('1', 'big', 'n'), ('2', 'big', 'n'){upd}\
+                 {ins}('1', 'big', 'n'), ('3', 'big', 'n'){upd}\
+                 DELETE FROM orders WHERE (id) IN (('2'), ('3'));"
+            )
         );
     }
 

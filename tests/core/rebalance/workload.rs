@@ -282,13 +282,8 @@ pub(super) async fn move_with_writers(
             moving.clone(),
         )));
     }
-    // Not during the range move unless PGSHARD_RANGE_READERS is set: with readers there, 1 run
-    // in 3 never caught up (fixed: the applier flushed after every 8 KB read), and after that
-    // fix one run lost its replication connection (Broken pipe); the issue note tracks it.
-    let read = table != "mv_ranges" || std::env::var("PGSHARD_RANGE_READERS").is_ok();
     let readers: Vec<_> = ports
         .iter()
-        .filter(|_| read)
         .map(|&p| tokio::spawn(reader(p, table, dsn(h), stop.clone(), moving.clone())))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
