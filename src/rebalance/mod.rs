@@ -17,6 +17,7 @@ mod phases;
 pub mod plan;
 pub mod standby;
 pub mod stream;
+pub mod verify;
 
 use crate::backend::{BackendError, ConnectParams};
 use crate::catalog::{Catalog, CatalogError};

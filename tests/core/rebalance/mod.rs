@@ -359,6 +359,44 @@ fn move_under_writers(h: &Harness) -> TestResult {
         check_placement(h, &map, dist, &truth).await?;
         no_leftovers(h).await?;
 
+        // shardctl verify agrees, and finds a row written past pgshard onto the wrong shard.
+        let v = ctl("verify", &[]).await.ctx("verify")?;
+        let text = String::from_utf8_lossy(&v.stdout).to_string();
+        ensure!(
+            v.status.code() == Some(0) && text.contains("mv | mv_items | 1 |"),
+            "verify after the moves ({:?}): {text}{}",
+            v.status.code(),
+            String::from_utf8_lossy(&v.stderr)
+        );
+        let stray = 9_000_000_000_000i64;
+        let owner = match map.locate(dist, &pgshard::pghash::KeyValue::Int(stray), None) {
+            Ok(Located::One(s)) => s,
+            other => return Err(format!("stray key placed at {other:?}")),
+        };
+        let insert = format!("INSERT INTO mv_items (id, v, note) VALUES ({stray}, 0, 'stray')");
+        h.cluster
+            .psql(h.primary(1 - owner), "shop", &insert)
+            .ctx("stray row")?;
+        let v = ctl("verify", &[]).await.ctx("verify")?;
+        let text = String::from_utf8_lossy(&v.stdout).to_string();
+        let line = format!("mv | mv_items | {} |", 1 - owner);
+        ensure!(
+            v.status.code() == Some(3)
+                && text
+                    .lines()
+                    .any(|l| l.contains(&line) && l.ends_with("| 1")),
+            "verify finds the stray row on shard {} ({:?}): {text}",
+            1 - owner,
+            v.status.code()
+        );
+        h.cluster
+            .psql(
+                h.primary(1 - owner),
+                "shop",
+                &format!("DELETE FROM mv_items WHERE id = {stray}"),
+            )
+            .ctx("stray row gone")?;
+
         // A tenant moves the same way (no writers: the bucket moves above cover concurrency).
         c.batch_execute(
             "CREATE TABLE mv_orders (tenant text, id int8, amount int, PRIMARY KEY (tenant, id))",
