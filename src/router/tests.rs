@@ -441,6 +441,28 @@ fn reference_unknown_and_catalog_tables() {
         Route::Any
     );
     assert_eq!(analyze("SELECT 1", &m).route, Route::Any);
+    // Set-returning functions in FROM are no tables.
+    assert_eq!(
+        analyze("SELECT * FROM generate_series(1, 3) AS g(n)", &m).route,
+        Route::Any
+    );
+    assert_eq!(
+        analyze(
+            "SELECT count(*) FROM pgbench_accounts a, generate_series(1, 2) g WHERE a.aid = 7",
+            &m
+        )
+        .route,
+        Route::Keys {
+            dist: 0,
+            keys: vec![lit("7")],
+            within: None
+        }
+    );
+    let (_, msg) = refused(&analyze(
+        "SELECT * FROM generate_series(1, (SELECT count(*) FROM mystery)) g",
+        &m,
+    ));
+    assert!(msg.contains("mystery"), "{msg}");
     assert_eq!(analyze("SELECT now()", &m).kind, Kind::Read);
     // Functions a read-only replica would refuse make the SELECT a write (primary only).
     for sql in [
@@ -516,6 +538,13 @@ fn inserts_need_their_key() {
         "INSERT INTO pgbench_history (aid, delta) SELECT aid, abalance FROM pgbench_accounts",
         &m,
     ));
+    assert!(msg.contains("INSERT ... SELECT"), "{msg}");
+    // Rows from a function could land on any shard: refused, not guessed.
+    let (s, msg) = refused(&analyze(
+        "INSERT INTO pgbench_accounts (aid, bid) SELECT g, 1 FROM generate_series(1, 10) g",
+        &m,
+    ));
+    assert_eq!(s, "0A000");
     assert!(msg.contains("INSERT ... SELECT"), "{msg}");
 }
 

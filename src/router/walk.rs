@@ -307,6 +307,10 @@ impl<'m> Walker<'m> {
     /// Registers the tables of one FROM item.
     pub fn table_factor(&mut self, tf: &TableFactor) {
         match tf {
+            // `FROM generate_series(1, 3)`: a set-returning function, not a table.
+            TableFactor::Table {
+                args: Some(args), ..
+            } => args.args.iter().for_each(|a| self.function_arg(a)),
             TableFactor::Table { name, alias, .. } => {
                 self.add_table(name, alias.as_ref());
             }
