@@ -129,7 +129,7 @@ fn statement(st: &Statement, sql: &str, map: &ShardMap) -> Plan {
             options,
             legacy_options,
             ..
-        } => copy(source, *to, target, options, legacy_options, map),
+        } => copy(source, *to, target, options, legacy_options, map, st),
         Statement::StartTransaction { modes, .. } => plan_of(
             Kind::Begin {
                 read_only: modes.contains(&TransactionMode::AccessMode(
@@ -488,6 +488,28 @@ fn has_placeholders(sql: &str) -> bool {
     }
 }
 
+/// The COPY statement without its HEADER option: shards get rows only, since pgshard
+/// consumes the header line (each shard would otherwise skip a data row as its header).
+fn without_header(st: &Statement) -> Option<String> {
+    let mut st = st.clone();
+    let Statement::Copy {
+        options,
+        legacy_options,
+        ..
+    } = &mut st
+    else {
+        return None;
+    };
+    options.retain(|o| !matches!(o, CopyOption::Header(_)));
+    legacy_options.retain(|o| !matches!(o, CopyLegacyOption::Header));
+    for o in legacy_options.iter_mut() {
+        if let CopyLegacyOption::Csv(csv) = o {
+            csv.retain(|c| !matches!(c, CopyLegacyCsvOption::Header));
+        }
+    }
+    Some(st.to_string())
+}
+
 fn copy(
     source: &CopySource,
     to: bool,
@@ -495,6 +517,7 @@ fn copy(
     options: &[CopyOption],
     legacy: &[CopyLegacyOption],
     map: &ShardMap,
+    st: &Statement,
 ) -> Plan {
     let mut w = Walker::new(map);
     let (table, columns, query) = match source {
@@ -584,6 +607,7 @@ fn copy(
         escape: escape.unwrap_or(quote),
         key_column,
         query,
+        headerless_sql: header.then(|| without_header(st)).flatten(),
     };
     let (route, mut problems) = w.decide(!to, None);
     let route = match route {

@@ -105,6 +105,8 @@ pub struct CopySpec {
     pub delimiter: u8,
     /// CSV HEADER: the first line names the columns.
     pub header: bool,
+    /// With `header`: the statement as shards get it, without HEADER.
+    pub headerless_sql: Option<String>,
     /// NULL marker: `\N` for text, empty for CSV unless set.
     pub null: String,
     /// CSV quote character.

@@ -262,6 +262,17 @@ fn copy_options_and_key_column() {
         (CopyFormat::Csv, b';', true, "", b'"', b'"')
     );
     assert_eq!(c.key_column, Some(1));
+    assert_eq!(
+        c.headerless_sql.as_deref(),
+        Some("COPY public.orders (id, tenant_id, total) FROM STDIN (FORMAT csv, DELIMITER ';')")
+    );
+    let p = analyze("COPY invoices (tenant_id) FROM STDIN CSV HEADER", &m);
+    let Kind::Copy(c) = &p.kind else { panic!() };
+    assert!(c.header);
+    assert_eq!(
+        c.headerless_sql.as_deref(),
+        Some("COPY invoices (tenant_id) FROM STDIN CSV")
+    );
     let p = analyze(
         "COPY (SELECT * FROM pgbench_accounts WHERE aid = 3) TO STDOUT (FORMAT binary)",
         &m,

@@ -604,6 +604,38 @@ fn copy_split(h: &Harness) -> TestResult {
             one(&c, "SELECT t FROM copied WHERE id = 1234").await? == "line\t1234",
             "escapes kept"
         );
+        // CSV with a header line: pgshard consumes it, each shard gets rows only.
+        let sink = c
+            .copy_in("COPY copied (id, t) FROM STDIN WITH (FORMAT csv, HEADER true)")
+            .await
+            .pgx("copy in with header")?;
+        futures_util::pin_mut!(sink);
+        let mut data = String::from("id,t\n");
+        for i in 3001..=3100 {
+            data.push_str(&format!("{i},\"csv, {i}\"\n"));
+        }
+        sink.send(bytes::Bytes::from(data)).await.pgx("send")?;
+        let n = sink.finish().await.pgx("finish")?;
+        ensure!(n == 100, "COPY with HEADER reported {n}");
+        for shard in 0..2 {
+            let expected = (3001..=3100).filter(|&i| shard_of(i) == shard).count();
+            let got: usize = on_shard(
+                h,
+                shard,
+                "shop",
+                "SELECT count(*) FROM copied WHERE id > 3000",
+            )?
+            .parse()
+            .unwrap();
+            ensure!(
+                got == expected,
+                "shard {shard}: {got} header-COPY rows, expected {expected}"
+            );
+        }
+        ensure!(
+            one(&c, "SELECT t FROM copied WHERE id = 3050").await? == "csv, 3050",
+            "CSV quoting kept"
+        );
         Ok(())
     })
 }

@@ -44,8 +44,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 )
                 .into());
             }
-            if spec.header {
-                return Err(Refusal::new("0A000", "COPY … HEADER into a sharded table is not supported: drop the header line and the option").into());
+            if spec.header && spec.headerless_sql.is_none() {
+                return Err(Refusal::new("0A000", "this COPY … HEADER cannot be passed on without its HEADER option: drop the header line and the option").into());
             }
         }
         let implicit = !self.tx.active();
@@ -139,6 +139,21 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         shards: &[usize],
         batch: Option<&Batch>,
     ) -> Result<(), Failure> {
+        // Rows split by key: pgshard consumes the header line, and the shards get the COPY
+        // without HEADER (prepared under its own name with the extended protocol).
+        let headerless = match placement {
+            Placement::ByKey { .. } if spec.header => spec.headerless_sql.as_deref(),
+            _ => None,
+        };
+        let over = match (headerless, batch) {
+            (Some(sql), Some(seg)) => seg.stmt.as_ref().map(|st| {
+                Arc::new(crate::prepared::StatementDef::new(
+                    bytes::Bytes::from(sql.to_string()),
+                    st.def.param_types.clone(),
+                ))
+            }),
+            _ => None,
+        };
         // Start the COPY on every shard and wait for each to accept data.
         let mut swallow = Vec::with_capacity(shards.len());
         for &s in shards {
@@ -149,10 +164,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             match batch {
                 // The server ignores this Sync in COPY mode; it only matters if the COPY fails to start.
                 Some(seg) => {
-                    self.render(s, seg, None, &mut q, &mut flags);
+                    self.render(s, seg, over.as_ref(), &mut q, &mut flags);
                     messages::empty_message(&mut q, b'S');
                 }
-                None => messages::query(&mut q, text),
+                None => messages::query(&mut q, headerless.unwrap_or(text)),
             }
             let co = self.conns[s].as_mut().expect("held");
             co.conn
@@ -228,7 +243,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 spec.delimiter,
                 spec.quote,
                 spec.escape,
-                false,
+                headerless.is_some(),
                 spec.null.as_bytes().to_vec(),
                 *col,
             )),
