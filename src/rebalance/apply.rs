@@ -360,27 +360,7 @@ impl Applier {
 
 /// `(pk1, pk2)` and `('v1', 'v2')` from a row or key image.
 fn key_tuple(rel: &Relation, row: &[Value]) -> Result<(String, String), MoveError> {
-    let mut cols = Vec::new();
-    let mut vals = Vec::new();
-    for (i, v) in row.iter().enumerate() {
-        if !rel.key[i] {
-            continue;
-        }
-        let Value::Text(t) = v else {
-            return Err(MoveError::Refused(format!(
-                "{}: primary key column {} is NULL in a change",
-                rel.name, rel.columns[i]
-            )));
-        };
-        cols.push(ident(&rel.columns[i])?);
-        vals.push(literal(t));
-    }
-    if cols.is_empty() {
-        return Err(MoveError::Refused(format!(
-            "{}: no primary key in the replication stream",
-            rel.name
-        )));
-    }
+    let (cols, vals): (Vec<String>, Vec<String>) = key_parts(rel, row)?.into_iter().unzip();
     Ok((
         format!("({})", cols.join(", ")),
         format!("({})", vals.join(", ")),
@@ -389,6 +369,15 @@ fn key_tuple(rel: &Relation, row: &[Value]) -> Result<(String, String), MoveErro
 
 /// `pk1 = 'v1' AND pk2 = 'v2'` from a row or key image.
 fn key_condition(rel: &Relation, row: &[Value]) -> Result<String, MoveError> {
+    let parts: Vec<String> = key_parts(rel, row)?
+        .into_iter()
+        .map(|(c, v)| format!("{c} = {v}"))
+        .collect();
+    Ok(parts.join(" AND "))
+}
+
+/// The primary key's quoted columns and literal values in a row or key image.
+fn key_parts(rel: &Relation, row: &[Value]) -> Result<Vec<(String, String)>, MoveError> {
     let mut parts = Vec::new();
     for (i, v) in row.iter().enumerate() {
         if !rel.key[i] {
@@ -400,7 +389,7 @@ fn key_condition(rel: &Relation, row: &[Value]) -> Result<String, MoveError> {
                 rel.name, rel.columns[i]
             )));
         };
-        parts.push(format!("{} = {}", ident(&rel.columns[i])?, literal(t)));
+        parts.push((ident(&rel.columns[i])?, literal(t)));
     }
     if parts.is_empty() {
         return Err(MoveError::Refused(format!(
@@ -408,7 +397,7 @@ fn key_condition(rel: &Relation, row: &[Value]) -> Result<String, MoveError> {
             rel.name
         )));
     }
-    Ok(parts.join(" AND "))
+    Ok(parts)
 }
 
 fn ident(name: &str) -> Result<String, MoveError> {

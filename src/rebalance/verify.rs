@@ -70,26 +70,26 @@ pub async fn placement(
                             pinned.join(", ")
                         )
                     };
+                    // A NULL key has no bucket: it belongs nowhere.
                     let sql = format!(
-                        "SELECT {named}, ({bucket})::int8, count(*) FROM {t} WHERE {col} IS NOT NULL GROUP BY 1, 2"
+                        "SELECT {named}, ({bucket})::int8, count(*) FROM {t} GROUP BY 1, 2"
                     );
                     let mut rows = 0;
                     let mut misplaced = 0;
                     for r in c.query(&sql, &[]).await? {
-                        let (name, bucket, n): (Option<String>, i64, i64) =
+                        let (name, bucket, n): (Option<String>, Option<i64>, i64) =
                             (r.get(0), r.get(1), r.get(2));
-                        let owner = match name {
-                            Some(k) => dc.tenants.get(&k).copied(),
-                            None => bucket_owner(map, dist, bucket),
+                        let owner = match (name, bucket) {
+                            (Some(k), _) => dc.tenants.get(&k).copied(),
+                            (None, Some(b)) => bucket_owner(map, dist, b),
+                            (None, None) => None,
                         };
                         rows += n;
                         if owner != Some(shard) {
                             misplaced += n;
                         }
                     }
-                    let nulls =
-                        count(&c, &format!("SELECT count(*) FROM {t} WHERE {col} IS NULL")).await?;
-                    (rows + nulls, misplaced + nulls)
+                    (rows, misplaced)
                 }
                 StrategyName::Range => {
                     let text = d.key_type.contains("text") || d.key_type.contains("char");
@@ -151,8 +151,4 @@ fn bucket_owner(map: &ShardMap, dist: usize, bucket: i64) -> Option<usize> {
     super::plan::placement(map, dist)?
         .get(usize::try_from(bucket).ok()?)
         .copied()
-}
-
-async fn count(c: &tokio_postgres::Client, sql: &str) -> Result<i64, MoveError> {
-    Ok(c.query_one(sql, &[]).await?.get(0))
 }
