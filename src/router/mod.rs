@@ -18,6 +18,11 @@ pub use cache::PlanCache;
 pub use insert::InsertSplit;
 pub use route::{keys_all_equal, route};
 
+/// Whether a table is a system catalog (the same on every shard).
+pub fn is_system_table(name: &str) -> bool {
+    walk::is_catalog(name)
+}
+
 /// How a table's rows are placed, as a statement names it (unqualified: `public.`).
 pub fn table_rule<'m>(
     map: &'m crate::shardmap::ShardMap,

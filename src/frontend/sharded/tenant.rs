@@ -96,7 +96,12 @@ impl TenantScope {
                 _ => {}
             }
         }
-        if tenant_tables.is_empty() {
+        // Nothing to confine; or a table pgshard does not place, which route() refuses or sends
+        // to the default shard (where the tenant's rows are not).
+        let undeclared = plan.tables.iter().any(|t| {
+            crate::router::table_rule(map, t).is_none() && !crate::router::is_system_table(t)
+        });
+        if tenant_tables.is_empty() || undeclared {
             return Ok(Scoped::AsPlanned);
         }
         let keyed = plan.hint.is_none()
