@@ -188,38 +188,23 @@ async fn main() -> anyhow::Result<()> {
             println!("reloaded");
         }
         Command::Move(args) => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl move needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "move")?;
             std::process::exit(run_move(dsn, &args, cli.json).await?);
         }
         Command::Plan(args) => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl plan needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "plan")?;
             std::process::exit(rebalance_cmd(dsn, &args, args.drain, false, cli.json).await?);
         }
         Command::Rebalance { plan, apply } => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl rebalance needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "rebalance")?;
             std::process::exit(rebalance_cmd(dsn, &plan, plan.drain, apply, cli.json).await?);
         }
         Command::DrainShard { shard, plan, apply } => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl drain-shard needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "drain-shard")?;
             std::process::exit(rebalance_cmd(dsn, &plan, Some(shard), apply, cli.json).await?);
         }
         Command::Abort { id, shards } | Command::Resume { id, shards } => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl abort/resume needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "abort/resume")?;
             let links = shard_links(&shards)?;
             let (cat, _) = Catalog::connect(dsn)
                 .await
@@ -243,17 +228,11 @@ async fn main() -> anyhow::Result<()> {
             distribution,
             shards,
         } => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl verify needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "verify")?;
             std::process::exit(verify::run(dsn, distribution.as_deref(), &shards, cli.json).await?);
         }
         Command::AddShard { shards } => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl add-shard needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "add-shard")?;
             let links = shard_links(&shards)?;
             let (cat, _) = Catalog::connect(dsn)
                 .await
@@ -292,10 +271,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Map => {
-            let dsn = cli
-                .catalog
-                .as_deref()
-                .context("shardctl map needs --catalog (or PGSHARD_CATALOG)")?;
+            let dsn = catalog_dsn(&cli.catalog, "map")?;
             let (cat, _) = Catalog::connect(dsn)
                 .await
                 .context("connecting to the catalog")?;
@@ -313,6 +289,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Runs a move; returns the exit status.
+/// The catalog DSN every map-changing command needs.
+fn catalog_dsn<'a>(catalog: &'a Option<String>, verb: &str) -> anyhow::Result<&'a str> {
+    catalog
+        .as_deref()
+        .with_context(|| format!("shardctl {verb} needs --catalog (or PGSHARD_CATALOG)"))
+}
+
 async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32> {
     use pgshard::rebalance::{self, MoveError, MoveRequest, UnitSpec};
     use pgshard::shardmap::config::MovePhase;
