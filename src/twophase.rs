@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the decision log could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -165,59 +166,152 @@ impl TwoPhase {
     }
 }
 
+/// How long one step of the resolution (a checkout, the listing, one COMMIT PREPARED) may take;
+/// a step that overruns leaves the shard to the next pass, with a warning that names it.
+const STEP: Duration = Duration::from_secs(5);
+
 /// Finishes prepared transactions this router left in doubt: committed where the log holds the
 /// decision, rolled back where it was never taken. Runs at start and after failed commits.
+///
+/// One listing per (server database, shard), as the first configured user that can log in;
+/// each transaction is finished as its owner when that user is configured (PostgreSQL lets only
+/// the owner or a superuser finish it), else as the listing user.
 pub async fn resolve(app: &crate::app::App) -> usize {
     let cfg = app.config.load_full();
     let committed = app.twophase.committed();
-    let pattern = app.twophase.gid_pattern();
-    let max = cfg.general.max_message_size;
+    let sql = format!(
+        "SELECT gid, owner FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE '{}' AND database = current_database()",
+        app.twophase.gid_pattern()
+    );
+    let mut looked = HashSet::new();
     let mut resolved = 0;
     for db in cfg.databases.iter().filter(|d| d.sharded) {
-        for user in &cfg.users {
-            for shard in 0..cfg.shards.len() {
-                let Some(pool) = app.pool(&db.name, &user.name, shard) else {
+        let server_db = db.server_database.as_deref().unwrap_or(&db.name);
+        for shard in 0..cfg.shards.len() {
+            if !looked.insert((server_db, shard)) {
+                continue;
+            }
+            let Some((lister, found)) = list(app, &cfg, &db.name, shard, &sql).await else {
+                app.twophase.mark_unfinished();
+                continue;
+            };
+            for (gid, owner) in found {
+                let Some(commit) = app.twophase.resolution(&gid, &committed) else {
                     continue;
                 };
-                let Ok(mut co) = pool.checkout().await else {
-                    continue;
+                let user = if cfg.user(&owner).is_some() {
+                    owner.as_str()
+                } else {
+                    lister
                 };
-                let sql = format!(
-                    "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE '{pattern}' AND database = current_database() AND owner = current_user"
-                );
-                let gids = match co.conn.query_rows(&sql, max).await {
-                    Ok(rows) => rows
-                        .into_iter()
-                        .filter_map(|r| r.into_iter().next().flatten())
-                        .collect::<Vec<_>>(),
-                    Err(_) => Vec::new(),
-                };
-                let mut clean = true;
-                for gid in gids {
-                    let Some(commit) = app.twophase.resolution(&gid, &committed) else {
-                        continue;
-                    };
-                    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-                    match co
-                        .conn
-                        .exec_quiet(&format!("{verb} PREPARED '{gid}'"), max)
-                        .await
-                    {
-                        Ok(()) => {
-                            resolved += 1;
-                            tracing::info!(%gid, shard, action = verb, "resolved in-doubt prepared transaction");
-                        }
-                        Err(e) => {
-                            clean = false;
-                            tracing::warn!(%gid, shard, error = %e, "cannot resolve prepared transaction");
-                        }
-                    }
+                if finish(app, &db.name, user, shard, &gid, commit).await {
+                    resolved += 1;
+                } else {
+                    app.twophase.mark_unfinished();
                 }
-                pool.checkin(co, clean);
             }
         }
     }
     resolved
+}
+
+/// This router's prepared transactions on `shard` (gid, owner), and the user that listed them.
+async fn list<'c>(
+    app: &crate::app::App,
+    cfg: &'c crate::config::Config,
+    database: &str,
+    shard: usize,
+    sql: &str,
+) -> Option<(&'c str, Vec<(String, String)>)> {
+    let max = cfg.general.max_message_size;
+    for user in &cfg.users {
+        let pool = app.pool(database, &user.name, shard)?;
+        let co = match tokio::time::timeout(STEP, pool.checkout()).await {
+            Ok(Ok(co)) => co,
+            // This user may not log in there; another may.
+            Ok(Err(crate::pool::PoolError::Connect(crate::backend::BackendError::Refused {
+                ..
+            }))) => continue,
+            Ok(Err(e)) => {
+                tracing::warn!(shard, database, error = %e, "cannot look for in-doubt prepared transactions");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(shard, database, user = %user.name, "timed out connecting to look for in-doubt prepared transactions");
+                return None;
+            }
+        };
+        let mut co = co;
+        let rows = tokio::time::timeout(STEP, co.conn.query_rows(sql, max)).await;
+        let rows = match rows {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::warn!(shard, database, error = %e, "cannot list prepared transactions");
+                pool.checkin(co, false);
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(shard, database, "listing prepared transactions timed out");
+                pool.discard(co);
+                return None;
+            }
+        };
+        pool.checkin(co, true);
+        let found = rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut it = r.into_iter();
+                Some((it.next().flatten()?, it.next().flatten()?))
+            })
+            .collect();
+        return Some((user.name.as_str(), found));
+    }
+    None
+}
+
+/// COMMIT or ROLLBACK PREPARED `gid` on `shard` as `user`; whether it was done.
+async fn finish(
+    app: &crate::app::App,
+    database: &str,
+    user: &str,
+    shard: usize,
+    gid: &str,
+    commit: bool,
+) -> bool {
+    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+    let Some(pool) = app.pool(database, user, shard) else {
+        return false;
+    };
+    let max = app.config.load().general.max_message_size;
+    let mut co = match tokio::time::timeout(STEP, pool.checkout()).await {
+        Ok(Ok(co)) => co,
+        Ok(Err(e)) => {
+            tracing::warn!(%gid, shard, error = %e, "cannot resolve prepared transaction");
+            return false;
+        }
+        Err(_) => {
+            tracing::warn!(%gid, shard, "timed out connecting to resolve prepared transaction");
+            return false;
+        }
+    };
+    let sql = format!("{verb} PREPARED '{gid}'");
+    match tokio::time::timeout(STEP, co.conn.exec_quiet(&sql, max)).await {
+        Ok(Ok(())) => {
+            pool.checkin(co, true);
+            tracing::info!(%gid, shard, action = verb, "resolved in-doubt prepared transaction");
+            true
+        }
+        Ok(Err(e)) => {
+            pool.checkin(co, false);
+            tracing::warn!(%gid, shard, error = %e, "cannot resolve prepared transaction");
+            false
+        }
+        Err(_) => {
+            pool.discard(co);
+            tracing::warn!(%gid, shard, "resolving prepared transaction timed out");
+            false
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::MoveError;
 use futures_util::{pin_mut, SinkExt, StreamExt};
+use std::time::Duration;
 use tokio_postgres::Client;
 
 /// True when the table exists on the server.
@@ -153,5 +154,51 @@ pub async fn delete_unit(
         if n == 0 {
             return Ok(total);
         }
+    }
+}
+
+/// How long a prepared transaction may sit on the source before the move takes it for one left
+/// in doubt (a router's two-phase commit finishes in milliseconds).
+const STALE_PREPARED: Duration = Duration::from_secs(5);
+
+/// Waits for prepared transactions older than a few seconds to be finished, and refuses the
+/// move if they are not: a logical slot cannot be created while any transaction is open, and a
+/// prepared one stays open until someone commits or rolls it back, so the move would hang.
+pub async fn wait_for_prepared(src: &Client, wait: Duration) -> Result<(), MoveError> {
+    let deadline = std::time::Instant::now() + wait;
+    let sql = format!(
+        "SELECT gid, database::text, owner::text, prepared::text FROM pg_catalog.pg_prepared_xacts \
+         WHERE prepared < now() - interval '{} seconds' ORDER BY prepared",
+        STALE_PREPARED.as_secs()
+    );
+    loop {
+        let rows = src.query(&sql, &[]).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let list: Vec<String> = rows
+                .iter()
+                .take(5)
+                .map(|r| {
+                    format!(
+                        "'{}' (database {}, owner {}, since {})",
+                        r.get::<_, String>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, String>(3)
+                    )
+                })
+                .collect();
+            return Err(MoveError::Refused(format!(
+                "the source has {} prepared transaction(s) left in doubt: {}; a logical slot waits \
+                 for them forever. A pgshard router resolves its own at start (restart the router \
+                 named in a pgshard_<router>_… gid); otherwise run COMMIT PREPARED or ROLLBACK \
+                 PREPARED for each, then run the move again",
+                rows.len(),
+                list.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

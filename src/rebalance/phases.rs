@@ -24,6 +24,7 @@ impl Mover<'_> {
         for (table, _, _) in &self.tables {
             copy::validate(&src, &tgt, table, &self.key_columns[table]).await?;
         }
+        copy::wait_for_prepared(&src, Duration::from_secs(15)).await?;
         // Routers must hide the target's copy from key-less statements before rows arrive.
         let cfg = self.config.clone();
         let v = self

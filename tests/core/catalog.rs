@@ -371,9 +371,21 @@ fn share_and_follow(h: &Harness) -> TestResult {
                 .is_ok(),
             "served with a live lease"
         );
-        let cut = "ALTER DATABASE catalog ALLOW_CONNECTIONS false; SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'catalog' AND pid <> pg_backend_pid()";
+        // Two commands: in one, the terminations would go out before the ALTER commits and
+        // the router could reconnect in between.
         h.cluster
-            .psql(h.primary(0), "postgres", cut)
+            .psql(
+                h.primary(0),
+                "postgres",
+                "ALTER DATABASE catalog ALLOW_CONNECTIONS false",
+            )
+            .ctx("close the catalog")?;
+        h.cluster
+            .psql(
+                h.primary(0),
+                "postgres",
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'catalog'",
+            )
             .ctx("cut the catalog off")?;
         let t = Instant::now();
         let refused = loop {

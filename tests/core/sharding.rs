@@ -544,16 +544,43 @@ fn in_doubt(h: &Harness) -> TestResult {
             &format!("decision_log = \"{}\"\nrouter_id = \"t9\"", log.display()),
             SHARDING,
         )?;
-        let _ = r;
-        for shard in 0..2 {
-            let left = on_shard(
-                h,
-                shard,
-                "shop",
-                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'",
-            )?;
-            ensure!(left == "0", "shard {shard} still has in-doubt transactions");
+        // The router settles in-doubt transactions before it serves clients, but its port
+        // accepts connections (queued) before that: wait for the servers, not the port.
+        let settled = (|| -> TestResult {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            for shard in 0..2 {
+                loop {
+                    let left = on_shard(
+                        h,
+                        shard,
+                        "shop",
+                        "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'",
+                    )?;
+                    if left == "0" {
+                        break;
+                    }
+                    ensure!(
+                        std::time::Instant::now() < deadline,
+                        "shard {shard} still has {left} in-doubt transactions after 20 s"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+            Ok(())
+        })();
+        drop(r);
+        if settled.is_err() {
+            // Left behind, they would block every later logical slot on these servers.
+            for shard in 0..2 {
+                let _ = on_shard(h, shard, "shop", "SELECT string_agg(gid, ',') FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'")
+                    .map(|gids| {
+                        for gid in gids.split(',').filter(|g| !g.is_empty()) {
+                            let _ = on_shard(h, shard, "shop", &format!("ROLLBACK PREPARED '{gid}'"));
+                        }
+                    });
+            }
         }
+        settled?;
         ensure!(
             on_shard(h, 0, "shop", "SELECT string_agg(n::text, ',') FROM doubt")? == "1",
             "decided commit applied, undecided rolled back"
