@@ -188,6 +188,14 @@ pub fn close_statement(out: &mut BytesMut, name: &[u8]) {
     finish(out, at);
 }
 
+/// A Describe of prepared statement `name`.
+pub fn describe_statement(out: &mut BytesMut, name: &[u8]) {
+    let at = begin(out, b'D');
+    out.put_u8(b'S');
+    put_cstr(out, name);
+    finish(out, at);
+}
+
 /// Re-encodes a Bind or Describe whose statement name changes: `head` is what precedes the
 /// name (portal name for Bind, the 'S' kind byte for Describe), `tail` what follows it.
 pub fn with_statement_name(out: &mut BytesMut, tag: u8, head: &[u8], name: &[u8], tail: &[u8]) {

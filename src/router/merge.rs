@@ -193,18 +193,17 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
         sel.projection.extend(hidden);
         rewritten = true;
     }
-    spec.limit = limit;
-    spec.offset = offset.unwrap_or(0);
+    spec.limit = limit.and_then(Count::constant);
+    spec.offset = offset.and_then(Count::constant).unwrap_or(0);
+    spec.limit_param = limit.and_then(Count::param);
+    spec.offset_param = offset.and_then(Count::param);
     if limit.is_some() || offset.is_some() {
         rewritten = true;
         // Each shard's top limit+offset rows contain the global window; grouped partial
         // results are only complete without a limit, so aggregates get none.
         q.limit_clause = match (limit, spec.aggregate.is_some()) {
-            (Some(n), false) => Some(LimitClause::LimitOffset {
-                limit: Some(Expr::value(Value::Number(
-                    n.saturating_add(spec.offset).to_string(),
-                    false,
-                ))),
+            (Some(l), false) => Some(LimitClause::LimitOffset {
+                limit: Some(window(l, offset)),
                 offset: None,
                 limit_by: Vec::new(),
             }),
@@ -214,22 +213,74 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
     Ok((spec, rewritten.then(|| q.to_string())))
 }
 
-/// Constant LIMIT and OFFSET.
-fn limits(q: &Query) -> Result<(Option<u64>, Option<u64>), String> {
-    let constant = |e: &Expr| -> Result<Option<u64>, String> {
+/// A LIMIT or OFFSET row count: a constant, or a parameter bound at execution.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Constant(u64),
+    Param(u16),
+}
+
+impl Count {
+    fn constant(self) -> Option<u64> {
+        match self {
+            Count::Constant(n) => Some(n),
+            Count::Param(_) => None,
+        }
+    }
+
+    fn param(self) -> Option<u16> {
+        match self {
+            Count::Param(p) => Some(p),
+            Count::Constant(_) => None,
+        }
+    }
+
+    fn expr(self) -> Expr {
+        match self {
+            Count::Constant(n) => Expr::value(Value::Number(n.to_string(), false)),
+            Count::Param(p) => Expr::value(Value::Placeholder(format!("${p}"))),
+        }
+    }
+}
+
+/// The LIMIT each shard gets: the client's limit plus its offset, so that the top rows of every
+/// shard together hold the global window.
+fn window(limit: Count, offset: Option<Count>) -> Expr {
+    match (limit, offset) {
+        (Count::Constant(l), Some(Count::Constant(o))) => {
+            Count::Constant(l.saturating_add(o)).expr()
+        }
+        (l, None | Some(Count::Constant(0))) => l.expr(),
+        (l, Some(o)) => Expr::BinaryOp {
+            left: Box::new(l.expr()),
+            op: BinaryOperator::Plus,
+            right: Box::new(o.expr()),
+        },
+    }
+}
+
+/// LIMIT and OFFSET: constants or parameters (None: absent or NULL).
+fn limits(q: &Query) -> Result<(Option<Count>, Option<Count>), String> {
+    let count = |e: &Expr| -> Result<Option<Count>, String> {
         match strip(e) {
             Expr::Value(v) => match &v.value {
                 Value::Number(n, _) => n
                     .parse()
-                    .map(Some)
+                    .map(|n| Some(Count::Constant(n)))
                     .map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
                 Value::Null => Ok(None),
+                Value::Placeholder(p) => p
+                    .strip_prefix('$')
+                    .and_then(|n| n.parse::<u16>().ok())
+                    .filter(|&n| n >= 1)
+                    .map(|n| Some(Count::Param(n)))
+                    .ok_or_else(|| format!("LIMIT/OFFSET {p} is not a parameter pgshard knows")),
                 _ => Err(format!(
-                    "LIMIT/OFFSET {e} must be a constant to combine across shards"
+                    "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
                 )),
             },
             _ => Err(format!(
-                "LIMIT/OFFSET {e} must be a constant to combine across shards"
+                "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
             )),
         }
     };
@@ -244,17 +295,17 @@ fn limits(q: &Query) -> Result<(Option<u64>, Option<u64>), String> {
                 return Err("LIMIT BY cannot be combined across shards".into());
             }
             let l = match limit {
-                Some(l) => constant(l)?,
+                Some(l) => count(l)?,
                 None => None,
             };
             let o = match offset {
-                Some(o) => constant(&o.value)?,
+                Some(o) => count(&o.value)?,
                 None => None,
             };
             Ok((l, o))
         }
         Some(LimitClause::OffsetCommaLimit { offset, limit }) => {
-            Ok((constant(limit)?, constant(offset)?))
+            Ok((count(limit)?, count(offset)?))
         }
     }
 }

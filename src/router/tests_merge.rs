@@ -395,7 +395,7 @@ fn scatter_refusals_are_deferred_to_multi_shard_targets() {
     assert!(refusal("SELECT count(*) FROM pgbench_accounts GROUP BY bid").contains("GROUP BY bid"));
     assert!(refusal("SELECT * FROM pgbench_accounts ORDER BY aid")
         .contains("add aid to the select list"));
-    assert!(refusal("SELECT aid FROM pgbench_accounts LIMIT $1").contains("LIMIT"));
+    assert!(refusal("SELECT aid FROM pgbench_accounts LIMIT $1 + 1").contains("LIMIT"));
     // The same shapes are fine when the keys put them on one shard.
     let p = analyze(
         "SELECT string_agg(x, ',') FROM pgbench_accounts WHERE aid = 3",
@@ -626,4 +626,33 @@ fn no_prefix_of_a_statement_panics() {
     ] {
         assert!(route::parse_binary_array(raw).is_err());
     }
+}
+
+#[test]
+fn limit_and_offset_parameters_push_down_as_one_limit() {
+    let m = map();
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts ORDER BY aid LIMIT $1 OFFSET $2",
+        &m,
+    );
+    assert!(p.scatter_refusal.is_none());
+    assert_eq!(
+        (p.merge.limit_param, p.merge.offset_param, p.merge.limit),
+        (Some(1), Some(2), None)
+    );
+    assert!(p
+        .scatter_sql
+        .as_deref()
+        .unwrap()
+        .ends_with("ORDER BY aid LIMIT $1 + $2"));
+    let p = analyze("SELECT aid FROM pgbench_accounts LIMIT 10 OFFSET $1", &m);
+    assert!(p.scatter_sql.as_deref().unwrap().ends_with("LIMIT 10 + $1"));
+    assert_eq!((p.merge.limit, p.merge.offset_param), (Some(10), Some(1)));
+    // Grouped partial results must be complete: no LIMIT reaches the shards.
+    let p = analyze(
+        "SELECT bid, count(*) FROM pgbench_accounts GROUP BY bid ORDER BY bid LIMIT $1",
+        &m,
+    );
+    assert!(!p.scatter_sql.as_deref().unwrap().contains("LIMIT"));
+    assert_eq!(p.merge.limit_param, Some(1));
 }

@@ -8,7 +8,6 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use super::decimal::Numeric;
 use super::merge::MergeError;
 use super::spec::{AggKind, AggregateSpec};
 use super::values::{oid, ColType, Kind};
@@ -80,7 +79,7 @@ impl Groups {
                 // float4 partial sums have lost the float8 precision avg(real) accumulates in.
                 AggKind::Avg { .. } => match t.kind {
                     Kind::Float8 => true,
-                    Kind::Int | Kind::Numeric => !t.binary,
+                    Kind::Int | Kind::Numeric => true,
                     _ => false,
                 },
             };
@@ -189,10 +188,9 @@ impl Groups {
                     let s = t.float(&sum).ok_or_else(|| bad_value(t))?;
                     t.encode_float(s / count as f64)
                 } else {
-                    let s = Numeric::parse(&sum).ok_or_else(|| bad_value(t))?;
-                    s.div_count(count as u64)
-                        .ok_or_else(|| bad_value(t))?
-                        .format()
+                    let s = t.numeric(&sum).ok_or_else(|| bad_value(t))?;
+                    let avg = s.div_count(count as u64).ok_or_else(|| bad_value(t))?;
+                    t.encode_numeric(&avg)
                 });
             }
         }
@@ -247,10 +245,10 @@ fn add(t: ColType, a: &[u8], b: &[u8]) -> Result<Vec<u8>, MergeError> {
         Kind::Int => add_int(t, a, b),
         Kind::Numeric => {
             let (x, y) = (
-                Numeric::parse(a).ok_or_else(|| bad_value(t))?,
-                Numeric::parse(b).ok_or_else(|| bad_value(t))?,
+                t.numeric(a).ok_or_else(|| bad_value(t))?,
+                t.numeric(b).ok_or_else(|| bad_value(t))?,
             );
-            Ok(x.add(&y).format())
+            Ok(t.encode_numeric(&x.add(&y)))
         }
         Kind::Float4 => {
             // real + real is computed in single precision by PostgreSQL's float4pl.

@@ -56,6 +56,107 @@ impl Numeric {
         })
     }
 
+    /// Decodes numeric's binary format (numeric_send: ndigits, weight, sign, dscale, then
+    /// base-10000 digits); None if malformed.
+    pub fn from_binary(b: &[u8]) -> Option<Numeric> {
+        let word =
+            |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])) };
+        let ndigits = word(0)? as usize;
+        let weight = word(2)? as i16 as i64;
+        let sign = word(4)?;
+        let dscale = word(6)? as usize;
+        if b.len() != 8 + 2 * ndigits {
+            return None;
+        }
+        let negative = match sign {
+            0x0000 => false,
+            0x4000 => true,
+            0xC000 => return Some(Numeric::NaN),
+            0xD000 => return Some(Numeric::PosInf),
+            0xF000 => return Some(Numeric::NegInf),
+            _ => return None,
+        };
+        // All groups as decimal digits, the point after (weight + 1) groups.
+        let mut all = Vec::with_capacity(4 * ndigits + 4);
+        for i in 0..ndigits {
+            let d = word(8 + 2 * i)?;
+            if d > 9999 {
+                return None;
+            }
+            all.extend_from_slice(format!("{d:04}").as_bytes());
+        }
+        let mut point = 4 * (weight + 1);
+        if point < 0 {
+            let mut padded = vec![b'0'; (-point) as usize];
+            padded.extend_from_slice(&all);
+            all = padded;
+            point = 0;
+        }
+        let point = point as usize;
+        if all.len() < point {
+            all.resize(point, b'0');
+        }
+        // value * 10^dscale: digits after dscale are zero in a normalised value.
+        all.resize(point + dscale, b'0');
+        strip_leading_zeros(&mut all);
+        Some(Numeric::Finite {
+            negative: negative && !all.is_empty(),
+            digits: all,
+            scale: dscale,
+        })
+    }
+
+    /// Encodes in numeric's binary format, as numeric_send would.
+    pub fn to_binary(&self) -> Vec<u8> {
+        let header = |ndigits: usize, weight: i16, sign: u16, dscale: usize| {
+            let mut out = Vec::with_capacity(8 + 2 * ndigits);
+            out.extend_from_slice(&(ndigits as u16).to_be_bytes());
+            out.extend_from_slice(&weight.to_be_bytes());
+            out.extend_from_slice(&sign.to_be_bytes());
+            out.extend_from_slice(&(dscale as u16).to_be_bytes());
+            out
+        };
+        let (negative, digits, scale) = match self {
+            Numeric::NaN => return header(0, 0, 0xC000, 0),
+            Numeric::PosInf => return header(0, 0, 0xD000, 0),
+            Numeric::NegInf => return header(0, 0, 0xF000, 0),
+            Numeric::Finite {
+                negative,
+                digits,
+                scale,
+            } => (*negative, digits, *scale),
+        };
+        let mut all = vec![b'0'; (scale + 1).saturating_sub(digits.len())];
+        all.extend_from_slice(digits);
+        let split = all.len() - scale;
+        let mut int = vec![b'0'; (4 - split % 4) % 4];
+        int.extend_from_slice(&all[..split]);
+        let mut frac = all[split..].to_vec();
+        frac.resize(frac.len().div_ceil(4) * 4, b'0');
+        let group = |g: &[u8]| g.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+        let mut groups: Vec<u16> = int.chunks(4).chain(frac.chunks(4)).map(group).collect();
+        let mut weight = (int.len() / 4) as i64 - 1;
+        let lead = groups.iter().take_while(|&&g| g == 0).count();
+        groups.drain(..lead);
+        weight -= lead as i64;
+        while groups.last() == Some(&0) {
+            groups.pop();
+        }
+        if groups.is_empty() {
+            weight = 0;
+        }
+        let sign = if negative && !groups.is_empty() {
+            0x4000
+        } else {
+            0
+        };
+        let mut out = header(groups.len(), weight as i16, sign, scale);
+        for g in groups {
+            out.extend_from_slice(&g.to_be_bytes());
+        }
+        out
+    }
+
     /// Formats as PostgreSQL prints it (display scale kept, no exponent).
     pub fn format(&self) -> Vec<u8> {
         match self {
@@ -330,6 +431,44 @@ mod tests {
     }
     fn f(v: &Numeric) -> String {
         String::from_utf8(v.format()).unwrap()
+    }
+
+    #[test]
+    fn binary_format_round_trips() {
+        let enc = |s: &str| n(s).to_binary();
+        // numeric_send(12345.678): 3 digits, weight 1, positive, dscale 3: 1 2345 6780.
+        assert_eq!(
+            enc("12345.678"),
+            [0, 3, 0, 1, 0, 0, 0, 3, 0, 1, 0x09, 0x29, 0x1A, 0x7C]
+        );
+        // 0.0001: one digit 1 at weight -1; -5.00: digit 5, weight 0, dscale 2.
+        assert_eq!(enc("0.0001"), [0, 1, 0xFF, 0xFF, 0, 0, 0, 4, 0, 1]);
+        assert_eq!(enc("-5.00"), [0, 1, 0, 0, 0x40, 0, 0, 2, 0, 5]);
+        assert_eq!(enc("0.00"), [0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(enc("100000000"), [0, 1, 0, 2, 0, 0, 0, 0, 0, 1]);
+        for s in [
+            "0",
+            "1",
+            "-1",
+            "12345.678",
+            "0.0001",
+            "-5.00",
+            "100000000",
+            "9999.9999",
+            "-0.000012345",
+            "123456789012345678901234567890.5",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+        ] {
+            let back = Numeric::from_binary(&enc(s)).unwrap();
+            assert_eq!(f(&back), s, "round trip of {s}");
+        }
+        assert_eq!(
+            Numeric::from_binary(&[0, 1, 0, 0, 0, 0, 0, 0]),
+            None,
+            "short"
+        );
     }
 
     #[test]

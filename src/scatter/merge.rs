@@ -92,6 +92,11 @@ impl Merger {
             && self.spec.hidden_columns == 0
     }
 
+    /// Whether the merge reads column values (and so needs the row shape before any row).
+    pub fn needs_row_shape(&self) -> bool {
+        !self.plain_passthrough()
+    }
+
     fn ordered(&self) -> bool {
         !self.spec.order_by.is_empty() && self.groups.is_none()
     }
@@ -426,7 +431,7 @@ impl Merger {
                     } else {
                         super::values::oid::NUMERIC
                     };
-                    *t = ColType::new(oid, 0);
+                    *t = ColType::new(oid, t.binary as i16);
                 }
             }
         }

@@ -893,3 +893,66 @@ fn kway_merge_matches_reference_sort() {
         assert_eq!(out.last().unwrap(), &format!("C SELECT {}", want.len()));
     }
 }
+
+#[test]
+fn binary_numeric_sums_and_avg_of_binary_ints() {
+    use super::decimal::Numeric;
+    let cols = [("sum", oid::NUMERIC), ("avg", oid::INT8), ("c", oid::INT8)];
+    let shard = |s: &str, a: i64, c: i64| {
+        let mut v = vec![rd_fmt(&cols, 1)];
+        let s = Numeric::parse(s.as_bytes()).unwrap().to_binary();
+        let (a, c) = (a.to_be_bytes(), c.to_be_bytes());
+        let mut row = BytesMut::new();
+        super::wire::put_data_row(
+            &mut row,
+            [Some(&s[..]), Some(&a[..]), Some(&c[..])].into_iter(),
+        );
+        v.push(row.to_vec());
+        v.push(cc("SELECT 1"));
+        v
+    };
+    let spec = MergeSpec {
+        aggregate: Some(AggregateSpec {
+            group_by: vec![],
+            aggregates: vec![
+                Aggregate {
+                    column: 0,
+                    kind: AggKind::Sum,
+                },
+                Aggregate {
+                    column: 1,
+                    kind: AggKind::Avg { count_column: 2 },
+                },
+            ],
+        }),
+        hidden_columns: 1,
+        ..Default::default()
+    };
+    let mut m = Merger::new(spec, 2);
+    let shards = [shard("1.5", 10, 3), shard("2.25", 5, 1)];
+    let mut next = [0; 2];
+    let mut out = BytesMut::new();
+    while let Some(i) = m.next_needed() {
+        m.push(i, &shards[i][next[i]], &mut out).unwrap();
+        next[i] += 1;
+    }
+    m.finish(&mut out).unwrap();
+    let mut rest = &out[..];
+    let mut values = Vec::new();
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let (msg, tail) = rest.split_at(len + 1);
+        rest = tail;
+        if msg[0] == b'D' {
+            let mut c = Cursor::new(&msg[5..]);
+            for _ in 0..c.i16().unwrap() {
+                let l = c.i32().unwrap() as usize;
+                let v = Numeric::from_binary(c.take(l).unwrap()).unwrap();
+                values.push(String::from_utf8(v.format()).unwrap());
+            }
+        }
+    }
+    // avg(int) of 10+5 over 4 rows, with PostgreSQL's scale: 3.7500000000000000.
+    assert_eq!(values, ["3.75", "3.7500000000000000"]);
+    assert_eq!(render(&out)[0], "T sum:1700,avg:1700");
+}

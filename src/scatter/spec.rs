@@ -11,6 +11,10 @@ pub struct MergeSpec {
     pub limit: Option<u64>,
     /// OFFSET applied after the merge.
     pub offset: u64,
+    /// `LIMIT $n`: the 1-based parameter whose bound value is the limit (extended protocol).
+    pub limit_param: Option<u16>,
+    /// `OFFSET $n`: the 1-based parameter whose bound value is the offset.
+    pub offset_param: Option<u16>,
     /// Aggregation over the shards' partial results; None for plain rows.
     pub aggregate: Option<AggregateSpec>,
     /// SELECT DISTINCT: duplicates across shards are removed (exact bytes of the row).

@@ -68,7 +68,7 @@ impl ColType {
             oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => Kind::Int,
             oid::FLOAT4 => Kind::Float4,
             oid::FLOAT8 => Kind::Float8,
-            oid::NUMERIC if !binary => Kind::Numeric,
+            oid::NUMERIC => Kind::Numeric,
             oid::TEXT | oid::VARCHAR | oid::NAME | oid::CHAR => Kind::Bytes,
             // Binary bytea is the raw bytes, text bytea the \x hex form: both sort as bytes.
             oid::BYTEA => Kind::Bytes,
@@ -117,9 +117,10 @@ impl ColType {
                 self.float(a).ok_or_else(bad)?,
                 self.float(b).ok_or_else(bad)?,
             ),
-            (Kind::Numeric, _) => Numeric::parse(a)
+            (Kind::Numeric, _) => self
+                .numeric(a)
                 .ok_or_else(bad)?
-                .cmp_value(&Numeric::parse(b).ok_or_else(bad)?),
+                .cmp_value(&self.numeric(b).ok_or_else(bad)?),
             (Kind::Bytes, _) => a.cmp(b),
             (Kind::Bpchar, _) => trim_spaces(a).cmp(trim_spaces(b)),
             (Kind::Bool, _) => self
@@ -153,6 +154,25 @@ impl ColType {
             8 => i64::from_be_bytes(v.try_into().ok()?),
             _ => return None,
         })
+    }
+
+    /// A numeric value, or an integer one as numeric (text or binary format).
+    pub fn numeric(&self, v: &[u8]) -> Option<Numeric> {
+        match (self.kind, self.binary) {
+            (Kind::Numeric, false) => Numeric::parse(v),
+            (Kind::Numeric, true) => Numeric::from_binary(v),
+            (Kind::Int, _) => Numeric::parse(self.int(v)?.to_string().as_bytes()),
+            _ => None,
+        }
+    }
+
+    /// Encodes a numeric in this column's format.
+    pub fn encode_numeric(&self, v: &Numeric) -> Vec<u8> {
+        if self.binary {
+            v.to_binary()
+        } else {
+            v.format()
+        }
     }
 
     /// A float4/float8 value.

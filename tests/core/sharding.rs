@@ -372,6 +372,48 @@ fn scatter_matches(h: &Harness) -> TestResult {
             let got = rows_text(&c, &q.replace(" sc", " scat")).await?;
             ensure!(got == want, "{q}\n sharded: {got:?}\n one server: {want:?}");
         }
+        // The extended protocol, as drivers send it: binary results, LIMIT/OFFSET as
+        // parameters, the statement described in its own Sync before it runs.
+        let (seven, five, ten, three) = (7i64, 5i64, 10i64, 3i64);
+        let extended: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 6] = [
+            (
+                "SELECT count(v), sum(v), min(v), max(v), avg(v) FROM sc",
+                &[],
+            ),
+            (
+                "SELECT g, count(*), sum(v), avg(v) FROM sc GROUP BY g ORDER BY g",
+                &[],
+            ),
+            ("SELECT id, t FROM sc ORDER BY id DESC LIMIT $1", &[&seven]),
+            (
+                "SELECT id FROM sc ORDER BY id LIMIT $1 OFFSET $2",
+                &[&five, &ten],
+            ),
+            (
+                "SELECT g, avg(id), sum(id) FROM sc GROUP BY g ORDER BY g LIMIT $1",
+                &[&three],
+            ),
+            (
+                "SELECT avg(g), avg(f), sum(g) FROM sc WHERE id > $1",
+                &[&ten],
+            ),
+        ];
+        for (q, params) in extended {
+            let want = raw_rows(&reference, q, params).await?;
+            ensure!(!want.1.is_empty(), "{q}: the reference returned no rows");
+            let got = raw_rows(&c, &q.replace(" sc", " scat"), params).await?;
+            ensure!(
+                got == want,
+                "extended {q}\n sharded: {got:?}\n one server: {want:?}"
+            );
+            eprintln!("scatter: extended {q}: {} rows, types {:?}", want.1.len(), want.0);
+        }
+        let e = c
+            .query("SELECT id FROM scat ORDER BY id LIMIT $1", &[&-1i64])
+            .await
+            .err()
+            .ok_or("a negative LIMIT must be refused")?;
+        ensure!(sqlstate(&e) == "2201W", "negative LIMIT: {e}");
         // Keyless write: counts summed across shards.
         let n = c
             .execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[])
@@ -396,6 +438,46 @@ async fn rows_text(
             _ => None,
         })
         .collect())
+}
+
+/// A column value exactly as the server sent it (binary format).
+struct Raw(Option<Vec<u8>>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw.to_vec())))
+    }
+    fn from_sql_null(
+        _: &tokio_postgres::types::Type,
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
+/// Column types and raw binary values of an extended-protocol query.
+async fn raw_rows(
+    c: &tokio_postgres::Client,
+    q: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(Vec<String>, Vec<Vec<Option<Vec<u8>>>>), String> {
+    let rows = c.query(q, params).await.map_err(|e| format!("{q}: {e}"))?;
+    let types = rows.first().map_or(Vec::new(), |r| {
+        r.columns()
+            .iter()
+            .map(|c| c.type_().name().to_string())
+            .collect()
+    });
+    let values = rows
+        .iter()
+        .map(|r| (0..r.len()).map(|i| r.get::<_, Raw>(i).0).collect())
+        .collect();
+    Ok((types, values))
 }
 
 fn refusals(h: &Harness) -> TestResult {

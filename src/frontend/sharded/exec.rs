@@ -46,28 +46,19 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         shards: &[usize],
         text: &str,
         plan: &Plan,
+        params: &crate::router::Params<'_>,
         writes: bool,
         batch: Option<&Batch>,
     ) -> Result<(), Failure> {
         let sql = plan.scatter_sql.as_deref().unwrap_or(text);
-        if batch.is_some() && plan.scatter_sql.is_some() {
-            return Err(Refusal::new(
-                "0A000",
-                "this multi-shard query needs rewriting (LIMIT/OFFSET or avg), which pgshard does for simple queries only; send it without parameters or add the sharding key",
-            )
-            .into());
-        }
-        let mut merger = Merger::new(plan.merge.clone(), shards.len());
+        let spec = super::ext_scatter::bound_merge(&plan.merge, params)?;
+        let mut merger = Merger::new(spec, shards.len());
         if let Some(seg) = batch {
-            let desc = seg
-                .stmt
-                .as_ref()
-                .and_then(|s| self.ext.row_descs.get(&s.def.key));
-            if let (Some(desc), Some(bind)) = (desc, &seg.bind) {
-                let formats = super::extended::bind_result_formats(bind);
-                merger
-                    .describe(desc, &formats)
-                    .map_err(|e| Refusal::new("0A000", e.to_string()))?;
+            if !self
+                .ready_extended_merge(shards, plan, seg, &mut merger)
+                .await?
+            {
+                return Ok(());
             }
         }
         self.exchange(shards, sql, Some(merger), writes, batch)
@@ -332,7 +323,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 
     /// Reads one message from a shard; losing the server fails the statement and the session's
     /// hold on that connection.
-    async fn read_msg(&mut self, shard: usize) -> Result<crate::protocol::Frame, Failure> {
+    pub(super) async fn read_msg(
+        &mut self,
+        shard: usize,
+    ) -> Result<crate::protocol::Frame, Failure> {
         let max = self.max_msg;
         let co = self.conns[shard].as_mut().expect("held");
         match co.conn.read_frame(max).await {
@@ -349,7 +343,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
     }
 
-    fn lost(&mut self, shard: usize, why: &str) -> Failure {
+    pub(super) fn lost(&mut self, shard: usize, why: &str) -> Failure {
         self.drop_conn(shard, false);
         self.tx.fail_any();
         Failure::Refused(Refusal::new(

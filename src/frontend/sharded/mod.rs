@@ -11,6 +11,7 @@
 
 mod copy;
 mod exec;
+mod ext_scatter;
 mod extended;
 mod motion;
 mod tenant;
@@ -537,7 +538,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 if implicit {
                     self.tx.begin_implicit();
                 }
-                let r = self.run_scatter(&shards, text, plan, writes, batch).await;
+                let r = self
+                    .run_scatter(&shards, text, plan, params, writes, batch)
+                    .await;
                 if implicit {
                     match r {
                         Ok(()) => self.commit(false).await?,
