@@ -19,21 +19,71 @@ const MARK: &str = "pgshard_shadow_filter_";
 /// names it, predicate true for the rows to leave out), every appearance of the table reads
 /// only rows the predicate is not true for. Errors say why the statement cannot be rewritten.
 pub fn exclude(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
+    let mut stmts = parse_one(sql)?;
+    if !matches!(stmts[0], Statement::Query(_)) {
+        return Err("only a single SELECT can be read around a unit in motion".into());
+    }
+    rewrite(&mut stmts[0], hide, false, false).map(|(text, _)| text)
+}
+
+/// Confines what a write reads (subqueries, UPDATE … FROM, DELETE … USING, INSERT … SELECT,
+/// RETURNING) to the rows each `(table, predicate)` of `keep` keeps, leaving the written table
+/// itself alone: `FROM t` becomes `FROM (SELECT * FROM t WHERE predicate) AS t`, a form the
+/// router can route by when the predicate is `key = literal`. None when the write reads none
+/// of the tables.
+pub fn confine_reads_of_write(
+    sql: &str,
+    keep: &[(String, String)],
+) -> Result<Option<String>, String> {
+    let mut stmts = parse_one(sql)?;
+    let (text, replaced) = match &stmts[0] {
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
+            rewrite(&mut stmts[0], keep, true, true)?
+        }
+        _ => return Err("not an INSERT, UPDATE or DELETE".into()),
+    };
+    Ok((replaced > 0).then_some(text))
+}
+
+fn parse_one(sql: &str) -> Result<Vec<Statement>, String> {
     if sql.to_ascii_lowercase().contains(MARK) {
         return Err(format!("the statement contains the reserved word {MARK}"));
     }
-    let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
-    if stmts.len() != 1 || !matches!(stmts[0], Statement::Query(_)) {
-        return Err("only a single SELECT can be read around a unit in motion".into());
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+    if stmts.len() != 1 {
+        return Err("only a single statement can be filtered".into());
     }
+    Ok(stmts)
+}
+
+/// Filters every listed table the statement reads (predicates name the rows to leave out, or
+/// with `keep` the rows to keep); with `write`, the written table (the first table factor of
+/// UPDATE/DELETE, the INSERT's target) is left as it is. Returns the text and how many
+/// mentions were filtered.
+fn rewrite(
+    stmt: &mut Statement,
+    hide: &[(String, String)],
+    write: bool,
+    keep: bool,
+) -> Result<(String, usize), String> {
+    let target = match (&*stmt, write) {
+        (Statement::Insert(i), true) => match &i.table {
+            sqlparser::ast::TableObject::TableName(n) => Some(object_name(n)),
+            _ => None,
+        },
+        _ => None,
+    };
     let mut v = Shadow {
         hide,
         seen: 0,
         replaced: 0,
+        skip_first: write && matches!(stmt, Statement::Update(_) | Statement::Delete(_)),
+        factors: 0,
+        target_hidden: false,
         cte_clash: None,
         error: None,
     };
-    let _ = stmts[0].visit(&mut v);
+    let _ = stmt.visit(&mut v);
     if let Some(e) = v.error {
         return Err(e);
     }
@@ -43,17 +93,25 @@ pub fn exclude(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
         ));
     }
     // Every mention of a hidden table (post_visit_relation also sees names outside FROM, like
-    // a function's or a locking clause's) must have become a filtered subquery.
-    if v.seen != v.replaced {
+    // a function's or a locking clause's) must have become a filtered subquery, but the
+    // written table.
+    let written = usize::from(target.is_some_and(|t| hide.iter().any(|(h, _)| *h == t)))
+        + usize::from(v.target_hidden);
+    if v.seen != v.replaced + written {
         return Err(
             "the statement names a table in motion somewhere pgshard cannot filter it".into(),
         );
     }
-    let mut text = stmts[0].to_string();
+    let mut text = stmt.to_string();
     for (i, (_, pred)) in hide.iter().enumerate() {
-        text = text.replace(&format!("{MARK}{i}"), &format!("({pred}) IS NOT TRUE"));
+        let filter = if keep {
+            format!("({pred})")
+        } else {
+            format!("({pred}) IS NOT TRUE")
+        };
+        text = text.replace(&format!("{MARK}{i}"), &filter);
     }
-    Ok(text)
+    Ok((text, v.replaced))
 }
 
 struct Shadow<'h> {
@@ -61,6 +119,12 @@ struct Shadow<'h> {
     /// Relations naming a hidden table (before any rewrite).
     seen: usize,
     replaced: usize,
+    /// The first table factor is a write's target, left unfiltered.
+    skip_first: bool,
+    /// Table factors seen so far.
+    factors: usize,
+    /// Whether the skipped target is a hidden table.
+    target_hidden: bool,
     cte_clash: Option<String>,
     error: Option<String>,
 }
@@ -100,6 +164,13 @@ impl VisitorMut for Shadow<'_> {
 
     // After the children: the subquery put in place is not visited again.
     fn post_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+        self.factors += 1;
+        if self.skip_first && self.factors == 1 {
+            if let TableFactor::Table { name, .. } = tf {
+                self.target_hidden = self.hidden(name).is_some();
+            }
+            return ControlFlow::Continue(());
+        }
         let TableFactor::Table {
             name,
             alias,
@@ -154,7 +225,7 @@ impl VisitorMut for Shadow<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::exclude;
+    use super::{confine_reads_of_write, exclude};
 
     fn hide(t: &str) -> Vec<(String, String)> {
         vec![(t.to_string(), "id % 2 = 0".to_string())]
@@ -185,10 +256,34 @@ mod tests {
             &hide("items")
         )
         .is_err());
+        assert!(exclude("DELETE FROM items", &hide("items")).is_err());
         // Other tables are left alone.
         assert_eq!(
             exclude("SELECT * FROM other", &hide("items")).unwrap(),
             "SELECT * FROM other"
         );
+    }
+
+    #[test]
+    fn a_write_reads_through_the_filter_and_writes_its_own_table() {
+        let h = hide("items");
+        let w = |sql: &str| confine_reads_of_write(sql, &h).unwrap();
+        assert_eq!(w("UPDATE items SET v = 1 WHERE id = 3"), None);
+        assert_eq!(w("INSERT INTO items VALUES (1, 2)"), None);
+        assert_eq!(w("DELETE FROM items WHERE id = 3"), None);
+        let out = w("UPDATE items SET v = (SELECT max(v) FROM items o) WHERE id = 3").unwrap();
+        assert!(
+            out.starts_with("UPDATE items SET v = (SELECT max(v) FROM (SELECT * FROM items WHERE (id % 2 = 0)) o)"),
+            "{out}"
+        );
+        let out = w("INSERT INTO items SELECT id + 1, v FROM items WHERE id = 3").unwrap();
+        assert!(out.starts_with("INSERT INTO items SELECT"), "{out}");
+        assert_eq!(out.matches("IS NOT TRUE").count(), 1, "{out}");
+        let out =
+            w("DELETE FROM items USING items AS o WHERE items.id = 3 AND o.v = items.v").unwrap();
+        assert!(out.starts_with("DELETE FROM items USING (SELECT"), "{out}");
+        let out = w("UPDATE other SET v = 1 WHERE id IN (SELECT id FROM items)").unwrap();
+        assert_eq!(out.matches("(id % 2 = 0)").count(), 1, "{out}");
+        assert!(confine_reads_of_write("SELECT 1", &h).is_err());
     }
 }

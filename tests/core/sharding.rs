@@ -406,7 +406,11 @@ fn scatter_matches(h: &Harness) -> TestResult {
                 got == want,
                 "extended {q}\n sharded: {got:?}\n one server: {want:?}"
             );
-            eprintln!("scatter: extended {q}: {} rows, types {:?}", want.1.len(), want.0);
+            eprintln!(
+                "scatter: extended {q}: {} rows, types {:?}",
+                want.1.len(),
+                want.0
+            );
         }
         let e = c
             .query("SELECT id FROM scat ORDER BY id LIMIT $1", &[&-1i64])

@@ -138,6 +138,36 @@ fn tenant_database(h: &Harness) -> TestResult {
             .await
             .pgx("update own row")?;
         ensure!(n == 1, "update own row touched {n}");
+        // What a write reads is the tenant's too (neighbours share the shard).
+        c.batch_execute(
+            "UPDATE tdocs SET body = (SELECT count(*)::text FROM tdocs) WHERE tenant = 't7' AND id = 100",
+        )
+        .await
+        .pgx("update reading its table")?;
+        let body = one(
+            &c,
+            "SELECT body FROM tdocs WHERE tenant = 't7' AND id = 100",
+        )
+        .await?;
+        ensure!(
+            body == "9",
+            "a write's subquery counted {body} docs, the tenant has 9"
+        );
+        c.execute(
+            "UPDATE tdocs SET body = (SELECT count(*)::text FROM tlines l WHERE l.n > $1) WHERE tenant = $2 AND id = $3",
+            &[&0i32, &"t7".to_string(), &100i32],
+        )
+        .await
+        .pgx("extended update reading another table")?;
+        let body = one(
+            &c,
+            "SELECT body FROM tdocs WHERE tenant = 't7' AND id = 100",
+        )
+        .await?;
+        ensure!(
+            body == "8",
+            "a write's subquery counted {body} lines, the tenant has 8"
+        );
         let refused = [
             (
                 "INSERT INTO tdocs (tenant, id, body) VALUES ('t3', 100, 'x')",
@@ -203,10 +233,11 @@ fn tenant_database(h: &Harness) -> TestResult {
             h,
             my_shard,
             "shop",
-            "SELECT string_agg(id::text || body, ',' ORDER BY id) FROM tdocs WHERE tenant = 't7' AND id >= 100",
+            "SELECT string_agg(id::text || ':' || body, ',' ORDER BY id) FROM tdocs WHERE tenant = 't7' AND id >= 100",
         )?;
         ensure!(
-            mine == "100upd,200c,201c",
+            // Row 100's body is the count its last UPDATE's subquery took.
+            mine == "100:8,200:c,201:c",
             "t7's new rows on its shard: {mine}"
         );
         let stray = on_shard(

@@ -452,7 +452,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Kind::Session => return self.session_statement(text, plan, batch).await,
             Kind::Copy(spec) if spec.from_stdin => {
                 if let Some(t) = self.tenant.as_mut() {
-                    t.scope(&self.map, plan, params, text)?;
+                    t.scope(&self.map, &self.app.plans, plan, params, text)?;
                 }
                 return Box::pin(self.copy_in(text, plan, spec.clone(), batch)).await;
             }
@@ -478,7 +478,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let scoped;
         let mut tenant_sql = None;
         let plan = match self.tenant.as_mut() {
-            Some(t) => match t.scope(&self.map, plan, params, text)? {
+            Some(t) => match t.scope(&self.map, &self.app.plans, plan, params, text)? {
                 tenant::Scoped::AsPlanned => plan,
                 tenant::Scoped::Filtered { plan, sql } => {
                     scoped = plan;
@@ -501,7 +501,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             )?;
         }
         if let Some(sql) = tenant_sql {
-            // A keyed read: one shard, which motion shadows never rewrite.
+            // Keyed to the tenant: one shard, which motion shadows never rewrite.
             let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
             self.shadow = shards
                 .iter()

@@ -1,7 +1,8 @@
 //! Database-per-tenant sessions: a client that connected to `<tenant_prefix><tenant>` reaches
 //! only that tenant's rows of the tenant distribution's tables. Reads are rewritten to filter
 //! every such table to the tenant (so a join or a key-less count cannot see a neighbour on the
-//! same shard); writes must name the tenant by key, and no other.
+//! same shard); writes must name the tenant by key, and no other, and what they read (a
+//! subquery, UPDATE … FROM, INSERT … SELECT) is filtered like a read.
 
 use super::Refusal;
 use crate::router::{Hint, Kind, Params, Plan, Route};
@@ -20,15 +21,18 @@ pub(super) struct TenantScope {
     pub dist: String,
     /// Client-facing database name, for messages.
     pub database: String,
-    /// Filtered read texts by the original's hash (reads repeat; parsing each is the cost).
-    memo: HashMap<u64, Arc<str>>,
+    /// Filtered texts by the original's hash (statements repeat; parsing each is the cost);
+    /// None for a write that reads no tenant table.
+    memo: HashMap<u64, Option<Arc<str>>>,
 }
 
 /// What a statement becomes in a tenant session.
 pub(super) enum Scoped {
-    /// Runs as planned: it touches no tenant table, or writes rows of the tenant by key.
+    /// Runs as planned: it touches no tenant table, or writes rows of the tenant by key and
+    /// reads no tenant table.
     AsPlanned,
-    /// A read of tenant tables, now routed by the tenant's key with `sql` in place of the text.
+    /// Reads tenant tables: routed by the tenant's key with `sql` (every tenant table it reads
+    /// filtered to the tenant) in place of the text.
     Filtered { plan: Arc<Plan>, sql: Arc<str> },
 }
 
@@ -56,6 +60,7 @@ impl TenantScope {
     pub fn scope(
         &mut self,
         map: &ShardMap,
+        plans: &crate::router::PlanCache,
         plan: &Plan,
         params: &Params,
         text: &str,
@@ -63,8 +68,9 @@ impl TenantScope {
         let Some(dist) = map.distributions.iter().position(|d| d.name == self.dist) else {
             return Err(self.refuse("XX000", "its distribution is no longer in the shard map"));
         };
+        let key = self.key.clone();
         let want = map
-            .parse_key(dist, self.key.as_bytes())
+            .parse_key(dist, key.as_bytes())
             .map_err(|e| self.refuse("22P02", &e.to_string()))?;
         match &plan.hint {
             Some(Hint::Shard(_)) => {
@@ -117,8 +123,30 @@ impl TenantScope {
                     "COPY of a tenant table out of a tenant database is not supported; use SELECT",
                 ))
             }
-            Kind::Write if keyed => return Ok(Scoped::AsPlanned),
             Kind::Write => {
+                // Its own rows must be the tenant's, and so must what it reads: a subquery
+                // confined to the tenant also pins it, where alone it would span the shards.
+                let sql = self.filtered(map, dist, &tenant_tables, text, true)?;
+                if keyed {
+                    return Ok(match sql {
+                        None => Scoped::AsPlanned,
+                        Some(sql) => Scoped::Filtered {
+                            plan: Arc::new(plan.clone()),
+                            sql,
+                        },
+                    });
+                }
+                if let (Some(sql), None) = (&sql, &plan.hint) {
+                    let confined = plans.plan(sql, map);
+                    if crate::router::keys_all_equal(map, &confined.route, dist, params, &want)
+                        .map_err(Refusal::from)?
+                    {
+                        return Ok(Scoped::Filtered {
+                            plan: confined,
+                            sql: sql.clone(),
+                        });
+                    }
+                }
                 let (t, c) = &tenant_tables[0];
                 let named_other = matches!(&plan.route, Route::Keys { dist: d, .. } if *d == dist);
                 return Err(if named_other {
@@ -135,36 +163,8 @@ impl TenantScope {
             }
             _ => return Ok(Scoped::AsPlanned),
         }
-        let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
-        let sql = match self.memo.get(&hash) {
-            Some(s) => s.clone(),
-            None => {
-                let literal = crate::shardmap::motion::sql_literal(
-                    &map.distributions[dist].key_type,
-                    &self.key,
-                )
-                .map_err(|e| self.refuse("22P02", &e.to_string()))?;
-                let hide: Vec<(String, String)> = tenant_tables
-                    .iter()
-                    .map(|(t, c)| {
-                        let col = crate::pghash::quote_ident(c).unwrap_or_default();
-                        (t.clone(), format!("{col} IS DISTINCT FROM {literal}"))
-                    })
-                    .collect();
-                let sql: Arc<str> = crate::router::shadow::exclude(text, &hide)
-                    .map_err(|why| {
-                        self.refuse(
-                            "0A000",
-                            &format!("this read cannot be filtered to the tenant's rows ({why})"),
-                        )
-                    })?
-                    .into();
-                if self.memo.len() >= MEMO_LIMIT {
-                    self.memo.clear();
-                }
-                self.memo.insert(hash, sql.clone());
-                sql
-            }
+        let Some(sql) = self.filtered(map, dist, &tenant_tables, text, false)? else {
+            return Ok(Scoped::AsPlanned);
         };
         let plan = Arc::new(Plan {
             route: Route::Keys {
@@ -179,5 +179,58 @@ impl TenantScope {
             ..plan.clone()
         });
         Ok(Scoped::Filtered { plan, sql })
+    }
+
+    /// `text` with every tenant table it reads confined to the tenant (memoised per text): a
+    /// read's every mention, or what a write reads besides the table it writes (None when
+    /// that is nothing).
+    fn filtered(
+        &mut self,
+        map: &ShardMap,
+        dist: usize,
+        tenant_tables: &[(String, String)],
+        text: &str,
+        write: bool,
+    ) -> Result<Option<Arc<str>>, Refusal> {
+        let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+        if let Some(s) = self.memo.get(&hash) {
+            return Ok(s.clone());
+        }
+        let literal =
+            crate::shardmap::motion::sql_literal(&map.distributions[dist].key_type, &self.key)
+                .map_err(|e| self.refuse("22P02", &e.to_string()))?;
+        let column = |c: &str| crate::pghash::quote_ident(c).unwrap_or_default();
+        let filtered = if write {
+            // The kept rows as `key = literal`: the router routes the confined text by it.
+            let keep: Vec<(String, String)> = tenant_tables
+                .iter()
+                .map(|(t, c)| (t.clone(), format!("{} = {literal}", column(c))))
+                .collect();
+            crate::router::shadow::confine_reads_of_write(text, &keep)
+        } else {
+            let hide: Vec<(String, String)> = tenant_tables
+                .iter()
+                .map(|(t, c)| {
+                    (
+                        t.clone(),
+                        format!("{} IS DISTINCT FROM {literal}", column(c)),
+                    )
+                })
+                .collect();
+            crate::router::shadow::exclude(text, &hide).map(Some)
+        };
+        let sql: Option<Arc<str>> = filtered
+            .map_err(|why| {
+                self.refuse(
+                    "0A000",
+                    &format!("this statement cannot be confined to the tenant's rows ({why})"),
+                )
+            })?
+            .map(Into::into);
+        if self.memo.len() >= MEMO_LIMIT {
+            self.memo.clear();
+        }
+        self.memo.insert(hash, sql.clone());
+        Ok(sql)
     }
 }
