@@ -10,6 +10,7 @@
 //!    reach the new shard too, so nothing written after the copy can miss it);
 //! 5. the map without the joining mark: the shard serves reads like any other.
 
+use super::Progress;
 use super::{connect, publish_edit, wait_acks, MoveError, ShardLink};
 use crate::catalog::Catalog;
 use crate::shardmap::config::{BucketRange, ShardingConfig};
@@ -32,7 +33,7 @@ pub async fn add_shard(
     cat: &Catalog,
     shards: &[ShardLink],
     ack_timeout: Duration,
-    progress: &dyn Fn(&str),
+    progress: &dyn Progress,
 ) -> Result<AddReport, MoveError> {
     let base = cat
         .latest_map()
@@ -106,7 +107,7 @@ pub async fn add_shard(
             )));
         }
         if !missing.is_empty() {
-            progress(&format!(
+            progress.line(&format!(
                 "add-shard: copying the schema from shard {from} to shard {n}"
             ));
             copy_schema(&shards[from].dsn, &shards[n].dsn).await?;
@@ -118,7 +119,7 @@ pub async fn add_shard(
             *count = n + 1;
         })
         .await?;
-        progress(&format!(
+        progress.line(&format!(
             "add-shard: map version {v} has shard {n} joining; waiting for the routers"
         ));
         wait_acks(cat, v, ack_timeout).await?;
@@ -133,7 +134,7 @@ pub async fn add_shard(
     report.reference_tables = refs.len();
     if !refs.is_empty() {
         report.reference_rows = copy_reference(&mut src, &mut new, &refs).await?;
-        progress(&format!(
+        progress.line(&format!(
             "add-shard: copied {} rows of {} reference tables",
             report.reference_rows,
             refs.len()
@@ -147,7 +148,7 @@ pub async fn add_shard(
     })
     .await?;
     wait_acks(cat, report.version, ack_timeout).await?;
-    progress(&format!(
+    progress.line(&format!(
         "add-shard: shard {n} serves from map version {}; `shardctl plan` moves buckets onto it",
         report.version
     ));
@@ -279,7 +280,7 @@ async fn copy_reference(
         for t in &names {
             let out = ts.copy_out(&format!("COPY {t} TO STDOUT")).await?;
             let sink = tn.copy_in(&format!("COPY {t} FROM STDIN")).await?;
-            rows += super::copy::pipe(out, sink).await?.0;
+            rows += super::copy::pipe(out, sink, &mut |_| {}).await?.0;
         }
         tn.commit().await?;
         ts.commit().await?;

@@ -1,7 +1,7 @@
 //! Bulk steps of a move over ordinary connections: checking that a table can move, copying a
 //! unit's rows under the slot's exported snapshot, per-bucket verification, and cleanup.
 
-use super::MoveError;
+use super::{MoveError, Progress};
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -76,6 +76,7 @@ pub async fn copy_unit(
     snapshot: &str,
     table: &str,
     pred: &str,
+    progress: &dyn Progress,
 ) -> Result<(u64, u64), MoveError> {
     let t = super::apply::table_ident(table)?;
     let tx = source
@@ -89,32 +90,60 @@ pub async fn copy_unit(
         snapshot.replace('\'', "''")
     ))
     .await?;
-    let out = tx
-        .copy_out(&format!("COPY (SELECT * FROM {t} WHERE {pred}) TO STDOUT"))
-        .await?;
+    let select = format!("SELECT * FROM {t} WHERE {pred}");
+    let estimate = estimated_rows(&tx, &select).await;
+    let out = tx.copy_out(&format!("COPY ({select}) TO STDOUT")).await?;
     let sink = target.copy_in(&format!("COPY {t} FROM STDIN")).await?;
-    let r = pipe(out, sink).await?;
+    let step = format!("copying {table}");
+    let r = pipe(out, sink, &mut |rows| {
+        progress.advance(&step, rows, estimate)
+    })
+    .await;
+    progress.step_done();
+    let r = r?;
     tx.commit().await?;
     Ok(r)
 }
 
-/// Streams a `COPY … TO STDOUT` into a `COPY … FROM STDIN`; returns (rows, bytes).
+/// The planner's row estimate for a query (for a progress bar's length; None if unknown).
+async fn estimated_rows(c: &tokio_postgres::Transaction<'_>, select: &str) -> Option<u64> {
+    // The top plan line: "Seq Scan on t  (cost=0.00..35.50 rows=2550 width=4)".
+    let rows = c.query(&format!("EXPLAIN {select}"), &[]).await.ok()?;
+    let top: String = rows.first()?.try_get(0).ok()?;
+    let n = top.split("rows=").nth(1)?.split(' ').next()?;
+    n.parse().ok()
+}
+
+/// Streams a `COPY … TO STDOUT` into a `COPY … FROM STDIN`; returns (rows, bytes). `tick`
+/// hears the rows sent so far every few hundred kilobytes.
 pub async fn pipe(
     out: tokio_postgres::CopyOutStream,
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+    tick: &mut dyn FnMut(u64),
 ) -> Result<(u64, u64), MoveError> {
     pin_mut!(out);
     pin_mut!(sink);
-    let mut bytes = 0u64;
+    let (mut bytes, mut rows, mut told) = (0u64, 0u64, 0u64);
     while let Some(chunk) = out.next().await {
         let chunk = chunk?;
         bytes += chunk.len() as u64;
+        // Text COPY escapes newlines inside values: each newline byte ends a row.
+        rows += memchr_count(&chunk);
+        if bytes - told >= 256 * 1024 {
+            told = bytes;
+            tick(rows);
+        }
         // feed, not send: send flushes every row (PostgreSQL sends one CopyData per row);
         // the sink flushes by itself as its buffer fills.
         sink.feed(chunk).await?;
     }
     let rows = sink.finish().await?;
+    tick(rows);
     Ok((rows, bytes))
+}
+
+fn memchr_count(b: &[u8]) -> u64 {
+    b.iter().filter(|&&c| c == b'\n').count() as u64
 }
 
 /// Per-bucket (or per-unit) row count and order-independent checksum of the unit's rows.

@@ -113,15 +113,32 @@ pub struct MoveReport {
     pub rows_deleted_on_source: u64,
 }
 
+/// Where a move reports how it goes: finished steps as lines, long steps (the copy, the
+/// catch-up) as they advance. shardctl draws progress bars; a closure taking lines will do.
+pub trait Progress {
+    /// One finished step.
+    fn line(&self, msg: &str);
+    /// A long step advancing: `done` of `total` rows (None: not known in advance).
+    fn advance(&self, _step: &str, _done: u64, _total: Option<u64>) {}
+    /// The long step that was advancing has ended.
+    fn step_done(&self) {}
+}
+
+impl<F: Fn(&str)> Progress for F {
+    fn line(&self, msg: &str) {
+        self(msg)
+    }
+}
+
 /// Runs a move to the end (or aborts it, leaving no trace, if anything fails before the switch).
 pub async fn run(
     cat: &Catalog,
     shards: &[ShardLink],
     req: &MoveRequest,
-    progress: &dyn Fn(&str),
+    progress: &dyn Progress,
 ) -> Result<MoveReport, MoveError> {
     let mut m = Mover::plan(cat, shards, req.clone()).await?;
-    progress(&format!(
+    progress.line(&format!(
         "move {}: {} of {} from shard {} to shard {}",
         m.id, m.describe, req.distribution, m.source, m.target
     ));
@@ -130,9 +147,9 @@ pub async fn run(
         return Err(e);
     }
     if let Err(e) = r {
-        progress(&format!("move {}: {e}; aborting", m.id));
+        progress.line(&format!("move {}: {e}; aborting", m.id));
         if let Err(a) = m.abort().await {
-            progress(&format!(
+            progress.line(&format!(
                 "move {}: abort incomplete ({a}); `shardctl abort {}` finishes it",
                 m.id, m.id
             ));
@@ -159,7 +176,7 @@ pub async fn abort(
     shards: &[ShardLink],
     id: u64,
     ack_timeout: Duration,
-    progress: &dyn Fn(&str),
+    progress: &dyn Progress,
 ) -> Result<(), MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
     if m.config.phase == MovePhase::Switched {
@@ -169,7 +186,7 @@ pub async fn abort(
         )));
     }
     m.abort().await?;
-    progress(&format!(
+    progress.line(&format!(
         "move {id}: aborted; the unit stays on shard {}",
         m.source
     ));
@@ -183,7 +200,7 @@ pub async fn resume(
     shards: &[ShardLink],
     id: u64,
     ack_timeout: Duration,
-    progress: &dyn Fn(&str),
+    progress: &dyn Progress,
 ) -> Result<MoveReport, MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
     if m.config.phase != MovePhase::Switched {

@@ -2,6 +2,7 @@
 //! catalog's map (abort, resume), assembled with its tables' predicates.
 
 use super::stream::ChangeStream;
+use super::Progress;
 use super::{
     apply, copy, publish_edit, wait_acks, MoveError, MoveReport, MoveRequest, ShardLink, UnitSpec,
 };
@@ -275,14 +276,14 @@ impl<'a> Mover<'a> {
     pub(super) async fn retain_existing(
         &mut self,
         src: &Client,
-        progress: &dyn Fn(&str),
+        progress: &dyn Progress,
     ) -> Result<(), MoveError> {
         let mut present = Vec::new();
         for t in std::mem::take(&mut self.tables) {
             if copy::exists(src, &t.0).await? {
                 present.push(t);
             } else {
-                progress(&format!(
+                progress.line(&format!(
                     "move {}: table {} does not exist on shard {}; nothing of it to move",
                     self.id, t.0, self.source
                 ));

@@ -3,6 +3,7 @@
 
 use super::mapedit::{set_phase, switch};
 use super::mover::Mover;
+use super::Progress;
 use super::{apply, connect, copy, standby, stream, MoveError};
 use crate::shardmap::config::{MovePhase, ShardingConfig};
 use crate::shardmap::Strategy;
@@ -17,7 +18,7 @@ use tokio_postgres::Client;
 const FLUSH_BYTES: usize = 1 << 20;
 
 impl Mover<'_> {
-    pub(super) async fn before_switch(&mut self, progress: &dyn Fn(&str)) -> Result<(), MoveError> {
+    pub(super) async fn before_switch(&mut self, progress: &dyn Progress) -> Result<(), MoveError> {
         let mut src = connect(&self.shards[self.source].dsn).await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
         self.retain_existing(&src, progress).await?;
@@ -60,8 +61,8 @@ impl Mover<'_> {
         let t = Instant::now();
         for (table, pred, _) in &self.tables {
             let (rows, bytes) =
-                copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred).await?;
-            progress(&format!(
+                copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred, progress).await?;
+            progress.line(&format!(
                 "move {}: copied {rows} rows ({bytes} bytes) of {table}",
                 self.id
             ));
@@ -92,15 +93,18 @@ impl Mover<'_> {
         for round in 0.. {
             let r = Instant::now();
             self.marker(&src, &tgt, &format!("probe {round}")).await?;
+            let changes = self.applier.as_ref().map_or(0, |a| a.changes);
+            progress.advance("catching up (changes applied)", changes as u64, None);
             if r.elapsed() < Duration::from_millis(200) || round >= 50 {
                 break;
             }
         }
+        progress.step_done();
         self.report.catchup_ms = t.elapsed().as_millis() as u64;
         if self.req.stop_after == Some(MovePhase::Copying) {
             return Err(MoveError::Stopped(MovePhase::Copying));
         }
-        progress(&format!(
+        progress.line(&format!(
             "move {}: caught up ({} changes applied); fencing",
             self.id,
             self.applier.as_ref().map_or(0, |a| a.changes)
@@ -152,7 +156,7 @@ impl Mover<'_> {
         self.report.pause_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
         self.published = false;
         self.state("switched", "").await;
-        progress(&format!(
+        progress.line(&format!(
             "move {}: switched after a {:.1} ms pause; verifying",
             self.id, self.report.pause_ms
         ));
@@ -230,7 +234,7 @@ impl Mover<'_> {
     pub(super) async fn after_switch(
         &mut self,
         src: &Client,
-        progress: &dyn Fn(&str),
+        progress: &dyn Progress,
     ) -> Result<(), MoveError> {
         self.drop_replication(src).await;
         let v = self.cat.latest_map().await?.map_or(0, |m| m.version);
@@ -248,7 +252,7 @@ impl Mover<'_> {
         .await?;
         self.state("done", "").await;
         self.report_standbys(&floors, progress).await;
-        progress(&format!(
+        progress.line(&format!(
             "move {}: done; {} rows removed from shard {}",
             self.id, self.report.rows_deleted_on_source, self.source
         ));
@@ -272,15 +276,15 @@ impl Mover<'_> {
     pub(super) async fn report_standbys(
         &self,
         floors: &[(usize, String)],
-        progress: &dyn Fn(&str),
+        progress: &dyn Progress,
     ) {
         for (shard, lsn) in floors {
             for (i, r) in self.shards[*shard].replicas.iter().enumerate() {
                 let id = self.id;
                 match standby::wait_replayed(r, lsn, Duration::from_secs(5)).await {
                     Ok(true) => {}
-                    Ok(false) => progress(&format!("move {id}: replica {i} of shard {shard} has not replayed the move yet (WAL {lsn}); routers read shard {shard} on its primary until it has")),
-                    Err(e) => progress(&format!("move {id}: replica {i} of shard {shard} not reached ({e}); routers read on it only once it has replayed WAL {lsn}")),
+                    Ok(false) => progress.line(&format!("move {id}: replica {i} of shard {shard} has not replayed the move yet (WAL {lsn}); routers read shard {shard} on its primary until it has")),
+                    Err(e) => progress.line(&format!("move {id}: replica {i} of shard {shard} not reached ({e}); routers read on it only once it has replayed WAL {lsn}")),
                 }
             }
         }
@@ -331,7 +335,8 @@ impl Mover<'_> {
                 raise_floors(s, &floors);
             })
             .await?;
-            self.report_standbys(&floors, &|m| eprintln!("{m}")).await;
+            self.report_standbys(&floors, &|m: &str| eprintln!("{m}"))
+                .await;
         }
         self.state("aborted", "").await;
         Ok(())

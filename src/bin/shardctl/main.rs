@@ -1,6 +1,7 @@
 //! shardctl: operate a pgshard deployment through its admin console.
 
 use anyhow::Context;
+mod bars;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -209,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
             let (cat, _) = Catalog::connect(dsn)
                 .await
                 .context("connecting to the catalog")?;
-            let progress = |line: &str| eprintln!("{line}");
+            let progress = bars::Bars::new("", false);
             let r = if abort {
                 pgshard::rebalance::abort(&cat, &links, id, shards.ack_timeout.into(), &progress)
                     .await
@@ -237,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
             let (cat, _) = Catalog::connect(dsn)
                 .await
                 .context("connecting to the catalog")?;
-            let progress = |line: &str| eprintln!("{line}");
+            let progress = bars::Bars::new("", cli.json);
             match pgshard::rebalance::add::add_shard(
                 &cat,
                 &links,
@@ -324,12 +325,7 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
         .await
         .context("connecting to the catalog")?;
     cat.migrate().await?;
-    let quiet = json;
-    let progress = move |line: &str| {
-        if !quiet {
-            eprintln!("{line}");
-        }
-    };
+    let progress = bars::Bars::new("", json);
     match rebalance::run(&cat, &shards, &req, &progress).await {
         Ok(r) => {
             let cols = [
@@ -480,11 +476,7 @@ async fn rebalance_cmd(
             skip_marker_wait: false,
             stop_after: None,
         };
-        let progress = |line: &str| {
-            if !json {
-                eprintln!("[{}/{}] {line}", i + 1, moves.len());
-            }
-        };
+        let progress = bars::Bars::new(format!("[{}/{}] ", i + 1, moves.len()), json);
         match rebalance::run(&cat, &links, &req, &progress).await {
             Ok(r) => {
                 if !json {
