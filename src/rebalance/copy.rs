@@ -91,10 +91,11 @@ pub async fn copy_unit(
     ))
     .await?;
     let select = format!("SELECT * FROM {t} WHERE {pred}");
-    let estimate = estimated_rows(&tx, &select).await;
+    let estimate = estimated_rows(&tx, table, &select).await;
     let out = tx.copy_out(&format!("COPY ({select}) TO STDOUT")).await?;
     let sink = target.copy_in(&format!("COPY {t} FROM STDIN")).await?;
     let step = format!("copying {table}");
+    progress.advance(&step, 0, estimate);
     let r = pipe(out, sink, &mut |rows| {
         progress.advance(&step, rows, estimate)
     })
@@ -105,8 +106,25 @@ pub async fn copy_unit(
     Ok(r)
 }
 
-/// The planner's row estimate for a query (for a progress bar's length; None if unknown).
-async fn estimated_rows(c: &tokio_postgres::Transaction<'_>, select: &str) -> Option<u64> {
+/// The planner's row estimate for a query (for a progress bar's length), when the table has
+/// statistics: without them the planner's guess is off by orders of magnitude.
+async fn estimated_rows(
+    c: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    select: &str,
+) -> Option<u64> {
+    let analysed: bool = c
+        .query_one(
+            "SELECT reltuples >= 0 FROM pg_catalog.pg_class WHERE oid = to_regclass($1::text)",
+            &[&table],
+        )
+        .await
+        .ok()?
+        .try_get(0)
+        .ok()?;
+    if !analysed {
+        return None;
+    }
     // The top plan line: "Seq Scan on t  (cost=0.00..35.50 rows=2550 width=4)".
     let rows = c.query(&format!("EXPLAIN {select}"), &[]).await.ok()?;
     let top: String = rows.first()?.try_get(0).ok()?;
