@@ -90,6 +90,11 @@ fn render(out: &[u8]) -> Vec<String> {
 
 /// Drives the merger the way the session does: always feeding the shard it asks for.
 fn run(spec: MergeSpec, shards: Vec<Vec<Vec<u8>>>) -> Result<Vec<String>, MergeError> {
+    Ok(render(&run_raw(spec, &shards)?))
+}
+
+/// The merged output's bytes, for binary-format values `render` cannot show.
+fn run_raw(spec: MergeSpec, shards: &[Vec<Vec<u8>>]) -> Result<BytesMut, MergeError> {
     let mut m = Merger::new(spec, shards.len());
     let mut next = vec![0; shards.len()];
     let mut out = BytesMut::new();
@@ -99,7 +104,7 @@ fn run(spec: MergeSpec, shards: Vec<Vec<Vec<u8>>>) -> Result<Vec<String>, MergeE
         next[i] += 1;
     }
     m.finish(&mut out)?;
-    Ok(render(&out))
+    Ok(out)
 }
 
 fn ints(vals: &[i64]) -> Vec<Vec<u8>> {
@@ -256,14 +261,7 @@ fn ordered_binary_ints_and_float_nan() {
         order_by: vec![asc(0)],
         ..Default::default()
     };
-    let mut m = Merger::new(spec.clone(), 2);
-    let mut next = [0; 2];
-    let mut out = BytesMut::new();
-    while let Some(i) = m.next_needed() {
-        m.push(i, &shards[i][next[i]], &mut out).unwrap();
-        next[i] += 1;
-    }
-    m.finish(&mut out).unwrap();
+    let out = run_raw(spec.clone(), &shards).unwrap();
     let mut pos = 0;
     let mut got = Vec::new();
     while pos < out.len() {
@@ -928,15 +926,7 @@ fn binary_numeric_sums_and_avg_of_binary_ints() {
         hidden_columns: 1,
         ..Default::default()
     };
-    let mut m = Merger::new(spec, 2);
-    let shards = [shard("1.5", 10, 3), shard("2.25", 5, 1)];
-    let mut next = [0; 2];
-    let mut out = BytesMut::new();
-    while let Some(i) = m.next_needed() {
-        m.push(i, &shards[i][next[i]], &mut out).unwrap();
-        next[i] += 1;
-    }
-    m.finish(&mut out).unwrap();
+    let out = run_raw(spec, &[shard("1.5", 10, 3), shard("2.25", 5, 1)]).unwrap();
     let mut rest = &out[..];
     let mut values = Vec::new();
     while !rest.is_empty() {

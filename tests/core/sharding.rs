@@ -166,6 +166,22 @@ pub(crate) fn on_shard(h: &Harness, shard: usize, db: &str, sql: &str) -> Result
         .map(|s| s.trim().to_string())
 }
 
+/// Waits up to `secs` for the count `sql` reads on `shard`'s primary to be 0.
+fn wait_zero(h: &Harness, shard: usize, sql: &str, secs: u64) -> TestResult {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let left = on_shard(h, shard, "shop", sql)?;
+        if left == "0" {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "shard {shard}: {left} after {secs} s of {sql}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 pub(crate) async fn shop(h: &Harness) -> Result<tokio_postgres::Client, String> {
     connect_port(router(h).port, "app", APP_PW, "shop", "").await
 }
@@ -581,18 +597,7 @@ fn two_phase(h: &Harness) -> TestResult {
         for shard in 0..2 {
             let t0 = on_shard(h, shard, "shop", "SELECT clock_timestamp()")?;
             let sql = format!("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t1_%' AND prepared <= '{t0}'");
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                let left = on_shard(h, shard, "shop", &sql)?;
-                if left == "0" {
-                    break;
-                }
-                ensure!(
-                    std::time::Instant::now() < deadline,
-                    "prepared transactions left on shard {shard}: {left}"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+            wait_zero(h, shard, &sql, 10)?;
         }
         Ok(())
     })
@@ -632,28 +637,14 @@ fn in_doubt(h: &Harness) -> TestResult {
         )?;
         // The router settles in-doubt transactions before it serves clients, but its port
         // accepts connections (queued) before that: wait for the servers, not the port.
-        let settled = (|| -> TestResult {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            for shard in 0..2 {
-                loop {
-                    let left = on_shard(
-                        h,
-                        shard,
-                        "shop",
-                        "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'",
-                    )?;
-                    if left == "0" {
-                        break;
-                    }
-                    ensure!(
-                        std::time::Instant::now() < deadline,
-                        "shard {shard} still has {left} in-doubt transactions after 20 s"
-                    );
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-            }
-            Ok(())
-        })();
+        let settled = (0..2).try_for_each(|shard| {
+            wait_zero(
+                h,
+                shard,
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'pgshard_t9%'",
+                20,
+            )
+        });
         drop(r);
         if settled.is_err() {
             // Left behind, they would block every later logical slot on these servers.
