@@ -24,6 +24,10 @@ enum Described {
     Failed,
 }
 
+/// Rewritten statements a session keeps before it starts over (clients that prepare ever new
+/// texts must not grow it without end).
+const REWRITTEN_LIMIT: usize = 1024;
+
 /// OID of int8, the type PostgreSQL gives a `LIMIT $n` parameter.
 const INT8: u32 = 20;
 
@@ -43,14 +47,24 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             return Ok(true);
         };
         if let Some(rewritten) = &plan.scatter_sql {
-            let types = rewritten_param_types(&stmt.def.param_types, &plan.merge);
+            let types = || rewritten_param_types(&stmt.def.param_types, &plan.merge);
             for o in self.shadow.iter_mut() {
                 o.def = Some(Arc::new(StatementDef::new(
                     Bytes::from(o.sql.clone()),
-                    types.clone(),
+                    types(),
                 )));
             }
-            let def = Arc::new(StatementDef::new(Bytes::from(rewritten.clone()), types));
+            if self.ext.rewritten.len() >= REWRITTEN_LIMIT {
+                self.ext.rewritten.clear();
+            }
+            let def = self
+                .ext
+                .rewritten
+                .entry(stmt.def.key)
+                .or_insert_with(|| {
+                    Arc::new(StatementDef::new(Bytes::from(rewritten.clone()), types()))
+                })
+                .clone();
             for &s in shards {
                 if !self.shadow.iter().any(|o| o.shard == s) {
                     self.shadow.push(Shadowed {

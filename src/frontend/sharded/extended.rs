@@ -27,6 +27,9 @@ pub struct ExtendedState {
     /// RowDescription of each statement a shard described, by statement key: a multi-shard
     /// Execute needs the column types to merge, and its response does not carry them.
     pub row_descs: HashMap<u128, Bytes>,
+    /// The multi-shard rewrite of each statement that has one (LIMIT pushed down, avg split),
+    /// by the client statement's key: built once, not at every Execute.
+    pub rewritten: HashMap<u128, Arc<StatementDef>>,
 }
 
 impl ExtendedState {
