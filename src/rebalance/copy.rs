@@ -146,7 +146,7 @@ pub async fn pipe(
         let chunk = chunk?;
         bytes += chunk.len() as u64;
         // Text COPY escapes newlines inside values: each newline byte ends a row.
-        rows += memchr_count(&chunk);
+        rows += newlines(&chunk);
         if bytes - told >= 256 * 1024 {
             told = bytes;
             tick(rows);
@@ -160,7 +160,7 @@ pub async fn pipe(
     Ok((rows, bytes))
 }
 
-fn memchr_count(b: &[u8]) -> u64 {
+fn newlines(b: &[u8]) -> u64 {
     b.iter().filter(|&&c| c == b'\n').count() as u64
 }
 

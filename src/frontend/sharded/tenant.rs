@@ -15,8 +15,8 @@ const MEMO_LIMIT: usize = 256;
 
 /// The tenant a session is confined to.
 pub(super) struct TenantScope {
-    /// The tenant key as the database name gave it.
-    pub key: String,
+    /// The tenant key as the database name gave it (shared: read for every statement).
+    pub key: Arc<str>,
     /// Name of the distribution whose key is the tenant.
     pub dist: String,
     /// Client-facing database name, for messages.
@@ -39,7 +39,7 @@ pub(super) enum Scoped {
 impl TenantScope {
     pub fn new(key: String, dist: String, database: String) -> TenantScope {
         TenantScope {
-            key,
+            key: key.into(),
             dist,
             database,
             memo: HashMap::new(),
@@ -68,6 +68,7 @@ impl TenantScope {
         let Some(dist) = map.distributions.iter().position(|d| d.name == self.dist) else {
             return Err(self.refuse("XX000", "its distribution is no longer in the shard map"));
         };
+        // A refcount, so that `want` does not borrow self while the memo is updated.
         let key = self.key.clone();
         let want = map
             .parse_key(dist, key.as_bytes())
@@ -169,7 +170,7 @@ impl TenantScope {
         let plan = Arc::new(Plan {
             route: Route::Keys {
                 dist,
-                keys: vec![crate::router::KeyExpr::Literal(self.key.clone())],
+                keys: vec![crate::router::KeyExpr::Literal(self.key.to_string())],
                 within: None,
             },
             hint: None,
