@@ -242,6 +242,7 @@ impl Mover<'_> {
         for (table, pred, _) in &self.tables {
             self.report.rows_deleted_on_source +=
                 copy::delete_unit(src, table, pred, 10_000).await?;
+            copy::vacuum(src, table, progress).await;
         }
         let floors = self.floors().await?;
         let id = self.id;
@@ -327,6 +328,7 @@ impl Mover<'_> {
         let tgt = connect(&self.shards[self.target].dsn).await?;
         for (table, pred, _) in &self.tables {
             copy::delete_unit(&tgt, table, pred, 10_000).await?;
+            copy::vacuum(&tgt, table, &|m: &str| eprintln!("{m}")).await;
         }
         if self.published {
             let floors = self.floors().await?;
