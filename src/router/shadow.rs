@@ -1,11 +1,14 @@
-//! Key-less reads while a unit is in motion: the unit's rows exist on two shards (the copy
+//! Key-less statements while a unit is in motion: the unit's rows exist on two shards (the copy
 //! being filled, or the source not yet cleaned up), so the statement sent to the shard holding
 //! the extra copy reads each such table through a filter that leaves the unit out:
-//! `FROM t` becomes `FROM (SELECT * FROM t WHERE (pred) IS NOT TRUE) AS t`.
+//! `FROM t` becomes `FROM (SELECT * FROM t WHERE (pred) IS NOT TRUE) AS t`; an UPDATE or DELETE
+//! of such a table gets `AND (pred) IS NOT TRUE` in its WHERE (replication brings the owner's
+//! change to the copy).
 
 use super::keys::object_name;
 use sqlparser::ast::{
-    Ident, Query, SetExpr, Statement, TableAlias, TableFactor, VisitMut, VisitorMut,
+    BinaryOperator, Expr, FromTable, Ident, Query, SetExpr, Statement, TableAlias, TableFactor,
+    TableWithJoins, VisitMut, VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -43,6 +46,62 @@ pub fn confine_reads_of_write(
         _ => return Err("not an INSERT, UPDATE or DELETE".into()),
     };
     Ok((replaced > 0).then_some(text))
+}
+
+/// Rewrites an UPDATE or DELETE so that it leaves out the rows each `(table, predicate)` of
+/// `hide` is true for: in the written table (through its WHERE) and in every table it reads.
+/// Only the plain forms: with `UPDATE … FROM` or `DELETE … USING` an unqualified key column in
+/// the added condition could name another table's column.
+pub fn exclude_from_write(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
+    let mut stmts = parse_one(sql)?;
+    let (target, selection) = match &mut stmts[0] {
+        Statement::Update(u) if u.from.is_none() => (single_table(&u.table), &mut u.selection),
+        Statement::Delete(d) if d.using.is_none() && d.tables.is_empty() => {
+            let (FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t)) = &d.from;
+            match t.as_slice() {
+                [one] => (single_table(one), &mut d.selection),
+                _ => (None, &mut d.selection),
+            }
+        }
+        Statement::Update(_) | Statement::Delete(_) => {
+            return Err("UPDATE … FROM and DELETE … USING cannot be filtered".into())
+        }
+        _ => return Err("only UPDATE and DELETE can be filtered".into()),
+    };
+    let target = target.ok_or("the written table is not a plain table name")?;
+    let hidden = hide.iter().position(|(t, _)| *t == target);
+    if let Some(i) = hidden {
+        let mark = Expr::Identifier(Ident::new(format!("{MARK}w{i}")));
+        *selection = Some(match selection.take() {
+            Some(e) => Expr::BinaryOp {
+                left: Box::new(Expr::Nested(Box::new(e))),
+                op: BinaryOperator::And,
+                right: Box::new(mark),
+            },
+            None => mark,
+        });
+    }
+    let (mut text, _) = rewrite(&mut stmts[0], hide, true, false)?;
+    if let Some(i) = hidden {
+        text = text.replace(
+            &format!("{MARK}w{i}"),
+            &format!("({}) IS NOT TRUE", hide[i].1),
+        );
+    }
+    Ok(text)
+}
+
+/// The table of a FROM item that is one plain table (no join, no subquery).
+fn single_table(t: &TableWithJoins) -> Option<String> {
+    match (&t.relation, t.joins.is_empty()) {
+        (
+            TableFactor::Table {
+                name, args: None, ..
+            },
+            true,
+        ) => Some(object_name(name)),
+        _ => None,
+    }
 }
 
 fn parse_one(sql: &str) -> Result<Vec<Statement>, String> {
@@ -103,7 +162,8 @@ fn rewrite(
         );
     }
     let mut text = stmt.to_string();
-    for (i, (_, pred)) in hide.iter().enumerate() {
+    // From the highest index down: mark 1 is a prefix of mark 10.
+    for (i, (_, pred)) in hide.iter().enumerate().rev() {
         let filter = if keep {
             format!("({pred})")
         } else {
@@ -225,7 +285,7 @@ impl VisitorMut for Shadow<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{confine_reads_of_write, exclude};
+    use super::{confine_reads_of_write, exclude, exclude_from_write};
 
     fn hide(t: &str) -> Vec<(String, String)> {
         vec![(t.to_string(), "id % 2 = 0".to_string())]
@@ -285,5 +345,60 @@ mod tests {
         let out = w("UPDATE other SET v = 1 WHERE id IN (SELECT id FROM items)").unwrap();
         assert_eq!(out.matches("(id % 2 = 0)").count(), 1, "{out}");
         assert!(confine_reads_of_write("SELECT 1", &h).is_err());
+    }
+
+    #[test]
+    fn writes_leave_the_unit_out_of_what_they_change_and_read() {
+        let out = exclude_from_write(
+            "UPDATE items SET v = v + 1 WHERE v > 1 OR v < 0",
+            &hide("items"),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "UPDATE items SET v = v + 1 WHERE (v > 1 OR v < 0) AND (id % 2 = 0) IS NOT TRUE"
+        );
+        let out = exclude_from_write("DELETE FROM items", &hide("items")).unwrap();
+        assert_eq!(out, "DELETE FROM items WHERE (id % 2 = 0) IS NOT TRUE");
+        let out = exclude_from_write(
+            "DELETE FROM other WHERE id IN (SELECT id FROM items)",
+            &hide("items"),
+        )
+        .unwrap();
+        assert_eq!(out, "DELETE FROM other WHERE id IN (SELECT id FROM (SELECT * FROM items WHERE (id % 2 = 0) IS NOT TRUE) AS items)");
+        let out = exclude_from_write(
+            "UPDATE items i SET v = 0 WHERE i.v IN (SELECT v FROM items) RETURNING i.id",
+            &hide("items"),
+        )
+        .unwrap();
+        assert_eq!(out.matches("IS NOT TRUE").count(), 2, "{out}");
+        assert!(
+            out.starts_with("UPDATE items AS i SET") || out.starts_with("UPDATE items i SET"),
+            "{out}"
+        );
+        // Several hidden tables: each mark gets its own predicate.
+        let many: Vec<(String, String)> = (0..12)
+            .map(|i| (format!("t{i}"), format!("k = {i}")))
+            .collect();
+        let out = exclude_from_write("UPDATE t11 SET v = 1 WHERE v IN (SELECT v FROM t1)", &many)
+            .unwrap();
+        assert!(
+            out.contains("(k = 11) IS NOT TRUE") && out.contains("(k = 1) IS NOT TRUE"),
+            "{out}"
+        );
+        assert!(exclude_from_write(
+            "UPDATE items SET v = 1 FROM other WHERE other.id = items.id",
+            &hide("items")
+        )
+        .is_err());
+        assert!(exclude_from_write(
+            "DELETE FROM items USING other WHERE other.id = items.id",
+            &hide("items")
+        )
+        .is_err());
+        assert!(
+            exclude_from_write("INSERT INTO items SELECT * FROM items", &hide("items")).is_err()
+        );
+        assert!(exclude_from_write("SELECT * FROM items", &hide("items")).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Statements on tables whose distribution has a unit in motion. The unit's rows exist on two
-//! shards until the move completes: reads without the key are rewritten on the shard holding
-//! the extra copy to leave it out (`router::shadow`); writes without the key, DDL and TRUNCATE
-//! could change both copies and are refused, never guessed.
+//! shards until the move completes: statements that reach the shard holding the extra copy
+//! without being pinned there by their key (key-less or key-list reads, UPDATEs and DELETEs)
+//! are rewritten for that shard to leave the copy out (`router::shadow`); what cannot be
+//! rewritten, DDL and TRUNCATE are refused, never guessed.
 //! While a unit is fenced, statements reaching its source shard wait for the switch; a
 //! transaction a fence gave up on is rolled back and its client told (40001).
 
@@ -65,6 +66,8 @@ pub(super) fn guard(
             }
             Kind::Read => {}
             Kind::Write if keyed => {}
+            // Left out of the unit's extra copy by `shadows`, or refused there.
+            Kind::Write if plan.insert.is_none() => {}
             _ => {
                 return Err(Refusal::new(
                     "55006",
@@ -98,11 +101,12 @@ impl Shadowed {
     }
 }
 
-/// For a read that reaches the shard holding a unit's extra copy (the target while it is
-/// filled, the source until it is cleaned up), that shard's text with the unit filtered out of
-/// every table in motion. `shards` is reordered so that a shard reading the plain tables leads
-/// (its RowDescription is the one the client gets). Reads pinned by their key need none: their
-/// keys route to the unit's owner.
+/// For a read, UPDATE or DELETE that reaches the shard holding a unit's extra copy (the target
+/// while it is filled, the source until it is cleaned up), that shard's text with the unit
+/// filtered out of every table in motion. `shards` is reordered so that a shard reading the
+/// plain tables leads (its RowDescription is the one the client gets). Statements pinned to one
+/// shard by their key need none: their keys route to the unit's owner. A key list spanning
+/// shards does: the copy on another shard may hold some of its keys.
 pub(super) fn shadows(
     map: &ShardMap,
     plan: &Plan,
@@ -110,12 +114,16 @@ pub(super) fn shadows(
     shards: &mut [usize],
     stmt: Option<&StatementDef>,
 ) -> Result<Vec<Shadowed>, Refusal> {
-    if plan.kind != Kind::Read || (matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none())
-    {
+    let write = match plan.kind {
+        Kind::Read => false,
+        Kind::Write if plan.insert.is_none() => true,
+        _ => return Ok(Vec::new()),
+    };
+    if matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none() && shards.len() == 1 {
         return Ok(Vec::new());
     }
     let base = match plan.scatter_sql.as_deref() {
-        Some(sql) if shards.len() > 1 => sql,
+        Some(sql) if shards.len() > 1 && !write => sql,
         _ => text,
     };
     let mut out: Vec<Shadowed> = Vec::new();
@@ -142,8 +150,14 @@ pub(super) fn shadows(
         if hide.is_empty() {
             continue;
         }
-        let sql = crate::router::shadow::exclude(base, &hide).map_err(|why| {
-            Refusal::new("55006", format!("a key-less read of a table in motion must leave out the copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move"))
+        let sql = if write {
+            crate::router::shadow::exclude_from_write(base, &hide)
+        } else {
+            crate::router::shadow::exclude(base, &hide)
+        };
+        let sql = sql.map_err(|why| {
+            let what = if write { "write" } else { "read" };
+            Refusal::new("55006", format!("a key-less {what} of a table in motion must leave out the copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move"))
         })?;
         out.push(Shadowed::new(shard, sql, stmt));
     }

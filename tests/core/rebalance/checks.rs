@@ -306,3 +306,25 @@ async fn shown_below_floor(router_port: u16, port: u16) -> Result<String, String
         })
         .ok_or_else(|| format!("SHOW SHARDS has no row for port {port}"))
 }
+
+/// The last acknowledged key-less UPDATE of a move's run left its note on all 40 `NOTED` rows,
+/// wherever the unit's rows ended up (read through a router, in a transaction: on primaries).
+pub(super) async fn keyless_writes_kept(port: u16, table: &str, note: Option<&str>) -> TestResult {
+    let note = note.ok_or("no key-less UPDATE was acknowledged during the move")?;
+    let c = connect_port(port, "app", APP_PW, "shop", "").await?;
+    c.batch_execute("BEGIN").await.pgx("begin")?;
+    let n = one(
+        &c,
+        &format!(
+            "SELECT count(*) FROM {table} WHERE {} AND note = '{note}'",
+            super::workload::NOTED
+        ),
+    )
+    .await?;
+    c.batch_execute("COMMIT").await.pgx("commit")?;
+    ensure!(
+        n == "40",
+        "{n} of the 40 rows the last key-less UPDATE ({note}) wrote have its note"
+    );
+    Ok(())
+}

@@ -174,6 +174,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             "key-less reads ran during the move ({})",
             run.reads
         );
+        keyless_writes_kept(a.port, "mv_items", run.last_note.as_deref()).await?;
 
         // Ground truth: the seed rows plus every acknowledged write.
         let mut truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();
@@ -232,6 +233,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
                 String::from_utf8_lossy(&then.stderr)
             );
             let (ops, retried) = record(&mut truth, run.acked)?;
+            keyless_writes_kept(a.port, "mv_items", run.last_note.as_deref()).await?;
             let (map, dist, moves) = current_map(h).await?;
             ensure!(moves == 0, "after {verb} no move is left in the map");
             let on = map
@@ -493,6 +495,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             "the range moved under writes ({})",
             run.during
         );
+        keyless_writes_kept(a.port, "mv_ranges", run.last_note.as_deref()).await?;
         let mut range_truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();
         record(&mut range_truth, run.acked)?;
         let (map, rdist, moves) = current_map_of(h, "mvr").await?;

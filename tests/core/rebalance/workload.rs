@@ -82,16 +82,30 @@ pub(super) async fn writer(
     Ok(a)
 }
 
+/// The seed rows' key-less writes: every `id % 100 = 0` row of ids 1-4000 gets this note.
+pub(super) const NOTED: &str = "id <= 4000 AND id % 100 = 0";
+
+/// What a reader saw.
+pub(super) struct Reads {
+    /// Reads (and key-less writes) answered while the move ran, all of them right.
+    pub(super) during: u64,
+    /// The note its last acknowledged key-less UPDATE gave the `NOTED` rows.
+    pub(super) last_note: Option<String>,
+}
+
 /// Key-less reads of the seed rows (ids 1-4000, which no writer touches) until `stop`, through
-/// the simple and the extended protocol, with a scatter merge too: while the unit's rows are on
-/// two shards every answer must still count each row once. Returns the reads made during the move.
+/// the simple and the extended protocol, with a scatter merge and a key list over both shards
+/// too: while the unit's rows are on two shards every answer must still count each row once.
+/// With `keyless_writes`, also UPDATEs without the key of 40 seed rows, each of which must
+/// report 40 rows (the unit's extra copy left alone).
 pub(super) async fn reader(
     port: u16,
     table: &'static str,
     catalog: String,
     stop: Arc<AtomicBool>,
     moving: Arc<AtomicBool>,
-) -> Result<u64, String> {
+    keyless_writes: bool,
+) -> Result<Reads, String> {
     let c = connect_port(port, "app", APP_PW, "shop", "").await?;
     let count = c
         .prepare(&format!(
@@ -113,11 +127,44 @@ pub(super) async fn reader(
         });
         vals.collect::<Vec<_>>().join(" ")
     };
+    let in_list: Vec<String> = (1..=40).map(|i| (i * 97).to_string()).collect();
+    let mut last_note = None;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
+        if n % 5 == 4 {
+            if keyless_writes {
+                let note = format!("r{port}-{n}");
+                match c
+                    .execute(
+                        &format!("UPDATE {table} SET note = $1 WHERE {NOTED}"),
+                        &[&note],
+                    )
+                    .await
+                {
+                    Ok(40) => last_note = Some(note),
+                    Ok(k) => {
+                        return Err(format!(
+                            "key-less UPDATE during a move touched {k} rows, not 40"
+                        ))
+                    }
+                    // Not acknowledged: some rows may have the note, the next UPDATE overwrites it.
+                    Err(e) if sqlstate(&e) == "40001" => {}
+                    Err(e) => return Err(format!("key-less UPDATE during a move: {e:?}")),
+                }
+            }
+            continue;
+        }
         // Outside a transaction: on primaries while the table is in motion, on replicas once
         // they have replayed past the map's floor for the shard.
-        let got = match n % 3 {
+        let form = n % 5;
+        let got = match form {
+            3 => c
+                .simple_query(&format!(
+                    "SELECT count(*) FROM {table} WHERE id IN ({})",
+                    in_list.join(", ")
+                ))
+                .await
+                .map(rows),
             0 => c
                 .query_one(&count, &[&4000i64])
                 .await
@@ -143,7 +190,11 @@ pub(super) async fn reader(
                 .await
                 .map(rows),
         };
-        let want = if n % 3 == 2 { "4000 3999" } else { "4000 0" };
+        let want = match form {
+            2 => "4000 3999",
+            3 => "40",
+            _ => "4000 0",
+        };
         match got {
             // Past the answer: the lowest and highest port of the servers that gave it.
             Ok(g) if !g.starts_with(&format!("{want} ")) && g != want => {
@@ -151,7 +202,7 @@ pub(super) async fn reader(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() % 60_000);
                 let (held, history) = super::checks::what_servers_hold(port, table, &catalog).await;
-                return Err(format!("key-less read during a move (form {}, at second {:.3} of the minute): got {g}, want {want}; servers (router's view | what they hold) {held}; maps {history}", n % 3, now as f64 / 1000.0));
+                return Err(format!("key-less read during a move (form {}, at second {:.3} of the minute): got {g}, want {want}; servers (router's view | what they hold) {held}; maps {history}", form, now as f64 / 1000.0));
             }
             Ok(_) => {}
             Err(e) if sqlstate(&e) == "40001" => {}
@@ -161,7 +212,7 @@ pub(super) async fn reader(
             during += 1;
         }
     }
-    Ok(during)
+    Ok(Reads { during, last_note })
 }
 
 pub(super) fn shardctl_move(
@@ -244,6 +295,8 @@ pub(super) struct Run {
     pub(super) during: u64,
     /// Key-less reads answered while shardctl ran (all of them right).
     pub(super) reads: u64,
+    /// The note the last acknowledged key-less UPDATE wrote (see `NOTED`).
+    pub(super) last_note: Option<String>,
 }
 
 /// The table and distribution a unit as `shardctl_move` takes it belongs to.
@@ -284,7 +337,19 @@ pub(super) async fn move_with_writers(
     }
     let readers: Vec<_> = ports
         .iter()
-        .map(|&p| tokio::spawn(reader(p, table, dsn(h), stop.clone(), moving.clone())))
+        .enumerate()
+        .map(|(i, &p)| {
+            // One reader writes: two writing concurrently could leave the rows of different
+            // shards with different last notes (their commits interleave per shard).
+            tokio::spawn(reader(
+                p,
+                table,
+                dsn(h),
+                stop.clone(),
+                moving.clone(),
+                i == 0,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     moving.store(true, Ordering::Relaxed);
@@ -323,14 +388,16 @@ pub(super) async fn move_with_writers(
     for t in tasks {
         acked.push(t.await.ctx("writer task")?);
     }
-    let mut reads = 0;
+    let (mut reads, mut last_note) = (0, None);
     for r in readers {
-        reads += r.await.ctx("reader task")?.map_err(|e| {
+        let got = r.await.ctx("reader task")?.map_err(|e| {
             format!(
                 "{e}\nshardctl said: {}",
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
+        reads += got.during;
+        last_note = last_note.or(got.last_note);
     }
     Ok(Run {
         out,
@@ -338,6 +405,7 @@ pub(super) async fn move_with_writers(
         acked,
         during: during.load(Ordering::Relaxed),
         reads,
+        last_note,
     })
 }
 
