@@ -3,7 +3,8 @@
 # updating random rows, and `shardctl move` carrying buckets back and forth between 2 shards.
 # Reports per move the write pause (fence published -> switch published; p50/p99 over all
 # moves), the copy throughput against a plain `COPY ... TO STDOUT | COPY ... FROM STDIN`
-# between the same servers, and the catch-up apply rate (bounded by the writers' rate).
+# between the same servers, and the catch-up: changes per second of catch-up (bounded by the
+# writers' rate) and per second the target spent applying them (the apply rate).
 #
 #   bash benches/rebalance.sh            # ROWS=400000 MOVES=10 BUCKETS=0-1023
 set -euo pipefail
@@ -141,6 +142,8 @@ cr = sorted(copy_rate)[len(copy_rate) // 2]
 print(f"copy under the writers: {cr:,.0f} rows/s (median move) vs plain COPY pipe {plain:,.0f} rows/s = {cr / plain:.2f}")
 print(f"copy, servers idle: {qrate:,.0f} rows/s vs plain COPY pipe {qplain:,.0f} rows/s = {qrate / qplain:.2f} (pause {quiet['pause_ms']} ms)")
 print(f"catch-up: {applied} changes applied in {catchup:.2f} s of catch-up = {applied / max(catchup, 1e-9):,.0f} changes/s (bounded by the writers)")
+busy = sum(float(m["apply_ms"]) for m in moves) / 1000
+print(f"apply rate: {applied} changes in {busy:.2f} s of the target applying them = {applied / max(busy, 1e-9):,.0f} changes/s (in batches as small as the writers' pace makes them)")
 for m in moves:
-    print("  ", {k: m[k] for k in ("move", "source", "target", "rows_copied", "copy_ms", "changes_applied", "catchup_ms", "pause_ms", "rows_verified")})
+    print("  ", {k: m[k] for k in ("move", "source", "target", "rows_copied", "copy_ms", "changes_applied", "catchup_ms", "apply_ms", "pause_ms", "rows_verified")})
 EOF

@@ -134,6 +134,9 @@ pub struct Applier {
     pub applied: Lsn,
     /// Row changes applied so far.
     pub changes: u64,
+    /// Time spent applying batches on the target (not waiting for the source's changes): the
+    /// apply rate is `changes` over this, whatever rate the writers produce changes at.
+    pub busy: std::time::Duration,
     batch_changes: u64,
     current_changes: u64,
 }
@@ -156,6 +159,7 @@ impl Applier {
             batch_end: applied,
             applied,
             changes: 0,
+            busy: std::time::Duration::ZERO,
             batch_changes: 0,
             current_changes: 0,
         }
@@ -252,10 +256,12 @@ impl Applier {
             self.move_id,
             super::stream::format_lsn(self.batch_end)
         );
+        let t = std::time::Instant::now();
         if let Err(e) = target.batch_execute(&sql).await {
             let _ = target.batch_execute("ROLLBACK").await;
             return Err(MoveError::Db(e));
         }
+        self.busy += t.elapsed();
         self.applied = self.batch_end;
         self.changes += self.batch_changes;
         self.batch_changes = 0;

@@ -103,6 +103,8 @@ pub struct MoveReport {
     pub copy_ms: u64,
     pub changes_applied: u64,
     pub catchup_ms: u64,
+    /// Time the target spent applying changes (catch-up and up to the fence marker).
+    pub apply_ms: f64,
     /// Fence published → switch published: the longest any statement for the unit waited.
     pub pause_ms: f64,
     /// Parts of the pause: routers acknowledging the fence, then applying up to the marker.
@@ -137,11 +139,18 @@ pub async fn run(
     req: &MoveRequest,
     progress: &dyn Progress,
 ) -> Result<MoveReport, MoveError> {
-    let mut m = Mover::plan(cat, shards, req.clone()).await?;
+    let m = Mover::plan(cat, shards, req.clone()).await?;
     progress.line(&format!(
         "move {}: {} of {} from shard {} to shard {}",
         m.id, m.describe, req.distribution, m.source, m.target
     ));
+    drive(m, progress).await
+}
+
+/// Takes a move through copy, catch-up, fence and switch to its end; failures before the switch
+/// abort it.
+async fn drive(mut m: Mover<'_>, progress: &dyn Progress) -> Result<MoveReport, MoveError> {
+    let shards = m.shards;
     let r = m.before_switch(progress).await;
     if let Err(e @ MoveError::Stopped(_)) = r {
         return Err(e);
@@ -193,8 +202,11 @@ pub async fn abort(
     Ok(())
 }
 
-/// Completes a move that stopped after its switch: replication dropped, the unit deleted from
-/// the source, the move removed from the map.
+/// Completes a move that stopped: after its switch, replication is dropped, the unit deleted
+/// from the source and the move removed from the map; before it, the copy starts over (a slot's
+/// exported snapshot dies with the connection that made it, so a copy cannot continue where it
+/// stopped): held statements are released, the old slot dropped, the partial copy deleted, and
+/// the move runs on under its id.
 pub async fn resume(
     cat: &Catalog,
     shards: &[ShardLink],
@@ -204,10 +216,12 @@ pub async fn resume(
 ) -> Result<MoveReport, MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
     if m.config.phase != MovePhase::Switched {
-        return Err(MoveError::Refused(format!(
-            "move {id} stopped before its switch ({:?}); `shardctl abort {id}` and move again (resuming a copy is not built yet)",
-            m.config.phase
-        )));
+        progress.line(&format!(
+            "move {id}: stopped before its switch; copying {} to shard {} again",
+            m.describe, m.target
+        ));
+        m.restart().await?;
+        return drive(m, progress).await;
     }
     let src = connect(&shards[m.source].dsn).await?;
     m.retain_existing(&src, progress).await?;

@@ -26,15 +26,18 @@ impl Mover<'_> {
             copy::validate(&src, &tgt, table, &self.key_columns[table]).await?;
         }
         copy::wait_for_prepared(&src, Duration::from_secs(15)).await?;
-        // Routers must hide the target's copy from key-less statements before rows arrive.
-        let cfg = self.config.clone();
-        let v = self
-            .publish(&format!("move {}: copying", self.id), |s| {
-                s.moves.push(cfg.clone())
-            })
-            .await?;
-        self.published = true;
-        self.acks(v).await?;
+        // Routers must hide the target's copy from key-less statements before rows arrive. (A
+        // resumed move is in the map already.)
+        if !self.published {
+            let cfg = self.config.clone();
+            let v = self
+                .publish(&format!("move {}: copying", self.id), |s| {
+                    s.moves.push(cfg.clone())
+                })
+                .await?;
+            self.published = true;
+            self.acks(v).await?;
+        }
         self.state("copying", "").await;
         tgt.batch_execute(
             "CREATE SCHEMA IF NOT EXISTS pgshard; CREATE TABLE IF NOT EXISTS pgshard.move_progress \
@@ -161,6 +164,10 @@ impl Mover<'_> {
             self.id, self.report.pause_ms
         ));
         self.report.changes_applied = self.applier.as_ref().map_or(0, |a| a.changes);
+        self.report.apply_ms = self
+            .applier
+            .as_ref()
+            .map_or(0.0, |a| a.busy.as_secs_f64() * 1000.0);
         self.at_switch = Some(verify);
         Ok(())
     }
@@ -306,6 +313,26 @@ impl Mover<'_> {
         let _ = src
             .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name()))
             .await;
+    }
+
+    /// Readies a move that stopped before its switch for a new copy: statements a fence holds
+    /// go on, the old slot and publication are dropped (`before_switch` deletes the partial
+    /// copy before copying).
+    pub(super) async fn restart(&mut self) -> Result<(), MoveError> {
+        let id = self.id;
+        if self.config.phase == MovePhase::Fenced {
+            let v = self
+                .publish(&format!("move {id}: copying again"), |s| {
+                    set_phase(s, id, MovePhase::Copying)
+                })
+                .await?;
+            self.config.phase = MovePhase::Copying;
+            self.acks(v).await?;
+        }
+        let src = connect(&self.shards[self.source].dsn).await?;
+        self.drop_replication(&src).await;
+        self.slot = None;
+        Ok(())
     }
 
     /// Undoes a move that has not switched: routers forget it, replication is dropped, and the

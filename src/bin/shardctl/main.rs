@@ -60,8 +60,9 @@ enum Command {
         #[command(flatten)]
         shards: ShardArgs,
     },
-    /// Complete a move that stopped after its switch: drop replication, delete the unit from
-    /// the source, remove the move from the map.
+    /// Finish a move that stopped. After its switch: drop replication, delete the unit from
+    /// the source, remove the move from the map. Before it: copy again (the old slot dropped,
+    /// the partial copy deleted) and go on to the switch.
     Resume {
         id: u64,
         #[command(flatten)]
@@ -337,6 +338,7 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
                 "copy_ms",
                 "changes_applied",
                 "catchup_ms",
+                "apply_ms",
                 "pause_ms",
                 "fence_ack_ms",
                 "marker_ms",
@@ -354,6 +356,7 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
                 r.copy_ms.to_string(),
                 r.changes_applied.to_string(),
                 r.catchup_ms.to_string(),
+                format!("{:.1}", r.apply_ms),
                 format!("{:.1}", r.pause_ms),
                 format!("{:.1}", r.fence_ack_ms),
                 format!("{:.1}", r.marker_ms),

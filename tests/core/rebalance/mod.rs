@@ -201,20 +201,24 @@ fn move_under_writers(h: &Harness) -> TestResult {
         );
         stale_replica_skipped(h, &c, &stale.0, a.port).await?;
 
-        // shardctl dying after each phase: before the switch `abort` leaves no trace, after it
-        // `resume` completes the move; writers go on throughout and nothing they were told is lost.
-        // Buckets 2048-2303 live on shard 1.
-        for (phase, verb, base) in [
-            ("copying", "abort", 20),
-            ("fenced", "abort", 30),
-            ("switched", "resume", 40),
+        // shardctl dying after each phase: before the switch `abort` leaves no trace and
+        // `resume` copies again, after it `resume` completes the move; writers go on throughout
+        // and nothing they were told is lost. Buckets 2048-2303 live on shard 1.
+        let mut owner = 1;
+        for (phase, verb, to, base) in [
+            ("copying", "abort", 0, 20),
+            ("fenced", "abort", 0, 30),
+            ("copying", "resume", 0, 60),
+            ("fenced", "resume", 1, 70),
+            ("switched", "resume", 0, 40),
         ] {
+            let t = Instant::now();
             let run = move_with_writers(
                 h,
                 [a.port, b.port],
                 &a.config_path,
                 "2048-2303",
-                0,
+                to,
                 &["--unsafe-stop-after", phase],
                 Some(verb),
                 base,
@@ -236,12 +240,24 @@ fn move_under_writers(h: &Harness) -> TestResult {
             keyless_writes_kept(a.port, "mv_items", run.last_note.as_deref()).await?;
             let (map, dist, moves) = current_map(h).await?;
             ensure!(moves == 0, "after {verb} no move is left in the map");
-            let on = map
-                .locate(dist, &pgshard::pghash::KeyValue::Int(1), None)
-                .map_err(|e| e.to_string())?;
+            let on = match &map.distributions[dist].strategy {
+                pgshard::shardmap::Strategy::Hash { bucket_shard } => {
+                    (bucket_shard[2048], bucket_shard[2303])
+                }
+                _ => (usize::MAX, usize::MAX),
+            };
+            ensure!(
+                on == (owner, owner) || (verb == "resume" && on == (to, to)),
+                "after {verb} (stopped after {phase}) buckets 2048-2303 are on {on:?}"
+            );
+            ensure!(
+                (verb == "resume") == (on == (to, to)),
+                "{verb} after {phase} left buckets 2048-2303 on {on:?} (move to {to})"
+            );
+            owner = on.0;
             check_placement(h, &map, dist, &truth).await?;
             no_leftovers(h).await?;
-            eprintln!("rebalance: stopped after {phase}, {verb}: {ops} writer ops ({retried} retried), map now puts key 1 on {on:?}");
+            eprintln!("rebalance: stopped after {phase}, {verb}: {ops} writer ops ({retried} retried), buckets 2048-2303 now on shard {owner}, {:?}", t.elapsed());
         }
         let (map, dist, _) = current_map(h).await?;
         let bucket_of_shard = |b: u32| match &map.distributions[dist].strategy {
