@@ -1,6 +1,8 @@
 //! Map edits of a move: its phase, and the placement its switch gives the unit.
 
-use crate::shardmap::config::{KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig};
+use crate::shardmap::config::{
+    KeyRange, MoveConfig, MovePhase, RangeConfig, ShardingConfig, StrategyName,
+};
 
 pub(super) fn set_phase(s: &mut ShardingConfig, id: u64, phase: MovePhase) {
     for m in s.moves.iter_mut().filter(|m| m.id == id) {
@@ -20,7 +22,11 @@ pub(super) fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, o
         return;
     };
     if let Some(t) = &unit.tenant {
-        d.tenants.insert(t.clone(), target);
+        if d.strategy == StrategyName::Geo {
+            d.regions.insert(t.clone(), vec![target]);
+        } else {
+            d.tenants.insert(t.clone(), target);
+        }
         return;
     }
     if let Some(r) = &unit.range {

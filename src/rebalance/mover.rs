@@ -73,9 +73,8 @@ impl<'a> Mover<'a> {
                     .map_err(|e| MoveError::Refused(e.to_string()))?
                 {
                     Located::One(s) => s,
-                    Located::Group(_) => {
-                        return Err(MoveError::Refused("geo units cannot move yet".into()))
-                    }
+                    // The map's own check (motion::build) says why: a region on several shards.
+                    Located::Group(g) => g.first().copied().unwrap_or(0),
                 }
             }
             UnitSpec::Buckets(r) => {

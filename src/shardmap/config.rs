@@ -239,6 +239,7 @@ pub struct MoveConfig {
     /// The move's id in the catalog's `pgshard.moves`.
     pub id: u64,
     pub distribution: String,
+    /// One key value: a tenant of a tenant distribution, or a region of a geo distribution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// Inclusive bucket ranges `[from, to]`.

@@ -60,6 +60,8 @@ pub enum Strategy {
     Geo {
         regions: HashMap<Vec<u8>, Vec<ShardId>>,
         default: Option<Vec<ShardId>>,
+        /// The default region's name (its rows and unlisted regions' rows share its shards).
+        default_region: Option<Vec<u8>>,
     },
 }
 
@@ -256,7 +258,11 @@ impl ShardMap {
                         },
                         None => None,
                     };
-                    Strategy::Geo { regions, default }
+                    Strategy::Geo {
+                        regions,
+                        default,
+                        default_region: d.default_region.as_ref().map(|r| r.as_bytes().to_vec()),
+                    }
                 }
             };
             if by_name
@@ -403,7 +409,9 @@ impl ShardMap {
                     }
                 }
             }
-            Strategy::Geo { regions, default } => {
+            Strategy::Geo {
+                regions, default, ..
+            } => {
                 let region = match key {
                     KeyValue::Text(t) => *t,
                     _ => b"" as &[u8],

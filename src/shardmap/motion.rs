@@ -10,6 +10,8 @@ use crate::pghash::{self, KeyValue};
 pub enum Unit {
     /// One tenant of a tenant distribution (its key value as SQL text too).
     Tenant { key: OwnedKey, literal: String },
+    /// One region of a geo distribution that lives on one shard.
+    Region { key: OwnedKey, literal: String },
     /// Inclusive bucket ranges of a hash or tenant distribution; in a tenant distribution,
     /// tenants of the directory stay where the directory puts them.
     Buckets {
@@ -49,7 +51,7 @@ impl Motion {
     /// True when `key` belongs to the unit (the Rust twin of `predicate_sql`).
     pub fn owns(&self, key: &KeyValue, buckets: u32) -> bool {
         match &self.unit {
-            Unit::Tenant { key: k, .. } => OwnedKey::of(key) == *k,
+            Unit::Tenant { key: k, .. } | Unit::Region { key: k, .. } => OwnedKey::of(key) == *k,
             Unit::Buckets { ranges, directory } => {
                 let b = pghash::bucket(key, buckets).unwrap_or(u32::MAX);
                 ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi)
@@ -67,7 +69,9 @@ impl Motion {
     pub fn predicate_sql(&self, column: &str, key_type: &str, buckets: u32) -> Option<String> {
         let col = pghash::quote_ident(column)?;
         Some(match &self.unit {
-            Unit::Tenant { literal, .. } => format!("{col} = {literal}"),
+            Unit::Tenant { literal, .. } | Unit::Region { literal, .. } => {
+                format!("{col} = {literal}")
+            }
             Unit::Buckets { ranges, directory } => {
                 let b = pghash::bucket_sql(column, key_type, buckets)?;
                 let within: Vec<String> = ranges
@@ -113,6 +117,7 @@ impl Motion {
     pub fn describe(&self) -> String {
         match &self.unit {
             Unit::Tenant { literal, .. } => format!("tenant {literal}"),
+            Unit::Region { literal, .. } => format!("region {literal}"),
             Unit::Buckets { ranges, .. } => {
                 let r: Vec<String> = ranges
                     .iter()
@@ -244,7 +249,36 @@ pub(super) fn build(
                 bucket_shard,
             } => (Some(directory), bucket_shard),
             Strategy::Hash { bucket_shard } => (None, bucket_shard),
-            _ => return bad("geo distributions cannot move units yet".into()),
+            Strategy::Geo {
+                regions,
+                default_region,
+                ..
+            } => {
+                let Some(r) = m
+                    .tenant
+                    .as_ref()
+                    .filter(|_| m.range.is_none() && m.buckets.is_empty())
+                else {
+                    return bad(
+                        "a geo distribution moves a region: set 'tenant' (the region) only".into(),
+                    );
+                };
+                if default_region.as_deref() == Some(r.as_bytes()) {
+                    return bad(format!("region '{r}' is the default region: unlisted regions' rows share its shards and would be left behind"));
+                }
+                match regions.get(r.as_bytes()).map(Vec::as_slice) {
+                    Some([s]) if *s == here => {}
+                    Some([s]) => return bad(format!("region '{r}' is on shard {s}, not {here}")),
+                    Some(g) => return bad(format!("region '{r}' spans shards {g:?}; only a region on one shard moves as a unit")),
+                    None => return bad(format!("region '{r}' is not listed in the distribution's regions")),
+                }
+                out.push(motion(Unit::Region {
+                    key: OwnedKey::Text(r.as_bytes().to_vec()),
+                    literal: sql_literal(&d.key_type, r)?,
+                }));
+                continue;
+            }
+            _ => return bad("range distributions move key ranges".into()),
         };
         if m.range.is_some() {
             return bad("'range' is for range distributions".into());

@@ -150,6 +150,9 @@ struct MoveArgs {
     /// Move this tenant (tenant distributions).
     #[arg(long, group = "unit")]
     tenant: Option<String>,
+    /// Move this region (geo distributions; a region on one shard, not the default region).
+    #[arg(long, group = "unit")]
+    region: Option<String>,
     /// Move these buckets, e.g. `0-255,1024` (hash and tenant distributions).
     #[arg(long, group = "unit")]
     buckets: Option<String>,
@@ -302,11 +305,16 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
     use pgshard::rebalance::{self, MoveError, MoveRequest, UnitSpec};
     use pgshard::shardmap::config::MovePhase;
     let shards = shard_links(&args.shards)?;
-    let unit = match (&args.tenant, &args.buckets, &args.range) {
+    // A region is one key value of its distribution, as a tenant is.
+    let unit = match (
+        args.tenant.as_ref().or(args.region.as_ref()),
+        &args.buckets,
+        &args.range,
+    ) {
         (Some(t), _, _) => UnitSpec::Tenant(t.clone()),
         (None, Some(b), _) => UnitSpec::Buckets(parse_buckets(b)?),
         (None, None, Some(r)) => UnitSpec::Range(parse_range(r)?),
-        (None, None, None) => anyhow::bail!("name a --tenant, --buckets or --range"),
+        (None, None, None) => anyhow::bail!("name a --tenant, --region, --buckets or --range"),
     };
     let req = MoveRequest {
         distribution: args.distribution.clone(),

@@ -22,6 +22,11 @@ pub(super) async fn no_leftovers(h: &Harness) -> TestResult {
 /// Waits until the shards' replicas hold the 4000 seed rows of `table` (readers outside a move
 /// read replicas; a reader that is not the writer may otherwise see them lag).
 pub(super) async fn seeds_on_replicas(h: &Harness, table: &str) -> TestResult {
+    seeds_on_replicas_n(h, table, 4000).await
+}
+
+/// `seeds_on_replicas` for a table with `want` seed rows (ids up to 4000).
+pub(super) async fn seeds_on_replicas_n(h: &Harness, table: &str, want: i64) -> TestResult {
     let t = Instant::now();
     loop {
         let mut n = 0;
@@ -41,7 +46,7 @@ pub(super) async fn seeds_on_replicas(h: &Harness, table: &str) -> TestResult {
                 .unwrap_or(0);
             seen.push(held);
         }
-        if n == 4000 {
+        if n == want {
             return Ok(());
         }
         // Generous: a standby may hold replay back for max_standby_streaming_delay (30 s).
@@ -51,7 +56,7 @@ pub(super) async fn seeds_on_replicas(h: &Harness, table: &str) -> TestResult {
                 let p = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
                 primaries.push(one(&p, "SELECT pg_current_wal_lsn()::text").await?);
             }
-            return Err(format!("replicas hold {n} of {table}'s 4000 seed rows after 40 s (replicas: count, replay LSN {seen:?}; primaries at {primaries:?})"));
+            return Err(format!("replicas hold {n} of {table}'s {want} seed rows after 40 s (replicas: count, replay LSN {seen:?}; primaries at {primaries:?})"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -20,6 +20,7 @@ use workload::*;
 
 mod add_shard;
 mod checks;
+mod geo;
 mod workload;
 
 pub fn trials() -> Vec<Trial> {
@@ -44,7 +45,10 @@ const TABLE: &str = "[[sharding.distributions]]\nname = \"mv\"\nstrategy = \"has
                      [[sharding.tables]]\nname = \"mv_ranges\"\ndistribution = \"mvr\"\ncolumn = \"id\"\n\n\
                      [[sharding.tables]]\nname = \"mv_items\"\ndistribution = \"mv\"\ncolumn = \"id\"\n\n\
                      [[sharding.tables]]\nname = \"mv_ref\"\nreference = true\n\n\
-                     [[sharding.tables]]\nname = \"mv_orders\"\ndistribution = \"mvt\"\ncolumn = \"tenant\"\n";
+                     [[sharding.tables]]\nname = \"mv_orders\"\ndistribution = \"mvt\"\ncolumn = \"tenant\"\n\n\
+                     [[sharding.distributions]]\nname = \"mvg\"\nstrategy = \"geo\"\nkey_type = \"text\"\n\
+                     regions = { eu = [0], us = [1], ap = [0] }\ndefault_region = \"ap\"\n\n\
+                     [[sharding.tables]]\nname = \"mv_geo\"\ndistribution = \"mvg\"\ncolumn = \"region\"\n";
 
 /// A router of the trial whose shard 0 has a second replica, on port `stale`.
 fn router(h: &Harness, id: &str, stale: u16) -> Result<Router, String> {
@@ -101,7 +105,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         )
         .ctx("reset catalog")?;
     for s in 0..2 {
-        h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges; DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset shard")?;
+        h.cluster.psql(h.primary(s), "shop", "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges, mv_geo; DROP SCHEMA IF EXISTS pgshard CASCADE").ctx("reset shard")?;
     }
     // A replica of shard 0 of this trial's own, to pause without disturbing other trials.
     let stale = h.cluster.extra_replica(0, "stale").ctx("extra replica")?;
@@ -527,6 +531,8 @@ fn move_under_writers(h: &Harness) -> TestResult {
             range_truth.len()
         );
 
+        geo::move_region(h, [a.port, b2.port], &a.config_path).await?;
+
         // Negative control: skipping the marker wait must be caught by verification.
         // (Writers may see the loss too: an UPDATE of a row the target never got touches 0 rows.)
         let run = move_with_writers(
@@ -568,7 +574,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             .psql(
                 h.primary(s),
                 "shop",
-                "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges, mv_ref",
+                "DROP TABLE IF EXISTS mv_items, mv_orders, mv_ranges, mv_ref, mv_geo",
             )
             .ctx("drop")?;
     }

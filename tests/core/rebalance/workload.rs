@@ -239,6 +239,14 @@ pub(super) fn shardctl_move(
             t.into(),
         ]);
     }
+    if let Some(r) = buckets.strip_prefix("region:") {
+        args[3..].clone_from_slice(&[
+            "--distribution".into(),
+            "mvg".into(),
+            "--region".into(),
+            r.into(),
+        ]);
+    }
     if let Some(r) = buckets.strip_prefix("range:") {
         args[3..].clone_from_slice(&[
             "--distribution".into(),
