@@ -249,7 +249,6 @@ impl Mover<'_> {
         for (table, pred, _) in &self.tables {
             self.report.rows_deleted_on_source +=
                 copy::delete_unit(src, table, pred, 10_000).await?;
-            copy::vacuum(src, table, progress).await;
         }
         let floors = self.floors().await?;
         let id = self.id;
@@ -259,6 +258,10 @@ impl Mover<'_> {
         })
         .await?;
         self.state("done", "").await;
+        // Once routers have stopped filtering the unit out: this scans the whole table.
+        for (table, _, _) in &self.tables {
+            copy::vacuum(src, table, progress).await;
+        }
         self.report_standbys(&floors, progress).await;
         progress.line(&format!(
             "move {}: done; {} rows removed from shard {}",

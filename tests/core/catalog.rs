@@ -230,9 +230,10 @@ fn share_and_follow(h: &Harness) -> TestResult {
             .map_err(|e| e.to_string())?;
         let t = Instant::now();
         loop {
-            // A key-less write that changes nothing: refused once the move is seen.
+            // A key-less write that changes nothing, and that a table in motion refuses (its
+            // UPDATE … FROM form cannot be filtered): refused once the move is seen.
             match c
-                .simple_query("UPDATE cat_orders SET n = n WHERE n < 0")
+                .simple_query("UPDATE cat_orders SET n = n FROM (SELECT 1) x WHERE n < 0")
                 .await
             {
                 Err(e) if crate::harness::sqlstate(&e) == "55006" => break,
@@ -244,10 +245,10 @@ fn share_and_follow(h: &Harness) -> TestResult {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for sql in [
-            "DELETE FROM cat_orders",
+            "DELETE FROM cat_orders USING (SELECT 1) x",
             "ALTER TABLE cat_orders ADD COLUMN x int",
             "TRUNCATE cat_orders",
-            "UPDATE cat_orders SET n = n /* pgshard: shard=1 */",
+            "UPDATE cat_orders SET n = n FROM (SELECT 1) x /* pgshard: shard=1 */",
         ] {
             let e = c
                 .simple_query(sql)
@@ -257,17 +258,17 @@ fn share_and_follow(h: &Harness) -> TestResult {
             ensure!(crate::harness::sqlstate(&e) == "55006", "{sql}: {e:?}");
         }
         let e = c
-            .simple_query("UPDATE cat_orders SET n = n + 1")
+            .simple_query("UPDATE cat_orders SET n = n + 1 FROM (SELECT 1) x")
             .await
             .err()
-            .ok_or("key-less write ran")?;
+            .ok_or("key-less UPDATE … FROM ran")?;
         let msg = e
             .as_db_error()
             .map(|d| d.message().to_string())
             .unwrap_or_default();
         ensure!(
             msg.contains("move 1: tenant 'big' from shard 0 to shard 1")
-                && msg.contains("add the key"),
+                && msg.contains("add the sharding key"),
             "message: {msg}"
         );
         // The target's copy (as a move's COPY leaves it) is not counted by key-less reads.
@@ -285,6 +286,31 @@ fn share_and_follow(h: &Harness) -> TestResult {
         ensure!(
             one(&c, "SELECT count(*) FROM cat_orders /* pgshard: shard=1 */").await? == "0",
             "a hinted read of the target leaves its copy out"
+        );
+        // Key-less and hinted writes leave it out too: replication brings the owner's changes.
+        let n = c
+            .execute("UPDATE cat_orders SET n = n WHERE n >= 0", &[])
+            .await
+            .pgx("key-less update")?;
+        ensure!(n == 1, "a key-less UPDATE counts the row once ({n})");
+        let n = c
+            .execute(
+                "DELETE FROM cat_orders WHERE n < 0 /* pgshard: shard=1 */",
+                &[],
+            )
+            .await
+            .pgx("hinted delete")?;
+        ensure!(
+            n == 0,
+            "a hinted DELETE of the target leaves its copy out ({n})"
+        );
+        let n = c
+            .execute("UPDATE cat_orders SET n = n /* pgshard: shard=1 */", &[])
+            .await
+            .pgx("hinted update")?;
+        ensure!(
+            n == 0,
+            "a hinted UPDATE of the target leaves its copy out ({n})"
         );
         // The extended protocol, named (prepared) and unnamed (query_typed) statements alike.
         let named = c

@@ -128,7 +128,7 @@ pub(super) fn shadows(
     };
     let mut out: Vec<Shadowed> = Vec::new();
     for &shard in shards.iter() {
-        let mut hide = Vec::new();
+        let (mut hide, mut moving) = (Vec::new(), Vec::new());
         for table in &plan.tables {
             let Some((mv, column)) = map.motion_of(table) else {
                 continue;
@@ -146,6 +146,13 @@ pub(super) fn shadows(
                     )
                 })?;
             hide.push((table.clone(), pred));
+            moving.push(format!(
+                "table {table} is in motion (move {}: {} from shard {} to shard {})",
+                mv.id,
+                mv.describe(),
+                mv.source,
+                mv.target
+            ));
         }
         if hide.is_empty() {
             continue;
@@ -157,7 +164,7 @@ pub(super) fn shadows(
         };
         let sql = sql.map_err(|why| {
             let what = if write { "write" } else { "read" };
-            Refusal::new("55006", format!("a key-less {what} of a table in motion must leave out the copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move"))
+            Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving.join("; ")))
         })?;
         out.push(Shadowed::new(shard, sql, stmt));
     }
