@@ -29,21 +29,16 @@ pub(super) fn guard(
         let Some((mv, _)) = map.motion_of(table) else {
             continue;
         };
-        let what = format!(
-            "table {table} is in motion (move {}: {} from shard {} to shard {})",
-            mv.id,
-            mv.describe(),
-            mv.source,
-            mv.target
-        );
+        // Formatted only for a refusal: this runs for every statement while a move runs.
+        let what = || in_motion(table, mv);
         if !lease_valid {
             return Err(Refusal::new(
                 "57P03",
-                format!("{what} and this router has lost its catalog lease, so it cannot tell which shard serves it; retry when the catalog is reachable"),
+                format!("{} and this router has lost its catalog lease, so it cannot tell which shard serves it; retry when the catalog is reachable", what()),
             ));
         }
-        // Several keyed shards are safe only for a split INSERT (each shard gets its own rows):
-        // an UPDATE by key list would also change the unit's copy on the other shard.
+        // An INSERT must go by its keys (a split INSERT gives each shard its own rows); other
+        // writes not pinned to one shard are filtered on the copy's shard by `shadows`.
         let keyed = matches!(plan.route, Route::Keys { .. })
             && plan.hint.is_none()
             && (shards.len() == 1 || plan.insert.is_some());
@@ -55,13 +50,19 @@ pub(super) fn guard(
             Kind::Ddl { .. } | Kind::Utility => {
                 return Err(Refusal::new(
                     "55006",
-                    format!("{what}: DDL on it waits until the move completes or is aborted"),
+                    format!(
+                        "{}: DDL on it waits until the move completes or is aborted",
+                        what()
+                    ),
                 ));
             }
             _ if truncate => {
                 return Err(Refusal::new(
                     "55006",
-                    format!("{what}: TRUNCATE waits until the move completes or is aborted"),
+                    format!(
+                        "{}: TRUNCATE waits until the move completes or is aborted",
+                        what()
+                    ),
                 ));
             }
             Kind::Read => {}
@@ -71,12 +72,23 @@ pub(super) fn guard(
             _ => {
                 return Err(Refusal::new(
                     "55006",
-                    format!("{what}: writes without its sharding key would change the unit on both shards; add the key, or retry after the move"),
+                    format!("{}: writes without its sharding key would change the unit on both shards; add the key, or retry after the move", what()),
                 ));
             }
         }
     }
     Ok(())
+}
+
+/// How refusals name a table in motion and its move.
+fn in_motion(table: &str, mv: &crate::shardmap::motion::Motion) -> String {
+    format!(
+        "table {table} is in motion (move {}: {} from shard {} to shard {})",
+        mv.id,
+        mv.describe(),
+        mv.source,
+        mv.target
+    )
 }
 
 /// The statement a shard holding a unit's extra copy gets instead of the client's.
@@ -146,13 +158,7 @@ pub(super) fn shadows(
                     )
                 })?;
             hide.push((table.clone(), pred));
-            moving.push(format!(
-                "table {table} is in motion (move {}: {} from shard {} to shard {})",
-                mv.id,
-                mv.describe(),
-                mv.source,
-                mv.target
-            ));
+            moving.push((table, mv));
         }
         if hide.is_empty() {
             continue;
@@ -164,7 +170,7 @@ pub(super) fn shadows(
         };
         let sql = sql.map_err(|why| {
             let what = if write { "write" } else { "read" };
-            Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving.join("; ")))
+            Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving.iter().map(|(t, mv)| in_motion(t, mv)).collect::<Vec<_>>().join("; ")))
         })?;
         out.push(Shadowed::new(shard, sql, stmt));
     }
