@@ -116,6 +116,17 @@ impl Run {
     }
 }
 
+/// Creates the table on a move's target where the applier records how far it has applied.
+pub async fn progress_table(target: &Client) -> Result<(), MoveError> {
+    target
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgshard; CREATE TABLE IF NOT EXISTS pgshard.move_progress \
+             (move_id bigint PRIMARY KEY, applied_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    Ok(())
+}
+
 /// Turns pgoutput events into SQL on the target.
 pub struct Applier {
     move_id: u64,

@@ -23,11 +23,14 @@ pub async fn validate(
     table: &str,
     column: &str,
 ) -> Result<(), MoveError> {
-    let wal: String = source.query_one("SHOW wal_level", &[]).await?.get(0);
-    if wal != "logical" {
-        return Err(MoveError::Refused(format!(
-            "the source shard runs with wal_level = {wal}; moves need wal_level = logical"
-        )));
+    // The target keeps a reverse slot from before the switch, for an undo.
+    for (side, c) in [("source", source), ("target", target)] {
+        let wal: String = c.query_one("SHOW wal_level", &[]).await?.get(0);
+        if wal != "logical" {
+            return Err(MoveError::Refused(format!(
+                "the {side} shard runs with wal_level = {wal}; moves need wal_level = logical on both shards"
+            )));
+        }
     }
     let key_sql = "SELECT coalesce(array_agg(a.attname::text), '{}') FROM pg_index i \
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \

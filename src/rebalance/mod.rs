@@ -2,7 +2,8 @@
 //! key range) of a distribution from its shard to another while routers keep serving it. Steps, each published
 //! to every router through the catalog (docs/rebalancing.md):
 //! validate → map with the move (copying) → publication + slot + snapshot copy → catch-up →
-//! fence (routers drain and hold the unit) → marker → switch → verify → cleanup.
+//! fence (routers drain and hold the unit) → marker → switch → verify → cleanup; `abort` after
+//! the switch runs the move back (`undo`).
 //! Control plane only: tokio-postgres and a replication connection, never the data path.
 //! Here: the entry points (`run`, `abort`, `resume`) and catalog helpers; `mover` sets a move
 //! up, `phases` runs its steps, `mapedit` writes its map changes; `copy`, `stream`, `apply` and
@@ -17,6 +18,7 @@ mod phases;
 pub mod plan;
 pub mod standby;
 pub mod stream;
+mod undo;
 pub mod verify;
 
 use crate::backend::{BackendError, ConnectParams};
@@ -90,6 +92,9 @@ pub struct MoveRequest {
     pub skip_marker_wait: bool,
     /// Tests: stop (as if shardctl crashed) once this phase is published.
     pub stop_after: Option<MovePhase>,
+    /// Stop after the switch is verified, keeping the source's rows and the reverse slot:
+    /// `resume` completes the move, `abort` moves the unit back.
+    pub hold: bool,
 }
 
 /// What a finished move measured.
@@ -113,6 +118,8 @@ pub struct MoveReport {
     pub groups_verified: usize,
     pub rows_verified: i64,
     pub rows_deleted_on_source: u64,
+    /// The move was held after its switch (`MoveRequest::hold`).
+    pub held: bool,
 }
 
 /// Where a move reports how it goes: finished steps as lines, long steps (the copy, the
@@ -156,6 +163,17 @@ async fn drive(mut m: Mover<'_>, progress: &dyn Progress) -> Result<MoveReport, 
         return Err(e);
     }
     if let Err(e) = r {
+        if m.config.undo {
+            // Never abort an undo: that would delete the rows it is bringing back.
+            progress.line(&format!(
+                "move {}: undo stopped: {e}; shard {} serves the unit; `shardctl resume {}` retries the undo",
+                m.id, m.source, m.id
+            ));
+            if let Err(u) = m.unfence().await {
+                progress.line(&format!("move {}: could not release the fence ({u})", m.id));
+            }
+            return Err(e);
+        }
         progress.line(&format!("move {}: {e}; aborting", m.id));
         if let Err(a) = m.abort().await {
             progress.line(&format!(
@@ -167,19 +185,43 @@ async fn drive(mut m: Mover<'_>, progress: &dyn Progress) -> Result<MoveReport, 
     }
     // Switched: from here on the target serves the unit, so failures never undo the copy.
     let src = connect(&shards[m.source].dsn).await?;
-    if let Err(e) = m.verify(&src).await {
+    match m.verify(&src).await {
+        Err(MoveError::Mismatch(d)) if m.expect_difference => progress.line(&format!(
+            "move {}: {d}; expected: the undone switch had failed verification, and shard {} keeps the writes shard {} missed",
+            m.id, m.target, m.source
+        )),
+        Err(e) => {
         m.drop_replication(&src).await;
+        if !m.config.undo {
+            progress.line(&format!(
+                "move {}: shard {} keeps the unit's rows; `shardctl abort {}` moves the unit back to it (with the writes made on shard {} since the switch)",
+                m.id, m.source, m.id, m.target
+            ));
+        }
         return Err(e);
+        }
+        Ok(()) => {}
     }
     if m.req.stop_after == Some(MovePhase::Switched) {
         return Err(MoveError::Stopped(MovePhase::Switched));
+    }
+    if m.req.hold && !m.config.undo {
+        m.drop_replication(&src).await;
+        m.state("switched", "held").await;
+        progress.line(&format!(
+            "move {id}: switched and verified; held: shard {} keeps the unit's rows and shard {} the changes made since; `shardctl resume {id}` completes the move, `shardctl abort {id}` moves the unit back",
+            m.source, m.target, id = m.id
+        ));
+        m.report.held = true;
+        return Ok(m.report);
     }
     m.after_switch(&src, progress).await?;
     Ok(m.report)
 }
 
-/// Undoes a move that stopped before its switch (shardctl died, or was killed): routers forget
-/// it, its slot and publication are dropped, the target's partial copy deleted.
+/// Undoes a move. Before its switch (shardctl died, or was killed): routers forget it, its
+/// slots and publications are dropped, the target's partial copy deleted. After it: the unit
+/// moves back to its source, with the writes the target took since the switch.
 pub async fn abort(
     cat: &Catalog,
     shards: &[ShardLink],
@@ -188,11 +230,22 @@ pub async fn abort(
     progress: &dyn Progress,
 ) -> Result<(), MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
-    if m.config.phase == MovePhase::Switched {
-        return Err(MoveError::Refused(format!(
-            "move {id} has switched: shard {} serves the unit now; `shardctl resume {id}` completes it (undoing a switched move needs reverse replication, not built yet)",
-            m.target
-        )));
+    match (m.config.undo, m.config.phase) {
+        (true, _) => {
+            return Err(MoveError::Refused(format!(
+                "move {id} is being undone (back to shard {}); `shardctl resume {id}` finishes the undo",
+                m.target
+            )))
+        }
+        (false, MovePhase::Switched) => {
+            let r = undo::undo(m, progress).await?;
+            progress.line(&format!(
+                "move {id}: undone after a {:.1} ms pause; the unit is back on shard {}",
+                r.pause_ms, r.target
+            ));
+            return Ok(());
+        }
+        (false, _) => {}
     }
     m.abort().await?;
     progress.line(&format!(
@@ -215,6 +268,14 @@ pub async fn resume(
     progress: &dyn Progress,
 ) -> Result<MoveReport, MoveError> {
     let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
+    if m.config.undo && m.config.phase != MovePhase::Switched {
+        // The reverse slot still holds what the undo has not applied: stream on from it.
+        progress.line(&format!(
+            "move {id}: undo stopped before its switch; going on"
+        ));
+        m.unfence().await?;
+        return drive(m, progress).await;
+    }
     if m.config.phase != MovePhase::Switched {
         progress.line(&format!(
             "move {id}: stopped before its switch; copying {} to shard {} again",

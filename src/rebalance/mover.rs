@@ -29,11 +29,13 @@ pub(super) struct Mover<'a> {
     pub(super) key_columns: HashMap<String, String>,
     pub(super) moving: Arc<ShardMap>,
     pub(super) published: bool,
-    pub(super) slot: Option<String>,
     pub(super) stream: Option<ChangeStream>,
     pub(super) applier: Option<apply::Applier>,
     /// A target connection holding a snapshot taken just before the switch.
     pub(super) at_switch: Option<Client>,
+    /// An undo of a switch that failed verification: the source holds writes its target
+    /// missed, which the undo keeps, so the two are expected to differ.
+    pub(super) expect_difference: bool,
     pub(super) report: MoveReport,
 }
 
@@ -144,6 +146,7 @@ impl<'a> Mover<'a> {
             source,
             target: req.target,
             phase: MovePhase::Copying,
+            undo: false,
         };
         let mut with = base.sharding.clone();
         with.moves.push(config.clone());
@@ -187,6 +190,7 @@ impl<'a> Mover<'a> {
             ack_timeout,
             skip_marker_wait: false,
             stop_after: None,
+            hold: false,
         };
         let mut m = Mover::assemble(
             cat,
@@ -198,7 +202,6 @@ impl<'a> Mover<'a> {
             base.version,
         )?;
         m.published = true;
-        m.slot = Some(m.name());
         Ok(m)
     }
 
@@ -258,10 +261,10 @@ impl<'a> Mover<'a> {
             key_columns,
             moving,
             published: false,
-            slot: None,
             stream: None,
             applier: None,
             at_switch: None,
+            expect_difference: false,
             report: MoveReport {
                 id,
                 source,
@@ -298,11 +301,22 @@ impl<'a> Mover<'a> {
         Ok(())
     }
 
+    /// The slot, publication and marker prefix of the move on its source: an undo streams from
+    /// the reverse slot made on the target before the switch.
     pub(super) fn name(&self) -> String {
-        format!("pgshard_move_{}", self.id)
+        match self.config.undo {
+            false => forward_name(self.id),
+            true => reverse_name(self.id),
+        }
     }
 
+    /// Records the move's state in the catalog's `pgshard.moves` (an undo's states say so).
     pub(super) async fn state(&self, state: &str, detail: &str) {
+        let state = match (self.config.undo, state) {
+            (false, s) => s.to_string(),
+            (true, "done") => "undone".to_string(),
+            (true, s) => format!("undoing ({s})"),
+        };
         let _ = self
             .cat
             .client()
@@ -323,4 +337,15 @@ impl<'a> Mover<'a> {
     pub(super) async fn acks(&self, v: u64) -> Result<(), MoveError> {
         wait_acks(self.cat, v, self.req.ack_timeout).await
     }
+}
+
+/// Slot and publication of move `id` on its source.
+pub(super) fn forward_name(id: u64) -> String {
+    format!("pgshard_move_{id}")
+}
+
+/// Slot and publication on the target that keep the changes made there once move `id`
+/// switched, for an undo to carry back.
+pub(super) fn reverse_name(id: u64) -> String {
+    format!("pgshard_back_{id}")
 }

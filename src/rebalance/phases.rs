@@ -2,7 +2,7 @@
 //! abort that undoes a move before its switch.
 
 use super::mapedit::{set_phase, switch};
-use super::mover::Mover;
+use super::mover::{reverse_name, Mover};
 use super::Progress;
 use super::{apply, connect, copy, standby, stream, MoveError};
 use crate::shardmap::config::{MovePhase, ShardingConfig};
@@ -18,7 +18,19 @@ use tokio_postgres::Client;
 const FLUSH_BYTES: usize = 1 << 20;
 
 impl Mover<'_> {
+    /// Fills the target (a copy, or for an undo the reverse slot's changes), catches up, fences
+    /// and switches.
     pub(super) async fn before_switch(&mut self, progress: &dyn Progress) -> Result<(), MoveError> {
+        let (src, tgt) = match self.config.undo {
+            false => self.copy(progress).await?,
+            true => self.reopen(progress).await?,
+        };
+        self.switch_over(&src, &tgt, progress).await
+    }
+
+    /// Steps 1-3: validate, publish the move, copy the unit under the new slot's snapshot; the
+    /// stream is left at the slot's consistent point.
+    async fn copy(&mut self, progress: &dyn Progress) -> Result<(Client, Client), MoveError> {
         let mut src = connect(&self.shards[self.source].dsn).await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
         self.retain_existing(&src, progress).await?;
@@ -39,28 +51,14 @@ impl Mover<'_> {
             self.acks(v).await?;
         }
         self.state("copying", "").await;
-        tgt.batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS pgshard; CREATE TABLE IF NOT EXISTS pgshard.move_progress \
-             (move_id bigint PRIMARY KEY, applied_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
+        apply::progress_table(&tgt).await?;
         for (table, pred, _) in &self.tables {
             copy::delete_unit(&tgt, table, pred, 10_000).await?;
         }
-        let filters: Result<Vec<String>, MoveError> = self
-            .tables
-            .iter()
-            .map(|(t, p, _)| Ok(format!("{} WHERE ({p})", apply::table_ident(t)?)))
-            .collect();
-        src.batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            self.name(),
-            filters?.join(", ")
-        ))
-        .await?;
+        src.batch_execute(&self.publication_sql(&self.name())?)
+            .await?;
         let mut repl = stream::ReplicationConn::open(&self.shards[self.source].connect).await?;
-        let slot = repl.create_slot(&self.name()).await?;
-        self.slot = Some(slot.name.clone());
+        let slot = repl.create_slot(&self.name(), true).await?;
         let t = Instant::now();
         for (table, pred, _) in &self.tables {
             let (rows, bytes) =
@@ -77,6 +75,13 @@ impl Mover<'_> {
             repl.start(&slot.name, slot.consistent_point, &self.name())
                 .await?,
         );
+        self.applier = Some(self.applier_from(slot.consistent_point));
+        Ok((src, tgt))
+    }
+
+    /// Applies the source's changes from `lsn` on, re-checking each row with the router's
+    /// placement of the unit.
+    pub(super) fn applier_from(&self, lsn: stream::Lsn) -> apply::Applier {
         let moving = self.moving.clone();
         let id = self.id;
         let owns: apply::Owns = Box::new(move |_table, key| {
@@ -84,18 +89,34 @@ impl Mover<'_> {
             let k = moving.parse_key(m.dist, key.as_bytes()).ok()?;
             Some(m.owns(&k, moving.buckets))
         });
-        self.applier = Some(apply::Applier::new(
-            self.id,
-            self.key_columns.clone(),
-            owns,
-            slot.consistent_point,
-        ));
+        apply::Applier::new(self.id, self.key_columns.clone(), owns, lsn)
+    }
 
+    /// `CREATE PUBLICATION name` for the unit's rows of every table of the move.
+    pub(super) fn publication_sql(&self, name: &str) -> Result<String, MoveError> {
+        let filters: Result<Vec<String>, MoveError> = self
+            .tables
+            .iter()
+            .map(|(t, p, _)| Ok(format!("{} WHERE ({p})", apply::table_ident(t)?)))
+            .collect();
+        Ok(format!(
+            "CREATE PUBLICATION {name} FOR TABLE {}",
+            filters?.join(", ")
+        ))
+    }
+
+    /// Steps 4-5: catch up, ready the reverse slot, fence, apply up to the marker, switch.
+    async fn switch_over(
+        &mut self,
+        src: &Client,
+        tgt: &Client,
+        progress: &dyn Progress,
+    ) -> Result<(), MoveError> {
         // Catch up until a probe marker comes back quickly: the target is close behind.
         let t = Instant::now();
         for round in 0.. {
             let r = Instant::now();
-            self.marker(&src, &tgt, &format!("probe {round}")).await?;
+            self.marker(src, tgt, &format!("probe {round}")).await?;
             let changes = self.applier.as_ref().map_or(0, |a| a.changes);
             progress.advance("catching up (changes applied)", changes as u64, None);
             if r.elapsed() < Duration::from_millis(200) || round >= 50 {
@@ -104,6 +125,9 @@ impl Mover<'_> {
         }
         progress.step_done();
         self.report.catchup_ms = t.elapsed().as_millis() as u64;
+        if !self.config.undo {
+            self.reverse_slot(tgt).await?;
+        }
         if self.req.stop_after == Some(MovePhase::Copying) {
             return Err(MoveError::Stopped(MovePhase::Copying));
         }
@@ -129,9 +153,9 @@ impl Mover<'_> {
         }
         let t = Instant::now();
         if self.req.skip_marker_wait {
-            emit_marker(&src, &self.name(), "fence").await?;
+            emit_marker(src, &self.name(), "fence").await?;
         } else {
-            self.marker(&src, &tgt, "fence").await?;
+            self.marker(src, tgt, "fence").await?;
         }
         self.report.marker_ms = t.elapsed().as_secs_f64() * 1000.0;
         // The target as of the switch, for verification after it.
@@ -152,10 +176,12 @@ impl Mover<'_> {
             _ => vec![],
         };
         let id = self.id;
-        self.publish(&format!("move {id}: switched"), |s| {
-            switch(s, &unit, target, &owner)
-        })
-        .await?;
+        let note = match self.config.undo {
+            false => format!("move {id}: switched"),
+            true => format!("move {id}: switched back"),
+        };
+        self.publish(&note, |s| switch(s, &unit, target, &owner))
+            .await?;
         self.report.pause_ms = fence_start.elapsed().as_secs_f64() * 1000.0;
         self.published = false;
         self.state("switched", "").await;
@@ -244,6 +270,8 @@ impl Mover<'_> {
         progress: &dyn Progress,
     ) -> Result<(), MoveError> {
         self.drop_replication(src).await;
+        // From here on the move cannot be undone.
+        self.drop_reverse().await?;
         let v = self.cat.latest_map().await?.map_or(0, |m| m.version);
         self.acks(v).await?;
         for (table, pred, _) in &self.tables {
@@ -301,27 +329,35 @@ impl Mover<'_> {
         }
     }
 
+    /// Ends the stream from the source and drops the move's slot and publication there.
     pub(super) async fn drop_replication(&mut self, src: &Client) {
         self.stream = None;
-        if let Some(slot) = self.slot.take() {
-            // The walsender lets go of the slot a moment after its connection closes.
-            for _ in 0..50 {
-                let sql = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
-                if src.execute(sql, &[&slot]).await.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        let _ = src
-            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name()))
-            .await;
+        drop_slot_and_publication(src, &self.name()).await;
     }
 
-    /// Readies a move that stopped before its switch for a new copy: statements a fence holds
-    /// go on, the old slot and publication are dropped (`before_switch` deletes the partial
-    /// copy before copying).
-    pub(super) async fn restart(&mut self) -> Result<(), MoveError> {
+    /// Makes the target's reverse publication and slot, which keep every change made to the
+    /// unit there from now on: after the switch, `abort` carries them back to the source.
+    /// Made before the fence (making a slot waits for the server's running transactions).
+    async fn reverse_slot(&mut self, tgt: &Client) -> Result<(), MoveError> {
+        let name = reverse_name(self.id);
+        drop_slot_and_publication(tgt, &name).await;
+        tgt.batch_execute(&self.publication_sql(&name)?).await?;
+        let mut repl = stream::ReplicationConn::open(&self.shards[self.target].connect).await?;
+        repl.create_slot(&name, false).await?;
+        Ok(())
+    }
+
+    /// Drops the target's reverse slot and publication (the move completes, or never switched).
+    pub(super) async fn drop_reverse(&self) -> Result<(), MoveError> {
+        if !self.config.undo {
+            let tgt = connect(&self.shards[self.target].dsn).await?;
+            drop_slot_and_publication(&tgt, &reverse_name(self.id)).await;
+        }
+        Ok(())
+    }
+
+    /// Releases the statements a fence of this move holds (the move goes back to copying).
+    pub(super) async fn unfence(&mut self) -> Result<(), MoveError> {
         let id = self.id;
         if self.config.phase == MovePhase::Fenced {
             let v = self
@@ -332,10 +368,17 @@ impl Mover<'_> {
             self.config.phase = MovePhase::Copying;
             self.acks(v).await?;
         }
+        Ok(())
+    }
+
+    /// Readies a move that stopped before its switch for a new copy: statements a fence holds
+    /// go on, the old slots and publications are dropped (`before_switch` deletes the partial
+    /// copy before copying).
+    pub(super) async fn restart(&mut self) -> Result<(), MoveError> {
+        self.unfence().await?;
         let src = connect(&self.shards[self.source].dsn).await?;
         self.drop_replication(&src).await;
-        self.slot = None;
-        Ok(())
+        self.drop_reverse().await
     }
 
     /// Undoes a move that has not switched: routers forget it, replication is dropped, and the
@@ -355,6 +398,7 @@ impl Mover<'_> {
         if let Ok(src) = connect(&self.shards[self.source].dsn).await {
             self.drop_replication(&src).await;
         }
+        self.drop_reverse().await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
         for (table, pred, _) in &self.tables {
             copy::delete_unit(&tgt, table, pred, 10_000).await?;
@@ -373,6 +417,21 @@ impl Mover<'_> {
         self.state("aborted", "").await;
         Ok(())
     }
+}
+
+/// Drops a slot and publication of a move, where they exist.
+pub(super) async fn drop_slot_and_publication(c: &Client, name: &str) {
+    // The walsender lets go of the slot a moment after its connection closes.
+    for _ in 0..50 {
+        let sql = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+        if c.execute(sql, &[&name]).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = c
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
+        .await;
 }
 
 /// Raises each shard's replica floor (see `standby`).

@@ -48,12 +48,14 @@ impl ReplicationConn {
         })
     }
 
-    /// Creates the logical slot; its snapshot stays usable until this connection's next command.
-    pub async fn create_slot(&mut self, name: &str) -> Result<Slot, MoveError> {
+    /// Creates the logical slot; with `export`, its snapshot stays usable until this
+    /// connection's next command (otherwise `Slot::snapshot` is empty).
+    pub async fn create_slot(&mut self, name: &str, export: bool) -> Result<Slot, MoveError> {
+        let snapshot = if export { "export" } else { "nothing" };
         let rows = self
             .conn
             .query_rows(
-                &format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'export')"),
+                &format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT '{snapshot}')"),
                 self.max,
             )
             .await?;

@@ -251,6 +251,10 @@ pub struct MoveConfig {
     pub source: usize,
     pub target: usize,
     pub phase: MovePhase,
+    /// An undo: the unit goes back from the shard it switched to (`source` here) to the shard
+    /// it came from, fed by the reverse slot rather than a copy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undo: bool,
 }
 
 /// How far a move has gone, as far as routers are concerned.

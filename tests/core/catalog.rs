@@ -224,6 +224,7 @@ fn share_and_follow(h: &Harness) -> TestResult {
             source: 0,
             target: 1,
             phase: pgshard::shardmap::config::MovePhase::Copying,
+            undo: false,
         });
         cat.publish_map(2, &moving, 2, "big in motion")
             .await

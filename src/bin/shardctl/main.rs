@@ -52,8 +52,10 @@ enum Command {
     /// Exit status: 0 done, 2 refused or aborted (no trace left), 3 switched but verification
     /// failed, 4 stopped by a test hook.
     Move(MoveArgs),
-    /// Undo a move that stopped before its switch (e.g. shardctl was killed): routers forget it,
-    /// its slot and publication are dropped, the target's partial copy is deleted.
+    /// Undo a move. Before its switch (e.g. shardctl was killed): routers forget it, its slots
+    /// and publications are dropped, the target's partial copy is deleted. After its switch
+    /// (held, stopped, or failed verification): the unit moves back to its source online, with
+    /// the writes the target took since (replayed from a reverse slot), then leaves the target.
     Abort {
         /// The move's id (shardctl status lists moves in flight).
         id: u64,
@@ -62,7 +64,7 @@ enum Command {
     },
     /// Finish a move that stopped. After its switch: drop replication, delete the unit from
     /// the source, remove the move from the map. Before it: copy again (the old slot dropped,
-    /// the partial copy deleted) and go on to the switch.
+    /// the partial copy deleted) and go on to the switch. An undo that stopped goes on.
     Resume {
         id: u64,
         #[command(flatten)]
@@ -165,6 +167,10 @@ struct MoveArgs {
     to: usize,
     #[command(flatten)]
     shards: ShardArgs,
+    /// Stop once the switch is verified, keeping the source's rows and a reverse slot on the
+    /// target: `shardctl resume ID` completes the move, `shardctl abort ID` moves the unit back.
+    #[arg(long)]
+    hold: bool,
     /// Test-only negative control: switch without waiting for the fence marker.
     #[arg(long, hide = true)]
     unsafe_skip_marker_wait: bool,
@@ -329,6 +335,7 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             Some("switched") => Some(MovePhase::Switched),
             Some(other) => anyhow::bail!("unknown phase {other}"),
         },
+        hold: args.hold,
     };
     let (mut cat, _) = Catalog::connect(dsn)
         .await
@@ -380,7 +387,7 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             Ok(4)
         }
         Err(e @ MoveError::Mismatch(_)) => {
-            eprintln!("shardctl move: {e}\nthe unit was switched; its rows are still on the source shard for inspection");
+            eprintln!("shardctl move: {e}\nthe unit was switched; its rows are still on the source shard (`shardctl abort` moves it back)");
             Ok(3)
         }
         Err(e) => {
@@ -486,6 +493,7 @@ async fn rebalance_cmd(
             ack_timeout: args.shards.ack_timeout.into(),
             skip_marker_wait: false,
             stop_after: None,
+            hold: false,
         };
         let progress = bars::Bars::new(format!("[{}/{}] ", i + 1, moves.len()), json);
         match rebalance::run(&cat, &links, &req, &progress).await {

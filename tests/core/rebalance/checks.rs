@@ -9,11 +9,11 @@ use pgshard::shardmap::{Located, ShardMap};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// No replication slot or publication of a move is left on any shard.
+/// No replication slot or publication of a move (forward or reverse) is left on any shard.
 pub(super) async fn no_leftovers(h: &Harness) -> TestResult {
     for s in 0..2 {
         let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
-        let n = one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgshard_move_%') + (SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgshard_move_%')").await?;
+        let n = one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ '^pgshard_(move|back)_') + (SELECT count(*) FROM pg_publication WHERE pubname ~ '^pgshard_(move|back)_')").await?;
         ensure!(n == "0", "shard {s} keeps {n} slots/publications of moves");
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! through two routers that share a catalog: nothing acknowledged may be lost or duplicated,
 //! and a move that skips the fence marker must be caught by verification. Key-less readers
 //! check that nothing is counted twice while a unit is on two shards; a range moves too; and
-//! `shardctl add-shard` brings in a third server (`add_shard`).
+//! `shardctl add-shard` brings in a third server (`add_shard`); switched moves are undone
+//! (`undo`).
 
 use crate::ensure;
 use crate::harness::{
@@ -16,11 +17,13 @@ use libtest_mimic::Trial;
 use pgshard::shardmap::Located;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use undo::{held_then_undone, undo_after_failed_verification};
 use workload::*;
 
 mod add_shard;
 mod checks;
 mod geo;
+mod undo;
 mod workload;
 
 pub fn trials() -> Vec<Trial> {
@@ -206,8 +209,9 @@ fn move_under_writers(h: &Harness) -> TestResult {
         stale_replica_skipped(h, &c, &stale.0, a.port).await?;
 
         // shardctl dying after each phase: before the switch `abort` leaves no trace and
-        // `resume` copies again, after it `resume` completes the move; writers go on throughout
-        // and nothing they were told is lost. Buckets 2048-2303 live on shard 1.
+        // `resume` copies again, after it `resume` completes the move and `abort` moves the
+        // unit back; writers go on throughout and nothing they were told is lost. Buckets
+        // 2048-2303 live on shard 1.
         let mut owner = 1;
         for (phase, verb, to, base) in [
             ("copying", "abort", 0, 20),
@@ -215,6 +219,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             ("copying", "resume", 0, 60),
             ("fenced", "resume", 1, 70),
             ("switched", "resume", 0, 40),
+            ("switched", "abort", 1, 80),
         ] {
             let t = Instant::now();
             let run = move_with_writers(
@@ -443,6 +448,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         .parse()
         .map_err(|e| format!("{e}"))?;
         let to = 1 - from;
+        held_then_undone(h, &c, &admin, &a.config_path, from, to).await?;
         let out = tokio::task::spawn_blocking({
             let (dsn, config) = (dsn(h), a.config_path.clone());
             move || shardctl_move(dsn, &config, "tenant:acme", to, &[])
@@ -533,7 +539,8 @@ fn move_under_writers(h: &Harness) -> TestResult {
 
         geo::move_region(h, [a.port, b2.port], &a.config_path).await?;
 
-        // Negative control: skipping the marker wait must be caught by verification.
+        // Negative control: skipping the marker wait must be caught by verification; `abort`
+        // then moves the unit back to the shard that kept every write.
         // (Writers may see the loss too: an UPDATE of a row the target never got touches 0 rows.)
         let run = move_with_writers(
             h,
@@ -557,6 +564,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
             "negative control ran under writes ({})",
             run.during
         );
+        undo_after_failed_verification(h, &a.config_path, run.acked).await?;
 
         // Leave no move behind for other trials.
         let (cat, row) = latest_map(h).await?;

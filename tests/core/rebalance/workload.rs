@@ -2,7 +2,6 @@
 //! shardctl runs.
 
 use super::dsn;
-use crate::ensure;
 use crate::harness::{connect_port, sqlstate, Context, Harness, PgContext, APP_PW};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +15,9 @@ pub(super) struct Acked {
     pub(super) live: Vec<i64>,
     pub(super) ops: u64,
     pub(super) retried: u64,
+    /// Why the writer stopped early: a statement on one of its live rows found none (`rows`
+    /// holds what was acknowledged until then).
+    pub(super) lost: Option<String>,
 }
 
 /// Inserts, updates and deletes its own rows until `stop`; every statement's result is checked
@@ -61,7 +63,10 @@ pub(super) async fn writer(
         };
         match r {
             Ok((k, Some((id, v)))) => {
-                ensure!(k == 1, "writer {w}: statement on id {id} touched {k} rows");
+                if k != 1 {
+                    a.lost = Some(format!("writer {w}: statement on id {id} touched {k} rows"));
+                    break;
+                }
                 if v < 0 {
                     a.rows.remove(&id);
                     a.live.retain(|&x| x != id);
@@ -425,6 +430,9 @@ pub(super) fn record(
     let (mut ops, mut retried) = (0, 0);
     for a in acked {
         let a = a?;
+        if let Some(lost) = a.lost {
+            return Err(lost);
+        }
         truth.extend(a.rows.iter().map(|(k, v)| (*k, *v)));
         ops += a.ops;
         retried += a.retried;
