@@ -92,6 +92,8 @@ pub struct MoveRequest {
     pub skip_marker_wait: bool,
     /// Tests: stop (as if shardctl crashed) once this phase is published.
     pub stop_after: Option<MovePhase>,
+    /// Tests: wait this long after the copy (a test fails the source meanwhile).
+    pub pause_after_copy: Option<Duration>,
     /// Stop after the switch is verified, keeping the source's rows and the reverse slot:
     /// `resume` completes the move, `abort` moves the unit back.
     pub hold: bool,

@@ -191,6 +191,7 @@ impl<'a> Mover<'a> {
             skip_marker_wait: false,
             stop_after: None,
             hold: false,
+            pause_after_copy: None,
         };
         let mut m = Mover::assemble(
             cat,

@@ -34,6 +34,15 @@ impl Mover<'_> {
         let mut src = connect(&self.shards[self.source].dsn).await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
         self.retain_existing(&src, progress).await?;
+        let in_flight: Vec<u64> = self.moving.motions.iter().map(|m| m.id).collect();
+        for (shard, c) in [(self.source, &src), (self.target, &tgt)] {
+            for name in sweep(c, &in_flight).await? {
+                progress.line(&format!(
+                    "move {}: dropped {name} on shard {shard}, left by a move no longer in flight",
+                    self.id
+                ));
+            }
+        }
         for (table, _, _) in &self.tables {
             copy::validate(&src, &tgt, table, &self.key_columns[table]).await?;
         }
@@ -71,6 +80,10 @@ impl Mover<'_> {
             self.report.bytes_copied += bytes;
         }
         self.report.copy_ms = t.elapsed().as_millis() as u64;
+        if let Some(d) = self.req.pause_after_copy {
+            self.state("copying", "copied; pausing (test hook)").await;
+            tokio::time::sleep(d).await;
+        }
         self.stream = Some(
             repl.start(&slot.name, slot.consistent_point, &self.name())
                 .await?,
@@ -395,8 +408,14 @@ impl Mover<'_> {
             })
             .await?;
         }
-        if let Ok(src) = connect(&self.shards[self.source].dsn).await {
-            self.drop_replication(&src).await;
+        match connect(&self.shards[self.source].dsn).await {
+            Ok(src) => self.drop_replication(&src).await,
+            // A failed source: the next move from it drops what is left there (`sweep`).
+            Err(e) => eprintln!(
+                "move {id}: shard {} unreachable ({e}); its slot and publication {} are dropped by the next move involving it",
+                self.source,
+                self.name()
+            ),
         }
         self.drop_reverse().await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
@@ -405,7 +424,8 @@ impl Mover<'_> {
             copy::vacuum(&tgt, table, &|m: &str| eprintln!("{m}")).await;
         }
         if self.published {
-            let floors = self.floors().await?;
+            // Only the target changed (its copy deleted); the source may be the reason for the abort.
+            let floors = vec![(self.target, standby::floor(&tgt).await?)];
             self.publish(&format!("move {id}: aborted"), |s| {
                 s.moves.retain(|m| m.id != id);
                 raise_floors(s, &floors);
@@ -432,6 +452,24 @@ pub(super) async fn drop_slot_and_publication(c: &Client, name: &str) {
     let _ = c
         .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
         .await;
+}
+
+/// Drops slots and publications of moves not in `in_flight`: a move aborted while its source
+/// was unreachable leaves them there (a slot that nobody reads keeps WAL forever; a replica
+/// promoted in its place inherits the publication). Returns what it dropped.
+async fn sweep(c: &Client, in_flight: &[u64]) -> Result<Vec<String>, MoveError> {
+    let sql = "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name ~ '^pgshard_(move|back)_[0-9]+$' \
+               UNION SELECT pubname::text FROM pg_publication WHERE pubname ~ '^pgshard_(move|back)_[0-9]+$'";
+    let mut dropped = Vec::new();
+    for row in c.query(sql, &[]).await? {
+        let name: String = row.get(0);
+        let id = name.rsplit('_').next().and_then(|d| d.parse::<u64>().ok());
+        if id.is_some_and(|id| !in_flight.contains(&id)) && !dropped.contains(&name) {
+            drop_slot_and_publication(c, &name).await;
+            dropped.push(name);
+        }
+    }
+    Ok(dropped)
 }
 
 /// Raises each shard's replica floor (see `standby`).

@@ -177,6 +177,9 @@ struct MoveArgs {
     /// Test-only: stop as if killed once this phase is published (copying, fenced, switched).
     #[arg(long, hide = true)]
     unsafe_stop_after: Option<String>,
+    /// Test-only: wait this long after the copy (the test fails the source meanwhile).
+    #[arg(long, hide = true)]
+    unsafe_pause_after_copy: Option<humantime::Duration>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -336,6 +339,7 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
             Some(other) => anyhow::bail!("unknown phase {other}"),
         },
         hold: args.hold,
+        pause_after_copy: args.unsafe_pause_after_copy.map(Into::into),
     };
     let (mut cat, _) = Catalog::connect(dsn)
         .await
@@ -494,6 +498,7 @@ async fn rebalance_cmd(
             skip_marker_wait: false,
             stop_after: None,
             hold: false,
+            pause_after_copy: None,
         };
         let progress = bars::Bars::new(format!("[{}/{}] ", i + 1, moves.len()), json);
         match rebalance::run(&cat, &links, &req, &progress).await {

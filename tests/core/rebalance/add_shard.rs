@@ -193,7 +193,7 @@ pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
             truth.len()
         );
         eprintln!("rebalance: added shard 2 under reference writes; rebalance moved {on_new} rows onto it");
-        Ok(())
+        super::failover::source_fails(h, &third, &a.config_path, ports, &truth).await
     })?;
     drop((a, b, third));
     Ok(())

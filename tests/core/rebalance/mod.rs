@@ -22,6 +22,7 @@ use workload::*;
 
 mod add_shard;
 mod checks;
+mod failover;
 mod geo;
 mod undo;
 mod workload;

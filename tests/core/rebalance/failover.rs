@@ -1,0 +1,145 @@
+//! The source shard's primary fails during a move: the move aborts, leaving the unit where it
+//! was and nothing of it on the target; once the server is back, the next move from it drops
+//! the slot and publication the abort could not reach.
+
+use super::checks::{current_map, latest_map};
+use super::dsn;
+use super::workload::shardctl_move;
+use crate::ensure;
+use crate::harness::{connect_port, first_value as one, Context, Harness, TestResult, APP_PW};
+use pgshard::pghash::KeyValue;
+use pgshard::shardmap::{Located, Strategy};
+use pgshard::topology::LocalCluster;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The shard holding bucket `b` of hash distribution `dist`.
+fn owner(map: &pgshard::shardmap::ShardMap, dist: usize, b: usize) -> usize {
+    match &map.distributions[dist].strategy {
+        Strategy::Hash { bucket_shard } => bucket_shard[b],
+        _ => usize::MAX,
+    }
+}
+
+/// Slots and publications of moves (forward or reverse) on the server at `port`.
+async fn move_objects(port: u16) -> Result<i64, String> {
+    let d = connect_port(port, "app", APP_PW, "shop", "").await?;
+    one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ '^pgshard_(move|back)_') + (SELECT count(*) FROM pg_publication WHERE pubname ~ '^pgshard_(move|back)_')")
+        .await?
+        .parse()
+        .map_err(|e| format!("{e}"))
+}
+
+/// Moves some of shard 2's buckets (the third server, `third`) to shard 0 and stops shard 2's
+/// primary (immediate mode) right after the copy; `ports` are the three primaries.
+pub(super) async fn source_fails(
+    h: &Harness,
+    third: &LocalCluster,
+    config: &Path,
+    ports: [u16; 3],
+    truth: &HashMap<i64, i32>,
+) -> TestResult {
+    let (map, dist, _) = current_map(h).await?;
+    let Strategy::Hash { bucket_shard } = &map.distributions[dist].strategy else {
+        return Err("mv is a hash distribution".into());
+    };
+    let lo = bucket_shard
+        .iter()
+        .position(|&s| s == 2)
+        .ok_or("shard 2 holds no bucket")?;
+    let hi = (lo..bucket_shard.len())
+        .take_while(|&b| bucket_shard[b] == 2)
+        .last()
+        .unwrap_or(lo)
+        .min(lo + 127);
+    let unit = format!("{lo}-{hi}");
+    let run = |extra: Vec<String>| {
+        let (d, cfg, unit) = (dsn(h), config.to_path_buf(), unit.clone());
+        tokio::task::spawn_blocking(move || shardctl_move(d, &cfg, &unit, 0, &extra))
+    };
+    let mv = run(vec!["--unsafe-pause-after-copy".into(), "4s".into()]);
+    let (cat, _) = latest_map(h).await?;
+    let t = Instant::now();
+    loop {
+        let detail = cat
+            .client()
+            .query_opt(
+                "SELECT detail FROM pgshard.moves ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .unwrap_or_default();
+        if detail.starts_with("copied") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the move did not get through its copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    third
+        .stop_server(third.primary(0))
+        .map_err(|e| format!("stop shard 2: {e}"))?;
+    let out = mv.await.ctx("shardctl")?;
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(
+        out.status.code() == Some(2) && said.contains("aborting"),
+        "a move whose source failed aborts ({:?}): {said}",
+        out.status.code()
+    );
+    let (map, dist, moves) = current_map(h).await?;
+    ensure!(moves == 0, "the aborted move left the map");
+    ensure!(owner(&map, dist, lo) == 2, "buckets {unit} stay on shard 2");
+    // Nothing of the unit on the target, nothing of the move on the live shards.
+    let d = connect_port(ports[0], "app", APP_PW, "shop", "").await?;
+    for r in d
+        .query("SELECT id FROM mv_items", &[])
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        let k: i64 = r.get(0);
+        ensure!(
+            map.locate(dist, &KeyValue::Int(k), None) == Ok(Located::One(0)),
+            "id {k} of the aborted unit is left on shard 0"
+        );
+    }
+    for p in &ports[..2] {
+        ensure!(
+            move_objects(*p).await? == 0,
+            "the abort left a slot or publication on the server at port {p}"
+        );
+    }
+
+    third
+        .start_server(third.primary(0))
+        .map_err(|e| format!("start shard 2: {e}"))?;
+    let left = move_objects(ports[2]).await?;
+    ensure!(
+        left > 0,
+        "the failed source kept the move's slot and publication"
+    );
+    let out = run(vec![]).await.ctx("shardctl")?;
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(
+        out.status.success() && said.contains("left by a move no longer in flight"),
+        "the next move from shard 2 succeeds and drops what the abort left: {said}"
+    );
+    for p in ports {
+        ensure!(
+            move_objects(p).await? == 0,
+            "a slot or publication of a move is left on the server at port {p}"
+        );
+    }
+    let (map, dist, _) = current_map(h).await?;
+    ensure!(
+        owner(&map, dist, lo) == 0,
+        "buckets {unit} moved to shard 0"
+    );
+    super::checks::check_placement_on(&ports, "mv_items", &map, dist, truth).await?;
+    eprintln!("rebalance: source failed after the copy: move aborted; {left} objects it left on the source dropped by the next move");
+    Ok(())
+}
