@@ -344,3 +344,16 @@ pub(crate) async fn connect(dsn: &str) -> Result<Client, MoveError> {
     tokio::spawn(conn);
     Ok(c)
 }
+
+/// True when the server at `dsn` answers within 3 s and is not a standby.
+pub async fn writable(dsn: &str) -> bool {
+    let probe = async {
+        let c = connect(dsn).await.ok()?;
+        let row = c.query_one("SELECT pg_is_in_recovery()", &[]).await.ok()?;
+        Some(!row.get::<_, bool>(0))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), probe).await,
+        Ok(Some(true))
+    )
+}

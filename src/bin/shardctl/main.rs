@@ -219,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Abort { id, shards } | Command::Resume { id, shards } => {
             let dsn = catalog_dsn(&cli.catalog, "abort/resume")?;
-            let links = shard_links(&shards)?;
+            let links = shard_links(&shards).await?;
             let (cat, _) = Catalog::connect(dsn)
                 .await
                 .context("connecting to the catalog")?;
@@ -247,7 +247,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::AddShard { shards } => {
             let dsn = catalog_dsn(&cli.catalog, "add-shard")?;
-            let links = shard_links(&shards)?;
+            let links = shard_links(&shards).await?;
             let (cat, _) = Catalog::connect(dsn)
                 .await
                 .context("connecting to the catalog")?;
@@ -313,7 +313,7 @@ fn catalog_dsn<'a>(catalog: &'a Option<String>, verb: &str) -> anyhow::Result<&'
 async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32> {
     use pgshard::rebalance::{self, MoveError, MoveRequest, UnitSpec};
     use pgshard::shardmap::config::MovePhase;
-    let shards = shard_links(&args.shards)?;
+    let shards = shard_links(&args.shards).await?;
     // A region is one key value of its distribution, as a tenant is.
     let unit = match (
         args.tenant.as_ref().or(args.region.as_ref()),
@@ -410,7 +410,7 @@ async fn rebalance_cmd(
     json: bool,
 ) -> anyhow::Result<i32> {
     use pgshard::rebalance::{self, plan, MoveError, MoveRequest, UnitSpec};
-    let links = shard_links(&args.shards)?;
+    let links = shard_links(&args.shards).await?;
     let (mut cat, _) = Catalog::connect(dsn)
         .await
         .context("connecting to the catalog")?;
@@ -527,7 +527,7 @@ async fn rebalance_cmd(
 }
 
 /// How to reach each shard's primary, from the routers' config file.
-fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::ShardLink>> {
+async fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::ShardLink>> {
     let cfg = pgshard::config::Config::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
     let db = match &args.database {
@@ -553,34 +553,43 @@ fn shard_links(args: &ShardArgs) -> anyhow::Result<Vec<pgshard::rebalance::Shard
         .server_database
         .clone()
         .unwrap_or_else(|| db.name.clone());
+    let pw = password
+        .as_deref()
+        .map(|p| {
+            format!(
+                " password='{}'",
+                p.replace('\\', "\\\\").replace('\'', "\\'")
+            )
+        })
+        .unwrap_or_default();
+    let dsn = |h: &str, p: u16| {
+        format!(
+            "host={h} port={p} user='{}' dbname='{database}'{pw}",
+            user.name
+        )
+    };
     let mut shards = Vec::new();
     for s in &cfg.shards {
-        let (host, port) = pgshard::config::split_host_port(&s.primary)
-            .with_context(|| format!("bad shard address {}", s.primary))?;
-        let pw = password
-            .as_deref()
-            .map(|p| {
-                format!(
-                    " password='{}'",
-                    p.replace('\\', "\\\\").replace('\'', "\\'")
-                )
-            })
-            .unwrap_or_default();
-        let mut replicas = Vec::new();
-        for r in &s.replicas {
-            let (h, p) = pgshard::config::split_host_port(r)
-                .with_context(|| format!("bad replica address {r}"))?;
-            replicas.push(format!(
-                "host={h} port={p} user='{}' dbname='{database}'{pw}",
-                user.name
-            ));
+        let mut nodes = Vec::new();
+        for a in std::iter::once(&s.primary).chain(&s.replicas) {
+            nodes.push(
+                pgshard::config::split_host_port(a)
+                    .with_context(|| format!("bad shard address {a}"))?,
+            );
         }
+        // After a failover the configured primary is gone or a standby: a replica promoted in
+        // its place is where the move must read and write, as routers do.
+        let mut primary = 0;
+        for (i, (h, p)) in nodes.iter().enumerate() {
+            if pgshard::rebalance::writable(&dsn(h, *p)).await {
+                primary = i;
+                break;
+            }
+        }
+        let (host, port) = nodes.remove(primary);
         shards.push(pgshard::rebalance::ShardLink {
-            replicas,
-            dsn: format!(
-                "host={host} port={port} user='{}' dbname='{database}'{pw}",
-                user.name
-            ),
+            replicas: nodes.iter().map(|(h, p)| dsn(h, *p)).collect(),
+            dsn: dsn(&host, port),
             connect: pgshard::backend::ConnectParams {
                 host,
                 port,

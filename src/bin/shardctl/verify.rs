@@ -14,7 +14,7 @@ pub async fn run(
     shards: &super::ShardArgs,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let links = super::shard_links(shards)?;
+    let links = super::shard_links(shards).await?;
     let (cat, _) = Catalog::connect(dsn)
         .await
         .context("connecting to the catalog")?;

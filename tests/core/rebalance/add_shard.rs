@@ -15,7 +15,7 @@ use std::time::Duration;
 /// `shardctl add-shard` puts a third server into the map while a client keeps updating a
 /// reference table; `rebalance --apply` then moves buckets onto it under the placement check.
 pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
-    let mut spec = pgshard::topology::ClusterSpec::new(1, 0, h.dir.join("pg-added"));
+    let mut spec = pgshard::topology::ClusterSpec::new(1, 1, h.dir.join("pg-added"));
     spec.users = vec![
         ("app".into(), APP_PW.into()),
         ("admin".into(), "admin-secret".into()),
@@ -23,7 +23,7 @@ pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
     spec.databases = vec!["shop".into()];
     let third =
         pgshard::topology::LocalCluster::start(spec).map_err(|e| format!("third server: {e}"))?;
-    let p3 = third.primary(0).port;
+    let (p3, r3) = (third.primary(0).port, third.replicas(0)[0].port);
     let cat_dsn = dsn(h);
     let ctl = move |config: &std::path::Path, args: &[&str]| {
         let mut all = vec!["--catalog".to_string(), cat_dsn.clone()];
@@ -45,7 +45,9 @@ pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
     std::fs::write(
         &three_cfg,
         h.config(1, 1, "", &trial_config(h))
-            + &format!("[[shards]]\nprimary = \"127.0.0.1:{p3}\"\n"),
+            + &format!(
+                "[[shards]]\nprimary = \"127.0.0.1:{p3}\"\nreplicas = [\"127.0.0.1:{r3}\"]\n"
+            ),
     )
     .ctx("config")?;
     let out = ctl(&two.config_path, &["add-shard"]);
@@ -63,8 +65,8 @@ pub(super) fn add_shard_and_fill(h: &Harness) -> TestResult {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(two);
-    let a = router_with(h, "ma", Some(p3), None)?;
-    let b = router_with(h, "mb", Some(p3), None)?;
+    let a = router_with(h, "ma", Some((p3, r3)), None)?;
+    let b = router_with(h, "mb", Some((p3, r3)), None)?;
     block_on(async {
         // mv_items afresh: the negative control above left the unit it broke on two shards.
         let c = connect_port(a.port, "app", APP_PW, "shop", "").await?;

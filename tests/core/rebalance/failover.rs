@@ -1,6 +1,6 @@
-//! The source shard's primary fails during a move: the move aborts, leaving the unit where it
-//! was and nothing of it on the target; once the server is back, the next move from it drops
-//! the slot and publication the abort could not reach.
+//! The source shard's primary fails during a move and its replica is promoted: the move
+//! aborts, leaving the unit where it was and nothing of it on the target; the next move from
+//! the shard finds the promoted server, drops the publication it inherited, and succeeds.
 
 use super::checks::{current_map, latest_map};
 use super::dsn;
@@ -31,8 +31,9 @@ async fn move_objects(port: u16) -> Result<i64, String> {
         .map_err(|e| format!("{e}"))
 }
 
-/// Moves some of shard 2's buckets (the third server, `third`) to shard 0 and stops shard 2's
-/// primary (immediate mode) right after the copy; `ports` are the three primaries.
+/// Moves some of shard 2's buckets (the third server, `third`) to shard 0, stops shard 2's
+/// primary (immediate mode) right after the copy and promotes its replica; `ports` are the
+/// three primaries.
 pub(super) async fn source_fails(
     h: &Harness,
     third: &LocalCluster,
@@ -81,9 +82,25 @@ pub(super) async fn source_fails(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The replica has all the primary wrote (the publication included) before it fails.
+    let p = connect_port(ports[2], "app", APP_PW, "shop", "").await?;
+    let lsn = one(&p, "SELECT pg_current_wal_lsn()::text").await?;
+    let replica = third.replicas(0)[0];
+    let r = connect_port(replica.port, "app", APP_PW, "shop", "").await?;
+    let t = Instant::now();
+    while one(&r, &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")).await? != "t" {
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "shard 2's replica does not replay"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     third
         .stop_server(third.primary(0))
         .map_err(|e| format!("stop shard 2: {e}"))?;
+    third
+        .promote(replica)
+        .map_err(|e| format!("promote shard 2's replica: {e}"))?;
     let out = mv.await.ctx("shardctl")?;
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     ensure!(
@@ -114,13 +131,10 @@ pub(super) async fn source_fails(
         );
     }
 
-    third
-        .start_server(third.primary(0))
-        .map_err(|e| format!("start shard 2: {e}"))?;
-    let left = move_objects(ports[2]).await?;
+    let left = move_objects(replica.port).await?;
     ensure!(
         left > 0,
-        "the failed source kept the move's slot and publication"
+        "the promoted replica inherited the move's publication"
     );
     let out = run(vec![]).await.ctx("shardctl")?;
     let said = String::from_utf8_lossy(&out.stderr).to_string();
@@ -128,6 +142,7 @@ pub(super) async fn source_fails(
         out.status.success() && said.contains("left by a move no longer in flight"),
         "the next move from shard 2 succeeds and drops what the abort left: {said}"
     );
+    let ports = [ports[0], ports[1], replica.port];
     for p in ports {
         ensure!(
             move_objects(p).await? == 0,
@@ -140,6 +155,6 @@ pub(super) async fn source_fails(
         "buckets {unit} moved to shard 0"
     );
     super::checks::check_placement_on(&ports, "mv_items", &map, dist, truth).await?;
-    eprintln!("rebalance: source failed after the copy: move aborted; {left} objects it left on the source dropped by the next move");
+    eprintln!("rebalance: source failed after the copy, replica promoted: move aborted; {left} object(s) it left dropped by the next move, which read the promoted server");
     Ok(())
 }

@@ -59,20 +59,22 @@ fn router(h: &Harness, id: &str, stale: u16) -> Result<Router, String> {
     router_with(h, id, None, Some(stale))
 }
 
-/// A router of the trial; `third` adds a shard (primary port) after the topology's two, `stale`
-/// a second replica to shard 0.
+/// A router of the trial; `third` adds a shard (primary and replica ports) after the
+/// topology's two, `stale` a second replica to shard 0.
 fn router_with(
     h: &Harness,
     id: &str,
-    third: Option<u16>,
+    third: Option<(u16, u16)>,
     stale: Option<u16>,
 ) -> Result<Router, String> {
     let more = trial_config(h);
     let general = format!("router_id = \"{id}\"");
     h.spawn_with(|port, metrics| {
         let mut c = h.config(port, metrics, &general, &more);
-        if let Some(p) = third {
-            c.push_str(&format!("[[shards]]\nprimary = \"127.0.0.1:{p}\"\n\n"));
+        if let Some((p, r)) = third {
+            c.push_str(&format!(
+                "[[shards]]\nprimary = \"127.0.0.1:{p}\"\nreplicas = [\"127.0.0.1:{r}\"]\n\n"
+            ));
         }
         if let Some(p) = stale {
             let own = format!("\"127.0.0.1:{}\"]", h.cluster.replicas(0)[0].port);
