@@ -193,14 +193,12 @@ async fn drive(mut m: Mover<'_>, progress: &dyn Progress) -> Result<MoveReport, 
             m.id, m.target, m.source
         )),
         Err(e) => {
-        m.drop_replication(&src).await;
-        if !m.config.undo {
-            progress.line(&format!(
-                "move {}: shard {} keeps the unit's rows; `shardctl abort {}` moves the unit back to it (with the writes made on shard {} since the switch)",
-                m.id, m.source, m.id, m.target
-            ));
-        }
-        return Err(e);
+            m.drop_replication(&src).await;
+            if !m.config.undo {
+                let (id, source, target) = (m.id, m.source, m.target);
+                progress.line(&format!("move {id}: shard {source} keeps the unit's rows; `shardctl abort {id}` moves the unit back to it (with the writes made on shard {target} since the switch)"));
+            }
+            return Err(e);
         }
         Ok(()) => {}
     }
