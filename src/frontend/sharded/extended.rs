@@ -22,7 +22,10 @@ pub struct Stmt {
 /// Client statements and the batch being collected.
 #[derive(Default)]
 pub struct ExtendedState {
-    pub(super) pending: Vec<Bytes>,
+    /// The batch's messages back to back (one buffer rather than an allocation per message).
+    pending: BytesMut,
+    /// Length of each message in `pending`.
+    pending_lens: Vec<usize>,
     statements: HashMap<Box<[u8]>, Stmt>,
     /// RowDescription of each statement a shard described, by statement key: a multi-shard
     /// Execute needs the column types to merge, and its response does not carry them.
@@ -35,7 +38,30 @@ pub struct ExtendedState {
 impl ExtendedState {
     /// Queues a message until the batch's Sync.
     pub fn push(&mut self, _tag: u8, msg: &[u8]) {
-        self.pending.push(Bytes::copy_from_slice(msg));
+        self.pending.extend_from_slice(msg);
+        self.pending_lens.push(msg.len());
+    }
+
+    /// Takes the queued messages, each a slice of one shared buffer.
+    pub fn take(&mut self) -> Vec<Bytes> {
+        let all = self.pending.split().freeze();
+        let mut at = 0;
+        let msgs = self
+            .pending_lens
+            .iter()
+            .map(|&n| {
+                at += n;
+                all.slice(at - n..at)
+            })
+            .collect();
+        self.pending_lens.clear();
+        msgs
+    }
+
+    /// Drops the queued messages.
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        self.pending_lens.clear();
     }
 }
 
@@ -122,7 +148,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// skips the rest, as PostgreSQL does.
     pub(super) async fn on_sync(&mut self) -> Result<(), Failure> {
         self.refresh_map();
-        let msgs = std::mem::take(&mut self.ext.pending);
+        let msgs = self.ext.take();
         let segments = self.segments(msgs)?;
         let implicit = !self.tx.active() && segments.iter().filter(|s| s.executes).count() > 1;
         if implicit {
@@ -238,7 +264,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 .unwrap_or(self.map.any_readable(self.info.pid.unsigned_abs() as usize));
             return self.run_single(shard, "", false, Some(seg)).await;
         }
-        let text = String::from_utf8_lossy(&stmt.def.text).into_owned();
+        // Checked at Parse.
+        let text = std::str::from_utf8(&stmt.def.text).unwrap_or_default();
         let bind = seg.bind.clone().expect("executing segments have a Bind");
         let (formats, values) =
             bind_params(&bind).ok_or_else(|| Refusal::new("08P01", "malformed Bind"))?;
@@ -251,7 +278,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         {
             return Err(Refusal::new("0A000", "COPY … TO STDOUT of a sharded table through the extended protocol is not supported; use a simple query").into());
         }
-        self.run_statement(&text, &stmt.plan, &params, Some(seg))
+        self.run_statement(text, &stmt.plan, &params, Some(seg))
             .await
     }
 

@@ -277,7 +277,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             }
             b'S' => {
                 if let Some(refusal) = self.revocation(None).await {
-                    self.ext.pending.clear();
+                    self.ext.clear();
                     return self.settle(Err(refusal.into()), true);
                 }
                 let r = Box::pin(self.on_sync()).await;
