@@ -1,6 +1,7 @@
 //! The source shard's primary fails during a move and its replica is promoted: the move
 //! aborts, leaving the unit where it was and nothing of it on the target; the next move from
-//! the shard finds the promoted server, drops the publication it inherited, and succeeds.
+//! the shard finds the promoted server, drops the publication it inherited, and succeeds. A
+//! prepared transaction left in doubt there refuses the next move.
 
 use super::checks::{current_map, latest_map};
 use super::dsn;
@@ -155,6 +156,29 @@ pub(super) async fn source_fails(
         "buckets {unit} moved to shard 0"
     );
     super::checks::check_placement_on(&ports, "mv_items", &map, dist, truth).await?;
+
+    // A prepared transaction left in doubt on a source would make the move's slot wait for it
+    // forever: once it is older than 5 s a move refuses to start, naming it.
+    let d = connect_port(replica.port, "app", APP_PW, "shop", "").await?;
+    d.batch_execute("BEGIN; SELECT pg_current_xact_id(); PREPARE TRANSACTION 'trial_in_doubt'")
+        .await
+        .map_err(|e| e.to_string())?;
+    let fresh = pgshard::rebalance::copy::wait_for_prepared(&d, Duration::ZERO).await;
+    ensure!(
+        fresh.is_ok(),
+        "a fresh prepared transaction is waited for, not refused: {fresh:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let stale = pgshard::rebalance::copy::wait_for_prepared(&d, Duration::ZERO).await;
+    ensure!(
+        matches!(&stale, Err(e) if e.to_string().contains("'trial_in_doubt'")),
+        "a stale prepared transaction refuses the move, named: {stale:?}"
+    );
+    d.batch_execute("ROLLBACK PREPARED 'trial_in_doubt'")
+        .await
+        .map_err(|e| e.to_string())?;
+    let done = pgshard::rebalance::copy::wait_for_prepared(&d, Duration::ZERO).await;
+    ensure!(done.is_ok(), "once resolved the move may go on: {done:?}");
     eprintln!("rebalance: source failed after the copy, replica promoted: move aborted; {left} object(s) it left dropped by the next move, which read the promoted server");
     Ok(())
 }
