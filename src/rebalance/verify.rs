@@ -7,7 +7,7 @@
 use super::{apply::table_ident, copy, MoveError, ShardLink};
 use crate::pghash;
 use crate::shardmap::config::{Bound, ShardingConfig, StrategyName};
-use crate::shardmap::motion::sql_literal;
+use crate::shardmap::motion::{range_predicate, sql_literal};
 use crate::shardmap::ShardMap;
 
 /// Rows of one table on one shard, and how many of them belong elsewhere.
@@ -93,11 +93,6 @@ pub async fn placement(
                 }
                 StrategyName::Range => {
                     let text = d.key_type.contains("text") || d.key_type.contains("char");
-                    let c_col = if text {
-                        format!("{col} COLLATE \"C\"")
-                    } else {
-                        col.clone()
-                    };
                     let lit = |b: &Bound| {
                         let s = match b {
                             Bound::Int(i) => i.to_string(),
@@ -107,14 +102,12 @@ pub async fn placement(
                     };
                     let mut owned = Vec::new();
                     for r in dc.ranges.iter().filter(|r| r.shard == shard) {
-                        let mut parts = vec!["true".to_string()];
-                        if let Some(lo) = &r.lo {
-                            parts.push(format!("{c_col} >= {}", lit(lo)?));
-                        }
-                        if let Some(hi) = &r.hi {
-                            parts.push(format!("{c_col} < {}", lit(hi)?));
-                        }
-                        owned.push(format!("({})", parts.join(" AND ")));
+                        let lo = r.lo.as_ref().map(lit).transpose()?;
+                        let hi = r.hi.as_ref().map(lit).transpose()?;
+                        owned.push(format!(
+                            "({})",
+                            range_predicate(&col, text, lo.as_deref(), hi.as_deref())
+                        ));
                     }
                     let owned = if owned.is_empty() {
                         "false".to_string()

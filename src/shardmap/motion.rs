@@ -91,24 +91,7 @@ impl Motion {
                 p
             }
             Unit::Range { lo, hi, text, .. } => {
-                // Routers compare text keys bytewise, which is the "C" collation's order.
-                let c = if *text {
-                    format!("{col} COLLATE \"C\"")
-                } else {
-                    col
-                };
-                let parts: Vec<String> = [
-                    lo.as_ref().map(|l| format!("{c} >= {l}")),
-                    hi.as_ref().map(|h| format!("{c} < {h}")),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                if parts.is_empty() {
-                    "TRUE".to_string()
-                } else {
-                    parts.join(" AND ")
-                }
+                range_predicate(&col, *text, lo.as_deref(), hi.as_deref())
             }
         })
     }
@@ -137,6 +120,29 @@ impl Motion {
                 hi.as_deref().unwrap_or("+inf")
             ),
         }
+    }
+}
+
+/// An SQL condition on the quoted column `col` true for keys in `[lo, hi)` (SQL literals; None
+/// leaves a side unbounded). Text keys compare in the "C" collation: routers compare them
+/// bytewise.
+pub fn range_predicate(col: &str, text: bool, lo: Option<&str>, hi: Option<&str>) -> String {
+    let c = if text {
+        format!("{col} COLLATE \"C\"")
+    } else {
+        col.to_string()
+    };
+    let parts: Vec<String> = [
+        lo.map(|l| format!("{c} >= {l}")),
+        hi.map(|h| format!("{c} < {h}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        "TRUE".to_string()
+    } else {
+        parts.join(" AND ")
     }
 }
 

@@ -535,6 +535,26 @@ fn move_under_writers(h: &Harness) -> TestResult {
             "keys below the moved range stay on shard 0"
         );
         no_leftovers(h).await?;
+        // shardctl verify agrees: every row inside the ranges its shard owns.
+        let v = tokio::task::spawn_blocking({
+            let (d, cfg) = (dsn(h), a.config_path.display().to_string());
+            move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+                    .args(["--catalog", &d, "verify", "--distribution", "mvr"])
+                    .args(["--config", &cfg, "--database", "shop"])
+                    .output()
+                    .expect("run shardctl")
+            }
+        })
+        .await
+        .ctx("verify")?;
+        let text = String::from_utf8_lossy(&v.stdout).to_string();
+        ensure!(
+            v.status.code() == Some(0) && text.contains("mvr | mv_ranges | 1 |"),
+            "verify of the range distribution ({:?}): {text}{}",
+            v.status.code(),
+            String::from_utf8_lossy(&v.stderr)
+        );
         eprintln!(
             "rebalance: range [0, 10^15) moved to shard 1 under writers: {} rows checked",
             range_truth.len()
