@@ -165,16 +165,7 @@ impl<'a> Mover<'a> {
             .await?
             .ok_or_else(|| MoveError::Refused("the catalog holds no map yet".into()))?;
         let Some(config) = base.sharding.moves.iter().find(|m| m.id == id).cloned() else {
-            let state: Option<String> = cat
-                .client()
-                .query_opt(
-                    "SELECT state FROM pgshard.moves WHERE id = $1",
-                    &[&(id as i64)],
-                )
-                .await
-                .map_err(CatalogError::from)?
-                .map(|r| r.get(0));
-            return Err(MoveError::Refused(match state {
+            return Err(MoveError::Refused(match recorded_state(cat, id).await? {
                 Some(s) => format!("move {id} is not in flight (state {s})"),
                 None => format!("there is no move {id}"),
             }));
@@ -338,6 +329,19 @@ impl<'a> Mover<'a> {
     pub(super) async fn acks(&self, v: u64) -> Result<(), MoveError> {
         wait_acks(self.cat, v, self.req.ack_timeout).await
     }
+}
+
+/// The state `pgshard.moves` records for move `id`, if there is such a move.
+pub(super) async fn recorded_state(cat: &Catalog, id: u64) -> Result<Option<String>, MoveError> {
+    Ok(cat
+        .client()
+        .query_opt(
+            "SELECT state FROM pgshard.moves WHERE id = $1",
+            &[&(id as i64)],
+        )
+        .await
+        .map_err(CatalogError::from)?
+        .map(|r| r.get(0)))
 }
 
 /// Slot and publication of move `id` on its source.

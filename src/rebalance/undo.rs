@@ -4,7 +4,7 @@
 //! The undo is a move the other way that streams from that slot instead of copying, through
 //! the same catch-up, fence, marker, switch and verification (docs/rebalancing.md).
 
-use super::mover::{reverse_name, Mover};
+use super::mover::{recorded_state, reverse_name, Mover};
 use super::stream::{self, Lsn};
 use super::{apply, connect, drive, MoveError, MoveReport, Progress};
 use crate::shardmap::config::MovePhase;
@@ -73,16 +73,7 @@ pub(super) async fn undo(
     // from the target now.
     let src = connect(&m.shards[m.source].dsn).await?;
     m.drop_replication(&src).await;
-    let state: Option<String> = m
-        .cat
-        .client()
-        .query_opt(
-            "SELECT state FROM pgshard.moves WHERE id = $1",
-            &[&(id as i64)],
-        )
-        .await
-        .map_err(crate::catalog::CatalogError::from)?
-        .map(|r| r.get(0));
+    let state = recorded_state(m.cat, id).await?;
     let mut back = m.config.clone();
     (back.source, back.target) = (m.target, m.source);
     back.phase = MovePhase::Copying;

@@ -12,11 +12,19 @@ use std::time::{Duration, Instant};
 /// No replication slot or publication of a move (forward or reverse) is left on any shard.
 pub(super) async fn no_leftovers(h: &Harness) -> TestResult {
     for s in 0..2 {
-        let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
-        let n = one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ '^pgshard_(move|back)_') + (SELECT count(*) FROM pg_publication WHERE pubname ~ '^pgshard_(move|back)_')").await?;
-        ensure!(n == "0", "shard {s} keeps {n} slots/publications of moves");
+        let n = move_objects(h.primary(s).port).await?;
+        ensure!(n == 0, "shard {s} keeps {n} slots/publications of moves");
     }
     Ok(())
+}
+
+/// Slots and publications of moves (forward or reverse) on the server at `port`.
+pub(super) async fn move_objects(port: u16) -> Result<i64, String> {
+    let d = connect_port(port, "app", APP_PW, "shop", "").await?;
+    one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ '^pgshard_(move|back)_') + (SELECT count(*) FROM pg_publication WHERE pubname ~ '^pgshard_(move|back)_')")
+        .await?
+        .parse()
+        .map_err(|e| format!("{e}"))
 }
 
 /// Waits until the shards' replicas hold the 4000 seed rows of `table` (readers outside a move

@@ -3,7 +3,7 @@
 //! the shard finds the promoted server, drops the publication it inherited, and succeeds. A
 //! prepared transaction left in doubt there refuses the next move.
 
-use super::checks::{current_map, latest_map};
+use super::checks::{current_map, latest_map, move_objects};
 use super::dsn;
 use super::workload::shardctl_move;
 use crate::ensure;
@@ -21,15 +21,6 @@ fn owner(map: &pgshard::shardmap::ShardMap, dist: usize, b: usize) -> usize {
         Strategy::Hash { bucket_shard } => bucket_shard[b],
         _ => usize::MAX,
     }
-}
-
-/// Slots and publications of moves (forward or reverse) on the server at `port`.
-async fn move_objects(port: u16) -> Result<i64, String> {
-    let d = connect_port(port, "app", APP_PW, "shop", "").await?;
-    one(&d, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name ~ '^pgshard_(move|back)_') + (SELECT count(*) FROM pg_publication WHERE pubname ~ '^pgshard_(move|back)_')")
-        .await?
-        .parse()
-        .map_err(|e| format!("{e}"))
 }
 
 /// Moves some of shard 2's buckets (the third server, `third`) to shard 0, stops shard 2's
