@@ -114,16 +114,19 @@ for p in $BENCH_PIDS; do kill -TERM "$p" 2>/dev/null || true; done
 wait $BENCH_PIDS 2>/dev/null || true
 BENCH_PIDS=""
 
-# The same two copies with the servers otherwise idle.
+# The same two copies with the servers otherwise idle; the move there and back again with one
+# copy stream, for the parallel copy's gain measured in the same run.
 to=$(( (MOVES + 1) % 2 ))
 ./target/release/shardctl --json --catalog "host=127.0.0.1 port=${PORTS[0]} user=app password=app dbname=catalog" \
   move --config "$WORK/router0.toml" --distribution ids --buckets "$BUCKETS" --to "$to" >"$WORK/quiet.json"
+./target/release/shardctl --json --catalog "host=127.0.0.1 port=${PORTS[0]} user=app password=app dbname=catalog" \
+  move --config "$WORK/router0.toml" --copy-streams 1 --distribution ids --buckets "$BUCKETS" --to "$(( 1 - to ))" >"$WORK/quiet1.json"
 psql_at "${PORTS[1]}" app -c "TRUNCATE copy_probe"
 qstart=$(date +%s.%N)
 psql_at "${PORTS[0]}" app -c "COPY (SELECT * FROM mv_bench LIMIT $moved) TO STDOUT" | psql_at "${PORTS[1]}" app -c "COPY copy_probe FROM STDIN"
 qend=$(date +%s.%N)
 
-python3 - "$WORK/moves.json" "$start" "$end" "$moved" "$WORK/quiet.json" "$qstart" "$qend" <<'EOF'
+python3 - "$WORK/moves.json" "$start" "$end" "$moved" "$WORK/quiet.json" "$qstart" "$qend" "$WORK/quiet1.json" <<'EOF'
 import json, sys
 moves = [json.loads(l)["move"][0] for l in open(sys.argv[1]) if l.strip()]
 start, end, moved = float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
@@ -141,6 +144,9 @@ print(f"write pause ms: p50 {pct(50):.1f}  p99 {pct(99):.1f}  max {pauses[-1]:.1
 cr = sorted(copy_rate)[len(copy_rate) // 2]
 print(f"copy under the writers: {cr:,.0f} rows/s (median move) vs plain COPY pipe {plain:,.0f} rows/s = {cr / plain:.2f}")
 print(f"copy, servers idle: {qrate:,.0f} rows/s vs plain COPY pipe {qplain:,.0f} rows/s = {qrate / qplain:.2f} (pause {quiet['pause_ms']} ms)")
+one = json.loads(open(sys.argv[8]).readline())["move"][0]
+orate = int(one["rows_copied"]) / max(int(one["copy_ms"]), 1) * 1000
+print(f"copy, servers idle, one stream (--copy-streams 1): {orate:,.0f} rows/s = {orate / qplain:.2f} of the pipe; two streams {qrate / orate:.2f}x one")
 print(f"catch-up: {applied} changes applied in {catchup:.2f} s of catch-up = {applied / max(catchup, 1e-9):,.0f} changes/s (bounded by the writers)")
 busy = sum(float(m["apply_ms"]) for m in moves) / 1000
 print(f"apply rate: {applied} changes in {busy:.2f} s of the target applying them = {applied / max(busy, 1e-9):,.0f} changes/s (in batches as small as the writers' pace makes them)")

@@ -71,17 +71,118 @@ fn missing(table: &str, e: tokio_postgres::Error) -> MoveError {
     ))
 }
 
-/// Copies the rows `pred` selects from `table` under `snapshot` into the target; returns
-/// (rows, bytes).
+/// How a move splits a table's copy into parallel streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStreams {
+    /// Streams at most, each with its own source and target connection.
+    pub max: usize,
+    /// Heap pages a stream gets at least: on a small table extra connections cost more than
+    /// they save.
+    pub min_pages: u64,
+}
+
+impl Default for CopyStreams {
+    /// Two streams keep a second core of each server busy without taking a busy shard's every
+    /// core; 1024 pages is 8 MB.
+    fn default() -> Self {
+        CopyStreams {
+            max: 2,
+            min_pages: 1024,
+        }
+    }
+}
+
+/// Where a unit's rows are copied from and to, and how many streams may run at once.
+pub struct CopyLinks<'a> {
+    pub source_dsn: &'a str,
+    pub target_dsn: &'a str,
+    /// Source snapshot (exported by the move's slot) every stream reads under.
+    pub snapshot: &'a str,
+    pub streams: CopyStreams,
+}
+
+/// Copies the rows `pred` selects from `table` under the links' snapshot into the target, in up
+/// to `links.streams.max` parallel streams over disjoint heap page ranges; returns (rows, bytes,
+/// streams).
+/// A stream failing fails the copy; rows other streams committed on the target are the unit's
+/// and go with it at abort or are deleted before a resumed copy.
 pub async fn copy_unit(
-    source: &mut Client,
-    target: &Client,
-    snapshot: &str,
+    source: &Client,
+    links: &CopyLinks<'_>,
     table: &str,
     pred: &str,
     progress: &dyn Progress,
-) -> Result<(u64, u64), MoveError> {
+) -> Result<(u64, u64, usize), MoveError> {
     let t = super::apply::table_ident(table)?;
+    let select = format!("SELECT * FROM {t} WHERE {pred}");
+    let estimate = estimated_rows(source, table, &select).await;
+    let pages: i64 = source
+        .query_one(
+            "SELECT pg_relation_size($1::text::regclass) / current_setting('block_size')::int8",
+            &[&table],
+        )
+        .await?
+        .get(0);
+    let parts = page_ranges(pages.max(0) as u64, links.streams);
+    let step = format!("copying {table}");
+    progress.advance(&step, 0, estimate);
+    // Every stream's rows so far; the bar shows their sum. The streams are polled by this one
+    // task, so plain cells suffice.
+    let done: Vec<std::cell::Cell<u64>> = parts.iter().map(|_| Default::default()).collect();
+    let jobs = parts.iter().enumerate().map(|(i, range)| {
+        let sql = match range {
+            None => select.clone(),
+            Some((first, end)) => format!("{select} AND {}", ctid_range(*first, *end)),
+        };
+        let (done, step, t) = (&done, &step, &t);
+        async move {
+            copy_stream(links, t, &sql, &mut |rows| {
+                done[i].set(rows);
+                progress.advance(step, done.iter().map(|c| c.get()).sum(), estimate)
+            })
+            .await
+        }
+    });
+    let r = futures_util::future::try_join_all(jobs).await;
+    progress.step_done();
+    let (rows, bytes) = r?
+        .into_iter()
+        .fold((0, 0), |(r, b), (rows, bytes)| (r + rows, b + bytes));
+    Ok((rows, bytes, parts.len()))
+}
+
+/// The heap page ranges [first, end) of `streams` parallel copies of a table of `pages` pages;
+/// the last range is open (None) because rows the snapshot sees may sit on pages added since
+/// the size was read. None alone: one stream over the whole table.
+fn page_ranges(pages: u64, streams: CopyStreams) -> Vec<Option<(u64, Option<u64>)>> {
+    let n = (pages / streams.min_pages.max(1)).clamp(1, streams.max.max(1) as u64);
+    if n == 1 {
+        return vec![None];
+    }
+    let per = pages.div_ceil(n);
+    (0..n)
+        .map(|i| Some((i * per, (i + 1 < n).then_some((i + 1) * per))))
+        .collect()
+}
+
+/// A condition PostgreSQL (14+) answers with a TID range scan: only these heap pages are read.
+fn ctid_range(first: u64, end: Option<u64>) -> String {
+    match end {
+        Some(end) => format!("ctid >= '({first},0)'::tid AND ctid < '({end},0)'::tid"),
+        None => format!("ctid >= '({first},0)'::tid"),
+    }
+}
+
+/// One copy stream: its own source transaction under the move's snapshot, its own COPY into
+/// the target.
+async fn copy_stream(
+    links: &CopyLinks<'_>,
+    table: &str,
+    select: &str,
+    tick: &mut dyn FnMut(u64),
+) -> Result<(u64, u64), MoveError> {
+    let mut source = super::connect(links.source_dsn).await?;
+    let target = super::connect(links.target_dsn).await?;
     let tx = source
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -90,32 +191,19 @@ pub async fn copy_unit(
         .await?;
     tx.batch_execute(&format!(
         "SET TRANSACTION SNAPSHOT '{}'",
-        snapshot.replace('\'', "''")
+        links.snapshot.replace('\'', "''")
     ))
     .await?;
-    let select = format!("SELECT * FROM {t} WHERE {pred}");
-    let estimate = estimated_rows(&tx, table, &select).await;
     let out = tx.copy_out(&format!("COPY ({select}) TO STDOUT")).await?;
-    let sink = target.copy_in(&format!("COPY {t} FROM STDIN")).await?;
-    let step = format!("copying {table}");
-    progress.advance(&step, 0, estimate);
-    let r = pipe(out, sink, &mut |rows| {
-        progress.advance(&step, rows, estimate)
-    })
-    .await;
-    progress.step_done();
-    let r = r?;
+    let sink = target.copy_in(&format!("COPY {table} FROM STDIN")).await?;
+    let r = pipe(out, sink, tick).await?;
     tx.commit().await?;
     Ok(r)
 }
 
 /// The planner's row estimate for a query (for a progress bar's length), when the table has
 /// statistics: without them the planner's guess is off by orders of magnitude.
-async fn estimated_rows(
-    c: &tokio_postgres::Transaction<'_>,
-    table: &str,
-    select: &str,
-) -> Option<u64> {
+async fn estimated_rows(c: &Client, table: &str, select: &str) -> Option<u64> {
     let analysed: bool = c
         .query_one(
             "SELECT reltuples >= 0 FROM pg_catalog.pg_class WHERE oid = to_regclass($1::text)",
@@ -269,5 +357,41 @@ pub async fn wait_for_prepared(src: &Client, wait: Duration) -> Result<(), MoveE
             )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streams(max: usize, min_pages: u64) -> CopyStreams {
+        CopyStreams { max, min_pages }
+    }
+
+    #[test]
+    fn page_ranges_cover_the_table_once() {
+        assert_eq!(page_ranges(0, streams(2, 1024)), vec![None]);
+        assert_eq!(page_ranges(2047, streams(2, 1024)), vec![None]);
+        assert_eq!(page_ranges(10_000, streams(1, 1024)), vec![None]);
+        assert_eq!(page_ranges(10_000, streams(0, 0)), vec![None]);
+        assert_eq!(
+            page_ranges(4096, streams(2, 1024)),
+            vec![Some((0, Some(2048))), Some((2048, None))]
+        );
+        assert_eq!(
+            page_ranges(100, streams(3, 1)),
+            vec![Some((0, Some(34))), Some((34, Some(68))), Some((68, None))]
+        );
+        // An empty table asked for many streams still gets one.
+        assert_eq!(page_ranges(0, streams(8, 1)), vec![None]);
+    }
+
+    #[test]
+    fn ctid_ranges_are_half_open() {
+        assert_eq!(
+            ctid_range(0, Some(34)),
+            "ctid >= '(0,0)'::tid AND ctid < '(34,0)'::tid"
+        );
+        assert_eq!(ctid_range(68, None), "ctid >= '(68,0)'::tid");
     }
 }

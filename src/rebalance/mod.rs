@@ -97,6 +97,8 @@ pub struct MoveRequest {
     /// Stop after the switch is verified, keeping the source's rows and the reverse slot:
     /// `resume` completes the move, `abort` moves the unit back.
     pub hold: bool,
+    /// Parallel COPY streams per table (each reads its own pages under the slot's snapshot).
+    pub copy: copy::CopyStreams,
 }
 
 /// What a finished move measured.
@@ -139,6 +141,17 @@ impl<F: Fn(&str)> Progress for F {
     fn line(&self, msg: &str) {
         self(msg)
     }
+}
+
+/// How shardctl runs on a move already in the catalog (`resume`, `abort`): the unit and
+/// shards come from the catalog, these from the command line.
+#[derive(Debug, Clone)]
+pub struct Controls {
+    /// How long every live router may take to acknowledge a map version.
+    pub ack_timeout: Duration,
+    pub copy: copy::CopyStreams,
+    /// Tests: stop (as if shardctl crashed) once this phase is published.
+    pub stop_after: Option<MovePhase>,
 }
 
 /// Runs a move to the end (or aborts it, leaving no trace, if anything fails before the switch).
@@ -188,7 +201,7 @@ async fn drive(mut m: Mover<'_>, progress: &dyn Progress) -> Result<MoveReport, 
     // Switched: from here on the target serves the unit, so failures never undo the copy.
     let src = connect(&shards[m.source].dsn).await?;
     match m.verify(&src).await {
-        Err(MoveError::Mismatch(d)) if m.expect_difference => progress.line(&format!(
+        Err(MoveError::Mismatch(d)) if m.config.undo_unverified => progress.line(&format!(
             "move {}: {d}; expected: the undone switch had failed verification, and shard {} keeps the writes shard {} missed",
             m.id, m.target, m.source
         )),
@@ -226,10 +239,10 @@ pub async fn abort(
     cat: &Catalog,
     shards: &[ShardLink],
     id: u64,
-    ack_timeout: Duration,
+    controls: &Controls,
     progress: &dyn Progress,
 ) -> Result<(), MoveError> {
-    let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
+    let mut m = Mover::existing(cat, shards, id, controls).await?;
     match (m.config.undo, m.config.phase) {
         (true, _) => {
             return Err(MoveError::Refused(format!(
@@ -264,10 +277,10 @@ pub async fn resume(
     cat: &Catalog,
     shards: &[ShardLink],
     id: u64,
-    ack_timeout: Duration,
+    controls: &Controls,
     progress: &dyn Progress,
 ) -> Result<MoveReport, MoveError> {
-    let mut m = Mover::existing(cat, shards, id, ack_timeout).await?;
+    let mut m = Mover::existing(cat, shards, id, controls).await?;
     if m.config.undo && m.config.phase != MovePhase::Switched {
         // The reverse slot still holds what the undo has not applied: stream on from it.
         progress.line(&format!(

@@ -11,7 +11,6 @@ use crate::shardmap::config::{MoveConfig, MovePhase, ShardingConfig};
 use crate::shardmap::{Located, ShardMap, Strategy};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_postgres::Client;
 
 /// One move in progress.
@@ -33,9 +32,6 @@ pub(super) struct Mover<'a> {
     pub(super) applier: Option<apply::Applier>,
     /// A target connection holding a snapshot taken just before the switch.
     pub(super) at_switch: Option<Client>,
-    /// An undo of a switch that failed verification: the source holds writes its target
-    /// missed, which the undo keeps, so the two are expected to differ.
-    pub(super) expect_difference: bool,
     pub(super) report: MoveReport,
 }
 
@@ -147,6 +143,7 @@ impl<'a> Mover<'a> {
             target: req.target,
             phase: MovePhase::Copying,
             undo: false,
+            undo_unverified: false,
         };
         let mut with = base.sharding.clone();
         with.moves.push(config.clone());
@@ -158,7 +155,7 @@ impl<'a> Mover<'a> {
         cat: &'a Catalog,
         shards: &'a [ShardLink],
         id: u64,
-        ack_timeout: Duration,
+        controls: &super::Controls,
     ) -> Result<Mover<'a>, MoveError> {
         let base = cat
             .latest_map()
@@ -178,11 +175,12 @@ impl<'a> Mover<'a> {
                 (None, None) => UnitSpec::Buckets(config.buckets.clone()),
             },
             target: config.target,
-            ack_timeout,
+            ack_timeout: controls.ack_timeout,
             skip_marker_wait: false,
-            stop_after: None,
+            stop_after: controls.stop_after,
             hold: false,
             pause_after_copy: None,
+            copy: controls.copy,
         };
         let mut m = Mover::assemble(
             cat,
@@ -256,7 +254,6 @@ impl<'a> Mover<'a> {
             stream: None,
             applier: None,
             at_switch: None,
-            expect_difference: false,
             report: MoveReport {
                 id,
                 source,

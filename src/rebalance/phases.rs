@@ -31,7 +31,7 @@ impl Mover<'_> {
     /// Steps 1-3: validate, publish the move, copy the unit under the new slot's snapshot; the
     /// stream is left at the slot's consistent point.
     async fn copy(&mut self, progress: &dyn Progress) -> Result<(Client, Client), MoveError> {
-        let mut src = connect(&self.shards[self.source].dsn).await?;
+        let src = connect(&self.shards[self.source].dsn).await?;
         let tgt = connect(&self.shards[self.target].dsn).await?;
         self.retain_existing(&src, progress).await?;
         let in_flight: Vec<u64> = self.moving.motions.iter().map(|m| m.id).collect();
@@ -69,12 +69,19 @@ impl Mover<'_> {
         let mut repl = stream::ReplicationConn::open(&self.shards[self.source].connect).await?;
         let slot = repl.create_slot(&self.name(), true).await?;
         let t = Instant::now();
+        let links = copy::CopyLinks {
+            source_dsn: &self.shards[self.source].dsn,
+            target_dsn: &self.shards[self.target].dsn,
+            snapshot: &slot.snapshot,
+            streams: self.req.copy,
+        };
         for (table, pred, _) in &self.tables {
-            let (rows, bytes) =
-                copy::copy_unit(&mut src, &tgt, &slot.snapshot, table, pred, progress).await?;
+            let (rows, bytes, streams) =
+                copy::copy_unit(&src, &links, table, pred, progress).await?;
             progress.line(&format!(
-                "move {}: copied {rows} rows ({bytes} bytes) of {table}",
-                self.id
+                "move {}: copied {rows} rows ({bytes} bytes) of {table} in {streams} stream{}",
+                self.id,
+                if streams == 1 { "" } else { "s" }
             ));
             self.report.rows_copied += rows;
             self.report.bytes_copied += bytes;

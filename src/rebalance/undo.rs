@@ -78,6 +78,7 @@ pub(super) async fn undo(
     (back.source, back.target) = (m.target, m.source);
     back.phase = MovePhase::Copying;
     back.undo = true;
+    back.undo_unverified = state.as_deref() == Some("switched-unverified");
     let v = m
         .publish(&format!("move {id}: undoing"), |s| {
             for x in s.moves.iter_mut().filter(|x| x.id == id) {
@@ -86,8 +87,12 @@ pub(super) async fn undo(
         })
         .await?;
     m.acks(v).await?;
-    let mut back = Mover::existing(m.cat, m.shards, id, m.req.ack_timeout).await?;
-    back.expect_difference = state.as_deref() == Some("switched-unverified");
+    let controls = super::Controls {
+        ack_timeout: m.req.ack_timeout,
+        copy: m.req.copy,
+        stop_after: m.req.stop_after,
+    };
+    let back = Mover::existing(m.cat, m.shards, id, &controls).await?;
     progress.line(&format!(
         "move {id}: undoing: {} goes back from shard {} to shard {}",
         back.describe, back.source, back.target

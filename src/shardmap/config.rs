@@ -255,6 +255,11 @@ pub struct MoveConfig {
     /// it came from, fed by the reverse slot rather than a copy.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub undo: bool,
+    /// An undo of a switch that failed verification: the shards are known to differ (the
+    /// target kept writes the source missed), so the undo's own verification reports the
+    /// difference instead of failing. Kept in the map so a resumed undo knows it too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undo_unverified: bool,
 }
 
 /// How far a move has gone, as far as routers are concerned.

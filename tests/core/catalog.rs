@@ -225,6 +225,7 @@ fn share_and_follow(h: &Harness) -> TestResult {
             target: 1,
             phase: pgshard::shardmap::config::MovePhase::Copying,
             undo: false,
+            undo_unverified: false,
         });
         cat.publish_map(2, &moving, 2, "big in motion")
             .await

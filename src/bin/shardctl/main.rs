@@ -6,6 +6,7 @@ mod verify;
 
 use clap::{Parser, Subcommand};
 use pgshard::catalog::Catalog;
+use pgshard::shardmap::config::MovePhase;
 use pgshard::shardmap::{ShardMap, Strategy};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
@@ -126,6 +127,33 @@ struct PlanArgs {
     shards: ShardArgs,
 }
 
+impl ShardArgs {
+    fn copy_streams(&self) -> pgshard::rebalance::copy::CopyStreams {
+        pgshard::rebalance::copy::CopyStreams {
+            max: self.copy_streams,
+            min_pages: self.copy_stream_pages,
+        }
+    }
+
+    fn stop_after(&self) -> anyhow::Result<Option<MovePhase>> {
+        Ok(match self.unsafe_stop_after.as_deref() {
+            None => None,
+            Some("copying") => Some(MovePhase::Copying),
+            Some("fenced") => Some(MovePhase::Fenced),
+            Some("switched") => Some(MovePhase::Switched),
+            Some(other) => anyhow::bail!("unknown phase {other}"),
+        })
+    }
+
+    fn controls(&self) -> anyhow::Result<pgshard::rebalance::Controls> {
+        Ok(pgshard::rebalance::Controls {
+            ack_timeout: self.ack_timeout.into(),
+            copy: self.copy_streams(),
+            stop_after: self.stop_after()?,
+        })
+    }
+}
+
 /// Where the shards are and how to log in to them.
 #[derive(clap::Args)]
 struct ShardArgs {
@@ -142,6 +170,15 @@ struct ShardArgs {
     /// How long routers may take to acknowledge each map version.
     #[arg(long, default_value = "30s")]
     ack_timeout: humantime::Duration,
+    /// Test-only: stop as if killed once this phase is published (copying, fenced, switched).
+    #[arg(long, hide = true)]
+    unsafe_stop_after: Option<String>,
+    /// Parallel COPY streams per table when a move copies rows.
+    #[arg(long, default_value_t = 2)]
+    copy_streams: usize,
+    /// Heap pages (8 kB) each copy stream gets at least: smaller tables use fewer streams.
+    #[arg(long, default_value_t = 1024)]
+    copy_stream_pages: u64,
 }
 
 #[derive(clap::Args)]
@@ -174,9 +211,6 @@ struct MoveArgs {
     /// Test-only negative control: switch without waiting for the fence marker.
     #[arg(long, hide = true)]
     unsafe_skip_marker_wait: bool,
-    /// Test-only: stop as if killed once this phase is published (copying, fenced, switched).
-    #[arg(long, hide = true)]
-    unsafe_stop_after: Option<String>,
     /// Test-only: wait this long after the copy (the test fails the source meanwhile).
     #[arg(long, hide = true)]
     unsafe_pause_after_copy: Option<humantime::Duration>,
@@ -225,11 +259,11 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to the catalog")?;
             let progress = bars::Bars::new("", false);
             let r = if abort {
-                pgshard::rebalance::abort(&cat, &links, id, shards.ack_timeout.into(), &progress)
+                pgshard::rebalance::abort(&cat, &links, id, &shards.controls()?, &progress)
                     .await
                     .map(|_| ())
             } else {
-                pgshard::rebalance::resume(&cat, &links, id, shards.ack_timeout.into(), &progress)
+                pgshard::rebalance::resume(&cat, &links, id, &shards.controls()?, &progress)
                     .await
                     .map(|_| ())
             };
@@ -312,7 +346,6 @@ fn catalog_dsn<'a>(catalog: &'a Option<String>, verb: &str) -> anyhow::Result<&'
 
 async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32> {
     use pgshard::rebalance::{self, MoveError, MoveRequest, UnitSpec};
-    use pgshard::shardmap::config::MovePhase;
     let shards = shard_links(&args.shards).await?;
     // A region is one key value of its distribution, as a tenant is.
     let unit = match (
@@ -331,15 +364,10 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
         target: args.to,
         ack_timeout: args.shards.ack_timeout.into(),
         skip_marker_wait: args.unsafe_skip_marker_wait,
-        stop_after: match args.unsafe_stop_after.as_deref() {
-            None => None,
-            Some("copying") => Some(MovePhase::Copying),
-            Some("fenced") => Some(MovePhase::Fenced),
-            Some("switched") => Some(MovePhase::Switched),
-            Some(other) => anyhow::bail!("unknown phase {other}"),
-        },
+        stop_after: args.shards.stop_after()?,
         hold: args.hold,
         pause_after_copy: args.unsafe_pause_after_copy.map(Into::into),
+        copy: args.shards.copy_streams(),
     };
     let (mut cat, _) = Catalog::connect(dsn)
         .await
@@ -499,6 +527,7 @@ async fn rebalance_cmd(
             stop_after: None,
             hold: false,
             pause_after_copy: None,
+            copy: args.shards.copy_streams(),
         };
         let progress = bars::Bars::new(format!("[{}/{}] ", i + 1, moves.len()), json);
         match rebalance::run(&cat, &links, &req, &progress).await {

@@ -149,7 +149,9 @@ fn move_under_writers(h: &Harness) -> TestResult {
             &a.config_path,
             "0-1023",
             1,
-            &[],
+            // Three copy streams over page ranges of the small table: verification and the
+            // placement check below show each row copied once.
+            &["--copy-streams", "3", "--copy-stream-pages", "1"],
             None,
             1,
         )
@@ -160,6 +162,10 @@ fn move_under_writers(h: &Harness) -> TestResult {
             run.out.status.code() == Some(0),
             "shardctl move failed ({:?}): {stderr}{stdout}",
             run.out.status.code()
+        );
+        ensure!(
+            stderr.contains("of mv_items in 3 streams"),
+            "the copy ran in 3 streams: {stderr}"
         );
         eprintln!("rebalance: {}", stdout.lines().last().unwrap_or(""));
         ensure!(

@@ -27,10 +27,7 @@ async fn move_of(h: &Harness, dist: &str) -> Result<(u64, MovePhase), String> {
 
 /// Runs `shardctl abort id` (or resume) and insists it succeeds.
 async fn then(h: &Harness, config: &Path, verb: &'static str, id: u64) -> TestResult {
-    let (d, cfg) = (dsn(h), config.to_path_buf());
-    let out = tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, verb, id))
-        .await
-        .ctx("shardctl")?;
+    let out = then_with(h, config, verb, id, &[]).await?;
     ensure!(
         out.status.success(),
         "shardctl {verb} {id}: {}{}",
@@ -38,6 +35,20 @@ async fn then(h: &Harness, config: &Path, verb: &'static str, id: u64) -> TestRe
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// Runs `shardctl <verb> <id> <extra…>` and returns what it did.
+async fn then_with(
+    h: &Harness,
+    config: &Path,
+    verb: &'static str,
+    id: u64,
+    extra: &'static [&'static str],
+) -> Result<std::process::Output, String> {
+    let (d, cfg) = (dsn(h), config.to_path_buf());
+    tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, verb, id, extra))
+        .await
+        .ctx("shardctl")
 }
 
 /// Waits until the router's console routes `sql` to `shard`.
@@ -154,7 +165,24 @@ pub(super) async fn undo_after_failed_verification(
         phase == MovePhase::Switched,
         "the unverified move is left switched ({phase:?})"
     );
-    then(h, config, "abort", id).await?;
+    // The undo stops once caught up (as if shardctl died); the resumed undo must still know
+    // that the switch it undoes had failed verification, or its own verification fails.
+    let out = then_with(h, config, "abort", id, &["--unsafe-stop-after", "copying"]).await?;
+    ensure!(
+        out.status.code() == Some(2),
+        "the undo stops: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, row) = latest_map(h).await?;
+    ensure!(
+        row.sharding
+            .moves
+            .iter()
+            .any(|m| m.id == id && m.undo && m.undo_unverified && m.phase == MovePhase::Copying),
+        "the stopped undo is in the map: {:?}",
+        row.sharding.moves
+    );
+    then(h, config, "resume", id).await?;
     let (map, dist, moves) = current_map(h).await?;
     ensure!(moves == 0, "the undo left no move in the map");
     let placed = |b: u32| match &map.distributions[dist].strategy {

@@ -281,8 +281,9 @@ pub(super) fn shardctl_then(
     config: &std::path::Path,
     verb: &str,
     id: u64,
+    extra: &[&str],
 ) -> std::process::Output {
-    let args = [
+    let mut args = vec![
         "--catalog".to_string(),
         dsn,
         verb.into(),
@@ -292,6 +293,7 @@ pub(super) fn shardctl_then(
         "--database".into(),
         "shop".into(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args(&args)
         .output()
@@ -387,7 +389,7 @@ pub(super) async fn move_with_writers(
                 .id;
             let (d, cfg, verb) = (dsn(h), config.to_path_buf(), verb.to_string());
             Some(
-                tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, &verb, id))
+                tokio::task::spawn_blocking(move || shardctl_then(d, &cfg, &verb, id, &[]))
                     .await
                     .ctx("shardctl task")?,
             )
