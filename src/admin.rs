@@ -110,7 +110,7 @@ async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
         .join(" ")
         .to_ascii_lowercase();
     let err = |out: &mut BytesMut, m: &str| {
-        messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW ROUTE <statement>, SHOW PLAN_CACHE, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
+        messages::error_response(out, Severity::Error, "42601", m, Some("try SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW STATS, SHOW CONFIG, SHOW SHARDS, SHOW SLOTS, SHOW ROUTE <statement>, SHOW PLAN_CACHE, SHOW VERSION, RELOAD, PAUSE, RESUME, RECONNECT, SHUTDOWN"))
     };
     if cmd.starts_with("show route ") {
         // The statement keeps its original case and spacing: only the command words are cut.
@@ -126,6 +126,7 @@ async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
     match cmd.as_str() {
         "" => messages::empty_message(out, b'I'),
         "show pools" => show_pools(app).write(out, "SHOW"),
+        "show slots" => show_slots(app).write(out, "SHOW"),
         "show clients" => show_clients(app).write(out, "SHOW"),
         "show servers" => show_servers(app).write(out, "SHOW"),
         "show stats" => show_stats(app).write(out, "SHOW"),
@@ -414,6 +415,33 @@ fn show_route(app: &App, stmt: &str) -> Table {
         map.version.to_string(),
         note,
     ]);
+    t
+}
+
+/// The replication slots moves made on the shards' primaries (checked every
+/// `catalog.slot_check_interval`; empty without a catalog).
+fn show_slots(app: &App) -> Table {
+    let mut t = Table::new(&[
+        "shard",
+        "slot",
+        "move",
+        "direction",
+        "active",
+        "retained_bytes",
+        "wal_status",
+    ]);
+    for s in app.catalog.slots.lock().iter() {
+        let owner = s.owner();
+        t.row(vec![
+            s.shard.to_string(),
+            s.slot.clone(),
+            owner.map(|o| o.0.to_string()).unwrap_or_default(),
+            owner.map(|o| o.1.to_string()).unwrap_or_default(),
+            s.active.to_string(),
+            s.retained_bytes.map(|b| b.to_string()).unwrap_or_default(),
+            s.wal_status.clone(),
+        ]);
+    }
     t
 }
 

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// Client connections refused (max_client_conn, bad auth, bad startup).
     pub clients_refused: IntCounter,
+    move_slot_retained: IntGaugeVec,
 }
 
 /// A pool's metric handles.
@@ -81,7 +82,17 @@ impl Metrics {
         )
         .unwrap();
         r.register(Box::new(clients_refused.clone())).unwrap();
+        let move_slot_retained = IntGaugeVec::new(
+            Opts::new(
+                "pgshard_move_slot_retained_bytes",
+                "WAL a move's replication slot holds back on a shard's primary (-1: invalidated)",
+            ),
+            &["shard", "slot"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(move_slot_retained.clone())).unwrap();
         Metrics {
+            move_slot_retained,
             clients_active: gauge(
                 &r,
                 "pgshard_pool_clients_active",
@@ -148,6 +159,19 @@ impl Metrics {
             bytes_sent: self.bytes_sent.with_label_values(&l),
             transaction_time: self.transaction_time.with_label_values(&l),
             wait_time: self.wait_time.with_label_values(&l),
+        }
+    }
+
+    /// Replaces the move slot gauges with those just seen (slots gone lose their series).
+    pub fn set_move_slots(&self, slots: &[crate::catalog::slots::SlotInfo]) {
+        self.move_slot_retained.reset();
+        for s in slots {
+            let v = s
+                .retained_bytes
+                .map_or(-1, |b| b.min(i64::MAX as u64) as i64);
+            self.move_slot_retained
+                .with_label_values(&[&s.shard.to_string(), &s.slot])
+                .set(v);
         }
     }
 

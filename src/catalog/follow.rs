@@ -22,6 +22,8 @@ pub struct CatalogState {
     pub acked: AtomicU64,
     /// How long a statement for a fenced unit may wait, in milliseconds.
     pub fence_wait_ms: AtomicU64,
+    /// Move slots on the shards' primaries, as last checked (`slots.rs`).
+    pub slots: parking_lot::Mutex<Vec<super::slots::SlotInfo>>,
 }
 
 impl CatalogState {
@@ -125,6 +127,11 @@ pub async fn start(app: Arc<App>, cc: CatalogConfig) -> Result<(), CatalogError>
     app.catalog.renewed(t, cc.lease);
     app.catalog.acked.store(map.version, Ordering::Release);
     tracing::info!(version = map.version, router_id = %me.router_id, "following the catalog's shard map");
+    super::slots::spawn(
+        app.clone(),
+        cc.slot_check_interval,
+        cc.slot_wal_warning_mb << 20,
+    );
     tokio::spawn(follow(app, cc, cat, rx, me));
     Ok(())
 }

@@ -7,6 +7,7 @@
 pub mod epoch;
 pub mod follow;
 pub mod migrate;
+pub mod slots;
 
 use crate::shardmap::config::ShardingConfig;
 use std::time::Duration;
@@ -34,6 +35,14 @@ pub struct CatalogConfig {
     /// How long a statement for a fenced unit waits for the move to switch before it gets 40001.
     #[serde(default = "d_fence_wait", with = "humantime_serde")]
     pub fence_wait: Duration,
+    /// How often the router lists the replication slots moves made on each shard's primary
+    /// (`SHOW SLOTS`, `pgshard_move_slot_retained_bytes`).
+    #[serde(default = "d_slot_check", with = "humantime_serde")]
+    pub slot_check_interval: Duration,
+    /// A move slot retaining more WAL than this (MB) is logged as a warning: a held move or
+    /// one shardctl left behind keeps WAL until it is resumed or aborted.
+    #[serde(default = "d_slot_warning")]
+    pub slot_wal_warning_mb: u64,
 }
 
 fn d_lease() -> Duration {
@@ -47,6 +56,12 @@ fn d_drain() -> Duration {
 }
 fn d_fence_wait() -> Duration {
     Duration::from_secs(5)
+}
+fn d_slot_check() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_slot_warning() -> u64 {
+    1024
 }
 
 /// What went wrong talking to the catalog.

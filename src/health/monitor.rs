@@ -154,7 +154,7 @@ fn lag_and_fence(samples: &VecDeque<(u64, u64)>, lsn: u64, now: u64) -> (u64, u6
 }
 
 /// Login for checking the server at `addr`.
-fn check_params(cfg: &Config, addr: &str) -> Option<ConnectParams> {
+pub(crate) fn check_params(cfg: &Config, addr: &str) -> Option<ConnectParams> {
     let (host, port) = split_host_port(addr)?;
     let rc = &cfg.replicas;
     let (user, password) = match &rc.check_user {

@@ -223,7 +223,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Status => {
             let client = console(&cli).await?;
-            for (title, sql) in [("shards", "SHOW SHARDS"), ("pools", "SHOW POOLS")] {
+            for (title, sql) in [
+                ("shards", "SHOW SHARDS"),
+                ("pools", "SHOW POOLS"),
+                ("move slots", "SHOW SLOTS"),
+            ] {
                 let (cols, rows) = table(&client.simple_query(sql).await?);
                 print_rows(title, &cols, &rows, cli.json);
             }

@@ -95,7 +95,7 @@ fn router_with(
 /// by any time: only the map's replica floor may keep reads off one that missed a move.
 fn trial_config(h: &Harness) -> String {
     format!(
-        "[catalog]\ndsn = \"{}\"\nlease = \"2s\"\npoll_interval = \"200ms\"\ndrain_timeout = \"2s\"\nfence_wait = \"5s\"\n\n\
+        "[catalog]\ndsn = \"{}\"\nlease = \"2s\"\npoll_interval = \"200ms\"\nslot_check_interval = \"200ms\"\ndrain_timeout = \"2s\"\nfence_wait = \"5s\"\n\n\
          [replicas]\nmax_lag = \"1h\"\ncheck_interval = \"200ms\"\n{}\n{TABLE}",
         dsn(h),
         crate::sharding::SHARDING

@@ -51,6 +51,24 @@ async fn then_with(
         .ctx("shardctl")
 }
 
+/// The rows of the router console's `SHOW SLOTS`.
+async fn move_slots(admin: &tokio_postgres::Client) -> Result<Vec<Vec<String>>, String> {
+    Ok(admin
+        .simple_query("SHOW SLOTS")
+        .await
+        .pgx("SHOW SLOTS")?
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Waits until the router's console routes `sql` to `shard`.
 async fn routes_to(admin: &tokio_postgres::Client, sql: &str, shard: usize) -> TestResult {
     let t = Instant::now();
@@ -113,6 +131,29 @@ pub(super) async fn held_then_undone(
     )
     .await
     .pgx("writes while held")?;
+    // The held move's reverse slot retains the WAL of those writes until resume or abort:
+    // the router reports it.
+    let reverse = format!("pgshard_back_{id}");
+    let t = Instant::now();
+    loop {
+        let slots = move_slots(admin).await?;
+        let row = slots.iter().find(|r| r[1] == reverse);
+        if let Some(r) = row {
+            let retained: u64 = r[5].parse().unwrap_or(0);
+            ensure!(
+                r[0] == to.to_string() && r[2] == id.to_string() && r[3] == "reverse",
+                "SHOW SLOTS places the reverse slot on shard {to}: {r:?}"
+            );
+            if retained > 0 {
+                break;
+            }
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "SHOW SLOTS reports {reverse} retaining WAL: {slots:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let total = (0..600).sum::<i32>() + 5 + 1 - 3;
     let sum = "SELECT sum(amount) FROM mv_orders";
     ensure!(
@@ -138,6 +179,18 @@ pub(super) async fn held_then_undone(
         "key-less sum after the undo"
     );
     no_leftovers(h).await?;
+    let t = Instant::now();
+    while move_slots(admin)
+        .await?
+        .iter()
+        .any(|r| r[2] == id.to_string())
+    {
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "SHOW SLOTS forgets the undone move's slots"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     c.batch_execute(
         "DELETE FROM mv_orders WHERE tenant = 'acme' AND id = 1000; \
          UPDATE mv_orders SET amount = amount - 1 WHERE tenant = 'acme' AND id = 0; \
