@@ -62,12 +62,27 @@ pub(super) async fn undo(
 ) -> Result<MoveReport, MoveError> {
     let id = m.id;
     let tgt = connect(&m.shards[m.target].dsn).await?;
-    if slot_position(&tgt, &reverse_name(id)).await?.is_none() {
-        return Err(MoveError::Refused(format!(
+    let status: Option<String> = tgt
+        .query_opt(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&reverse_name(id)],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match status.as_deref() {
+        None => return Err(MoveError::Refused(format!(
             "move {id} cannot be undone: shard {} holds no reverse slot {} (its cleanup has begun); `shardctl resume {id}` completes it",
             m.target,
             reverse_name(id)
-        )));
+        ))),
+        // The server dropped WAL the slot still needed (max_slot_wal_keep_size): the writes made
+        // on the target since the switch can no longer be replayed to the source.
+        Some("lost") => return Err(MoveError::Refused(format!(
+            "move {id} cannot be undone: shard {} invalidated its reverse slot {} (it retained more WAL than max_slot_wal_keep_size allows), so the writes made there since the switch cannot be brought back; `shardctl resume {id}` completes the move",
+            m.target,
+            reverse_name(id)
+        ))),
+        Some(_) => {}
     }
     // The forward slot, if shardctl stopped before dropping it: the source gets its changes
     // from the target now.

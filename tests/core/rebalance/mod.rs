@@ -17,7 +17,7 @@ use libtest_mimic::Trial;
 use pgshard::shardmap::Located;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use undo::{held_then_undone, undo_after_failed_verification};
+use undo::{held_slot_lost_then_resumed, held_then_undone, undo_after_failed_verification};
 use workload::*;
 
 mod add_shard;
@@ -458,17 +458,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         .map_err(|e| format!("{e}"))?;
         let to = 1 - from;
         held_then_undone(h, &c, &admin, &a.config_path, from, to).await?;
-        let out = tokio::task::spawn_blocking({
-            let (dsn, config) = (dsn(h), a.config_path.clone());
-            move || shardctl_move(dsn, &config, "tenant:acme", to, &[])
-        })
-        .await
-        .ctx("shardctl")?;
-        ensure!(
-            out.status.success(),
-            "tenant move: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        held_slot_lost_then_resumed(h, &admin, &a.config_path, to).await?;
         let on = |s: usize| async move {
             let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
             one(&d, "SELECT count(*) FROM mv_orders WHERE tenant = 'acme'").await

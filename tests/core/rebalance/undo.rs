@@ -282,3 +282,90 @@ pub(super) async fn undo_after_failed_verification(
     eprintln!("rebalance: negative control undone: all {rows} rows the writers were told of are there ({stopped} of 8 writers had met a lost row)");
     Ok(())
 }
+
+/// Tenant acme moves to `to` with `--hold`; the target's server then invalidates the reverse
+/// slot (max_slot_wal_keep_size, lowered for the test, and WAL written past it). The move can
+/// no longer be undone: abort refuses and says why, resume completes it.
+pub(super) async fn held_slot_lost_then_resumed(
+    h: &Harness,
+    admin: &tokio_postgres::Client,
+    config: &Path,
+    to: usize,
+) -> TestResult {
+    let out = tokio::task::spawn_blocking({
+        let (dsn, config) = (dsn(h), config.to_path_buf());
+        move || shardctl_move(dsn, &config, "tenant:acme", to, &["--hold".to_string()])
+    })
+    .await
+    .ctx("shardctl")?;
+    ensure!(
+        out.status.success(),
+        "held tenant move: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (id, _) = move_of(h, "mvt").await?;
+    let reverse = format!("pgshard_back_{id}");
+    let d = connect_port(h.primary(to).port, "app", APP_PW, "shop", "").await?;
+    // ALTER SYSTEM runs outside any transaction block: one statement per call.
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+        "CREATE TABLE IF NOT EXISTS wal_filler (x int)",
+    ] {
+        d.batch_execute(sql)
+            .await
+            .pgx("lower max_slot_wal_keep_size")?;
+    }
+    let status =
+        format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{reverse}'");
+    let mut lost = false;
+    for _ in 0..10 {
+        d.batch_execute(
+            "INSERT INTO wal_filler SELECT generate_series(1, 1000); SELECT pg_switch_wal(); \
+             INSERT INTO wal_filler SELECT generate_series(1, 1000); SELECT pg_switch_wal(); CHECKPOINT",
+        )
+        .await
+        .pgx("write WAL")?;
+        if one(&d, &status).await? == "lost" {
+            lost = true;
+            break;
+        }
+    }
+    for sql in [
+        "ALTER SYSTEM RESET max_slot_wal_keep_size",
+        "SELECT pg_reload_conf()",
+        "DROP TABLE wal_filler",
+    ] {
+        d.batch_execute(sql)
+            .await
+            .pgx("reset max_slot_wal_keep_size")?;
+    }
+    ensure!(lost, "the server invalidated {reverse}");
+    // The router reports the lost slot (no retained WAL, wal_status lost).
+    let t = Instant::now();
+    while !move_slots(admin)
+        .await?
+        .iter()
+        .any(|r| r[1] == reverse && r[5].is_empty() && r[6] == "lost")
+    {
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "SHOW SLOTS reports {reverse} lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = then_with(h, config, "abort", id, &[]).await?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2) && said.contains("invalidated its reverse slot"),
+        "abort of a move whose reverse slot is lost is refused, saying why: {said}"
+    );
+    let (_, _, moves) = current_map_of(h, "mvt").await?;
+    ensure!(moves == 1, "the refused abort left the move in the map");
+    then(h, config, "resume", id).await?;
+    let (_, _, moves) = current_map_of(h, "mvt").await?;
+    ensure!(moves == 0, "resume completed the move");
+    no_leftovers(h).await?;
+    eprintln!("rebalance: held move whose reverse slot was invalidated: abort refused, resume completed it (move {id})");
+    Ok(())
+}
