@@ -7,8 +7,8 @@
 
 use super::keys::object_name;
 use sqlparser::ast::{
-    BinaryOperator, Expr, FromTable, Ident, Query, SetExpr, Statement, TableAlias, TableFactor,
-    TableWithJoins, VisitMut, VisitorMut,
+    BinaryOperator, CopySource, Expr, FromTable, Ident, Query, SetExpr, Statement, TableAlias,
+    TableFactor, TableWithJoins, VisitMut, VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -27,6 +27,45 @@ pub fn exclude(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
         return Err("only a single SELECT can be read around a unit in motion".into());
     }
     rewrite(&mut stmts[0], hide, false, false).map(|(text, _)| text)
+}
+
+/// Rewrites `COPY t [(columns)] TO STDOUT …` or `COPY (query) TO STDOUT …` so that it copies
+/// what `exclude` would let the equivalent SELECT read: the source becomes that filtered query,
+/// the options stay.
+pub fn exclude_copy_out(sql: &str, hide: &[(String, String)]) -> Result<String, String> {
+    let mut stmts = parse_one(sql)?;
+    let Statement::Copy {
+        source, to: true, ..
+    } = &mut stmts[0]
+    else {
+        return Err("not a COPY … TO".into());
+    };
+    let select = match source {
+        CopySource::Table {
+            table_name,
+            columns,
+        } if columns.is_empty() => format!("SELECT * FROM {table_name}"),
+        CopySource::Table {
+            table_name,
+            columns,
+        } => {
+            let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+            format!("SELECT {} FROM {table_name}", cols.join(", "))
+        }
+        CopySource::Query(q) => q.to_string(),
+    };
+    let filtered = exclude(&select, hide)?;
+    // The filtered text is spliced in after printing, like the predicates: it is not parsed
+    // again.
+    let place = format!("SELECT {MARK}copy");
+    let Statement::Query(q) = Parser::parse_sql(&PostgreSqlDialect {}, &place)
+        .map_err(|e| e.to_string())?
+        .remove(0)
+    else {
+        return Err("placeholder".into());
+    };
+    *source = CopySource::Query(q);
+    Ok(stmts[0].to_string().replacen(&place, &filtered, 1))
 }
 
 /// Confines what a write reads (subqueries, UPDATE … FROM, DELETE … USING, INSERT … SELECT,
@@ -285,7 +324,34 @@ impl VisitorMut for Shadow<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{confine_reads_of_write, exclude, exclude_from_write};
+    use super::{confine_reads_of_write, exclude, exclude_copy_out, exclude_from_write};
+
+    #[test]
+    fn copy_out_sources_are_filtered_and_options_kept() {
+        let out = exclude_copy_out("COPY items TO STDOUT", &hide("items")).unwrap();
+        assert_eq!(out, "COPY (SELECT * FROM (SELECT * FROM items WHERE (id % 2 = 0) IS NOT TRUE) AS items) TO STDOUT");
+        let out = exclude_copy_out(
+            "COPY items (id, v) TO STDOUT WITH (FORMAT csv, HEADER true)",
+            &hide("items"),
+        )
+        .unwrap();
+        assert!(out.starts_with("COPY (SELECT id, v FROM (SELECT * FROM items WHERE (id % 2 = 0) IS NOT TRUE) AS items) TO STDOUT"), "{out}");
+        assert!(
+            out.contains("FORMAT csv") && out.contains("HEADER"),
+            "{out}"
+        );
+        let out = exclude_copy_out(
+            "COPY (SELECT v FROM items ORDER BY v) TO STDOUT",
+            &hide("items"),
+        )
+        .unwrap();
+        assert!(
+            out.contains("IS NOT TRUE) AS items ORDER BY v) TO STDOUT"),
+            "{out}"
+        );
+        assert!(exclude_copy_out("COPY items FROM STDIN", &hide("items")).is_err());
+        assert!(exclude_copy_out("SELECT 1", &hide("items")).is_err());
+    }
 
     fn hide(t: &str) -> Vec<(String, String)> {
         vec![(t.to_string(), "id % 2 = 0".to_string())]

@@ -273,8 +273,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             values: &values,
             formats: &formats,
         };
+        // A tenant session's COPY … TO reaches its tenant's shard only (tenant::scope).
         if matches!(&stmt.plan.kind, Kind::Copy(c) if !c.from_stdin)
             && !matches!(stmt.plan.route, crate::router::Route::Keys { .. })
+            && self.tenant.is_none()
         {
             return Err(Refusal::new("0A000", "COPY … TO STDOUT of a sharded table through the extended protocol is not supported; use a simple query").into());
         }

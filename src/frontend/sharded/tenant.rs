@@ -26,6 +26,17 @@ pub(super) struct TenantScope {
     memo: HashMap<u64, Option<Arc<str>>>,
 }
 
+/// What of a statement is confined to the tenant.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confine {
+    /// Every table a read reads.
+    Read,
+    /// What a write reads besides the table it writes.
+    Write,
+    /// The source of a `COPY … TO STDOUT`.
+    CopyOut,
+}
+
 /// What a statement becomes in a tenant session.
 pub(super) enum Scoped {
     /// Runs as planned: it touches no tenant table, or writes rows of the tenant by key and
@@ -118,16 +129,12 @@ impl TenantScope {
             Kind::Read => {}
             // Each row's key is checked as the rows are split (copy::place).
             Kind::Copy(spec) if spec.from_stdin => return Ok(Scoped::AsPlanned),
-            Kind::Copy(_) => {
-                return Err(self.refuse(
-                    "0A000",
-                    "COPY of a tenant table out of a tenant database is not supported; use SELECT",
-                ))
-            }
+            // COPY … TO reads: its source is filtered like a read's tables.
+            Kind::Copy(_) => {}
             Kind::Write => {
                 // Its own rows must be the tenant's, and so must what it reads: a subquery
                 // confined to the tenant also pins it, where alone it would span the shards.
-                let sql = self.filtered(map, dist, &tenant_tables, text, true)?;
+                let sql = self.filtered(map, dist, &tenant_tables, text, Confine::Write)?;
                 if keyed {
                     return Ok(match sql {
                         None => Scoped::AsPlanned,
@@ -164,7 +171,11 @@ impl TenantScope {
             }
             _ => return Ok(Scoped::AsPlanned),
         }
-        let Some(sql) = self.filtered(map, dist, &tenant_tables, text, false)? else {
+        let how = match plan.kind {
+            Kind::Copy(_) => Confine::CopyOut,
+            _ => Confine::Read,
+        };
+        let Some(sql) = self.filtered(map, dist, &tenant_tables, text, how)? else {
             return Ok(Scoped::AsPlanned);
         };
         let plan = Arc::new(Plan {
@@ -191,7 +202,7 @@ impl TenantScope {
         dist: usize,
         tenant_tables: &[(String, String)],
         text: &str,
-        write: bool,
+        how: Confine,
     ) -> Result<Option<Arc<str>>, Refusal> {
         let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
         if let Some(s) = self.memo.get(&hash) {
@@ -201,7 +212,7 @@ impl TenantScope {
             crate::shardmap::motion::sql_literal(&map.distributions[dist].key_type, &self.key)
                 .map_err(|e| self.refuse("22P02", &e.to_string()))?;
         let column = |c: &str| crate::pghash::quote_ident(c).unwrap_or_default();
-        let filtered = if write {
+        let filtered = if how == Confine::Write {
             // The kept rows as `key = literal`: the router routes the confined text by it.
             let keep: Vec<(String, String)> = tenant_tables
                 .iter()
@@ -218,7 +229,11 @@ impl TenantScope {
                     )
                 })
                 .collect();
-            crate::router::shadow::exclude(text, &hide).map(Some)
+            match how {
+                Confine::CopyOut => crate::router::shadow::exclude_copy_out(text, &hide),
+                _ => crate::router::shadow::exclude(text, &hide),
+            }
+            .map(Some)
         };
         let sql: Option<Arc<str>> = filtered
             .map_err(|why| {
