@@ -740,6 +740,50 @@ fn copy_split(h: &Harness) -> TestResult {
             one(&c, "SELECT t FROM copied WHERE id = 3050").await? == "csv, 3050",
             "CSV quoting kept"
         );
+        // COPY … TO STDOUT across the shards (simple protocol, psql): every row once, and a
+        // CSV header once, first.
+        let total: usize = one(&c, "SELECT count(*) FROM copied")
+            .await?
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        ensure!(total > 100, "rows to copy out ({total})");
+        let out = h.client_program(
+            "psql",
+            router(h).port,
+            "app",
+            APP_PW,
+            &[
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                "shop",
+                "-c",
+                "COPY copied (id) TO STDOUT WITH (FORMAT csv, HEADER true)",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "COPY TO across shards: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        ensure!(
+            lines.first() == Some(&"id") && lines.iter().filter(|l| **l == "id").count() == 1,
+            "one header line, first: {:?}",
+            &lines[..lines.len().min(3)]
+        );
+        let mut ids: Vec<&str> = lines[1..].to_vec();
+        ids.sort();
+        ids.dedup();
+        ensure!(
+            lines.len() - 1 == total && ids.len() == total,
+            "COPY TO across shards sent {} rows ({} distinct), the table has {total}",
+            lines.len() - 1,
+            ids.len()
+        );
         Ok(())
     })
 }

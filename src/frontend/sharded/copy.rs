@@ -23,6 +23,29 @@ enum Placement {
 }
 
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
+    /// A `COPY … TO STDOUT WITH HEADER` across shards: only the first shard (read first: the
+    /// copy-out merge reads the shards in order) sends the header line; the others get the
+    /// statement without it.
+    pub(super) fn one_copy_header(
+        &mut self,
+        spec: &CopySpec,
+        shards: &[usize],
+    ) -> Result<(), Refusal> {
+        let sql = spec.headerless_sql.as_deref().ok_or_else(|| {
+            Refusal::new(
+                "0A000",
+                "COPY … TO STDOUT with HEADER across shards needs the statement without HEADER, which pgshard could not form; drop HEADER",
+            )
+        })?;
+        for &s in &shards[1..] {
+            if !self.shadow.iter().any(|o| o.shard == s) {
+                self.shadow
+                    .push(super::motion::Shadowed::new(s, sql.to_string(), None));
+            }
+        }
+        Ok(())
+    }
+
     /// COPY FROM STDIN: split rows by key, one COPY per shard, one `COPY n` for the client.
     pub(super) async fn copy_in(
         &mut self,

@@ -412,6 +412,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         params: &crate::router::Params<'_>,
         batch: Option<&extended::Batch>,
     ) -> Result<(), Failure> {
+        // Overrides are per statement: one refused after they were set must not leak into the
+        // next.
+        self.shadow.clear();
         if self.tx.failed() && !matches!(plan.kind, Kind::Rollback | Kind::Commit) {
             return Err(Refusal::new(
                 "25P02",
@@ -507,6 +510,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 .iter()
                 .map(|&s| motion::Shadowed::new(s, sql.to_string(), stmt))
                 .collect();
+        }
+        if let Kind::Copy(spec) = &plan.kind {
+            if !spec.from_stdin && spec.header && shards.len() > 1 {
+                self.one_copy_header(spec, &shards)?;
+            }
         }
         if let (Some(split), None) = (&plan.insert, batch) {
             if shards.len() > 1 {
