@@ -37,6 +37,16 @@ async fn then(h: &Harness, config: &Path, verb: &'static str, id: u64) -> TestRe
     Ok(())
 }
 
+/// Moves tenant acme to shard `to` with `--hold`.
+async fn hold_acme(h: &Harness, config: &Path, to: usize) -> Result<std::process::Output, String> {
+    let (dsn, config) = (dsn(h), config.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        shardctl_move(dsn, &config, "tenant:acme", to, &["--hold".to_string()])
+    })
+    .await
+    .ctx("shardctl")
+}
+
 /// Runs `shardctl <verb> <id> <extra…>` and returns what it did.
 async fn then_with(
     h: &Harness,
@@ -94,12 +104,7 @@ pub(super) async fn held_then_undone(
     from: usize,
     to: usize,
 ) -> TestResult {
-    let out = tokio::task::spawn_blocking({
-        let (dsn, config) = (dsn(h), config.to_path_buf());
-        move || shardctl_move(dsn, &config, "tenant:acme", to, &["--hold".to_string()])
-    })
-    .await
-    .ctx("shardctl")?;
+    let out = hold_acme(h, config, to).await?;
     let said =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -292,12 +297,7 @@ pub(super) async fn held_slot_lost_then_resumed(
     config: &Path,
     to: usize,
 ) -> TestResult {
-    let out = tokio::task::spawn_blocking({
-        let (dsn, config) = (dsn(h), config.to_path_buf());
-        move || shardctl_move(dsn, &config, "tenant:acme", to, &["--hold".to_string()])
-    })
-    .await
-    .ctx("shardctl")?;
+    let out = hold_acme(h, config, to).await?;
     ensure!(
         out.status.success(),
         "held tenant move: {}",
