@@ -51,10 +51,25 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
     let mut q = q.clone();
     let mut spec = MergeSpec::default();
     let mut rewritten = false;
-    if q.fetch.is_some() {
-        return Err("FETCH FIRST cannot be combined across shards: use LIMIT".into());
-    }
     let (limit, offset) = limits(&q)?;
+    // FETCH FIRST n ROWS ONLY is LIMIT n spelled the standard way (Hibernate 6 writes it);
+    // the shards get it as LIMIT. WITH TIES would need the merge to extend the window by ties.
+    let limit = match q.fetch.take() {
+        None => limit,
+        Some(f) if f.with_ties || f.percent => {
+            return Err(
+                "FETCH FIRST ... WITH TIES cannot be combined across shards: use LIMIT".into(),
+            )
+        }
+        Some(_) if limit.is_some() => return Err("LIMIT and FETCH FIRST together".into()),
+        Some(f) => {
+            rewritten = true;
+            match &f.quantity {
+                Some(e) => count(e)?,
+                None => Some(Count::Constant(1)),
+            }
+        }
+    };
     let SetExpr::Select(sel) = q.body.as_mut() else {
         return Err("this query shape cannot be combined across shards".into());
     };
@@ -259,31 +274,33 @@ fn window(limit: Count, offset: Option<Count>) -> Expr {
     }
 }
 
-/// LIMIT and OFFSET: constants or parameters (None: absent or NULL).
-fn limits(q: &Query) -> Result<(Option<Count>, Option<Count>), String> {
-    let count = |e: &Expr| -> Result<Option<Count>, String> {
-        match strip(e) {
-            Expr::Value(v) => match &v.value {
-                Value::Number(n, _) => n
-                    .parse()
-                    .map(|n| Some(Count::Constant(n)))
-                    .map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
-                Value::Null => Ok(None),
-                Value::Placeholder(p) => p
-                    .strip_prefix('$')
-                    .and_then(|n| n.parse::<u16>().ok())
-                    .filter(|&n| n >= 1)
-                    .map(|n| Some(Count::Param(n)))
-                    .ok_or_else(|| format!("LIMIT/OFFSET {p} is not a parameter pgshard knows")),
-                _ => Err(format!(
-                    "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
-                )),
-            },
+/// A LIMIT, OFFSET or FETCH FIRST row count (None: NULL, which means no limit).
+fn count(e: &Expr) -> Result<Option<Count>, String> {
+    match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n
+                .parse()
+                .map(|n| Some(Count::Constant(n)))
+                .map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
+            Value::Null => Ok(None),
+            Value::Placeholder(p) => p
+                .strip_prefix('$')
+                .and_then(|n| n.parse::<u16>().ok())
+                .filter(|&n| n >= 1)
+                .map(|n| Some(Count::Param(n)))
+                .ok_or_else(|| format!("LIMIT/OFFSET {p} is not a parameter pgshard knows")),
             _ => Err(format!(
                 "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
             )),
-        }
-    };
+        },
+        _ => Err(format!(
+            "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
+        )),
+    }
+}
+
+/// LIMIT and OFFSET: constants or parameters (None: absent or NULL).
+fn limits(q: &Query) -> Result<(Option<Count>, Option<Count>), String> {
     match &q.limit_clause {
         None => Ok((None, None)),
         Some(LimitClause::LimitOffset {

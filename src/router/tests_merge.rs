@@ -656,3 +656,38 @@ fn limit_and_offset_parameters_push_down_as_one_limit() {
     assert!(!p.scatter_sql.as_deref().unwrap().contains("LIMIT"));
     assert_eq!(p.merge.limit_param, Some(1));
 }
+
+#[test]
+fn fetch_first_merges_as_a_limit() {
+    let m = map();
+    // Hibernate 6's paging: OFFSET ? ROWS FETCH FIRST ? ROWS ONLY.
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts ORDER BY aid OFFSET $1 ROWS FETCH FIRST $2 ROWS ONLY",
+        &m,
+    );
+    assert!(p.scatter_refusal.is_none(), "{:?}", p.scatter_refusal);
+    assert_eq!(
+        (p.merge.limit_param, p.merge.offset_param),
+        (Some(2), Some(1))
+    );
+    let sql = p.scatter_sql.as_deref().unwrap();
+    assert!(sql.ends_with("ORDER BY aid LIMIT $2 + $1"), "{sql}");
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts ORDER BY aid FETCH FIRST 3 ROWS ONLY",
+        &m,
+    );
+    assert_eq!((p.merge.limit, p.merge.offset), (Some(3), 0));
+    assert!(p.scatter_sql.as_deref().unwrap().ends_with("LIMIT 3"));
+    // Without a count FETCH FIRST means one row.
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts ORDER BY aid FETCH NEXT ROW ONLY",
+        &m,
+    );
+    assert_eq!(p.merge.limit, Some(1));
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts ORDER BY aid FETCH FIRST 3 ROWS WITH TIES",
+        &m,
+    );
+    let e = route(&p, &m, &Params::NONE).unwrap_err();
+    assert!(e.message.contains("WITH TIES"), "{}", e.message);
+}

@@ -382,6 +382,7 @@ fn scatter_matches(h: &Harness) -> TestResult {
             "SELECT id, v FROM sc WHERE g = 2 ORDER BY v NULLS FIRST, id LIMIT 12",
             "SELECT DISTINCT g FROM sc ORDER BY g",
             "SELECT t, id FROM sc ORDER BY t, id LIMIT 20",
+            "SELECT id FROM sc ORDER BY id OFFSET 4 ROWS FETCH FIRST 6 ROWS ONLY",
         ];
         for q in queries {
             let want = rows_text(&reference, q).await?;
@@ -391,7 +392,7 @@ fn scatter_matches(h: &Harness) -> TestResult {
         // The extended protocol, as drivers send it: binary results, LIMIT/OFFSET as
         // parameters, the statement described in its own Sync before it runs.
         let (seven, five, ten, three) = (7i64, 5i64, 10i64, 3i64);
-        let extended: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 6] = [
+        let extended: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 7] = [
             (
                 "SELECT count(v), sum(v), min(v), max(v), avg(v) FROM sc",
                 &[],
@@ -404,6 +405,11 @@ fn scatter_matches(h: &Harness) -> TestResult {
             (
                 "SELECT id FROM sc ORDER BY id LIMIT $1 OFFSET $2",
                 &[&five, &ten],
+            ),
+            // Hibernate 6's paging.
+            (
+                "SELECT id, v FROM sc ORDER BY id OFFSET $1 ROWS FETCH FIRST $2 ROWS ONLY",
+                &[&three, &seven],
             ),
             (
                 "SELECT g, avg(id), sum(id) FROM sc GROUP BY g ORDER BY g LIMIT $1",
