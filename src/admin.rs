@@ -133,19 +133,28 @@ async fn execute(app: &App, sql: &str, out: &mut BytesMut) -> bool {
         "show config" => show_config(app).write(out, "SHOW"),
         "show shards" => show_shards(app).await.write(out, "SHOW"),
         "show plan_cache" => {
-            let (hits, misses) = app.plans.stats();
-            let rate = if hits + misses > 0 {
-                hits as f64 / (hits + misses) as f64
-            } else {
-                0.0
-            };
-            let mut t = Table::new(&["hits", "misses", "entries", "hit_rate"]);
-            t.row(vec![
-                hits.to_string(),
-                misses.to_string(),
-                app.plans.len().to_string(),
-                format!("{rate:.4}"),
-            ]);
+            let mut t = Table::new(&["cache", "hits", "misses", "entries", "hit_rate"]);
+            for (name, (hits, misses), len) in [
+                ("plans", app.plans.stats(), app.plans.len()),
+                (
+                    "move_rewrites",
+                    app.shadow_texts.stats(),
+                    app.shadow_texts.len(),
+                ),
+            ] {
+                let rate = if hits + misses > 0 {
+                    hits as f64 / (hits + misses) as f64
+                } else {
+                    0.0
+                };
+                t.row(vec![
+                    name.to_string(),
+                    hits.to_string(),
+                    misses.to_string(),
+                    len.to_string(),
+                    format!("{rate:.4}"),
+                ]);
+            }
             t.write(out, "SHOW");
         }
         "show version" => {

@@ -157,6 +157,9 @@ pub struct App {
     pub shardmap: ArcSwap<ShardMap>,
     /// Routing plans per distinct statement text.
     pub plans: PlanCache,
+    /// Statement texts rewritten to leave out a unit in motion on the shard holding its extra
+    /// copy, per (text, shard, read or write) and map version (`Err`: why it cannot be).
+    pub shadow_texts: crate::router::TextMemo<Result<Arc<str>, Arc<str>>>,
     /// Two-phase commit ids and decision log.
     pub twophase: TwoPhase,
     /// Roles, health and lag of every server; replaced when the servers change.
@@ -192,6 +195,7 @@ impl App {
         Arc::new(App {
             shardmap: ArcSwap::from_pointee(map),
             plans: PlanCache::new(10_000),
+            shadow_texts: crate::router::TextMemo::new(1_000),
             twophase: TwoPhase::open(
                 &config.general.router_id,
                 config.general.decision_log.clone().into(),

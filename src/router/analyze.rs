@@ -274,7 +274,7 @@ fn select(q: &Query, map: &ShardMap) -> Plan {
         match merge::plan(q) {
             Ok((spec, sql)) => {
                 plan.merge = spec;
-                plan.scatter_sql = sql;
+                plan.scatter_sql = sql.map(Into::into);
             }
             Err(p) => problems.push(p),
         }

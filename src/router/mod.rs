@@ -14,7 +14,7 @@ pub mod shadow;
 mod walk;
 
 pub use analyze::analyze;
-pub use cache::PlanCache;
+pub use cache::{PlanCache, TextMemo};
 pub use insert::InsertSplit;
 pub use route::{keys_all_equal, route};
 
@@ -45,7 +45,7 @@ pub struct Plan {
     /// How to combine the shards' results when a SELECT runs on several shards.
     pub merge: MergeSpec,
     /// Text sent to each shard instead of the original when scattering; None = the original.
-    pub scatter_sql: Option<String>,
+    pub scatter_sql: Option<std::sync::Arc<str>>,
     /// Multi-row INSERT ... VALUES whose rows may belong to different shards.
     pub insert: Option<InsertSplit>,
     /// A routing hint from a `/* pgshard: ... */` comment; beats the analysis.

@@ -603,6 +603,21 @@ fn cache_hits_guards_collisions_and_invalidates() {
 }
 
 #[test]
+fn text_memo_tells_tags_and_versions_apart() {
+    let memo: TextMemo<u32> = TextMemo::new(100);
+    let text = "SELECT count(*) FROM t";
+    let h = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+    assert_eq!(memo.get(h, text, 2, 7, || 1), 1);
+    assert_eq!(memo.get(h, text, 2, 7, || panic!("a hit")), 1);
+    // Another shard (tag) of the same text, and the same one under a newer map, are made anew.
+    assert_eq!(memo.get(h, text, 3, 7, || 2), 2);
+    assert_eq!(memo.get(h, text, 2, 8, || 3), 3);
+    // Another text under the same hash and tag is not served the cached value.
+    assert_eq!(memo.get(h, "SELECT 1", 2, 8, || 4), 4);
+    assert_eq!(memo.stats(), (1, 4));
+}
+
+#[test]
 fn no_prefix_of_a_statement_panics() {
     let m = map();
     let texts = [

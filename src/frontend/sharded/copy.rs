@@ -40,7 +40,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         for &s in &shards[1..] {
             if !self.shadow.iter().any(|o| o.shard == s) {
                 self.shadow
-                    .push(super::motion::Shadowed::new(s, sql.to_string(), None));
+                    .push(super::motion::Shadowed::new(s, sql.into(), None));
             }
         }
         Ok(())

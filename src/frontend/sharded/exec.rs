@@ -179,7 +179,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     );
                     messages::empty_message(&mut payload, b'S');
                 }
-                None => messages::query(&mut payload, over.map_or(sql, |o| o.sql.as_str())),
+                None => messages::query(&mut payload, over.map_or(sql, |o| &*o.sql)),
             }
             let co = self.conns[s].as_mut().expect("held");
             if let Err(e) = co.conn.stream.write_all(&payload).await {

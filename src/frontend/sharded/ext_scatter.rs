@@ -50,7 +50,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let types = || rewritten_param_types(&stmt.def.param_types, &plan.merge);
             for o in self.shadow.iter_mut() {
                 o.def = Some(Arc::new(StatementDef::new(
-                    Bytes::from(o.sql.clone()),
+                    Bytes::copy_from_slice(o.sql.as_bytes()),
                     types(),
                 )));
             }
@@ -62,7 +62,10 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 .rewritten
                 .entry(stmt.def.key)
                 .or_insert_with(|| {
-                    Arc::new(StatementDef::new(Bytes::from(rewritten.clone()), types()))
+                    Arc::new(StatementDef::new(
+                        Bytes::copy_from_slice(rewritten.as_bytes()),
+                        types(),
+                    ))
                 })
                 .clone();
             for &s in shards {

@@ -497,6 +497,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             shards = self.through_motion(plan, params, text, shards).await?;
             self.shadow = motion::shadows(
                 &self.map,
+                &self.app.shadow_texts,
                 plan,
                 text,
                 &mut shards,
@@ -508,7 +509,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
             self.shadow = shards
                 .iter()
-                .map(|&s| motion::Shadowed::new(s, sql.to_string(), stmt))
+                .map(|&s| motion::Shadowed::new(s, sql.clone(), stmt))
                 .collect();
         }
         if let Kind::Copy(spec) = &plan.kind {

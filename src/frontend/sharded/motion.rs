@@ -9,7 +9,7 @@
 use super::{Refusal, ShardedSession, TxState};
 use crate::frontend::{ClientWrite, ReadReady};
 use crate::prepared::StatementDef;
-use crate::router::{Kind, Plan, Route};
+use crate::router::{Kind, Plan, Route, TextMemo};
 use crate::shardmap::config::MovePhase;
 use crate::shardmap::ShardMap;
 use std::sync::atomic::Ordering;
@@ -95,17 +95,17 @@ fn in_motion(table: &str, mv: &crate::shardmap::motion::Motion) -> String {
 pub(super) struct Shadowed {
     pub shard: usize,
     /// The simple-protocol text.
-    pub sql: String,
+    pub sql: Arc<str>,
     /// The extended protocol's statement (prepared on that shard under its own name).
     pub def: Option<Arc<StatementDef>>,
 }
 
 impl Shadowed {
     /// `sql` for `shard`, prepared with the parameter types of `stmt` (extended protocol).
-    pub fn new(shard: usize, sql: String, stmt: Option<&StatementDef>) -> Shadowed {
+    pub fn new(shard: usize, sql: Arc<str>, stmt: Option<&StatementDef>) -> Shadowed {
         let def = stmt.map(|d| {
             Arc::new(StatementDef::new(
-                bytes::Bytes::from(sql.clone()),
+                bytes::Bytes::copy_from_slice(sql.as_bytes()),
                 d.param_types.clone(),
             ))
         });
@@ -118,9 +118,11 @@ impl Shadowed {
 /// filtered out of every table in motion. `shards` is reordered so that a shard reading the
 /// plain tables leads (its RowDescription is the one the client gets). Statements pinned to one
 /// shard by their key need none: their keys route to the unit's owner. A key list spanning
-/// shards does: the copy on another shard may hold some of its keys.
+/// shards does: the copy on another shard may hold some of its keys. Rewrites are memoised in
+/// `memo` per text, shard and map version: a statement repeated during a move is parsed once.
 pub(super) fn shadows(
     map: &ShardMap,
+    memo: &TextMemo<Result<Arc<str>, Arc<str>>>,
     plan: &Plan,
     text: &str,
     shards: &mut [usize],
@@ -138,36 +140,24 @@ pub(super) fn shadows(
         Some(sql) if shards.len() > 1 && !write => sql,
         _ => text,
     };
+    let hash = xxhash_rust::xxh3::xxh3_64(base.as_bytes());
     let mut out: Vec<Shadowed> = Vec::new();
     for &shard in shards.iter() {
-        let (mut hide, mut moving) = (Vec::new(), Vec::new());
-        for table in &plan.tables {
-            let Some((mv, column)) = map.motion_of(table) else {
-                continue;
-            };
-            if mv.shadow_shard() != shard {
-                continue;
-            }
-            let d = &map.distributions[mv.dist];
-            let pred = mv
-                .predicate_sql(column, &d.key_type, map.buckets)
-                .ok_or_else(|| {
-                    Refusal::new(
-                        "55006",
-                        format!("table {table} is in motion and its unit has no SQL form"),
-                    )
-                })?;
-            hide.push((table.clone(), pred));
-            moving.push((table, mv));
-        }
-        if hide.is_empty() {
+        let moving: Vec<(&String, &crate::shardmap::motion::Motion)> = plan
+            .tables
+            .iter()
+            .filter_map(|t| {
+                let (mv, _) = map.motion_of(t)?;
+                (mv.shadow_shard() == shard).then_some((t, mv))
+            })
+            .collect();
+        if moving.is_empty() {
             continue;
         }
-        let sql = if write {
-            crate::router::shadow::exclude_from_write(base, &hide)
-        } else {
-            crate::router::shadow::exclude(base, &hide)
-        };
+        let tag = (shard as u32) << 1 | u32::from(write);
+        let sql = memo.get(hash, base, tag, map.version, || {
+            rewrite(map, plan, base, shard, write).map_err(Into::into)
+        });
         let sql = sql.map_err(|why| {
             let what = if write { "write" } else { "read" };
             Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving.iter().map(|(t, mv)| in_motion(t, mv)).collect::<Vec<_>>().join("; ")))
@@ -181,6 +171,37 @@ pub(super) fn shadows(
         shards.swap(0, lead);
     }
     Ok(out)
+}
+
+/// `base` for `shard` with the units whose extra copy it holds filtered out of every table in
+/// motion (the parse `shadows` memoises).
+fn rewrite(
+    map: &ShardMap,
+    plan: &Plan,
+    base: &str,
+    shard: usize,
+    write: bool,
+) -> Result<Arc<str>, String> {
+    let mut hide = Vec::new();
+    for table in &plan.tables {
+        let Some((mv, column)) = map.motion_of(table) else {
+            continue;
+        };
+        if mv.shadow_shard() != shard {
+            continue;
+        }
+        let d = &map.distributions[mv.dist];
+        let pred = mv
+            .predicate_sql(column, &d.key_type, map.buckets)
+            .ok_or_else(|| format!("the unit of table {table} has no SQL form"))?;
+        hide.push((table.clone(), pred));
+    }
+    let sql = if write {
+        crate::router::shadow::exclude_from_write(base, &hide)
+    } else {
+        crate::router::shadow::exclude(base, &hide)
+    };
+    sql.map(Into::into)
 }
 
 /// The routing hint a session gave with `SET [LOCAL] pgshard.shard = N` / `pgshard.key = 'k'`;

@@ -303,6 +303,26 @@ pub(super) async fn what_servers_hold(port: u16, table: &str, catalog: &str) -> 
     (format!("{held:#?}"), history)
 }
 
+/// SHOW PLAN_CACHE's (hits, misses) of the `move_rewrites` memo at the router on `port`.
+pub(super) async fn move_rewrite_stats(port: u16) -> Result<(u64, u64), String> {
+    let a = connect_port(port, "admin", "admin-secret", "pgshard", "").await?;
+    let shown = a
+        .simple_query("SHOW PLAN_CACHE")
+        .await
+        .pgx("show plan_cache")?;
+    shown
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get("cache") == Some("move_rewrites") =>
+            {
+                Some((r.get("hits")?.parse().ok()?, r.get("misses")?.parse().ok()?))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| "SHOW PLAN_CACHE has no move_rewrites row".to_string())
+}
+
 /// SHOW SHARDS' `below_floor` for the server on `port`, as `router_port`'s console gives it.
 async fn shown_below_floor(router_port: u16, port: u16) -> Result<String, String> {
     let a = connect_port(router_port, "admin", "admin-secret", "pgshard", "").await?;

@@ -191,6 +191,14 @@ fn move_under_writers(h: &Harness) -> TestResult {
             run.reads
         );
         keyless_writes_kept(a.port, "mv_items", run.last_note.as_deref()).await?;
+        // The readers repeat a few key-less texts: each is rewritten for the target once per
+        // map version, and every repeat is a memo hit (a miss per execution would be a parse).
+        let (hits, misses) = move_rewrite_stats(a.port).await?;
+        eprintln!("rebalance: move rewrites at router a: {hits} memo hits, {misses} misses");
+        ensure!(
+            misses > 0 && hits > misses,
+            "key-less reads during the move reuse their rewrites: {hits} hits, {misses} misses"
+        );
 
         // Ground truth: the seed rows plus every acknowledged write.
         let mut truth: HashMap<i64, i32> = (1..=4000).map(|i| (i, 0)).collect();
