@@ -346,6 +346,21 @@ pub async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Result<String
 }
 
 /// Runs an async trial body on its own runtime.
+/// The lines a `COPY … TO STDOUT` sent (extended protocol, as tokio-postgres sends it).
+pub async fn copy_out_lines(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
+    use futures_util::StreamExt;
+    let stream = c.copy_out(sql).await.pgx(sql)?;
+    futures_util::pin_mut!(stream);
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        text.extend_from_slice(&chunk.pgx(sql)?);
+    }
+    Ok(String::from_utf8_lossy(&text)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
 pub fn block_on<F: std::future::Future<Output = TestResult>>(f: F) -> TestResult {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

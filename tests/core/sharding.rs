@@ -4,8 +4,8 @@
 
 use crate::ensure;
 use crate::harness::{
-    block_on, connect_port, first_value as one, sqlstate, Context, Harness, PgContext, Router,
-    TestResult, APP_PW,
+    block_on, connect_port, copy_out_lines, first_value as one, sqlstate, Context, Harness,
+    PgContext, Router, TestResult, APP_PW,
 };
 use crate::trial;
 use libtest_mimic::Trial;
@@ -790,6 +790,28 @@ fn copy_split(h: &Harness) -> TestResult {
             lines.len() - 1,
             ids.len()
         );
+        // The same through the extended protocol (tokio-postgres' copy_out), header included.
+        let mut ext = copy_out_lines(
+            &c,
+            "COPY copied (id) TO STDOUT WITH (FORMAT csv, HEADER true)",
+        )
+        .await?;
+        ensure!(
+            ext.first().map(String::as_str) == Some("id"),
+            "extended COPY TO: header first: {:?}",
+            &ext[..ext.len().min(3)]
+        );
+        ext.sort();
+        let mut simple: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        simple.sort();
+        ensure!(
+            ext == simple,
+            "extended COPY TO sent {} lines, the simple protocol {}",
+            ext.len(),
+            simple.len()
+        );
+        // The connection is usable afterwards.
+        ensure!(one(&c, "SELECT 1").await? == "1", "query after COPY TO");
         Ok(())
     })
 }

@@ -3,7 +3,8 @@
 
 use crate::ensure;
 use crate::harness::{
-    block_on, connect_port, first_value as one, sqlstate, Harness, PgContext, TestResult, APP_PW,
+    block_on, connect_port, copy_out_lines, first_value as one, sqlstate, Harness, PgContext,
+    TestResult, APP_PW,
 };
 use crate::sharding::{on_shard, router, shop};
 use crate::trial;
@@ -48,21 +49,6 @@ fn replicas_caught_up(h: &Harness) -> TestResult {
         }
     }
     Ok(())
-}
-
-/// The lines a `COPY … TO STDOUT` sent.
-async fn copy_out_lines(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
-    use futures_util::StreamExt;
-    let stream = c.copy_out(sql).await.pgx(sql)?;
-    futures_util::pin_mut!(stream);
-    let mut text = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        text.extend_from_slice(&chunk.pgx(sql)?);
-    }
-    Ok(String::from_utf8_lossy(&text)
-        .lines()
-        .map(str::to_string)
-        .collect())
 }
 
 /// The SQLSTATE a statement fails with (or "ok").

@@ -25,11 +25,12 @@ enum Placement {
 impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// A `COPY … TO STDOUT WITH HEADER` across shards: only the first shard (read first: the
     /// copy-out merge reads the shards in order) sends the header line; the others get the
-    /// statement without it.
+    /// statement without it (prepared with `stmt`'s parameter types, extended protocol).
     pub(super) fn one_copy_header(
         &mut self,
         spec: &CopySpec,
         shards: &[usize],
+        stmt: Option<&crate::prepared::StatementDef>,
     ) -> Result<(), Refusal> {
         let sql = spec.headerless_sql.as_deref().ok_or_else(|| {
             Refusal::new(
@@ -37,10 +38,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 "COPY … TO STDOUT with HEADER across shards needs the statement without HEADER, which pgshard could not form; drop HEADER",
             )
         })?;
+        let sql: Arc<str> = sql.into();
         for &s in &shards[1..] {
             if !self.shadow.iter().any(|o| o.shard == s) {
                 self.shadow
-                    .push(super::motion::Shadowed::new(s, sql.into(), None));
+                    .push(super::motion::Shadowed::new(s, sql.clone(), stmt));
             }
         }
         Ok(())

@@ -7,7 +7,7 @@ use super::{Failure, Refusal, ShardedSession};
 use crate::frontend::{ClientWrite, ReadReady};
 use crate::prepared::StatementDef;
 use crate::protocol::{messages, parse_parse, statement_ref, Cursor};
-use crate::router::{Kind, Plan};
+use crate::router::Plan;
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -273,13 +273,6 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             values: &values,
             formats: &formats,
         };
-        // A tenant session's COPY … TO reaches its tenant's shard only (tenant::scope).
-        if matches!(&stmt.plan.kind, Kind::Copy(c) if !c.from_stdin)
-            && !matches!(stmt.plan.route, crate::router::Route::Keys { .. })
-            && self.tenant.is_none()
-        {
-            return Err(Refusal::new("0A000", "COPY … TO STDOUT of a sharded table through the extended protocol is not supported; use a simple query").into());
-        }
         self.run_statement(text, &stmt.plan, &params, Some(seg))
             .await
     }

@@ -457,6 +457,12 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 if let Some(t) = self.tenant.as_mut() {
                     t.scope(&self.map, &self.app.plans, plan, params, text)?;
                 }
+                // Rows are placed by the map the COPY starts with: while a unit of the table
+                // is fenced it must wait for the switch, like any write reaching its source.
+                if !self.map.motions.is_empty() {
+                    let all = (0..self.map.shards).collect();
+                    self.through_motion(plan, params, text, all).await?;
+                }
                 return Box::pin(self.copy_in(text, plan, spec.clone(), batch)).await;
             }
             _ => {}
@@ -514,7 +520,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         if let Kind::Copy(spec) = &plan.kind {
             if !spec.from_stdin && spec.header && shards.len() > 1 {
-                self.one_copy_header(spec, &shards)?;
+                let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
+                self.one_copy_header(spec, &shards, stmt)?;
             }
         }
         if let (Some(split), None) = (&plan.insert, batch) {

@@ -66,6 +66,9 @@ pub(super) fn guard(
                 ));
             }
             Kind::Read => {}
+            // COPY TO reads (filtered by `shadows`); COPY FROM places each row by its key, as a
+            // split INSERT does.
+            Kind::Copy(_) => {}
             Kind::Write if keyed => {}
             // Left out of the unit's extra copy by `shadows`, or refused there.
             Kind::Write if plan.insert.is_none() => {}
@@ -113,7 +116,7 @@ impl Shadowed {
     }
 }
 
-/// For a read, UPDATE or DELETE that reaches the shard holding a unit's extra copy (the target
+/// For a read, UPDATE, DELETE or COPY TO that reaches the shard holding a unit's extra copy (the target
 /// while it is filled, the source until it is cleaned up), that shard's text with the unit
 /// filtered out of every table in motion. `shards` is reordered so that a shard reading the
 /// plain tables leads (its RowDescription is the one the client gets). Statements pinned to one
@@ -128,16 +131,26 @@ pub(super) fn shadows(
     shards: &mut [usize],
     stmt: Option<&StatementDef>,
 ) -> Result<Vec<Shadowed>, Refusal> {
-    let write = match plan.kind {
-        Kind::Read => false,
-        Kind::Write if plan.insert.is_none() => true,
+    let form = match &plan.kind {
+        Kind::Read => Form::Read,
+        Kind::Write if plan.insert.is_none() => Form::Write,
+        Kind::Copy(spec) if !spec.from_stdin => Form::CopyOut,
         _ => return Ok(Vec::new()),
     };
     if matches!(plan.route, Route::Keys { .. }) && plan.hint.is_none() && shards.len() == 1 {
         return Ok(Vec::new());
     }
-    let base = match plan.scatter_sql.as_deref() {
-        Some(sql) if shards.len() > 1 && !write => sql,
+    let base = match (&plan.kind, plan.scatter_sql.as_deref()) {
+        (Kind::Read, Some(sql)) if shards.len() > 1 => sql,
+        // A shadowed shard never leads (see the end), so it never sends the header line.
+        (Kind::Copy(spec), _) if spec.header && shards.len() > 1 => {
+            spec.headerless_sql.as_deref().ok_or_else(|| {
+                Refusal::new(
+                    "0A000",
+                    "COPY … TO STDOUT with HEADER of a table in motion needs the statement without HEADER, which pgshard could not form; drop HEADER",
+                )
+            })?
+        }
         _ => text,
     };
     let hash = xxhash_rust::xxh3::xxh3_64(base.as_bytes());
@@ -154,12 +167,15 @@ pub(super) fn shadows(
         if moving.is_empty() {
             continue;
         }
-        let tag = (shard as u32) << 1 | u32::from(write);
+        let tag = (shard as u32) << 2 | form as u32;
         let sql = memo.get(hash, base, tag, map.version, || {
-            rewrite(map, plan, base, shard, write).map_err(Into::into)
+            rewrite(map, plan, base, shard, form).map_err(Into::into)
         });
         let sql = sql.map_err(|why| {
-            let what = if write { "write" } else { "read" };
+            let what = match form {
+                Form::Write => "write",
+                Form::Read | Form::CopyOut => "read",
+            };
             Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving.iter().map(|(t, mv)| in_motion(t, mv)).collect::<Vec<_>>().join("; ")))
         })?;
         out.push(Shadowed::new(shard, sql, stmt));
@@ -173,6 +189,14 @@ pub(super) fn shadows(
     Ok(out)
 }
 
+/// How a statement reaches a shard holding a unit's extra copy.
+#[derive(Clone, Copy)]
+enum Form {
+    Read = 0,
+    Write = 1,
+    CopyOut = 2,
+}
+
 /// `base` for `shard` with the units whose extra copy it holds filtered out of every table in
 /// motion (the parse `shadows` memoises).
 fn rewrite(
@@ -180,7 +204,7 @@ fn rewrite(
     plan: &Plan,
     base: &str,
     shard: usize,
-    write: bool,
+    form: Form,
 ) -> Result<Arc<str>, String> {
     let mut hide = Vec::new();
     for table in &plan.tables {
@@ -196,10 +220,10 @@ fn rewrite(
             .ok_or_else(|| format!("the unit of table {table} has no SQL form"))?;
         hide.push((table.clone(), pred));
     }
-    let sql = if write {
-        crate::router::shadow::exclude_from_write(base, &hide)
-    } else {
-        crate::router::shadow::exclude(base, &hide)
+    let sql = match form {
+        Form::Read => crate::router::shadow::exclude(base, &hide),
+        Form::Write => crate::router::shadow::exclude_from_write(base, &hide),
+        Form::CopyOut => crate::router::shadow::exclude_copy_out(base, &hide),
     };
     sql.map(Into::into)
 }

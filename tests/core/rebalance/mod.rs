@@ -17,7 +17,10 @@ use libtest_mimic::Trial;
 use pgshard::shardmap::Located;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use undo::{held_slot_lost_then_resumed, held_then_undone, undo_after_failed_verification};
+use undo::{
+    copy_waits_out_a_fence, held_slot_lost_then_resumed, held_then_undone,
+    undo_after_failed_verification,
+};
 use workload::*;
 
 mod add_shard;
@@ -467,6 +470,7 @@ fn move_under_writers(h: &Harness) -> TestResult {
         let to = 1 - from;
         held_then_undone(h, &c, &admin, &a.config_path, from, to).await?;
         held_slot_lost_then_resumed(h, &admin, &a.config_path, to).await?;
+        copy_waits_out_a_fence(h, &c, a.port, &a.config_path, to).await?;
         let on = |s: usize| async move {
             let d = connect_port(h.primary(s).port, "app", APP_PW, "shop", "").await?;
             one(&d, "SELECT count(*) FROM mv_orders WHERE tenant = 'acme'").await
@@ -475,10 +479,10 @@ fn move_under_writers(h: &Harness) -> TestResult {
             on(to).await? == "200" && on(from).await? == "0",
             "tenant acme's 200 rows are on shard {to} only"
         );
+        let sum = one(&c, "SELECT sum(amount) FROM mv_orders").await?;
         ensure!(
-            one(&c, "SELECT sum(amount) FROM mv_orders").await?
-                == (0..600).sum::<i32>().to_string(),
-            "key-less sum after the tenant move"
+            sum == (0..600).sum::<i32>().to_string(),
+            "key-less sum after the tenant move: {sum}"
         );
         let t = Instant::now();
         while one(

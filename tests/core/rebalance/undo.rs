@@ -6,7 +6,8 @@ use super::dsn;
 use super::workload::{shardctl_move, shardctl_then, Acked};
 use crate::ensure;
 use crate::harness::{
-    connect_port, first_value as one, Context, Harness, PgContext, TestResult, APP_PW,
+    connect_port, copy_out_lines, first_value as one, Context, Harness, PgContext, TestResult,
+    APP_PW,
 };
 use pgshard::pghash::KeyValue;
 use pgshard::shardmap::{config::MovePhase, Located};
@@ -164,6 +165,27 @@ pub(super) async fn held_then_undone(
     ensure!(
         one(c, sum).await? == total.to_string(),
         "key-less sum while held counts acme once"
+    );
+    // COPY TO across the shards leaves out acme's extra copy too (the source's COPY reads
+    // around it), with the CSV header once.
+    let lines = copy_out_lines(
+        c,
+        "COPY mv_orders (tenant, amount) TO STDOUT WITH (FORMAT csv, HEADER true)",
+    )
+    .await?;
+    let acme_rows = lines.iter().filter(|l| l.starts_with("acme,")).count();
+    let copied: i32 = lines[1..]
+        .iter()
+        .filter_map(|l| l.rsplit(',').next()?.parse::<i32>().ok())
+        .sum();
+    ensure!(
+        lines.first().map(String::as_str) == Some("tenant,amount")
+            && lines.len() == 601
+            && acme_rows == 200
+            && copied == total,
+        "COPY TO while held: {} lines (header {:?}), {acme_rows} of acme, amounts {copied} (want 600 rows, 200 of acme, {total})",
+        lines.len(),
+        lines.first()
     );
 
     then(h, config, "abort", id).await?;
@@ -368,4 +390,82 @@ pub(super) async fn held_slot_lost_then_resumed(
     no_leftovers(h).await?;
     eprintln!("rebalance: held move whose reverse slot was invalidated: abort refused, resume completed it (move {id})");
     Ok(())
+}
+
+/// COPY FROM STDIN places rows by the map it starts with, so a COPY reaching a fenced unit
+/// waits for the fence to end like any other write to its source: tenant acme (on `from`) is
+/// fenced by a move stopped there; a COPY of an acme row through the router on `port` is not
+/// acknowledged while the fence holds, and after `abort` it lands on `from`, once (or, had the
+/// wait outlasted the router's fence wait, it was refused with 40001 and left nothing). The row
+/// is deleted again through `client`.
+pub(super) async fn copy_waits_out_a_fence(
+    h: &Harness,
+    client: &tokio_postgres::Client,
+    port: u16,
+    config: &Path,
+    from: usize,
+) -> TestResult {
+    use futures_util::SinkExt;
+    let (dsn, cfg) = (dsn(h), config.to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        shardctl_move(
+            dsn,
+            &cfg,
+            "tenant:acme",
+            1 - from,
+            &["--unsafe-stop-after".to_string(), "fenced".to_string()],
+        )
+    })
+    .await
+    .ctx("shardctl")?;
+    ensure!(
+        out.status.code() == Some(4),
+        "move stopped after fencing: {:?} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (id, phase) = move_of(h, "mvt").await?;
+    ensure!(phase == MovePhase::Fenced, "acme is fenced ({phase:?})");
+    let c = connect_port(port, "app", APP_PW, "shop", "").await?;
+    let copy = tokio::spawn(async move {
+        let sink = c
+            .copy_in("COPY mv_orders (tenant, id, amount) FROM STDIN")
+            .await?;
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"acme\t2000\t7\n"))
+            .await?;
+        sink.finish().await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        !copy.is_finished(),
+        "a COPY into a fenced unit waits for the fence to end: {:?}",
+        copy.await
+    );
+    then(h, config, "abort", id).await?;
+    let copied = copy.await.ctx("copy task")?;
+    let d = connect_port(h.primary(from).port, "app", APP_PW, "shop", "").await?;
+    let on_from = one(&d, "SELECT count(*) FROM mv_orders WHERE id = 2000").await?;
+    match copied {
+        Ok(n) => ensure!(
+            n == 1 && on_from == "1",
+            "the COPY released by the abort copied {n} row(s); shard {from} holds {on_from}"
+        ),
+        Err(e) => ensure!(
+            crate::harness::sqlstate(&e) == "40001" && on_from == "0",
+            "a COPY given up on by the fence: {e:?}; shard {from} holds {on_from}"
+        ),
+    }
+    let other = connect_port(h.primary(1 - from).port, "app", APP_PW, "shop", "").await?;
+    ensure!(
+        one(&other, "SELECT count(*) FROM mv_orders WHERE id = 2000").await? == "0",
+        "the aborted move left nothing on shard {}",
+        1 - from
+    );
+    // Through the router, so that `client`'s next reads see it (read-your-writes).
+    client
+        .batch_execute("DELETE FROM mv_orders WHERE tenant = 'acme' AND id = 2000")
+        .await
+        .pgx("cleanup")?;
+    no_leftovers(h).await
 }

@@ -52,6 +52,23 @@ pub(super) async fn writer(
                     .await
                     .map(|k| (k, Some((id, -1))))
             }
+            // COPY FROM STDIN places its rows by key like an INSERT, and waits out a fence the
+            // same way: a row copied to the source during the switch would be lost.
+            6 => {
+                use futures_util::SinkExt;
+                let id = w * 10_000_000 + n;
+                async {
+                    let sink = c
+                        .copy_in(&format!("COPY {table} (id, v, note) FROM STDIN"))
+                        .await?;
+                    futures_util::pin_mut!(sink);
+                    sink.send(bytes::Bytes::from(format!("{id}\t0\tc{w}\n")))
+                        .await?;
+                    sink.finish().await
+                }
+                .await
+                .map(|k| (k, Some((id, 0))))
+            }
             _ => {
                 let id = w * 10_000_000 + n;
                 c.simple_query(&format!(
