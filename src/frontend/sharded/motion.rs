@@ -156,15 +156,14 @@ pub(super) fn shadows(
     let hash = xxhash_rust::xxh3::xxh3_64(base.as_bytes());
     let mut out: Vec<Shadowed> = Vec::new();
     for &shard in shards.iter() {
-        let moving: Vec<(&String, &crate::shardmap::motion::Motion)> = plan
-            .tables
-            .iter()
-            .filter_map(|t| {
+        // The tables whose unit has its extra copy on `shard`.
+        let moving = || {
+            plan.tables.iter().filter_map(move |t| {
                 let (mv, _) = map.motion_of(t)?;
                 (mv.shadow_shard() == shard).then_some((t, mv))
             })
-            .collect();
-        if moving.is_empty() {
+        };
+        if moving().next().is_none() {
             continue;
         }
         let tag = (shard as u32) << 2 | form as u32;
@@ -176,7 +175,7 @@ pub(super) fn shadows(
                 Form::Write => "write",
                 Form::Read | Form::CopyOut => "read",
             };
-            Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving.iter().map(|(t, mv)| in_motion(t, mv)).collect::<Vec<_>>().join("; ")))
+            Refusal::new("55006", format!("{}: a key-less {what} must leave out the unit's copy on shard {shard}, and this one cannot be rewritten to ({why}); add the sharding key, or retry after the move", moving().map(|(t, mv)| in_motion(t, mv)).collect::<Vec<_>>().join("; ")))
         })?;
         out.push(Shadowed::new(shard, sql, stmt));
     }
