@@ -345,7 +345,6 @@ pub async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Result<String
         .unwrap_or_default())
 }
 
-/// Runs an async trial body on its own runtime.
 /// The lines a `COPY … TO STDOUT` sent (extended protocol, as tokio-postgres sends it).
 pub async fn copy_out_lines(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
     use futures_util::StreamExt;
@@ -361,6 +360,21 @@ pub async fn copy_out_lines(c: &tokio_postgres::Client, sql: &str) -> Result<Vec
         .collect())
 }
 
+/// Sends `data` with `COPY … FROM STDIN` (extended protocol, as tokio-postgres sends it);
+/// the rows the server reported, or its error (its SQLSTATE intact).
+pub async fn copy_in(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    data: bytes::Bytes,
+) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = c.copy_in(sql).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(data).await?;
+    sink.finish().await
+}
+
+/// Runs an async trial body on its own runtime.
 pub fn block_on<F: std::future::Future<Output = TestResult>>(f: F) -> TestResult {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

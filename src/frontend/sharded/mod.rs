@@ -499,6 +499,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         };
         let target = crate::router::route(plan, &self.map, params).map_err(Refusal::from)?;
         let mut shards = self.target_shards(&target, plan);
+        // The client's prepared statement (extended protocol): per-shard overrides take its
+        // parameter types.
+        let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
         if !self.map.motions.is_empty() {
             shards = self.through_motion(plan, params, text, shards).await?;
             self.shadow = motion::shadows(
@@ -507,12 +510,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 plan,
                 text,
                 &mut shards,
-                batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def),
+                stmt,
             )?;
         }
         if let Some(sql) = tenant_sql {
             // Keyed to the tenant: one shard, which motion shadows never rewrite.
-            let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
             self.shadow = shards
                 .iter()
                 .map(|&s| motion::Shadowed::new(s, sql.clone(), stmt))
@@ -520,7 +522,6 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         if let Kind::Copy(spec) = &plan.kind {
             if !spec.from_stdin && spec.header && shards.len() > 1 {
-                let stmt = batch.and_then(|b| b.stmt.as_ref()).map(|s| &*s.def);
                 self.one_copy_header(spec, &shards, stmt)?;
             }
         }

@@ -6,8 +6,8 @@ use super::dsn;
 use super::workload::{shardctl_move, shardctl_then, Acked};
 use crate::ensure;
 use crate::harness::{
-    connect_port, copy_out_lines, first_value as one, Context, Harness, PgContext, TestResult,
-    APP_PW,
+    connect_port, copy_in, copy_out_lines, first_value as one, Context, Harness, PgContext,
+    TestResult, APP_PW,
 };
 use pgshard::pghash::KeyValue;
 use pgshard::shardmap::{config::MovePhase, Located};
@@ -405,7 +405,6 @@ pub(super) async fn copy_waits_out_a_fence(
     config: &Path,
     from: usize,
 ) -> TestResult {
-    use futures_util::SinkExt;
     let (dsn, cfg) = (dsn(h), config.to_path_buf());
     let out = tokio::task::spawn_blocking(move || {
         shardctl_move(
@@ -428,13 +427,8 @@ pub(super) async fn copy_waits_out_a_fence(
     ensure!(phase == MovePhase::Fenced, "acme is fenced ({phase:?})");
     let c = connect_port(port, "app", APP_PW, "shop", "").await?;
     let copy = tokio::spawn(async move {
-        let sink = c
-            .copy_in("COPY mv_orders (tenant, id, amount) FROM STDIN")
-            .await?;
-        futures_util::pin_mut!(sink);
-        sink.send(bytes::Bytes::from_static(b"acme\t2000\t7\n"))
-            .await?;
-        sink.finish().await
+        let sql = "COPY mv_orders (tenant, id, amount) FROM STDIN";
+        copy_in(&c, sql, bytes::Bytes::from_static(b"acme\t2000\t7\n")).await
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     ensure!(

@@ -2,7 +2,7 @@
 //! shardctl runs.
 
 use super::dsn;
-use crate::harness::{connect_port, sqlstate, Context, Harness, PgContext, APP_PW};
+use crate::harness::{connect_port, copy_in, sqlstate, Context, Harness, PgContext, APP_PW};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,17 +55,12 @@ pub(super) async fn writer(
             // COPY FROM STDIN places its rows by key like an INSERT, and waits out a fence the
             // same way: a row copied to the source during the switch would be lost.
             6 => {
-                use futures_util::SinkExt;
                 let id = w * 10_000_000 + n;
-                async {
-                    let sink = c
-                        .copy_in(&format!("COPY {table} (id, v, note) FROM STDIN"))
-                        .await?;
-                    futures_util::pin_mut!(sink);
-                    sink.send(bytes::Bytes::from(format!("{id}\t0\tc{w}\n")))
-                        .await?;
-                    sink.finish().await
-                }
+                copy_in(
+                    &c,
+                    &format!("COPY {table} (id, v, note) FROM STDIN"),
+                    format!("{id}\t0\tc{w}\n").into(),
+                )
                 .await
                 .map(|k| (k, Some((id, 0))))
             }
