@@ -241,6 +241,8 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    // wal_keep_size: the replicas stream without slots, so a burst of WAL and a checkpoint
+    // could otherwise remove segments a replica has not received yet, leaving it stranded.
     fn conf(&self, s: &Server) -> String {
         let mut c = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
@@ -248,7 +250,7 @@ impl LocalCluster {
              max_prepared_transactions = 64\nmax_connections = 200\nfsync = off\n\
              synchronous_commit = off\nfull_page_writes = off\nshared_buffers = 32MB\n\
              hot_standby = on\nhot_standby_feedback = on\nwal_sender_timeout = 10s\n\
-             password_encryption = {}\n",
+             wal_keep_size = 64MB\npassword_encryption = {}\n",
             s.port,
             self.socket_dir.display(),
             if self.spec.host_auth == "md5" {

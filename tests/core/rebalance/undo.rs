@@ -311,7 +311,8 @@ pub(super) async fn undo_after_failed_verification(
 }
 
 /// Tenant acme moves to `to` with `--hold`; the target's server then invalidates the reverse
-/// slot (max_slot_wal_keep_size, lowered for the test, and WAL written past it). The move can
+/// slot (max_slot_wal_keep_size, lowered for the test, and WAL written past it and past the
+/// topology's wal_keep_size). The move can
 /// no longer be undone: abort refuses and says why, resume completes it.
 pub(super) async fn held_slot_lost_then_resumed(
     h: &Harness,
@@ -340,14 +341,29 @@ pub(super) async fn held_slot_lost_then_resumed(
     }
     let status =
         format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{reverse}'");
+    // The shard's replica streams without a slot: each checkpoint waits until it has flushed
+    // the WAL written, or the checkpoint could strand it along with the move's slot.
+    let behind =
+        "SELECT count(*) FROM pg_stat_replication r WHERE r.flush_lsn < pg_current_wal_lsn() \
+                  AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s \
+                                  WHERE s.active_pid = r.pid AND s.slot_type = 'logical')";
     let mut lost = false;
-    for _ in 0..10 {
+    for _ in 0..20 {
         d.batch_execute(
             "INSERT INTO wal_filler SELECT generate_series(1, 1000); SELECT pg_switch_wal(); \
-             INSERT INTO wal_filler SELECT generate_series(1, 1000); SELECT pg_switch_wal(); CHECKPOINT",
+             INSERT INTO wal_filler SELECT generate_series(1, 1000); SELECT pg_switch_wal()",
         )
         .await
         .pgx("write WAL")?;
+        let t = Instant::now();
+        while one(&d, behind).await? != "0" {
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "the replica of shard {to} receives the filler WAL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        d.batch_execute("CHECKPOINT").await.pgx("checkpoint")?;
         if one(&d, &status).await? == "lost" {
             lost = true;
             break;
