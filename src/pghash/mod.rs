@@ -245,6 +245,26 @@ pub fn partition_hash(key: &KeyValue) -> u64 {
     hash_combine64(0, h)
 }
 
+/// A geo hash column value of unknown type: the hash column's type is not in the map, so
+/// integers and uuids are recognised by shape (text) or width (binary). Routers and moves
+/// both place rows by it.
+pub fn parse_loose(b: &[u8], binary: bool) -> KeyValue<'_> {
+    if binary {
+        return match b.len() {
+            2 => KeyValue::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
+            4 => KeyValue::Int(i64::from(i32::from_be_bytes(
+                b.try_into().expect("4 bytes"),
+            ))),
+            8 => KeyValue::Int(i64::from_be_bytes(b.try_into().expect("8 bytes"))),
+            16 => KeyValue::Uuid(b.try_into().expect("16 bytes")),
+            _ => KeyValue::Text(b),
+        };
+    }
+    parse_key("int8", b)
+        .or_else(|_| parse_key("uuid", b))
+        .unwrap_or(KeyValue::Text(b))
+}
+
 /// bucket for a power-of-two bucket count (row_hash & (buckets-1)); None if buckets is not a power of two.
 pub fn bucket(key: &KeyValue, buckets: u32) -> Option<u32> {
     if !buckets.is_power_of_two() {

@@ -11,7 +11,15 @@ use crate::pghash::quote_ident;
 use tokio_postgres::Client;
 
 /// Checks that a change's key belongs to the moving unit: (table, key column text).
-pub type Owns = Box<dyn Fn(&str, &str) -> Option<bool> + Send + Sync>;
+pub type Owns = Box<dyn Fn(&str, &str, Option<&str>) -> Option<bool> + Send + Sync>;
+
+/// The columns that place a table's rows: its sharding key, and (a geo table whose unit is a
+/// region's share) the hash column that picks the member of the region's group.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub key: String,
+    pub within: Option<String>,
+}
 
 /// Rows one multi-row statement carries at most.
 const RUN_ROWS: usize = 500;
@@ -130,8 +138,8 @@ pub async fn progress_table(target: &Client) -> Result<(), MoveError> {
 /// Turns pgoutput events into SQL on the target.
 pub struct Applier {
     move_id: u64,
-    /// Sharding key column per table name.
-    key_columns: std::collections::HashMap<String, String>,
+    /// Placing columns per table name.
+    key_columns: std::collections::HashMap<String, Placement>,
     owns: Owns,
     /// SQL of committed source transactions not yet applied (before `run`).
     batch: String,
@@ -156,7 +164,7 @@ impl Applier {
     /// An applier for move `move_id` whose tables have the given sharding key columns.
     pub fn new(
         move_id: u64,
-        key_columns: std::collections::HashMap<String, String>,
+        key_columns: std::collections::HashMap<String, Placement>,
         owns: Owns,
         applied: Lsn,
     ) -> Applier {
@@ -280,21 +288,26 @@ impl Applier {
     }
 
     fn check(&self, rel: &Relation, row: &[Value]) -> Result<(), MoveError> {
-        let col = self.key_columns.get(&rel.name).ok_or_else(|| {
+        let placed = self.key_columns.get(&rel.name).ok_or_else(|| {
             MoveError::Refused(format!("table {} is not part of the move", rel.name))
         })?;
-        let i = rel
-            .columns
-            .iter()
-            .position(|c| c == col)
-            .ok_or_else(|| MoveError::Stream(format!("{}: no column {col}", rel.name)))?;
-        let Some(Value::Text(key)) = row.get(i) else {
-            return Err(MoveError::Refused(format!(
-                "{}: a change without its sharding key {col}",
-                rel.name
-            )));
+        let value = |col: &str| {
+            let i = rel
+                .columns
+                .iter()
+                .position(|c| c == col)
+                .ok_or_else(|| MoveError::Stream(format!("{}: no column {col}", rel.name)))?;
+            match row.get(i) {
+                Some(Value::Text(v)) => Ok(v.as_str()),
+                _ => Err(MoveError::Refused(format!(
+                    "{}: a change without its placing column {col}",
+                    rel.name
+                ))),
+            }
         };
-        match (self.owns)(&rel.name, key) {
+        let key = value(&placed.key)?;
+        let within = placed.within.as_deref().map(value).transpose()?;
+        match (self.owns)(&rel.name, key, within) {
             Some(true) => Ok(()),
             _ => Err(MoveError::Refused(format!(
                 "{}: key {key} arrived from the publication but is not in the unit by the router's placement; the move is stopped",
@@ -447,10 +460,16 @@ mod tests {
     }
 
     fn applier() -> Applier {
-        let keys = [("orders".to_string(), "tenant".to_string())]
-            .into_iter()
-            .collect();
-        Applier::new(7, keys, Box::new(|_, k| Some(k == "big")), 0)
+        let keys = [(
+            "orders".to_string(),
+            Placement {
+                key: "tenant".into(),
+                within: None,
+            },
+        )]
+        .into_iter()
+        .collect();
+        Applier::new(7, keys, Box::new(|_, k, _| Some(k == "big")), 0)
     }
 
     #[test]
@@ -565,5 +584,40 @@ mod tests {
             a.on_event(None, &Event::Truncate),
             Err(MoveError::Refused(_))
         ));
+    }
+
+    #[test]
+    fn a_share_checks_the_hash_column_too() {
+        // The unit is region eu's rows whose id is even (as a share's hash buckets would be).
+        let keys = [(
+            "orders".to_string(),
+            Placement {
+                key: "tenant".into(),
+                within: Some("note".into()),
+            },
+        )]
+        .into_iter()
+        .collect();
+        let owns: Owns = Box::new(|_, k, w| {
+            Some(
+                k == "eu"
+                    && w.and_then(|w| w.parse::<i64>().ok())
+                        .is_some_and(|w| w % 2 == 0),
+            )
+        });
+        let mut a = Applier::new(7, keys, owns, 0);
+        let r = rel();
+        let row = |region: &str, within: Value| {
+            vec![Value::Text("1".into()), Value::Text(region.into()), within]
+        };
+        let mut insert = |new| a.on_event(Some(&r), &Event::Insert { rel: 1, new });
+        insert(row("eu", Value::Text("4".into()))).unwrap();
+        for outside in [
+            row("eu", Value::Text("5".into())),
+            row("us", Value::Text("4".into())),
+            row("eu", Value::Null),
+        ] {
+            assert!(matches!(insert(outside), Err(MoveError::Refused(_))));
+        }
     }
 }

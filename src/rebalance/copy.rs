@@ -21,7 +21,7 @@ pub async fn validate(
     source: &Client,
     target: &Client,
     table: &str,
-    column: &str,
+    placed: &super::apply::Placement,
 ) -> Result<(), MoveError> {
     // The target keeps a reverse slot from before the switch, for an undo.
     for (side, c) in [("source", source), ("target", target)] {
@@ -40,11 +40,17 @@ pub async fn validate(
         .await
         .map_err(|e| missing(table, e))?
         .get(0);
-    if !pk.iter().any(|c| c == column) {
-        return Err(MoveError::Refused(format!(
-            "table {table}: its primary key ({}) does not contain the sharding key {column}; add it to the primary key before moving",
-            if pk.is_empty() { "none".to_string() } else { pk.join(", ") }
-        )));
+    // The publication's row filter names these columns, and PostgreSQL publishes UPDATEs and
+    // DELETEs only when the filter's columns are in the replica identity.
+    for (what, column) in std::iter::once(("sharding key", &placed.key))
+        .chain(placed.within.iter().map(|w| ("hash column", w)))
+    {
+        if !pk.iter().any(|c| c == column) {
+            return Err(MoveError::Refused(format!(
+                "table {table}: its primary key ({}) does not contain the {what} {column}; add it to the primary key before moving",
+                if pk.is_empty() { "none".to_string() } else { pk.join(", ") }
+            )));
+        }
     }
     let cols_sql = "SELECT coalesce(string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attnum), '') \
                     FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped";

@@ -23,7 +23,23 @@ pub(super) fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, o
     };
     if let Some(t) = &unit.tenant {
         if d.strategy == StrategyName::Geo {
-            d.regions.insert(t.clone(), vec![target]);
+            let buckets = s.buckets as usize;
+            match d.regions.get_mut(t) {
+                // A share: its members (a group hashes bucket b to member b * n / buckets)
+                // become `target`; the config keeps the group's length, so an undo can hand
+                // them back even when every member is now one shard.
+                Some(group) if !unit.buckets.is_empty() => {
+                    let n = group.len();
+                    for &[lo, hi] in &unit.buckets {
+                        for b in lo as usize..=hi as usize {
+                            group[b * n / buckets] = target;
+                        }
+                    }
+                }
+                _ => {
+                    d.regions.insert(t.clone(), vec![target]);
+                }
+            }
         } else {
             d.tenants.insert(t.clone(), target);
         }
@@ -127,5 +143,33 @@ mod tests {
                 [entry(None, Some(100), 0), entry(Some(100), None, 0)]
             )
         );
+    }
+
+    #[test]
+    fn a_share_switch_hands_its_members_over_and_an_undo_hands_them_back() {
+        use crate::shardmap::config::{MoveConfig, MovePhase, ShardingConfig};
+        let mut s: ShardingConfig = toml::from_str(
+            "[[distributions]]\nname = \"g\"\nstrategy = \"geo\"\nkey_type = \"text\"\n\
+             regions = { eu = [0, 1, 0, 1] }\n",
+        )
+        .unwrap();
+        let unit = |source, target| MoveConfig {
+            id: 1,
+            distribution: "g".into(),
+            tenant: Some("eu".into()),
+            // Members 1 and 3 of 4 (buckets 1024..=2047 and 3072..=4095).
+            buckets: vec![[1024, 2047], [3072, 4095]],
+            range: None,
+            source,
+            target,
+            phase: MovePhase::Fenced,
+            undo: false,
+            undo_unverified: false,
+            hash_type: Some("int8".into()),
+        };
+        super::switch(&mut s, &unit(1, 0), 0, &[]);
+        assert_eq!(s.distributions[0].regions["eu"], vec![0, 0, 0, 0]);
+        super::switch(&mut s, &unit(0, 1), 1, &[]);
+        assert_eq!(s.distributions[0].regions["eu"], vec![0, 1, 0, 1]);
     }
 }

@@ -72,7 +72,10 @@ pub struct ShardLink {
 /// What to move.
 #[derive(Debug, Clone)]
 pub enum UnitSpec {
+    /// A tenant, or a whole region of a geo distribution.
     Tenant(String),
+    /// The share of a region that shard `from` holds in the region's group.
+    RegionShare { region: String, from: usize },
     /// Inclusive bucket ranges.
     Buckets(Vec<[u32; 2]>),
     /// Keys `[lo, hi)` of a range distribution.

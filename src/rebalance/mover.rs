@@ -25,7 +25,7 @@ pub(super) struct Mover<'a> {
     pub(super) config: MoveConfig,
     /// Tables of the distribution with their unit predicate and per-bucket grouping.
     pub(super) tables: Vec<(String, String, String)>,
-    pub(super) key_columns: HashMap<String, String>,
+    pub(super) key_columns: HashMap<String, apply::Placement>,
     pub(super) moving: Arc<ShardMap>,
     pub(super) published: bool,
     pub(super) stream: Option<ChangeStream>,
@@ -75,6 +75,7 @@ impl<'a> Mover<'a> {
                     Located::Group(g) => g.first().copied().unwrap_or(0),
                 }
             }
+            UnitSpec::RegionShare { from, .. } => *from,
             UnitSpec::Buckets(r) => {
                 match (&map.distributions[dist].strategy, r.first()) {
                     (
@@ -115,6 +116,12 @@ impl<'a> Mover<'a> {
                 req.target
             )));
         }
+        let share = match &req.unit {
+            UnitSpec::RegionShare { region, from } => {
+                region_share(&map, dist, region, *from, &shards[*from]).await?
+            }
+            _ => None,
+        };
         let row = cat
             .client()
             .query_one(
@@ -128,11 +135,12 @@ impl<'a> Mover<'a> {
             id,
             distribution: req.distribution.clone(),
             tenant: match &req.unit {
-                UnitSpec::Tenant(t) => Some(t.clone()),
+                UnitSpec::Tenant(t) | UnitSpec::RegionShare { region: t, .. } => Some(t.clone()),
                 _ => None,
             },
-            buckets: match &req.unit {
-                UnitSpec::Buckets(r) => r.clone(),
+            buckets: match (&req.unit, &share) {
+                (UnitSpec::Buckets(r), _) => r.clone(),
+                (_, Some((r, _))) => r.clone(),
                 _ => vec![],
             },
             range: match &req.unit {
@@ -144,6 +152,7 @@ impl<'a> Mover<'a> {
             phase: MovePhase::Copying,
             undo: false,
             undo_unverified: false,
+            hash_type: share.map(|(_, t)| t),
         };
         let mut with = base.sharding.clone();
         with.moves.push(config.clone());
@@ -170,6 +179,10 @@ impl<'a> Mover<'a> {
         let req = MoveRequest {
             distribution: config.distribution.clone(),
             unit: match (&config.tenant, &config.range) {
+                (Some(t), _) if config.hash_type.is_some() => UnitSpec::RegionShare {
+                    region: t.clone(),
+                    from: config.source,
+                },
                 (Some(t), _) => UnitSpec::Tenant(t.clone()),
                 (None, Some(r)) => UnitSpec::Range(r.clone()),
                 (None, None) => UnitSpec::Buckets(config.buckets.clone()),
@@ -217,17 +230,39 @@ impl<'a> Mover<'a> {
         let d = &moving.distributions[motion.dist];
         let mut tables = Vec::new();
         let mut key_columns = HashMap::new();
+        let share = match &motion.unit {
+            crate::shardmap::motion::Unit::Region { share, .. } => share.as_ref(),
+            _ => None,
+        };
         for (name, column) in moving.tables_of(motion.dist) {
-            let pred = motion
-                .predicate_sql(&column, &d.key_type, moving.buckets)
-                .ok_or_else(|| MoveError::Refused(format!("column {column} cannot be quoted")))?;
-            // Verification compares per bucket, or a tenant or key range as one group.
-            let g = match config.buckets.is_empty() {
-                true => "0".to_string(),
-                false => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets)
-                    .unwrap_or_else(|| "0".into()),
+            let hash_column = match moving.table(&name) {
+                Some(crate::shardmap::TableRule::Sharded { hash_column, .. }) => {
+                    hash_column.clone()
+                }
+                _ => None,
             };
-            key_columns.insert(name.clone(), column);
+            let pred = moving.unit_predicate(motion, &name).ok_or_else(|| {
+                MoveError::Refused(match (share, &hash_column) {
+                    (Some(_), None) => format!("table {name} has no hash_column, so its rows of the region's share cannot be told apart"),
+                    _ => format!("column {column} of {name} cannot be quoted"),
+                })
+            })?;
+            // Verification compares per bucket (a region's share: per bucket of the hash
+            // column), or a tenant, region or key range as one group.
+            let g = match (share, &hash_column) {
+                (Some(sh), Some(h)) => crate::pghash::bucket_sql(h, &sh.hash_type, moving.buckets),
+                _ if config.buckets.is_empty() => None,
+                _ => crate::pghash::bucket_sql(&column, &d.key_type, moving.buckets),
+            }
+            .unwrap_or_else(|| "0".into());
+            let within = share.and(hash_column);
+            key_columns.insert(
+                name.clone(),
+                apply::Placement {
+                    key: column,
+                    within,
+                },
+            );
             tables.push((name, pred, g));
         }
         if tables.is_empty() {
@@ -350,4 +385,91 @@ pub(super) fn forward_name(id: u64) -> String {
 /// switched, for an undo to carry back.
 pub(super) fn reverse_name(id: u64) -> String {
     format!("pgshard_back_{id}")
+}
+
+/// The hash buckets of region `region` that shard `from` holds in the region's group, with
+/// how the distribution's hash columns hash in SQL; None when `from` holds all of the region
+/// (it then moves whole). Integer and uuid hash columns only: a text value that looks like a
+/// number is hashed as one by the routers' placement, which no SQL row filter can mirror.
+async fn region_share(
+    map: &ShardMap,
+    dist: usize,
+    region: &str,
+    from: usize,
+    link: &ShardLink,
+) -> Result<Option<(Vec<[u32; 2]>, String)>, MoveError> {
+    let refuse = |m: String| Err(MoveError::Refused(m));
+    let d = &map.distributions[dist];
+    let Strategy::Geo { regions, .. } = &d.strategy else {
+        return refuse(format!(
+            "--from names a member of a region's group: {} is not a geo distribution",
+            d.name
+        ));
+    };
+    let Some(group) = regions.get(region.as_bytes()) else {
+        return refuse(format!(
+            "region '{region}' is not listed in distribution {}'s regions",
+            d.name
+        ));
+    };
+    if !group.contains(&from) {
+        return refuse(format!(
+            "region '{region}' is on shards {group:?}, not on shard {from}"
+        ));
+    }
+    if group.iter().all(|&s| s == from) {
+        return Ok(None);
+    }
+    let (n, b) = (group.len(), map.buckets as usize);
+    let mut ranges: Vec<[u32; 2]> = Vec::new();
+    for bucket in (0..b).filter(|&x| group[x * n / b] == from) {
+        let bucket = bucket as u32;
+        match ranges.last_mut() {
+            Some(r) if r[1] + 1 == bucket => r[1] = bucket,
+            _ => ranges.push([bucket, bucket]),
+        }
+    }
+    let client = super::connect(&link.dsn).await?;
+    let mut hash_type: Option<&str> = None;
+    for (table, _) in map.tables_of(dist) {
+        let Some(crate::shardmap::TableRule::Sharded {
+            hash_column: Some(h),
+            ..
+        }) = map.table(&table)
+        else {
+            return refuse(format!("table {table} has no hash_column, so its rows of region '{region}' cannot be told apart by member: give it one, or move the whole region"));
+        };
+        let ty: Option<String> = client
+            .query_one(
+                "SELECT format_type(atttypid, NULL) FROM pg_attribute \
+                 WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+                &[&table, h],
+            )
+            .await
+            .ok()
+            .map(|r| r.get(0));
+        let Some(ty) = ty else {
+            // A table the source lacks holds none of the share (`retain_existing`).
+            continue;
+        };
+        let class = match ty.as_str() {
+            "smallint" | "integer" | "bigint" => "int8",
+            "uuid" => "uuid",
+            _ => return refuse(format!("table {table}'s hash column {h} is {ty}: a share of a region's group moves only with integer or uuid hash columns (text that looks like a number is hashed as a number by the routers, which SQL cannot mirror); move the whole region")),
+        };
+        if hash_type.is_some_and(|t| t != class) {
+            return refuse(format!(
+                "the hash columns of distribution {} differ in type ({table}'s is {ty})",
+                d.name
+            ));
+        }
+        hash_type = Some(class);
+    }
+    let Some(t) = hash_type else {
+        return refuse(format!(
+            "no table of distribution {} exists on shard {from}",
+            d.name
+        ));
+    };
+    Ok(Some((ranges, t.to_string())))
 }

@@ -104,10 +104,11 @@ impl Mover<'_> {
     pub(super) fn applier_from(&self, lsn: stream::Lsn) -> apply::Applier {
         let moving = self.moving.clone();
         let id = self.id;
-        let owns: apply::Owns = Box::new(move |_table, key| {
+        let owns: apply::Owns = Box::new(move |_table, key, within| {
             let m = moving.motions.iter().find(|m| m.id == id)?;
             let k = moving.parse_key(m.dist, key.as_bytes()).ok()?;
-            Some(m.owns(&k, moving.buckets))
+            let w = within.map(|w| crate::pghash::parse_loose(w.as_bytes(), false));
+            Some(m.owns_row(&k, w.as_ref(), moving.buckets))
         });
         apply::Applier::new(self.id, self.key_columns.clone(), owns, lsn)
     }

@@ -143,7 +143,9 @@ pub(super) fn locate_expr(
                 }
                 _ => None,
             };
-            within_buf.as_ref().map(|(b, bin)| loose_key(b, *bin))
+            within_buf
+                .as_ref()
+                .map(|(b, bin)| crate::pghash::parse_loose(b, *bin))
         }
     };
     each_key(map, dist, key, params, |k| {
@@ -229,25 +231,6 @@ pub fn keys_all_equal(
         })?;
     }
     Ok(all)
-}
-
-/// A geo hash column value of unknown type: the hash column's type is not in the map, so
-/// integers and uuids are recognised by shape (text) or width (binary).
-fn loose_key(b: &[u8], binary: bool) -> KeyValue<'_> {
-    if binary {
-        return match b.len() {
-            2 => KeyValue::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
-            4 => KeyValue::Int(i64::from(i32::from_be_bytes(
-                b.try_into().expect("4 bytes"),
-            ))),
-            8 => KeyValue::Int(i64::from_be_bytes(b.try_into().expect("8 bytes"))),
-            16 => KeyValue::Uuid(b.try_into().expect("16 bytes")),
-            _ => KeyValue::Text(b),
-        };
-    }
-    crate::pghash::parse_key("int8", b)
-        .or_else(|_| crate::pghash::parse_key("uuid", b))
-        .unwrap_or(KeyValue::Text(b))
 }
 
 /// Elements of a one-dimensional PostgreSQL array in text form (`{1,2,"a b",NULL}`).

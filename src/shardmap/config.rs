@@ -242,9 +242,14 @@ pub struct MoveConfig {
     /// One key value: a tenant of a tenant distribution, or a region of a geo distribution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// Inclusive bucket ranges `[from, to]`.
+    /// Inclusive bucket ranges `[from, to]`; for a region's share of its group (geo), the
+    /// buckets of the tables' hash column that the share holds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<[u32; 2]>,
+    /// geo: set when the unit is a region's share on one shard of its group — how the hash
+    /// columns are hashed in SQL ("int8" for integer columns, or "uuid").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_type: Option<String>,
     /// Keys `[lo, hi)` of a range distribution, within one of its ranges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub range: Option<KeyRange>,

@@ -242,7 +242,11 @@ impl ShardMap {
                         for s in group {
                             shard_ok(&ctx, *s)?;
                         }
-                        regions.insert(r.as_bytes().to_vec(), group.clone());
+                        // A group whose members are all one shard (left so by moving shares)
+                        // is that shard: hashing within it cannot pick anything else.
+                        let one = group.iter().all(|s| *s == group[0]);
+                        let group = if one { vec![group[0]] } else { group.clone() };
+                        regions.insert(r.as_bytes().to_vec(), group);
                     }
                     if regions.is_empty() {
                         return bad(format!("{ctx}: strategy geo needs 'regions'"));
@@ -451,6 +455,24 @@ impl ShardMap {
             .collect();
         out.sort();
         out
+    }
+
+    /// The SQL condition naming the rows of `table` that the unit of `mv` holds (see
+    /// `Motion::predicate_sql`); None for a table the move does not place.
+    pub fn unit_predicate(&self, mv: &motion::Motion, table: &str) -> Option<String> {
+        match self.table(table)? {
+            TableRule::Sharded {
+                dist,
+                column,
+                hash_column,
+            } if *dist == mv.dist => mv.predicate_sql(
+                column,
+                hash_column.as_deref(),
+                &self.distributions[*dist].key_type,
+                self.buckets,
+            ),
+            _ => None,
+        }
     }
 
     /// The move in flight for a table, with the table's key column.

@@ -10,8 +10,13 @@ use crate::pghash::{self, KeyValue};
 pub enum Unit {
     /// One tenant of a tenant distribution (its key value as SQL text too).
     Tenant { key: OwnedKey, literal: String },
-    /// One region of a geo distribution that lives on one shard.
-    Region { key: OwnedKey, literal: String },
+    /// One region of a geo distribution: all of it (a region on one shard), or with `share`
+    /// the part of it one shard of its group holds.
+    Region {
+        key: OwnedKey,
+        literal: String,
+        share: Option<Share>,
+    },
     /// Inclusive bucket ranges of a hash or tenant distribution; in a tenant distribution,
     /// tenants of the directory stay where the directory puts them.
     Buckets {
@@ -25,6 +30,14 @@ pub enum Unit {
         hi: Option<String>,
         text: bool,
     },
+}
+
+/// The rows of a region that one member of its group holds: those whose hash column falls in
+/// `ranges` (inclusive buckets), hashed in SQL as `hash_type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub ranges: Vec<(u32, u32)>,
+    pub hash_type: String,
 }
 
 /// A move as routers see it.
@@ -50,8 +63,21 @@ impl Motion {
 
     /// True when `key` belongs to the unit (the Rust twin of `predicate_sql`).
     pub fn owns(&self, key: &KeyValue, buckets: u32) -> bool {
+        self.owns_row(key, None, buckets)
+    }
+
+    /// `owns` for a row whose geo hash column holds `within` (a region's share needs it).
+    pub fn owns_row(&self, key: &KeyValue, within: Option<&KeyValue>, buckets: u32) -> bool {
         match &self.unit {
-            Unit::Tenant { key: k, .. } | Unit::Region { key: k, .. } => OwnedKey::of(key) == *k,
+            Unit::Tenant { key: k, .. } => OwnedKey::of(key) == *k,
+            Unit::Region { key: k, share, .. } => {
+                OwnedKey::of(key) == *k
+                    && share.as_ref().is_none_or(|sh| {
+                        within
+                            .and_then(|w| pghash::bucket(w, buckets))
+                            .is_some_and(|b| sh.ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi))
+                    })
+            }
             Unit::Buckets { ranges, directory } => {
                 let b = pghash::bucket(key, buckets).unwrap_or(u32::MAX);
                 ranges.iter().any(|&(lo, hi)| lo <= b && b <= hi)
@@ -65,26 +91,36 @@ impl Motion {
     }
 
     /// An immutable SQL condition on `column` true exactly for the unit's rows (publication
-    /// row filters, COPY, verification, cleanup and key-less reads all use it).
-    pub fn predicate_sql(&self, column: &str, key_type: &str, buckets: u32) -> Option<String> {
+    /// row filters, COPY, verification, cleanup and key-less reads all use it). None when a
+    /// name cannot be quoted, or the unit is a region's share and `hash_column` is None.
+    pub fn predicate_sql(
+        &self,
+        column: &str,
+        hash_column: Option<&str>,
+        key_type: &str,
+        buckets: u32,
+    ) -> Option<String> {
         let col = pghash::quote_ident(column)?;
         Some(match &self.unit {
-            Unit::Tenant { literal, .. } | Unit::Region { literal, .. } => {
+            Unit::Tenant { literal, .. }
+            | Unit::Region {
+                literal,
+                share: None,
+                ..
+            } => {
                 format!("{col} = {literal}")
+            }
+            Unit::Region {
+                literal,
+                share: Some(sh),
+                ..
+            } => {
+                let b = pghash::bucket_sql(hash_column?, &sh.hash_type, buckets)?;
+                format!("{col} = {literal} AND {}", in_buckets(&b, &sh.ranges))
             }
             Unit::Buckets { ranges, directory } => {
                 let b = pghash::bucket_sql(column, key_type, buckets)?;
-                let within: Vec<String> = ranges
-                    .iter()
-                    .map(|&(lo, hi)| {
-                        if lo == hi {
-                            format!("({b}) = {lo}")
-                        } else {
-                            format!("({b}) BETWEEN {lo} AND {hi}")
-                        }
-                    })
-                    .collect();
-                let mut p = format!("({})", within.join(" OR "));
+                let mut p = in_buckets(&b, ranges);
                 if !directory.is_empty() {
                     p = format!("{p} AND {col} NOT IN ({})", directory.join(", "));
                 }
@@ -100,20 +136,21 @@ impl Motion {
     pub fn describe(&self) -> String {
         match &self.unit {
             Unit::Tenant { literal, .. } => format!("tenant {literal}"),
-            Unit::Region { literal, .. } => format!("region {literal}"),
-            Unit::Buckets { ranges, .. } => {
-                let r: Vec<String> = ranges
-                    .iter()
-                    .map(|(a, b)| {
-                        if a == b {
-                            a.to_string()
-                        } else {
-                            format!("{a}-{b}")
-                        }
-                    })
-                    .collect();
-                format!("buckets {}", r.join(","))
-            }
+            Unit::Region {
+                literal,
+                share: None,
+                ..
+            } => format!("region {literal}"),
+            Unit::Region {
+                literal,
+                share: Some(sh),
+                ..
+            } => format!(
+                "the share of region {literal} on shard {} (hash buckets {})",
+                self.source,
+                bucket_list(&sh.ranges)
+            ),
+            Unit::Buckets { ranges, .. } => format!("buckets {}", bucket_list(ranges)),
             Unit::Range { lo, hi, .. } => format!(
                 "range [{}, {})",
                 lo.as_deref().unwrap_or("-inf"),
@@ -121,6 +158,36 @@ impl Motion {
             ),
         }
     }
+}
+
+/// Inclusive bucket ranges as `0-255,1024`.
+fn bucket_list(ranges: &[(u32, u32)]) -> String {
+    let r: Vec<String> = ranges
+        .iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    r.join(",")
+}
+
+/// An SQL condition true when the bucket expression `b` falls in one of `ranges`.
+fn in_buckets(b: &str, ranges: &[(u32, u32)]) -> String {
+    let within: Vec<String> = ranges
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                format!("({b}) = {lo}")
+            } else {
+                format!("({b}) BETWEEN {lo} AND {hi}")
+            }
+        })
+        .collect();
+    format!("({})", within.join(" OR "))
 }
 
 /// An SQL condition on the quoted column `col` true for keys in `[lo, hi)` (SQL literals; None
@@ -260,34 +327,69 @@ pub(super) fn build(
                 default_region,
                 ..
             } => {
-                let Some(r) = m
-                    .tenant
-                    .as_ref()
-                    .filter(|_| m.range.is_none() && m.buckets.is_empty())
-                else {
+                let Some(r) = m.tenant.as_ref().filter(|_| m.range.is_none()) else {
                     return bad(
-                        "a geo distribution moves a region: set 'tenant' (the region) only".into(),
+                        "a geo distribution moves a region: set 'tenant' (the region), and for a share of its group 'buckets' and 'hash_type'".into(),
                     );
                 };
                 if default_region.as_deref() == Some(r.as_bytes()) {
                     return bad(format!("region '{r}' is the default region: unlisted regions' rows share its shards and would be left behind"));
                 }
-                match regions.get(r.as_bytes()).map(Vec::as_slice) {
-                    Some([s]) if *s == here => {}
-                    Some([s]) => return bad(format!("region '{r}' is on shard {s}, not {here}")),
-                    Some(g) => return bad(format!("region '{r}' spans shards {g:?}; only a region on one shard moves as a unit")),
-                    None => return bad(format!("region '{r}' is not listed in the distribution's regions")),
-                }
+                let Some(group) = regions.get(r.as_bytes()) else {
+                    return bad(format!(
+                        "region '{r}' is not listed in the distribution's regions"
+                    ));
+                };
+                let share = match (&m.hash_type, m.buckets.is_empty()) {
+                    (None, true) => {
+                        if let Some(s) = group.iter().find(|&&s| s != here) {
+                            return bad(if group.len() > 1 {
+                                format!("region '{r}' spans shards {group:?}: move the share one shard holds (shardctl move --region {r} --from SHARD)")
+                            } else {
+                                format!("region '{r}' is on shard {s}, not {here}")
+                            });
+                        }
+                        None
+                    }
+                    (Some(t), false) if t == "int8" || t == "uuid" => {
+                        let n = group.len();
+                        let mut ranges = Vec::new();
+                        for &[lo, hi] in &m.buckets {
+                            if lo > hi || hi >= buckets {
+                                return bad(format!(
+                                    "bucket range {lo}-{hi} is out of bounds ({buckets} buckets)"
+                                ));
+                            }
+                            let member = |b: u32| group[b as usize * n / buckets as usize];
+                            if let Some(b) = (lo..=hi).find(|&b| member(b) != here) {
+                                return bad(format!(
+                                    "hash bucket {b} of region '{r}' is on shard {}, not {here}",
+                                    member(b)
+                                ));
+                            }
+                            ranges.push((lo, hi));
+                        }
+                        Some(Share {
+                            ranges,
+                            hash_type: t.clone(),
+                        })
+                    }
+                    _ => return bad(
+                        "a region's share names its hash buckets and a hash_type of int8 or uuid"
+                            .into(),
+                    ),
+                };
                 out.push(motion(Unit::Region {
                     key: OwnedKey::Text(r.as_bytes().to_vec()),
                     literal: sql_literal(&d.key_type, r)?,
+                    share,
                 }));
                 continue;
             }
             _ => return bad("range distributions move key ranges".into()),
         };
-        if m.range.is_some() {
-            return bad("'range' is for range distributions".into());
+        if m.range.is_some() || m.hash_type.is_some() {
+            return bad("'range' is for range distributions, 'hash_type' for geo ones".into());
         }
         let unit = match (&m.tenant, m.buckets.is_empty()) {
             (Some(t), true) => {

@@ -218,7 +218,7 @@ fn moves_are_validated_against_placement() {
 fn unit_predicates_name_the_same_rows_as_owns() {
     let m = with_move("id = 1\ndistribution = \"tenant\"\nbuckets = [[0, 99], [200, 200]]\nsource = 0\ntarget = 1\nphase = \"copying\"").unwrap();
     let mv = &m.motions[0];
-    let sql = mv.predicate_sql("tenant_id", "text", 4096).unwrap();
+    let sql = mv.predicate_sql("tenant_id", None, "text", 4096).unwrap();
     assert!(
         sql.contains("BETWEEN 0 AND 99")
             && sql.contains("= 200")
@@ -244,7 +244,7 @@ fn unit_predicates_name_the_same_rows_as_owns() {
     let t = t.unwrap();
     assert_eq!(
         t.motions[0]
-            .predicate_sql("tenant_id", "text", 4096)
+            .predicate_sql("tenant_id", None, "text", 4096)
             .unwrap(),
         "tenant_id = 'o''neil'"
     );
@@ -252,4 +252,65 @@ fn unit_predicates_name_the_same_rows_as_owns() {
         t.motions[0].owns(&KeyValue::Text(b"o'neil"), 4096)
             && !t.motions[0].owns(&KeyValue::Text(b"oneil"), 4096)
     );
+}
+
+#[test]
+fn a_share_of_a_region_group_is_its_members_hash_buckets() {
+    // Region us hashes over [1, 2]: buckets 2048..=4095 of the hash column are shard 2's.
+    let share = |buckets: &str, source: usize, phase: &str| {
+        with_move(&format!("id = 4\ndistribution = \"geo\"\ntenant = \"us\"\nbuckets = {buckets}\nhash_type = \"int8\"\nsource = {source}\ntarget = 0\nphase = \"{phase}\""))
+    };
+    let m = share("[[2048, 4095]]", 2, "copying").unwrap();
+    let mv = &m.motions[0];
+    for i in 0..500 {
+        let w = KeyValue::Int(i);
+        let on_2 = m.locate(3, &KeyValue::Text(b"us"), Some(&w)).unwrap() == Located::One(2);
+        assert_eq!(mv.owns_row(&KeyValue::Text(b"us"), Some(&w), 4096), on_2);
+        assert!(!mv.owns_row(&KeyValue::Text(b"eu"), Some(&w), 4096));
+    }
+    // Without the hash column's value no row can be placed in the share.
+    assert!(!mv.owns(&KeyValue::Text(b"us"), 4096));
+    let sql = mv
+        .predicate_sql("region", Some("id"), "text", 4096)
+        .unwrap();
+    assert!(
+        sql.starts_with("region = 'us' AND ((((hashint8extended(id, ")
+            && sql.ends_with("BETWEEN 2048 AND 4095)"),
+        "{sql}"
+    );
+    assert!(mv.predicate_sql("region", None, "text", 4096).is_none());
+    assert!(mv.describe().contains("share of region 'us' on shard 2"));
+
+    let e = share("[[2000, 2100]]", 2, "copying")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hash bucket 2000 of region 'us' is on shard 1"),
+        "{e}"
+    );
+    let e = with_move("id = 4\ndistribution = \"geo\"\ntenant = \"us\"\nsource = 1\ntarget = 0\nphase = \"copying\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("spans shards") && e.contains("--from"), "{e}");
+    for bad in [
+        // No hash_type, a text one, and a hash_type outside a geo distribution.
+        "id = 4\ndistribution = \"geo\"\ntenant = \"us\"\nbuckets = [[2048, 4095]]\nsource = 2\ntarget = 0\nphase = \"copying\"",
+        "id = 4\ndistribution = \"geo\"\ntenant = \"us\"\nbuckets = [[2048, 4095]]\nhash_type = \"text\"\nsource = 2\ntarget = 0\nphase = \"copying\"",
+        "id = 4\ndistribution = \"acct\"\nbuckets = [[0, 1]]\nhash_type = \"int8\"\nsource = 0\ntarget = 1\nphase = \"copying\"",
+    ] {
+        assert!(with_move(bad).is_err(), "accepted: {bad}");
+    }
+}
+
+#[test]
+fn a_group_of_one_shard_is_that_shard() {
+    let m = map(&ALL.replace("us = [1, 2]", "us = [2, 2]"), 3).unwrap();
+    assert_eq!(
+        m.locate(3, &KeyValue::Text(b"us"), None).unwrap(),
+        Located::One(2)
+    );
+    // Its region then moves whole, from that shard.
+    let moved = ALL.replace("us = [1, 2]", "us = [2, 2]")
+        + "\n[[moves]]\nid = 5\ndistribution = \"geo\"\ntenant = \"us\"\nsource = 2\ntarget = 1\nphase = \"copying\"";
+    assert!(map(&moved, 3).is_ok());
 }

@@ -226,6 +226,7 @@ fn share_and_follow(h: &Harness) -> TestResult {
             phase: pgshard::shardmap::config::MovePhase::Copying,
             undo: false,
             undo_unverified: false,
+            hash_type: None,
         });
         cat.publish_map(2, &moving, 2, "big in motion")
             .await
@@ -481,7 +482,9 @@ fn unit_predicates(h: &Harness) -> TestResult {
         "buckets = [[0, 300], [1000, 1000], [1500, 1700]]\nsource = 0\ntarget = 1",
     )?;
     let m = &map.motions[0];
-    let pred = m.predicate_sql("k", "int8", 4096).ok_or("no predicate")?;
+    let pred = m
+        .predicate_sql("k", None, "int8", 4096)
+        .ok_or("no predicate")?;
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k::text, ',' ORDER BY k) FROM generate_series(-3000, 3000) k WHERE {pred}")).ctx("int predicate")?;
     let want: Vec<String> = (-3000i64..=3000)
         .filter(|&k| m.owns(&KeyValue::Int(k), 4096))
@@ -498,7 +501,9 @@ fn unit_predicates(h: &Harness) -> TestResult {
     );
     let map = cfg("text", "tenant = \"it's\"\nsource = 1\ntarget = 0")?;
     let m = &map.motions[0];
-    let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
+    let pred = m
+        .predicate_sql("k", None, "text", 4096)
+        .ok_or("no predicate")?;
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k, ',') FROM unnest(ARRAY['it''s', 'its', 'it', 'x']) k WHERE {pred}")).ctx("text predicate")?;
     ensure!(got.trim() == "it's", "tenant unit predicate: {got}");
 
@@ -518,7 +523,9 @@ fn unit_predicates(h: &Harness) -> TestResult {
         "{ lo = -500, hi = -20 }",
     )?;
     let m = &map.motions[0];
-    let pred = m.predicate_sql("k", "int8", 4096).ok_or("no predicate")?;
+    let pred = m
+        .predicate_sql("k", None, "int8", 4096)
+        .ok_or("no predicate")?;
     let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(k::text, ',' ORDER BY k) FROM generate_series(-3000, 3000) k WHERE {pred}")).ctx("range predicate")?;
     let want: Vec<String> = (-3000i64..=3000)
         .filter(|&k| m.owns(&KeyValue::Int(k), 4096))
@@ -543,7 +550,9 @@ fn unit_predicates(h: &Harness) -> TestResult {
         "{ lo = \"B\", hi = \"b\" }",
     )?;
     let m = &map.motions[0];
-    let pred = m.predicate_sql("k", "text", 4096).ok_or("no predicate")?;
+    let pred = m
+        .predicate_sql("k", None, "text", 4096)
+        .ok_or("no predicate")?;
     let words = [
         "A", "B", "Ba", "Z", "_", "a", "b", "B\u{e9}", "\u{e9}", "b0",
     ];

@@ -189,9 +189,14 @@ struct MoveArgs {
     /// Move this tenant (tenant distributions).
     #[arg(long, group = "unit")]
     tenant: Option<String>,
-    /// Move this region (geo distributions; a region on one shard, not the default region).
+    /// Move this region (geo distributions; not the default region). A region whose group
+    /// spans shards moves one member's share at a time: name it with --from.
     #[arg(long, group = "unit")]
     region: Option<String>,
+    /// With --region: the shard of the region's group whose share moves (its members on that
+    /// shard become --to).
+    #[arg(long, requires = "region")]
+    from: Option<usize>,
     /// Move these buckets, e.g. `0-255,1024` (hash and tenant distributions).
     #[arg(long, group = "unit")]
     buckets: Option<String>,
@@ -357,6 +362,10 @@ async fn run_move(dsn: &str, args: &MoveArgs, json: bool) -> anyhow::Result<i32>
         &args.buckets,
         &args.range,
     ) {
+        (Some(r), _, _) if args.from.is_some() => UnitSpec::RegionShare {
+            region: r.clone(),
+            from: args.from.unwrap_or_default(),
+        },
         (Some(t), _, _) => UnitSpec::Tenant(t.clone()),
         (None, Some(b), _) => UnitSpec::Buckets(parse_buckets(b)?),
         (None, None, Some(r)) => UnitSpec::Range(parse_range(r)?),

@@ -207,15 +207,14 @@ fn rewrite(
 ) -> Result<Arc<str>, String> {
     let mut hide = Vec::new();
     for table in &plan.tables {
-        let Some((mv, column)) = map.motion_of(table) else {
+        let Some((mv, _)) = map.motion_of(table) else {
             continue;
         };
         if mv.shadow_shard() != shard {
             continue;
         }
-        let d = &map.distributions[mv.dist];
-        let pred = mv
-            .predicate_sql(column, &d.key_type, map.buckets)
+        let pred = map
+            .unit_predicate(mv, table)
             .ok_or_else(|| format!("the unit of table {table} has no SQL form"))?;
         hide.push((table.clone(), pred));
     }
