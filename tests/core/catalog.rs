@@ -568,5 +568,47 @@ fn unit_predicates(h: &Harness) -> TestResult {
         want == ["B", "Ba", "B\u{e9}", "Z", "_", "a"] && got.trim() == want.join(","),
         "text range unit: SQL {got:?}, Rust {want:?}"
     );
+
+    // A share of a geo region's group (eu over [0, 1, 1]: shard 1 holds hash buckets
+    // 1366..=4095): the server and the router agree row by row, for int8 and uuid hash
+    // columns, and the share is exactly the rows the map places on shard 1.
+    for (hash_type, ids) in [("int8", "k::int8"), ("uuid", "md5(k::text)::uuid")] {
+        let text = format!(
+            "[[distributions]]\nname = \"d\"\nstrategy = \"geo\"\nkey_type = \"text\"\nregions = {{ eu = [0, 1, 1], us = [0] }}\n\
+             [[moves]]\nid = 1\ndistribution = \"d\"\ntenant = \"eu\"\nbuckets = [[1366, 4095]]\nhash_type = \"{hash_type}\"\nsource = 1\ntarget = 0\nphase = \"copying\"\n"
+        );
+        let c: ShardingConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        let map = ShardMap::build(&c, 2, 1).map_err(|e| e.to_string())?;
+        let m = &map.motions[0];
+        let pred = m
+            .predicate_sql("region", Some("id"), "text", 4096)
+            .ok_or("no predicate")?;
+        let got = h.cluster.psql(h.primary(0), "shop", &format!("SELECT string_agg(region || ' ' || id || ' ' || ({pred}), ',') FROM (SELECT r AS region, {ids} AS id FROM generate_series(1, 1500) k, unnest(ARRAY['eu', 'us']) r) t")).ctx("share predicate")?;
+        let (mut inside, mut rows) = (0, 0);
+        for row in got.trim().split(',') {
+            let mut f = row.split(' ');
+            let (Some(region), Some(id), Some(sql)) = (f.next(), f.next(), f.next()) else {
+                return Err(format!("share predicate row {row:?}"));
+            };
+            let w = pgshard::pghash::parse_loose(id.as_bytes(), false);
+            let r = KeyValue::Text(region.as_bytes());
+            let rust = m.owns_row(&r, Some(&w), 4096);
+            let placed = map.locate(0, &r, Some(&w)).map_err(|e| e.to_string())?;
+            ensure!(
+                (sql == "true") == rust,
+                "{hash_type} share: SQL says {sql} for {region} {id}, the router {rust}"
+            );
+            ensure!(
+                rust == (placed == pgshard::shardmap::Located::One(1) && region == "eu"),
+                "{hash_type} share: {region} {id} is placed on {placed:?}, in the share: {rust}"
+            );
+            inside += usize::from(rust);
+            rows += 1;
+        }
+        ensure!(
+            rows == 3000 && (800..1200).contains(&inside),
+            "{hash_type} share: {inside} of {rows} rows in it (about 1000 expected)"
+        );
+    }
     Ok(())
 }

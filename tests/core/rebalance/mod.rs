@@ -54,8 +54,8 @@ const TABLE: &str = "[[sharding.distributions]]\nname = \"mv\"\nstrategy = \"has
                      [[sharding.tables]]\nname = \"mv_ref\"\nreference = true\n\n\
                      [[sharding.tables]]\nname = \"mv_orders\"\ndistribution = \"mvt\"\ncolumn = \"tenant\"\n\n\
                      [[sharding.distributions]]\nname = \"mvg\"\nstrategy = \"geo\"\nkey_type = \"text\"\n\
-                     regions = { eu = [0], us = [1], ap = [0] }\ndefault_region = \"ap\"\n\n\
-                     [[sharding.tables]]\nname = \"mv_geo\"\ndistribution = \"mvg\"\ncolumn = \"region\"\n";
+                     regions = { eu = [0], us = [1], ap = [0], na = [0, 1] }\ndefault_region = \"ap\"\n\n\
+                     [[sharding.tables]]\nname = \"mv_geo\"\ndistribution = \"mvg\"\ncolumn = \"region\"\nhash_column = \"id\"\n";
 
 /// A router of the trial whose shard 0 has a second replica, on port `stale`.
 fn router(h: &Harness, id: &str, stale: u16) -> Result<Router, String> {
