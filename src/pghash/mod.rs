@@ -359,15 +359,24 @@ pub fn parse_key_binary<'a>(ty: &str, raw: &'a [u8]) -> Result<KeyValue<'a>, Key
         got: raw.len(),
     };
     match kt {
-        KeyType::Int2 => <[u8; 2]>::try_from(raw)
-            .map(|b| KeyValue::Int(i64::from(i16::from_be_bytes(b))))
-            .map_err(|_| wrong_len(2)),
-        KeyType::Int4 => <[u8; 4]>::try_from(raw)
-            .map(|b| KeyValue::Int(i64::from(i32::from_be_bytes(b))))
-            .map_err(|_| wrong_len(4)),
-        KeyType::Int8 => <[u8; 8]>::try_from(raw)
-            .map(|b| KeyValue::Int(i64::from_be_bytes(b)))
-            .map_err(|_| wrong_len(8)),
+        // Any integer width: a column or parameter of another integer type than the
+        // distribution's (an int4 column of an int8 distribution) hashes the same value alike.
+        KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => match raw.len() {
+            2 => Ok(KeyValue::Int(i64::from(i16::from_be_bytes([
+                raw[0], raw[1],
+            ])))),
+            4 => Ok(KeyValue::Int(i64::from(i32::from_be_bytes([
+                raw[0], raw[1], raw[2], raw[3],
+            ])))),
+            8 => Ok(KeyValue::Int(i64::from_be_bytes(
+                raw.try_into().expect("8 bytes"),
+            ))),
+            _ => Err(wrong_len(match kt {
+                KeyType::Int2 => 2,
+                KeyType::Int4 => 4,
+                _ => 8,
+            })),
+        },
         KeyType::Uuid => <[u8; 16]>::try_from(raw)
             .map(KeyValue::Uuid)
             .map_err(|_| wrong_len(16)),

@@ -1351,10 +1351,19 @@ fn parse_binary() {
         parse_key_binary("text", "日本語".as_bytes()),
         Ok(KeyValue::Text("日本語".as_bytes()))
     );
+    // Any integer width is an integer of that width (an int4 column of an int8 distribution).
+    for ty in ["int2", "int4", "int8"] {
+        assert_eq!(parse_key_binary(ty, &[0xff, 0xfe]), Ok(KeyValue::Int(-2)));
+        assert_eq!(parse_key_binary(ty, &[0, 0, 1, 0]), Ok(KeyValue::Int(256)));
+        assert_eq!(
+            parse_key_binary(ty, &5i64.to_be_bytes()),
+            Ok(KeyValue::Int(5))
+        );
+    }
     let wrong: &[(&str, usize, usize)] = &[
-        ("int2", 2, 4),
-        ("int4", 4, 8),
-        ("int8", 8, 4),
+        ("int2", 2, 3),
+        ("int4", 4, 16),
+        ("int8", 8, 1),
         ("int8", 8, 0),
         ("uuid", 16, 36),
         ("uuid", 16, 15),
@@ -1388,8 +1397,8 @@ fn error_messages() {
         "value 'nope' is not a valid uuid sharding key"
     );
     assert_eq!(
-        parse_key_binary("int8", b"1234").unwrap_err().to_string(),
-        "binary int8 sharding key must be 8 bytes, got 4"
+        parse_key_binary("int8", b"12345").unwrap_err().to_string(),
+        "binary int8 sharding key must be 8 bytes, got 5"
     );
     assert_eq!(
         parse_key("float8", b"1").unwrap_err().to_string(),

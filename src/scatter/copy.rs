@@ -4,11 +4,14 @@
 //! found by a resumable scanner and the unfinished tail is carried to the next chunk. Rows are
 //! forwarded byte for byte; only the key field is decoded, to place the row.
 //!
-//! Limits: binary COPY is refused by the driver; only `\n` and `\r\n` line endings are
-//! recognised (PostgreSQL also accepts bare `\r`); bytes are interpreted as an ASCII-safe
-//! encoding such as UTF-8 (not SJIS/BIG5, where a trailing byte may look like a backslash).
-//! A HEADER line is consumed here and sent to no shard: the driver must send the shards
-//! their COPY without HEADER.
+//! Limits: only `\n` and `\r\n` line endings are recognised (PostgreSQL also accepts bare
+//! `\r`); bytes are interpreted as an ASCII-safe encoding such as UTF-8 (not SJIS/BIG5, where a
+//! trailing byte may look like a backslash). A HEADER line is consumed here and sent to no
+//! shard: the driver must send the shards their COPY without HEADER.
+//!
+//! Binary format: tuples are framed by their field counts and lengths. The client's file
+//! header and trailer are consumed here; the driver sends every shard `BINARY_HEADER` before
+//! its rows and `BINARY_TRAILER` after them.
 
 use std::borrow::Cow;
 
@@ -17,7 +20,17 @@ use std::borrow::Cow;
 pub enum CopyFormat {
     Text,
     Csv,
+    Binary,
 }
+
+/// The binary COPY signature every file header starts with.
+const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// The header each shard's binary COPY starts with: the signature, no flags, no extension.
+pub const BINARY_HEADER: [u8; 19] = *b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// The binary file trailer: a field count of -1.
+pub const BINARY_TRAILER: [u8; 2] = [0xff, 0xff];
 
 /// Why COPY data could not be split.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +87,8 @@ impl CopySplitter {
             delimiter,
             quote,
             escape,
-            skip_header: header,
+            // Binary data starts with a file header, HEADER or not.
+            skip_header: header || format == CopyFormat::Binary,
             null,
             key_column,
             max_row: DEFAULT_MAX_ROW,
@@ -110,6 +124,9 @@ impl CopySplitter {
         mut place: impl FnMut(Option<&[u8]>) -> Result<usize, E>,
         mut sink: impl FnMut(usize, &[u8]),
     ) -> Result<(), CopySplitError<E>> {
+        if self.format == CopyFormat::Binary {
+            return self.feed_binary(chunk, &mut place, &mut sink);
+        }
         let mut start = 0;
         for (i, &c) in chunk.iter().enumerate() {
             if self.done {
@@ -154,6 +171,20 @@ impl CopySplitter {
         if self.done || self.pending.is_empty() {
             return Ok(());
         }
+        if self.format == CopyFormat::Binary {
+            return Err(CopySplitError::Malformed {
+                row: self.rows + 1,
+                reason: format!(
+                    "the binary COPY data ends inside a {} ({} bytes left over)",
+                    if self.skip_header {
+                        "file header"
+                    } else {
+                        "tuple"
+                    },
+                    self.pending.len()
+                ),
+            });
+        }
         if self.in_quotes {
             return Err(CopySplitError::Malformed {
                 row: self.rows + 1,
@@ -163,6 +194,127 @@ impl CopySplitter {
         let mut row = std::mem::take(&mut self.pending);
         row.push(b'\n');
         self.row(&row, &mut place, &mut sink)
+    }
+
+    /// Binary format: every complete item (file header, tuple, trailer) of the carried bytes
+    /// plus `chunk`; an incomplete one is carried to the next chunk.
+    fn feed_binary<E>(
+        &mut self,
+        chunk: &[u8],
+        place: &mut impl FnMut(Option<&[u8]>) -> Result<usize, E>,
+        sink: &mut impl FnMut(usize, &[u8]),
+    ) -> Result<(), CopySplitError<E>> {
+        let mut carried = std::mem::take(&mut self.pending);
+        let from_chunk = carried.is_empty();
+        if !from_chunk {
+            carried.extend_from_slice(chunk);
+        }
+        let data: &[u8] = if from_chunk { chunk } else { &carried };
+        let mut at = 0;
+        while !self.done {
+            match self.binary_item(&data[at..], place, sink)? {
+                Some(n) => at += n,
+                None => break,
+            }
+        }
+        if self.done {
+            carried.clear();
+        } else if from_chunk {
+            carried.extend_from_slice(&chunk[at..]);
+        } else {
+            carried.drain(..at);
+        }
+        if carried.len() > self.max_row {
+            return Err(self.too_long());
+        }
+        self.pending = carried;
+        Ok(())
+    }
+
+    /// Consumes the item `data` starts with and returns its length; None if it is incomplete.
+    fn binary_item<E>(
+        &mut self,
+        data: &[u8],
+        place: &mut impl FnMut(Option<&[u8]>) -> Result<usize, E>,
+        sink: &mut impl FnMut(usize, &[u8]),
+    ) -> Result<Option<usize>, CopySplitError<E>> {
+        let bad = |row: u64, reason: String| CopySplitError::Malformed { row, reason };
+        let be32 = |at: usize| {
+            data.get(at..at + 4)
+                .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        if self.skip_header {
+            let (Some(flags), Some(ext)) = (be32(11), be32(15)) else {
+                return Ok(None);
+            };
+            if &data[..11] != SIGNATURE {
+                return Err(bad(
+                    0,
+                    "not binary COPY data (the file signature is missing)".into(),
+                ));
+            }
+            if flags & (1 << 16) != 0 {
+                return Err(bad(0, "binary COPY data WITH OIDS is not supported".into()));
+            }
+            let end = 19
+                + usize::try_from(ext).map_err(|_| {
+                    bad(
+                        0,
+                        "the binary COPY header's extension length is negative".into(),
+                    )
+                })?;
+            if data.len() < end {
+                return Ok(None);
+            }
+            self.skip_header = false;
+            return Ok(Some(end));
+        }
+        let Some(count) = data.get(..2).map(|b| i16::from_be_bytes([b[0], b[1]])) else {
+            return Ok(None);
+        };
+        let row = self.rows + 1;
+        if count == -1 {
+            self.done = true;
+            return Ok(Some(2));
+        }
+        let count = usize::try_from(count).map_err(|_| bad(row, format!("field count {count}")))?;
+        let mut at = 2;
+        let mut key = None;
+        for field in 0..count {
+            let Some(len) = be32(at) else {
+                return Ok(None);
+            };
+            at += 4;
+            let value = match len {
+                -1 => None,
+                n if n < 0 => return Err(bad(row, format!("field length {n}"))),
+                n => {
+                    let end = at + n as usize;
+                    if end > data.len() {
+                        if end > self.max_row {
+                            return Err(self.too_long());
+                        }
+                        return Ok(None);
+                    }
+                    let v = &data[at..end];
+                    at = end;
+                    Some(v)
+                }
+            };
+            if field == self.key_column {
+                key = Some(value);
+            }
+        }
+        let Some(key) = key else {
+            return Err(bad(
+                row,
+                format!("no field {} for the sharding key", self.key_column + 1),
+            ));
+        };
+        let shard = place(key).map_err(CopySplitError::Place)?;
+        sink(shard, &data[..at]);
+        self.rows += 1;
+        Ok(Some(at))
     }
 
     fn too_long<E>(&self) -> CopySplitError<E> {
@@ -185,6 +337,7 @@ impl CopySplitter {
                     return true;
                 }
             }
+            CopyFormat::Binary => {}
             CopyFormat::Csv => {
                 if !self.in_quotes {
                     if c == self.quote {
@@ -227,7 +380,7 @@ impl CopySplitter {
             return Ok(());
         }
         let key = match self.format {
-            CopyFormat::Text => self.text_key(line),
+            CopyFormat::Text | CopyFormat::Binary => self.text_key(line),
             CopyFormat::Csv => self.csv_key(line),
         };
         let key = key.ok_or_else(|| CopySplitError::Malformed {

@@ -160,3 +160,100 @@ fn long_rows_and_placement_errors() {
     s.feed::<String>(b"\"open\n", |_| Ok(0), |_, _| {}).unwrap();
     assert!(s.finish::<String>(|_| Ok(0), |_, _| {}).is_err());
 }
+
+/// A binary COPY tuple of the given fields (None = NULL).
+fn tuple(fields: &[Option<&[u8]>]) -> Vec<u8> {
+    let mut t = (fields.len() as i16).to_be_bytes().to_vec();
+    for f in fields {
+        match f {
+            None => t.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                t.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                t.extend_from_slice(v);
+            }
+        }
+    }
+    t
+}
+
+fn binary(key: usize) -> CopySplitter {
+    CopySplitter::new(
+        CopyFormat::Binary,
+        b'\t',
+        b'"',
+        b'"',
+        false,
+        Vec::new(),
+        key,
+    )
+}
+
+#[test]
+fn binary_tuples_at_every_cut() {
+    // A client header with a 3-byte extension, tuples with the key in field 1 (a NULL key and
+    // a key whose bytes look like a trailer among them), then the trailer and stray bytes.
+    let rows = [
+        tuple(&[Some(b"aa"), Some(b"3"), None]),
+        tuple(&[None, Some(b"\xff\xff"), Some(b"x")]),
+        tuple(&[Some(b""), None, Some(b"long value")]),
+        tuple(&[Some(b"z"), Some(b"4"), Some(b"")]),
+    ];
+    let mut data = b"PGCOPY\n\xff\r\n\0".to_vec();
+    data.extend_from_slice(&0i32.to_be_bytes());
+    data.extend_from_slice(&3i32.to_be_bytes());
+    data.extend_from_slice(b"ext");
+    for r in &rows {
+        data.extend_from_slice(r);
+    }
+    data.extend_from_slice(&BINARY_TRAILER);
+    data.extend_from_slice(b"ignored");
+    for cut in 0..=data.len() {
+        let mut s = binary(1);
+        let (keys, shards) = split(&mut s, &data, cut);
+        assert_eq!(
+            keys,
+            vec![k(b"3"), k(b"\xff\xff"), None, k(b"4")],
+            "cut {cut}"
+        );
+        // Odd first key bytes go to shard 1: "3" and 0xff; the rest to shard 0, in order.
+        assert_eq!(
+            shards[1],
+            [rows[0].clone(), rows[1].clone()].concat(),
+            "cut {cut}"
+        );
+        assert_eq!(
+            shards[0],
+            [rows[2].clone(), rows[3].clone()].concat(),
+            "cut {cut}"
+        );
+        assert!(s.ended() && s.rows() == 4);
+    }
+}
+
+#[test]
+fn binary_errors_name_the_problem() {
+    let fails = |data: &[u8], key: usize| {
+        let mut s = binary(key);
+        let place = |_: Option<&[u8]>| Ok::<usize, String>(0);
+        match s.feed(data, place, |_, _| {}) {
+            Err(e) => e.to_string(),
+            Ok(()) => s.finish(place, |_, _| {}).unwrap_err().to_string(),
+        }
+    };
+    let mut header = b"PGCOPY\n\xff\r\n\0".to_vec();
+    header.extend_from_slice(&[0; 8]);
+    assert!(fails(b"1\t2\n3\t4\n5\t6\n7\t8\n9\t10\n", 0).contains("signature"));
+    let mut oids = header.clone();
+    oids[12] = 1; // flags bit 16
+    assert!(fails(&oids, 0).contains("OIDS"));
+    let short = [header.clone(), tuple(&[Some(b"1")])].concat();
+    assert!(fails(&short, 1).contains("no field 2"));
+    let cut = [header.clone(), tuple(&[Some(b"12345")])].concat();
+    assert!(fails(&cut[..cut.len() - 2], 0).contains("ends inside a tuple"));
+    let negative = [header.clone(), vec![0, 1, 0xff, 0xff, 0xff, 0xf0]].concat();
+    assert!(fails(&negative, 0).contains("field length -16"));
+    let mut s = binary(0).with_max_row(16);
+    let big = [header, tuple(&[Some(&[7u8; 40])])].concat();
+    let r = s.feed(&big[..30], |_| Ok::<usize, String>(0), |_, _| {});
+    assert!(matches!(r, Err(CopySplitError::RowTooLong { .. })), "{r:?}");
+}

@@ -534,7 +534,7 @@ pub fn range_entry(
 }
 
 /// A key as shown in an error message.
-fn display_key(k: &KeyValue) -> String {
+pub fn display_key(k: &KeyValue) -> String {
     match k {
         KeyValue::Int(v) => v.to_string(),
         KeyValue::Text(t) => format!("'{}'", String::from_utf8_lossy(&t[..t.len().min(64)])),

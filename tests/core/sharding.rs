@@ -746,6 +746,81 @@ fn copy_split(h: &Harness) -> TestResult {
             one(&c, "SELECT t FROM copied WHERE id = 3050").await? == "csv, 3050",
             "CSV quoting kept"
         );
+        // Binary COPY (tokio-postgres' writer): the key in the second field, a row longer than
+        // one CopyData message; each shard gets its rows under a header and trailer of its own.
+        {
+            use tokio_postgres::binary_copy::BinaryCopyInWriter;
+            use tokio_postgres::types::{ToSql, Type};
+            let sink = c
+                .copy_in("COPY copied (g, id, t) FROM STDIN WITH (FORMAT binary)")
+                .await
+                .pgx("binary copy in")?;
+            let w = BinaryCopyInWriter::new(sink, &[Type::INT4, Type::INT8, Type::TEXT]);
+            futures_util::pin_mut!(w);
+            let text = |i: i64| {
+                if i == 5150 {
+                    "x".repeat(100_000)
+                } else {
+                    format!("bin {i}")
+                }
+            };
+            for i in 5001..=5300i64 {
+                let (g, t) = ((i % 7) as i32, text(i));
+                let row: [&(dyn ToSql + Sync); 3] = [&g, &i, &t];
+                w.as_mut().write(&row).await.pgx("binary row")?;
+            }
+            let n = w.finish().await.pgx("binary finish")?;
+            ensure!(n == 300, "binary COPY reported {n}");
+            for shard in 0..2 {
+                let expected = (5001..=5300).filter(|&i| shard_of(i) == shard).count();
+                let got: usize = on_shard(
+                    h,
+                    shard,
+                    "shop",
+                    "SELECT count(*) FROM copied WHERE id BETWEEN 5001 AND 5300",
+                )?
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+                ensure!(
+                    got == expected,
+                    "shard {shard}: {got} binary-COPY rows, expected {expected}"
+                );
+            }
+            let long = one(
+                &c,
+                "SELECT length(t) || ' ' || g FROM copied WHERE id = 5150",
+            )
+            .await?;
+            ensure!(
+                long == "100000 5",
+                "the long binary row arrived whole: {long}"
+            );
+            ensure!(
+                one(&c, "SELECT t FROM copied WHERE id = 5299").await? == "bin 5299",
+                "binary values kept"
+            );
+            // A NULL key is refused (nothing is written), and the session goes on.
+            let sink = c
+                .copy_in("COPY copied (id, t) FROM STDIN WITH (FORMAT binary)")
+                .await
+                .pgx("binary copy in")?;
+            let w = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT]);
+            futures_util::pin_mut!(w);
+            let (none, t): (Option<i64>, String) = (None, "no key".into());
+            let row: [&(dyn ToSql + Sync); 2] = [&none, &t];
+            let r = match w.as_mut().write(&row).await {
+                Ok(()) => w.finish().await,
+                Err(e) => Err(e),
+            };
+            ensure!(
+                matches!(&r, Err(e) if sqlstate(e) == "22P04"),
+                "a binary COPY row without its key is refused with 22P04: {r:?}"
+            );
+            ensure!(
+                one(&c, "SELECT count(*) FROM copied WHERE t = 'no key'").await? == "0",
+                "the refused binary COPY wrote nothing"
+            );
+        }
         // COPY … TO STDOUT across the shards (simple protocol, psql): every row once, and a
         // CSV header once, first.
         let total: usize = one(&c, "SELECT count(*) FROM copied")

@@ -62,13 +62,6 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Placement::ByKey { .. } => (0..self.map.shards).collect(),
         };
         if matches!(placement, Placement::ByKey { .. }) {
-            if spec.format == CopyFormat::Binary {
-                return Err(Refusal::new(
-                    "0A000",
-                    "binary COPY into a sharded table is not supported: use text or CSV",
-                )
-                .into());
-            }
             if spec.header && spec.headerless_sql.is_none() {
                 return Err(Refusal::new("0A000", "this COPY … HEADER cannot be passed on without its HEADER option: drop the header line and the option").into());
             }
@@ -258,12 +251,19 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         self.flush().await.map_err(Failure::End)?;
 
         let mut bufs: Vec<BytesMut> = (0..self.pools.len()).map(|_| BytesMut::new()).collect();
+        let binary = spec.format == CopyFormat::Binary;
+        // Split binary data: each shard gets a file header of pgshard's, then its tuples.
+        if binary && matches!(placement, Placement::ByKey { .. }) {
+            for &s in shards {
+                bufs[s].extend_from_slice(&crate::scatter::copy::BINARY_HEADER);
+            }
+        }
         let mut splitter = match placement {
             Placement::ByKey { col, .. } => Some(CopySplitter::new(
-                if spec.format == CopyFormat::Csv {
-                    SplitFormat::Csv
-                } else {
-                    SplitFormat::Text
+                match spec.format {
+                    CopyFormat::Csv => SplitFormat::Csv,
+                    CopyFormat::Binary => SplitFormat::Binary,
+                    _ => SplitFormat::Text,
                 },
                 spec.delimiter,
                 spec.quote,
@@ -300,7 +300,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                         (Some(sp), Placement::ByKey { dist, .. }) => {
                             let r = sp.feed(
                                 data,
-                                |key| place(&map, *dist, key, only),
+                                |key| place(&map, *dist, key, only, binary),
                                 |shard, row| bufs[shard].extend_from_slice(row),
                             );
                             if let Err(e) = r {
@@ -326,7 +326,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                             (&mut splitter, placement)
                         {
                             let r = sp.finish(
-                                |key| place(&map, *dist, key, only),
+                                |key| place(&map, *dist, key, only, binary),
                                 |shard, row| bufs[shard].extend_from_slice(row),
                             );
                             if let Err(e) = r {
@@ -367,6 +367,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let mut total = 0u64;
         let mut error = None;
         for &s in shards {
+            if splitter.is_some() && binary {
+                bufs[s].extend_from_slice(&crate::scatter::copy::BINARY_TRAILER);
+            }
             self.send_copy_data(s, &mut bufs[s]).await?;
             let max = self.max_msg;
             let co = self.conns[s].as_mut().expect("held");
@@ -467,13 +470,14 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 }
 
-/// The shard of a COPY row's key; `only` (a tenant session's tenant, same distribution)
-/// refuses rows of any other key.
+/// The shard of a COPY row's key (`binary`: in binary format); `only` (a tenant session's
+/// tenant, same distribution) refuses rows of any other key.
 fn place(
     map: &crate::shardmap::ShardMap,
     dist: usize,
     key: Option<&[u8]>,
     only: Option<&str>,
+    binary: bool,
 ) -> Result<usize, Refusal> {
     let bad = |m: String| Refusal::new("22P04", m);
     let Some(k) = key else {
@@ -482,14 +486,19 @@ fn place(
             map.distributions[dist].name
         )));
     };
-    let v = map.parse_key(dist, k).map_err(|e| bad(e.to_string()))?;
+    let v = if binary {
+        map.parse_key_binary(dist, k)
+    } else {
+        map.parse_key(dist, k)
+    }
+    .map_err(|e| bad(e.to_string()))?;
     if let Some(t) = only {
         if map.parse_key(dist, t.as_bytes()).ok() != Some(v) {
             return Err(Refusal::new(
                 "42501",
                 format!(
-                    "this session is tenant '{t}' only, and a COPY row belongs to tenant '{}'",
-                    String::from_utf8_lossy(k)
+                    "this session is tenant '{t}' only, and a COPY row belongs to tenant {}",
+                    crate::shardmap::display_key(&v)
                 ),
             ));
         }
