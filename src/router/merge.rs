@@ -2,7 +2,9 @@
 //! and the rewritten text the shards run so that their partial results combine exactly.
 
 use super::keys::{self, strip};
-use crate::scatter::spec::{AggKind, Aggregate, AggregateSpec, MergeSpec, SortKey};
+use crate::scatter::spec::{
+    AggKind, Aggregate, AggregateSpec, ArithOp, CountExpr, MergeSpec, SortKey,
+};
 use sqlparser::ast::*;
 
 /// Aggregates whose results cannot be combined from per-shard partial results.
@@ -208,62 +210,84 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
         sel.projection.extend(hidden);
         rewritten = true;
     }
-    spec.limit = limit.and_then(Count::constant);
-    spec.offset = offset.and_then(Count::constant).unwrap_or(0);
-    spec.limit_param = limit.and_then(Count::param);
-    spec.offset_param = offset.and_then(Count::param);
+    spec.limit = limit.as_ref().and_then(Count::constant);
+    spec.offset = offset.as_ref().and_then(Count::constant).unwrap_or(0);
+    spec.limit_param = limit.as_ref().and_then(Count::param);
+    spec.offset_param = offset.as_ref().and_then(Count::param);
+    spec.limit_expr = limit.as_ref().and_then(Count::computed);
+    spec.offset_expr = offset.as_ref().and_then(Count::computed);
     if limit.is_some() || offset.is_some() {
         rewritten = true;
         // Each shard's top limit+offset rows contain the global window; grouped partial
         // results are only complete without a limit, so aggregates get none.
-        q.limit_clause = match (limit, spec.aggregate.is_some()) {
-            (Some(l), false) => Some(LimitClause::LimitOffset {
-                limit: Some(window(l, offset)),
-                offset: None,
-                limit_by: Vec::new(),
-            }),
+        let computed = [&limit, &offset]
+            .iter()
+            .any(|c| matches!(c, Some(Count::Computed(..))));
+        let shard_limit = match (&limit, spec.aggregate.is_some()) {
+            (Some(l), false) => Some(window(l, offset.as_ref())),
+            // Parameters in LIMIT/OFFSET arithmetic must stay in the text, so that the server
+            // types them as it would the client's statement; the limit itself is always NULL.
+            (_, true) if computed => {
+                let l = limit.clone().unwrap_or(Count::Constant(0));
+                Some(null_limit(&window(&l, offset.as_ref()))?)
+            }
             _ => None,
         };
+        q.limit_clause = shard_limit.map(|l| LimitClause::LimitOffset {
+            limit: Some(l),
+            offset: None,
+            limit_by: Vec::new(),
+        });
     }
     Ok((spec, rewritten.then(|| q.to_string())))
 }
 
-/// A LIMIT or OFFSET row count: a constant, or a parameter bound at execution.
-#[derive(Debug, Clone, Copy)]
+/// A LIMIT or OFFSET row count: a constant, a parameter bound at execution, or integer
+/// arithmetic on parameters (kept as written for the shards, evaluated from the Bind).
+#[derive(Debug, Clone)]
 enum Count {
     Constant(u64),
     Param(u16),
+    Computed(CountExpr, Expr),
 }
 
 impl Count {
-    fn constant(self) -> Option<u64> {
+    fn constant(&self) -> Option<u64> {
         match self {
-            Count::Constant(n) => Some(n),
-            Count::Param(_) => None,
+            Count::Constant(n) => Some(*n),
+            _ => None,
         }
     }
 
-    fn param(self) -> Option<u16> {
+    fn param(&self) -> Option<u16> {
         match self {
-            Count::Param(p) => Some(p),
-            Count::Constant(_) => None,
+            Count::Param(p) => Some(*p),
+            _ => None,
         }
     }
 
-    fn expr(self) -> Expr {
+    fn computed(&self) -> Option<CountExpr> {
+        match self {
+            Count::Computed(c, _) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn expr(&self) -> Expr {
         match self {
             Count::Constant(n) => Expr::value(Value::Number(n.to_string(), false)),
             Count::Param(p) => Expr::value(Value::Placeholder(format!("${p}"))),
+            Count::Computed(_, e) => Expr::Nested(Box::new(e.clone())),
         }
     }
 }
 
 /// The LIMIT each shard gets: the client's limit plus its offset, so that the top rows of every
 /// shard together hold the global window.
-fn window(limit: Count, offset: Option<Count>) -> Expr {
+fn window(limit: &Count, offset: Option<&Count>) -> Expr {
     match (limit, offset) {
         (Count::Constant(l), Some(Count::Constant(o))) => {
-            Count::Constant(l.saturating_add(o)).expr()
+            Count::Constant(l.saturating_add(*o)).expr()
         }
         (l, None | Some(Count::Constant(0))) => l.expr(),
         (l, Some(o)) => Expr::BinaryOp {
@@ -274,29 +298,80 @@ fn window(limit: Count, offset: Option<Count>) -> Expr {
     }
 }
 
+/// A LIMIT that is always NULL (no limit) but still mentions the parameters of `w`.
+fn null_limit(w: &Expr) -> Result<Expr, String> {
+    let text = format!("CAST(CASE WHEN ({w}) IS NULL THEN NULL END AS int8)");
+    sqlparser::parser::Parser::new(&sqlparser::dialect::PostgreSqlDialect {})
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| format!("LIMIT/OFFSET {w}: {e}"))
+}
+
 /// A LIMIT, OFFSET or FETCH FIRST row count (None: NULL, which means no limit).
 fn count(e: &Expr) -> Result<Option<Count>, String> {
-    match strip(e) {
-        Expr::Value(v) => match &v.value {
-            Value::Number(n, _) => n
-                .parse()
-                .map(|n| Some(Count::Constant(n)))
-                .map_err(|_| format!("LIMIT/OFFSET {n} is not a row count")),
-            Value::Null => Ok(None),
-            Value::Placeholder(p) => p
-                .strip_prefix('$')
-                .and_then(|n| n.parse::<u16>().ok())
-                .filter(|&n| n >= 1)
-                .map(|n| Some(Count::Param(n)))
-                .ok_or_else(|| format!("LIMIT/OFFSET {p} is not a parameter pgshard knows")),
-            _ => Err(format!(
-                "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
-            )),
-        },
-        _ => Err(format!(
-            "LIMIT/OFFSET {e} must be a constant or a parameter to combine across shards"
-        )),
+    if let Expr::Value(v) = strip(e) {
+        if v.value == Value::Null {
+            return Ok(None);
+        }
     }
+    let c = count_expr(e)?;
+    let mut params = Vec::new();
+    c.params(&mut params);
+    Ok(Some(match c {
+        CountExpr::Param(p) => Count::Param(p),
+        c if params.is_empty() => match c.eval(&mut |_| Ok::<_, ()>(None)) {
+            Ok(Some(n)) if n >= 0 => Count::Constant(n as u64),
+            // Negative, or an error: the shards evaluate it too and report it.
+            _ => Count::Computed(c, e.clone()),
+        },
+        c => Count::Computed(c, e.clone()),
+    }))
+}
+
+/// Integer arithmetic on constants and parameters, as the merger evaluates it.
+fn count_expr(e: &Expr) -> Result<CountExpr, String> {
+    let refuse = || {
+        format!("LIMIT/OFFSET {e} must be integer arithmetic on constants and parameters to combine across shards")
+    };
+    Ok(match strip(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => CountExpr::Const(
+                n.parse()
+                    .map_err(|_| format!("LIMIT/OFFSET {n} is not a row count"))?,
+            ),
+            Value::Placeholder(p) => CountExpr::Param(
+                p.strip_prefix('$')
+                    .and_then(|n| n.parse::<u16>().ok())
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| format!("LIMIT/OFFSET {p} is not a parameter pgshard knows"))?,
+            ),
+            _ => return Err(refuse()),
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => CountExpr::Neg(Box::new(count_expr(expr)?)),
+        Expr::UnaryOp {
+            op: UnaryOperator::Plus,
+            expr,
+        } => count_expr(expr)?,
+        Expr::BinaryOp { left, op, right } => {
+            let op = match op {
+                BinaryOperator::Plus => ArithOp::Add,
+                BinaryOperator::Minus => ArithOp::Sub,
+                BinaryOperator::Multiply => ArithOp::Mul,
+                BinaryOperator::Divide => ArithOp::Div,
+                BinaryOperator::Modulo => ArithOp::Mod,
+                _ => return Err(refuse()),
+            };
+            CountExpr::Op(
+                Box::new(count_expr(left)?),
+                op,
+                Box::new(count_expr(right)?),
+            )
+        }
+        _ => return Err(refuse()),
+    })
 }
 
 /// LIMIT and OFFSET: constants or parameters (None: absent or NULL).

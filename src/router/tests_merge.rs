@@ -395,7 +395,8 @@ fn scatter_refusals_are_deferred_to_multi_shard_targets() {
     assert!(refusal("SELECT count(*) FROM pgbench_accounts GROUP BY bid").contains("GROUP BY bid"));
     assert!(refusal("SELECT * FROM pgbench_accounts ORDER BY aid")
         .contains("add aid to the select list"));
-    assert!(refusal("SELECT aid FROM pgbench_accounts LIMIT $1 + 1").contains("LIMIT"));
+    assert!(refusal("SELECT aid FROM pgbench_accounts LIMIT abs($1)").contains("LIMIT"));
+    assert!(refusal("SELECT aid FROM pgbench_accounts LIMIT 2.5").contains("row count"));
     // The same shapes are fine when the keys put them on one shard.
     let p = analyze(
         "SELECT string_agg(x, ',') FROM pgbench_accounts WHERE aid = 3",
@@ -670,6 +671,52 @@ fn limit_and_offset_parameters_push_down_as_one_limit() {
     );
     assert!(!p.scatter_sql.as_deref().unwrap().contains("LIMIT"));
     assert_eq!(p.merge.limit_param, Some(1));
+}
+
+#[test]
+fn limit_expressions_push_down_and_evaluate_from_the_bind() {
+    use crate::scatter::spec::CountExpr;
+    let m = map();
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts ORDER BY aid LIMIT $1 + 1 OFFSET ($2 - 1) * $1",
+        &m,
+    );
+    assert!(p.scatter_refusal.is_none(), "{:?}", p.scatter_refusal);
+    let sql = p.scatter_sql.as_deref().unwrap();
+    assert!(
+        sql.ends_with("ORDER BY aid LIMIT ($1 + 1) + (($2 - 1) * $1)"),
+        "{sql}"
+    );
+    let (l, o) = (p.merge.limit_expr.unwrap(), p.merge.offset_expr.unwrap());
+    let bind = |p: u16| Ok::<_, ()>(Some([10i64, 3][usize::from(p) - 1]));
+    assert_eq!(l.eval(&mut { bind }), Ok(Some(11)));
+    assert_eq!(o.eval(&mut { bind }), Ok(Some(20)));
+    assert_eq!(o.eval(&mut |_| Ok::<_, ()>(None)), Ok(None));
+    // Grouped: no limit reaches the shards, but the parameters stay in the text.
+    let p = analyze(
+        "SELECT bid, count(*) FROM pgbench_accounts GROUP BY bid ORDER BY bid LIMIT $1 - 1",
+        &m,
+    );
+    let sql = p.scatter_sql.as_deref().unwrap();
+    assert!(
+        sql.ends_with("LIMIT CAST(CASE WHEN (($1 - 1)) IS NULL THEN NULL END AS INT8)"),
+        "{sql}"
+    );
+    assert!(p.merge.limit_expr.is_some());
+    // Constant arithmetic folds; negative constants are left for the shards to refuse.
+    let p = analyze(
+        "SELECT aid FROM pgbench_accounts LIMIT 2 * (3 + 4) OFFSET +2",
+        &m,
+    );
+    assert_eq!((p.merge.limit, p.merge.offset), (Some(14), 2));
+    assert!(p.merge.limit_expr.is_none());
+    let p = analyze("SELECT aid FROM pgbench_accounts LIMIT -1", &m);
+    assert!(matches!(p.merge.limit_expr, Some(CountExpr::Neg(_))));
+    let e = analyze("SELECT aid FROM pgbench_accounts LIMIT $1 / 0", &m)
+        .merge
+        .limit_expr
+        .unwrap();
+    assert!(e.eval(&mut |_| Ok::<_, ()>(Some(1))).is_err());
 }
 
 #[test]

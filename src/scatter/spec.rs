@@ -15,12 +15,94 @@ pub struct MergeSpec {
     pub limit_param: Option<u16>,
     /// `OFFSET $n`: the 1-based parameter whose bound value is the offset.
     pub offset_param: Option<u16>,
+    /// A LIMIT computed from parameters (`LIMIT $1 + 1`), evaluated once the Bind is known.
+    pub limit_expr: Option<CountExpr>,
+    /// An OFFSET computed from parameters.
+    pub offset_expr: Option<CountExpr>,
     /// Aggregation over the shards' partial results; None for plain rows.
     pub aggregate: Option<AggregateSpec>,
     /// SELECT DISTINCT: duplicates across shards are removed (exact bytes of the row).
     pub distinct: bool,
     /// Trailing columns the router added for the merge, dropped before the client sees rows.
     pub hidden_columns: usize,
+}
+
+/// Integer arithmetic over constants and Bind parameters: a LIMIT or OFFSET expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CountExpr {
+    Const(i64),
+    /// The 1-based parameter.
+    Param(u16),
+    Neg(Box<CountExpr>),
+    Op(Box<CountExpr>, ArithOp, Box<CountExpr>),
+}
+
+/// The operators a row-count expression may use (PostgreSQL's integer semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    /// Integer division, truncating toward zero.
+    Div,
+    Mod,
+}
+
+/// Why a row-count expression has no value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CountError<E> {
+    #[error("{0}")]
+    Param(E),
+    #[error("bigint out of range")]
+    Overflow,
+    #[error("division by zero")]
+    DivisionByZero,
+}
+
+impl CountExpr {
+    /// The value with each parameter's from `param` (None: NULL, which makes the whole NULL).
+    pub fn eval<E>(
+        &self,
+        param: &mut impl FnMut(u16) -> Result<Option<i64>, E>,
+    ) -> Result<Option<i64>, CountError<E>> {
+        Ok(match self {
+            CountExpr::Const(n) => Some(*n),
+            CountExpr::Param(p) => param(*p).map_err(CountError::Param)?,
+            CountExpr::Neg(e) => match e.eval(param)? {
+                Some(v) => Some(v.checked_neg().ok_or(CountError::Overflow)?),
+                None => None,
+            },
+            CountExpr::Op(l, op, r) => {
+                let (Some(a), Some(b)) = (l.eval(param)?, r.eval(param)?) else {
+                    return Ok(None);
+                };
+                let v = match op {
+                    ArithOp::Add => a.checked_add(b),
+                    ArithOp::Sub => a.checked_sub(b),
+                    ArithOp::Mul => a.checked_mul(b),
+                    ArithOp::Div | ArithOp::Mod if b == 0 => {
+                        return Err(CountError::DivisionByZero)
+                    }
+                    ArithOp::Div => a.checked_div(b),
+                    ArithOp::Mod => a.checked_rem(b),
+                };
+                Some(v.ok_or(CountError::Overflow)?)
+            }
+        })
+    }
+
+    /// The parameters it reads.
+    pub fn params(&self, out: &mut Vec<u16>) {
+        match self {
+            CountExpr::Const(_) => {}
+            CountExpr::Param(p) => out.push(*p),
+            CountExpr::Neg(e) => e.params(out),
+            CountExpr::Op(l, _, r) => {
+                l.params(out);
+                r.params(out);
+            }
+        }
+    }
 }
 
 /// One ORDER BY key.

@@ -392,7 +392,8 @@ fn scatter_matches(h: &Harness) -> TestResult {
         // The extended protocol, as drivers send it: binary results, LIMIT/OFFSET as
         // parameters, the statement described in its own Sync before it runs.
         let (seven, five, ten, three) = (7i64, 5i64, 10i64, 3i64);
-        let extended: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 7] = [
+        let (four, two) = (4i32, 2i32);
+        let extended: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 9] = [
             (
                 "SELECT count(v), sum(v), min(v), max(v), avg(v) FROM sc",
                 &[],
@@ -419,6 +420,15 @@ fn scatter_matches(h: &Harness) -> TestResult {
                 "SELECT avg(g), avg(f), sum(g) FROM sc WHERE id > $1",
                 &[&ten],
             ),
+            // Arithmetic on parameters (typed int4 by the server, as without pgshard).
+            (
+                "SELECT id, t FROM sc ORDER BY id LIMIT $1 + 1 OFFSET ($2 - 1) * $1",
+                &[&four, &two],
+            ),
+            (
+                "SELECT g, sum(v) FROM sc GROUP BY g ORDER BY g LIMIT $1 - 1 OFFSET $2 - 1",
+                &[&four, &two],
+            ),
         ];
         for (q, params) in extended {
             let want = raw_rows(&reference, q, params).await?;
@@ -440,6 +450,12 @@ fn scatter_matches(h: &Harness) -> TestResult {
             .err()
             .ok_or("a negative LIMIT must be refused")?;
         ensure!(sqlstate(&e) == "2201W", "negative LIMIT: {e}");
+        let e = c
+            .query("SELECT id FROM scat ORDER BY id LIMIT $1 - 5", &[&four])
+            .await
+            .err()
+            .ok_or("a LIMIT expression that comes out negative must be refused")?;
+        ensure!(sqlstate(&e) == "2201W", "negative LIMIT expression: {e}");
         // Keyless write: counts summed across shards.
         let n = c
             .execute("UPDATE scat SET g = g + 10 WHERE g = 1", &[])

@@ -10,7 +10,7 @@ use crate::frontend::{ClientWrite, ReadReady};
 use crate::prepared::StatementDef;
 use crate::protocol::messages;
 use crate::router::{Params, Plan};
-use crate::scatter::spec::MergeSpec;
+use crate::scatter::spec::{CountError, CountExpr, MergeSpec};
 use crate::scatter::Merger;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::Arc;
@@ -166,21 +166,45 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 pub(super) fn bound_merge(spec: &MergeSpec, params: &Params) -> Result<MergeSpec, Refusal> {
     let mut spec = spec.clone();
     if let Some(p) = spec.limit_param.take() {
-        spec.limit = bound_count(params, p, "LIMIT", "2201W")?;
+        spec.limit = row_count(bound_int(params, p, "LIMIT")?, "LIMIT", "2201W")?;
     }
     if let Some(p) = spec.offset_param.take() {
-        spec.offset = bound_count(params, p, "OFFSET", "2201X")?.unwrap_or(0);
+        spec.offset = row_count(bound_int(params, p, "OFFSET")?, "OFFSET", "2201X")?.unwrap_or(0);
+    }
+    if let Some(e) = spec.limit_expr.take() {
+        spec.limit = row_count(evaluate(&e, params, "LIMIT")?, "LIMIT", "2201W")?;
+    }
+    if let Some(e) = spec.offset_expr.take() {
+        spec.offset = row_count(evaluate(&e, params, "OFFSET")?, "OFFSET", "2201X")?.unwrap_or(0);
     }
     Ok(spec)
 }
 
-/// The row count parameter `p` (1-based) is bound to: text or binary int2/4/8; NULL is None.
-fn bound_count(
-    params: &Params,
-    p: u16,
-    what: &str,
-    negative: &str,
-) -> Result<Option<u64>, Refusal> {
+/// A LIMIT or OFFSET value: NULL is None (no limit), a negative one an error.
+fn row_count(n: Option<i64>, what: &str, negative: &str) -> Result<Option<u64>, Refusal> {
+    match n {
+        Some(n) if n < 0 => Err(Refusal::new(
+            negative,
+            format!("{what} must not be negative"),
+        )),
+        n => Ok(n.map(|n| n as u64)),
+    }
+}
+
+/// The value of a LIMIT/OFFSET expression over the Bind's parameters.
+fn evaluate(e: &CountExpr, params: &Params, what: &str) -> Result<Option<i64>, Refusal> {
+    e.eval(&mut |p| bound_int(params, p, what))
+        .map_err(|e| match e {
+            CountError::Param(r) => r,
+            CountError::Overflow => Refusal::new("22003", format!("{what}: bigint out of range")),
+            CountError::DivisionByZero => {
+                Refusal::new("22012", format!("{what}: division by zero"))
+            }
+        })
+}
+
+/// The integer parameter `p` (1-based) is bound to: text or binary int2/4/8; NULL is None.
+fn bound_int(params: &Params, p: u16, what: &str) -> Result<Option<i64>, Refusal> {
     let i = usize::from(p) - 1;
     let value = params.values.get(i).ok_or_else(|| {
         Refusal::new(
@@ -205,15 +229,8 @@ fn bound_count(
         (_, 2) => Some(i16::from_be_bytes(v[..2].try_into().expect("2 bytes")).into()),
         _ => None,
     };
-    let n =
-        n.ok_or_else(|| Refusal::new("22P02", format!("{what} parameter ${p} is not an integer")))?;
-    if n < 0 {
-        return Err(Refusal::new(
-            negative,
-            format!("{what} must not be negative"),
-        ));
-    }
-    Ok(Some(n as u64))
+    n.map(Some)
+        .ok_or_else(|| Refusal::new("22P02", format!("{what} parameter ${p} is not an integer")))
 }
 
 /// The Parse parameter-type section for a rewritten statement: the client's types, with
@@ -231,6 +248,8 @@ fn rewritten_param_types(types: &[u8], spec: &MergeSpec) -> Bytes {
         .get(..2)
         .map_or(0, |n| i16::from_be_bytes([n[0], n[1]]).max(0) as usize);
     oids.truncate(declared);
+    // Parameters inside LIMIT/OFFSET arithmetic stay in the rewritten text (the router keeps
+    // them there), so the server types them as it would the client's statement.
     for p in [spec.limit_param, spec.offset_param].into_iter().flatten() {
         let i = usize::from(p) - 1;
         if oids.len() <= i {
