@@ -118,7 +118,10 @@ impl<'a> Mover<'a> {
         }
         let share = match &req.unit {
             UnitSpec::RegionShare { region, from } => {
-                region_share(&map, dist, region, *from, &shards[*from]).await?
+                let link = shards
+                    .get(*from)
+                    .ok_or_else(|| MoveError::Refused(format!("--from {from} names no shard")))?;
+                region_share(&map, dist, region, *from, link).await?
             }
             _ => None,
         };
@@ -440,16 +443,16 @@ async fn region_share(
             return refuse(format!("table {table} has no hash_column, so its rows of region '{region}' cannot be told apart by member: give it one, or move the whole region"));
         };
         let ty: Option<String> = client
-            .query_one(
+            .query_opt(
                 "SELECT format_type(atttypid, NULL) FROM pg_attribute \
                  WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
                 &[&table, h],
             )
-            .await
-            .ok()
+            .await?
             .map(|r| r.get(0));
         let Some(ty) = ty else {
-            // A table the source lacks holds none of the share (`retain_existing`).
+            // A table the source lacks holds none of the share (`retain_existing`); one that
+            // lacks the column is refused by the validation of the move.
             continue;
         };
         let class = match ty.as_str() {
