@@ -1,6 +1,7 @@
 //! `shardctl verify`: every row of a distribution's tables is on the shard the map puts it on.
 //! Rows are counted on each shard's primary grouped by what decides placement (the bucket, a
-//! tenant of the directory, or the shard's own key ranges), so nothing is fetched row by row.
+//! tenant of the directory, the shard's own key ranges, or a region and the hash bucket within
+//! its group), so nothing is fetched row by row.
 //! A move checks its own unit (counts and checksums per bucket) at the switch; this checks the
 //! whole placement afterwards, e.g. after an abort, a restore, or writes that bypassed pgshard.
 
@@ -8,7 +9,7 @@ use super::{apply::table_ident, copy, MoveError, ShardLink};
 use crate::pghash;
 use crate::shardmap::config::{Bound, ShardingConfig, StrategyName};
 use crate::shardmap::motion::{range_predicate, sql_literal};
-use crate::shardmap::ShardMap;
+use crate::shardmap::{ShardMap, Strategy, TableRule};
 
 /// Rows of one table on one shard, and how many of them belong elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -122,12 +123,7 @@ pub async fn placement(
                         .await?;
                     (row.get(0), row.get(1))
                 }
-                StrategyName::Geo => {
-                    return Err(MoveError::Refused(format!(
-                        "distribution {} is geo; its placement is not verified yet",
-                        d.name
-                    )))
-                }
+                StrategyName::Geo => geo_counts(&c, shard, map, dist, &table, &col).await?,
             };
             out.push(TableCheck {
                 table: table.clone(),
@@ -138,6 +134,109 @@ pub async fn placement(
         }
     }
     Ok(out)
+}
+
+/// Rows and misplaced rows of a geo table on one shard, counted per region and, inside the
+/// regions whose group spans shards, per bucket of the table's hash column. An integer or
+/// uuid hash column is hashed in SQL; any other is fetched per distinct value of those
+/// regions and hashed here, as the routers hash a value of unknown type (by its shape).
+async fn geo_counts(
+    c: &tokio_postgres::Client,
+    shard: usize,
+    map: &ShardMap,
+    dist: usize,
+    table: &str,
+    col: &str,
+) -> Result<(i64, i64), MoveError> {
+    let Strategy::Geo {
+        regions, default, ..
+    } = &map.distributions[dist].strategy
+    else {
+        return Err(MoveError::Refused("not a geo distribution".into()));
+    };
+    let spread: Vec<String> = regions
+        .iter()
+        .filter(|(_, g)| g.len() > 1)
+        .map(|(r, _)| literal(r))
+        .collect();
+    let hash_column = match map.table(table) {
+        Some(TableRule::Sharded { hash_column, .. }) => hash_column.clone(),
+        _ => None,
+    };
+    // What tells the members of a group apart: a bucket, or the value itself.
+    let (within, hashed) = match &hash_column {
+        Some(h) if !spread.is_empty() || default.as_ref().is_some_and(|g| g.len() > 1) => {
+            let q = pghash::quote_ident(h)
+                .ok_or_else(|| MoveError::Refused(format!("cannot quote column {h}")))?;
+            let ty: Option<String> = c
+                .query_opt(
+                    "SELECT format_type(atttypid, NULL) FROM pg_attribute \
+                     WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+                    &[&table, h],
+                )
+                .await?
+                .map(|r| r.get(0));
+            let class = match ty.as_deref() {
+                Some("smallint" | "integer" | "bigint") => Some("int8"),
+                Some("uuid") => Some("uuid"),
+                _ => None,
+            };
+            match class.and_then(|t| pghash::bucket_sql(h, t, map.buckets)) {
+                Some(b) => (format!("(({b})::int8)::text"), true),
+                None => (format!("{q}::text"), false),
+            }
+        }
+        _ => ("NULL::text".to_string(), true),
+    };
+    // Rows of unlisted regions use the default group, which may span shards too.
+    let mut parts = Vec::new();
+    if !spread.is_empty() {
+        parts.push(format!("{col} IN ({})", spread.join(", ")));
+    }
+    if default.as_ref().is_some_and(|g| g.len() > 1) {
+        let listed: Vec<String> = regions.keys().map(|r| literal(r)).collect();
+        parts.push(format!("{col} NOT IN ({})", listed.join(", ")));
+    }
+    let needs_within = if parts.is_empty() {
+        "false".to_string()
+    } else {
+        parts.join(" OR ")
+    };
+    let sql = format!(
+        "SELECT {col}::text, CASE WHEN {needs_within} THEN {within} END, count(*) FROM {} GROUP BY 1, 2",
+        table_ident(table)?
+    );
+    let (mut rows, mut misplaced) = (0, 0);
+    for r in c.query(&sql, &[]).await? {
+        let (region, within, n): (Option<String>, Option<String>, i64) =
+            (r.get(0), r.get(1), r.get(2));
+        rows += n;
+        let group = region
+            .as_ref()
+            .and_then(|r| regions.get(r.as_bytes()).or(default.as_ref()));
+        let owner = match (group.map(Vec::as_slice), within) {
+            (Some([one]), _) => Some(*one),
+            (Some(g), Some(w)) => {
+                let bucket = if hashed {
+                    w.parse::<u32>().ok()
+                } else {
+                    pghash::bucket(&pghash::parse_loose(w.as_bytes(), false), map.buckets)
+                };
+                bucket.map(|b| g[b as usize * g.len() / map.buckets as usize])
+            }
+            // No region, an unlisted region without a default, or no hash column value.
+            _ => None,
+        };
+        if owner != Some(shard) {
+            misplaced += n;
+        }
+    }
+    Ok((rows, misplaced))
+}
+
+/// A region name as an SQL string literal.
+fn literal(region: &[u8]) -> String {
+    format!("'{}'", String::from_utf8_lossy(region).replace('\'', "''"))
 }
 
 fn bucket_owner(map: &ShardMap, dist: usize, bucket: i64) -> Option<usize> {

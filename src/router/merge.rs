@@ -248,7 +248,7 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
 enum Count {
     Constant(u64),
     Param(u16),
-    Computed(CountExpr, Expr),
+    Computed(CountExpr, Box<Expr>),
 }
 
 impl Count {
@@ -277,7 +277,7 @@ impl Count {
         match self {
             Count::Constant(n) => Expr::value(Value::Number(n.to_string(), false)),
             Count::Param(p) => Expr::value(Value::Placeholder(format!("${p}"))),
-            Count::Computed(_, e) => Expr::Nested(Box::new(e.clone())),
+            Count::Computed(_, e) => Expr::Nested(e.clone()),
         }
     }
 }
@@ -322,9 +322,9 @@ fn count(e: &Expr) -> Result<Option<Count>, String> {
         c if params.is_empty() => match c.eval(&mut |_| Ok::<_, ()>(None)) {
             Ok(Some(n)) if n >= 0 => Count::Constant(n as u64),
             // Negative, or an error: the shards evaluate it too and report it.
-            _ => Count::Computed(c, e.clone()),
+            _ => Count::Computed(c, Box::new(e.clone())),
         },
-        c => Count::Computed(c, e.clone()),
+        c => Count::Computed(c, Box::new(e.clone())),
     }))
 }
 

@@ -48,7 +48,7 @@ enum Command {
     Map,
     /// Re-read the router's config file.
     Reload,
-    /// Move a unit (one tenant, or hash buckets) of a distribution to another shard while
+    /// Move a unit (a tenant, hash buckets, a key range, a region or a share of one) of a distribution to another shard while
     /// routers keep serving it: copy, catch up, fence, switch, verify, clean up.
     /// Exit status: 0 done, 2 refused or aborted (no trace left), 3 switched but verification
     /// failed, 4 stopped by a test hook.
@@ -73,7 +73,7 @@ enum Command {
     },
     /// Check that every row of a distribution's tables (all distributions without
     /// --distribution) is on the shard the catalog's map puts it on. Exit status: 0 all placed,
-    /// 3 rows misplaced, 2 a distribution could not be checked (a move in flight, geo).
+    /// 3 rows misplaced, 2 a distribution could not be checked (a move in flight).
     Verify {
         #[arg(long)]
         distribution: Option<String>,

@@ -61,10 +61,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             Placement::Same(s) => s.clone(),
             Placement::ByKey { .. } => (0..self.map.shards).collect(),
         };
-        if matches!(placement, Placement::ByKey { .. }) {
-            if spec.header && spec.headerless_sql.is_none() {
-                return Err(Refusal::new("0A000", "this COPY … HEADER cannot be passed on without its HEADER option: drop the header line and the option").into());
-            }
+        if matches!(placement, Placement::ByKey { .. })
+            && spec.header
+            && spec.headerless_sql.is_none()
+        {
+            return Err(Refusal::new("0A000", "this COPY … HEADER cannot be passed on without its HEADER option: drop the header line and the option").into());
         }
         let implicit = !self.tx.active();
         if implicit {

@@ -84,6 +84,41 @@ pub(super) async fn move_region(
         (300..700).contains(&na_on_1),
         "the seed spread region na over both shards ({na_on_1} of 1000 on shard 1)"
     );
+    // shardctl verify checks a spread region per bucket of its hash column: the seeds are
+    // placed right, and a row written past pgshard onto the other member is found.
+    let v = verify_geo(h, config).await?;
+    ensure!(
+        v.0 == Some(0) && v.1.contains("mvg | mv_geo | 1 |"),
+        "verify of the geo distribution: {v:?}"
+    );
+    let mut stray = None;
+    for id in 900_000..900_050i64 {
+        let sql = format!("SELECT * FROM mv_geo WHERE region = 'na' AND id = {id}");
+        if one(&admin, &route(&sql)).await? == "0" {
+            stray = Some(id);
+            break;
+        }
+    }
+    let stray = stray.ok_or("no na id of shard 0 among 50")?;
+    s1.batch_execute(&format!(
+        "INSERT INTO mv_geo (region, id, v) VALUES ('na', {stray}, 0)"
+    ))
+    .await
+    .pgx("stray row")?;
+    let v = verify_geo(h, config).await?;
+    s1.batch_execute(&format!(
+        "DELETE FROM mv_geo WHERE region = 'na' AND id = {stray}"
+    ))
+    .await
+    .pgx("stray row gone")?;
+    ensure!(
+        v.0 == Some(3)
+            && v.1
+                .lines()
+                .any(|l| l.contains("mvg | mv_geo | 1 |") && l.ends_with("| 1")),
+        "verify finds na row {stray} on shard 1 instead of 0: {v:?}"
+    );
+
     let (truth, reads) = under_writers(ports, config, h, "na", 0, &["--from", "1"]).await?;
     let left = one(&s1, "SELECT count(*) FROM mv_geo WHERE region = 'na'").await?;
     ensure!(left == "0", "shard 1 keeps {left} na rows");
@@ -104,6 +139,31 @@ pub(super) async fn move_region(
         truth.len()
     );
     Ok(())
+}
+
+/// `shardctl verify --distribution mvg`: its exit status and output.
+async fn verify_geo(
+    h: &Harness,
+    config: &std::path::Path,
+) -> Result<(Option<i32>, String), String> {
+    let (d, cfg) = (dsn(h), config.display().to_string());
+    let v = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+            .args(["--catalog", &d, "verify", "--distribution", "mvg"])
+            .args(["--config", &cfg, "--database", "shop"])
+            .output()
+    })
+    .await
+    .ctx("verify")?
+    .map_err(|e| format!("run shardctl: {e}"))?;
+    Ok((
+        v.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        ),
+    ))
 }
 
 /// Shard `c` holds exactly the rows of `region` in `truth` (id → v).
