@@ -15,6 +15,32 @@ pub async fn exists(c: &Client, table: &str) -> Result<bool, MoveError> {
     )
 }
 
+/// The type of `column` of `table` on this server (`format_type`); None if either is missing.
+pub async fn column_type(
+    c: &Client,
+    table: &str,
+    column: &str,
+) -> Result<Option<String>, MoveError> {
+    Ok(c.query_opt(
+        "SELECT format_type(atttypid, NULL) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+        &[&table, &column],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}
+
+/// How a geo hash column of type `ty` is hashed in SQL the way the routers hash its values:
+/// "int8" for every integer width, "uuid"; None for other types (the routers hash those by
+/// the value's shape, which SQL cannot mirror).
+pub fn hash_class(ty: &str) -> Option<&'static str> {
+    match ty {
+        "smallint" | "integer" | "bigint" => Some("int8"),
+        "uuid" => Some("uuid"),
+        _ => None,
+    }
+}
+
 /// Refuses a table whose primary key lacks the sharding key (a row-filtered publication would
 /// then break UPDATE and DELETE on the source), or whose columns differ on the target.
 pub async fn validate(

@@ -442,23 +442,13 @@ async fn region_share(
         else {
             return refuse(format!("table {table} has no hash_column, so its rows of region '{region}' cannot be told apart by member: give it one, or move the whole region"));
         };
-        let ty: Option<String> = client
-            .query_opt(
-                "SELECT format_type(atttypid, NULL) FROM pg_attribute \
-                 WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
-                &[&table, h],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let Some(ty) = ty else {
+        let Some(ty) = copy::column_type(&client, &table, h).await? else {
             // A table the source lacks holds none of the share (`retain_existing`); one that
             // lacks the column is refused by the validation of the move.
             continue;
         };
-        let class = match ty.as_str() {
-            "smallint" | "integer" | "bigint" => "int8",
-            "uuid" => "uuid",
-            _ => return refuse(format!("table {table}'s hash column {h} is {ty}: a share of a region's group moves only with integer or uuid hash columns (text that looks like a number is hashed as a number by the routers, which SQL cannot mirror); move the whole region")),
+        let Some(class) = copy::hash_class(&ty) else {
+            return refuse(format!("table {table}'s hash column {h} is {ty}: a share of a region's group moves only with integer or uuid hash columns (text that looks like a number is hashed as a number by the routers, which SQL cannot mirror); move the whole region"));
         };
         if hash_type.is_some_and(|t| t != class) {
             return refuse(format!(

@@ -168,19 +168,9 @@ async fn geo_counts(
         Some(h) if !spread.is_empty() || default.as_ref().is_some_and(|g| g.len() > 1) => {
             let q = pghash::quote_ident(h)
                 .ok_or_else(|| MoveError::Refused(format!("cannot quote column {h}")))?;
-            let ty: Option<String> = c
-                .query_opt(
-                    "SELECT format_type(atttypid, NULL) FROM pg_attribute \
-                     WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
-                    &[&table, h],
-                )
+            let class = copy::column_type(c, table, h)
                 .await?
-                .map(|r| r.get(0));
-            let class = match ty.as_deref() {
-                Some("smallint" | "integer" | "bigint") => Some("int8"),
-                Some("uuid") => Some("uuid"),
-                _ => None,
-            };
+                .and_then(|t| copy::hash_class(&t));
             match class.and_then(|t| pghash::bucket_sql(h, t, map.buckets)) {
                 Some(b) => (format!("(({b})::int8)::text"), true),
                 None => (format!("{q}::text"), false),
