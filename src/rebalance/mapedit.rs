@@ -23,16 +23,15 @@ pub(super) fn switch(s: &mut ShardingConfig, unit: &MoveConfig, target: usize, o
     };
     if let Some(t) = &unit.tenant {
         if d.strategy == StrategyName::Geo {
-            let buckets = s.buckets as usize;
+            let buckets = s.buckets;
             match d.regions.get_mut(t) {
-                // A share: its members (a group hashes bucket b to member b * n / buckets)
-                // become `target`; the config keeps the group's length, so an undo can hand
+                // A share: the members its hash buckets go to become `target`; the config keeps the group's length, so an undo can hand
                 // them back even when every member is now one shard.
                 Some(group) if !unit.buckets.is_empty() => {
                     let n = group.len();
                     for &[lo, hi] in &unit.buckets {
-                        for b in lo as usize..=hi as usize {
-                            group[b * n / buckets] = target;
+                        for b in lo..=hi {
+                            group[crate::shardmap::group_member(n, b, buckets)] = target;
                         }
                     }
                 }

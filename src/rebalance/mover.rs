@@ -423,10 +423,10 @@ async fn region_share(
     if group.iter().all(|&s| s == from) {
         return Ok(None);
     }
-    let (n, b) = (group.len(), map.buckets as usize);
+    let n = group.len();
     let mut ranges: Vec<[u32; 2]> = Vec::new();
-    for bucket in (0..b).filter(|&x| group[x * n / b] == from) {
-        let bucket = bucket as u32;
+    let member = |b: u32| group[crate::shardmap::group_member(n, b, map.buckets)];
+    for bucket in (0..map.buckets).filter(|&b| member(b) == from) {
         match ranges.last_mut() {
             Some(r) if r[1] + 1 == bucket => r[1] = bucket,
             _ => ranges.push([bucket, bucket]),

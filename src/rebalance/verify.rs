@@ -212,7 +212,7 @@ async fn geo_counts(
                 } else {
                     pghash::bucket(&pghash::parse_loose(w.as_bytes(), false), map.buckets)
                 };
-                bucket.map(|b| g[b as usize * g.len() / map.buckets as usize])
+                bucket.map(|b| g[crate::shardmap::group_member(g.len(), b, map.buckets)])
             }
             // No region, an unlisted region without a default, or no hash column value.
             _ => None,

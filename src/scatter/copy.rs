@@ -23,9 +23,6 @@ pub enum CopyFormat {
     Binary,
 }
 
-/// The binary COPY signature every file header starts with.
-const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
-
 /// The header each shard's binary COPY starts with: the signature, no flags, no extension.
 pub const BINARY_HEADER: [u8; 19] = *b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
@@ -247,7 +244,8 @@ impl CopySplitter {
             let (Some(flags), Some(ext)) = (be32(11), be32(15)) else {
                 return Ok(None);
             };
-            if &data[..11] != SIGNATURE {
+            // Every binary file header starts with the 11-byte signature ours starts with.
+            if data[..11] != BINARY_HEADER[..11] {
                 return Err(bad(
                     0,
                     "not binary COPY data (the file signature is missing)".into(),

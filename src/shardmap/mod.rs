@@ -431,9 +431,9 @@ impl ShardMap {
                 };
                 match (group.len(), within) {
                     (1, _) => Located::One(group[0]),
-                    (n, Some(w)) => {
-                        let b = pghash::bucket(w, self.buckets).unwrap_or(0) as usize;
-                        Located::One(group[b * n / self.buckets as usize])
+                    (_, Some(w)) => {
+                        let b = pghash::bucket(w, self.buckets).unwrap_or(0);
+                        Located::One(group[group_member(group.len(), b, self.buckets)])
                     }
                     (_, None) => Located::Group(group.clone()),
                 }
@@ -531,6 +531,12 @@ pub fn range_entry(
         };
         low && high
     })
+}
+
+/// The member of a geo group of `n` shards that hash bucket `bucket` (of `buckets`) goes to:
+/// equal contiguous slices of the buckets, in the group's order.
+pub fn group_member(n: usize, bucket: u32, buckets: u32) -> usize {
+    bucket as usize * n / buckets as usize
 }
 
 /// A key as shown in an error message.

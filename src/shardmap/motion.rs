@@ -360,7 +360,7 @@ pub(super) fn build(
                                     "bucket range {lo}-{hi} is out of bounds ({buckets} buckets)"
                                 ));
                             }
-                            let member = |b: u32| group[b as usize * n / buckets as usize];
+                            let member = |b: u32| group[super::group_member(n, b, buckets)];
                             if let Some(b) = (lo..=hi).find(|&b| member(b) != here) {
                                 return bad(format!(
                                     "hash bucket {b} of region '{r}' is on shard {}, not {here}",
