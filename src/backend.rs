@@ -271,6 +271,19 @@ impl ServerConn {
         }
     }
 
+    /// Waits until one whole message is buffered in `rbuf` and returns its type and length;
+    /// the caller reads it in place and consumes it (no copy, no allocation per message).
+    pub async fn buffer_frame(&mut self, max: usize) -> Result<(u8, usize), BackendError> {
+        loop {
+            if let Some(m) = self.rbuf.peek(max)? {
+                return Ok(m);
+            }
+            if self.rbuf.fill(&mut self.stream).await? == 0 {
+                return Err(BackendError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
     /// Runs simple-query SQL whose results are not wanted, up to ReadyForQuery; fails on error.
     pub async fn exec_quiet(&mut self, sql: &str, max: usize) -> Result<(), BackendError> {
         let mut out = BytesMut::new();

@@ -88,16 +88,25 @@ impl KeyType {
     /// Accepts PostgreSQL's internal names and the SQL spellings `format_type` and
     /// information_schema report, so callers can pass either.
     fn from_name(ty: &str) -> Option<KeyType> {
-        let t = ty.trim().to_ascii_lowercase();
-        Some(match t.as_str() {
-            "int2" | "smallint" => KeyType::Int2,
-            "int4" | "integer" | "int" => KeyType::Int4,
-            "int8" | "bigint" => KeyType::Int8,
-            "text" => KeyType::Text,
-            "varchar" | "character varying" => KeyType::Varchar,
-            "uuid" => KeyType::Uuid,
-            _ => return None,
-        })
+        // Compared in place: this runs for every key routed, so it must not allocate.
+        const NAMES: [(&str, KeyType); 11] = [
+            ("int2", KeyType::Int2),
+            ("smallint", KeyType::Int2),
+            ("int4", KeyType::Int4),
+            ("integer", KeyType::Int4),
+            ("int", KeyType::Int4),
+            ("int8", KeyType::Int8),
+            ("bigint", KeyType::Int8),
+            ("text", KeyType::Text),
+            ("varchar", KeyType::Varchar),
+            ("character varying", KeyType::Varchar),
+            ("uuid", KeyType::Uuid),
+        ];
+        let t = ty.trim();
+        NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(t))
+            .map(|&(_, k)| k)
     }
 
     fn name(self) -> &'static str {

@@ -54,7 +54,7 @@ impl InsertSplit {
         };
         let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, (key, within)) in self.rows.iter().enumerate() {
-            let mut shards = Vec::new();
+            let mut shards = super::ShardList::new();
             locate_expr(map, self.dist, key, within.as_ref(), &p, &mut shards)?;
             shards.dedup();
             let [shard] = shards[..] else {

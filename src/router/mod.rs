@@ -171,6 +171,9 @@ pub enum Hint {
     Key(String),
 }
 
+/// A short list of shard numbers, kept inline: routing one statement must not allocate.
+pub type ShardList = smallvec::SmallVec<[usize; 4]>;
+
 /// The shards a routed statement runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {

@@ -1,6 +1,6 @@
 //! A plan plus Bind parameters → the shards to run on.
 
-use super::{Hint, KeyExpr, Params, Plan, Route, RouteError, Target};
+use super::{Hint, KeyExpr, Params, Plan, Route, RouteError, ShardList, Target};
 use crate::pghash::KeyValue;
 use crate::shardmap::{Located, MapError, ShardMap, TableRule};
 
@@ -17,7 +17,7 @@ pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, Rou
             })
         }
         Route::Keys { dist, keys, within } => {
-            let mut shards = Vec::new();
+            let mut shards = ShardList::new();
             for k in keys {
                 locate_expr(map, *dist, k, within.as_ref(), params, &mut shards)?;
             }
@@ -27,7 +27,7 @@ pub fn route(plan: &Plan, map: &ShardMap, params: &Params) -> Result<Target, Rou
                 [one] => Target::One(*one),
                 // `= ANY('{}')` matches no row: any one shard answers that correctly.
                 [] => Target::One(0),
-                _ => Target::Some(shards),
+                _ => Target::Some(shards.into_vec()),
             }
         }
         Route::AllShards | Route::Reference { write: true } => Target::All,
@@ -72,7 +72,7 @@ fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
                     )))
                 }
             };
-            let mut shards = Vec::new();
+            let mut shards = ShardList::new();
             locate_expr(
                 map,
                 dist,
@@ -83,7 +83,7 @@ fn hinted(h: &Hint, plan: &Plan, map: &ShardMap) -> Result<Target, RouteError> {
             )?;
             match shards.as_slice() {
                 [one] => Ok(Target::One(*one)),
-                _ => Ok(Target::Some(shards)),
+                _ => Ok(Target::Some(shards.into_vec())),
             }
         }
     }
@@ -129,7 +129,7 @@ pub(super) fn locate_expr(
     key: &KeyExpr,
     within: Option<&KeyExpr>,
     params: &Params,
-    out: &mut Vec<usize>,
+    out: &mut ShardList,
 ) -> Result<(), RouteError> {
     let within_buf;
     let within_key = match within {

@@ -21,6 +21,9 @@ struct Reader {
     error: bool,
 }
 
+/// The shards one exchange reads, inline for the usual one or two.
+type Readers = smallvec::SmallVec<[Reader; 2]>;
+
 /// Where a shard's message goes.
 enum Dest {
     Client,
@@ -139,7 +142,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         for &s in shards {
             self.conn(s).await?;
         }
-        let mut readers = Vec::with_capacity(shards.len());
+        let mut readers = Readers::new();
         let r = self
             .exchange_io(shards, sql, merger, writes, batch, &mut readers)
             .await;
@@ -161,11 +164,12 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         mut merger: Option<Merger>,
         writes: bool,
         batch: Option<&Batch>,
-        readers: &mut Vec<Reader>,
+        readers: &mut Readers,
     ) -> Result<(), Failure> {
         let shadow = std::mem::take(&mut self.shadow);
         for &s in shards {
-            let mut payload = BytesMut::new();
+            let mut payload = std::mem::take(&mut self.send_buf);
+            payload.clear();
             let mut flags = VecDeque::new();
             let over = shadow.iter().find(|o| o.shard == s);
             match batch {
@@ -182,7 +186,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 None => messages::query(&mut payload, over.map_or(sql, |o| &*o.sql)),
             }
             let co = self.conns[s].as_mut().expect("held");
-            if let Err(e) = co.conn.stream.write_all(&payload).await {
+            let sent = co.conn.stream.write_all(&payload).await;
+            if payload.capacity() <= super::KEEP_BUF {
+                self.send_buf = payload;
+            }
+            if let Err(e) = sent {
                 return Err(self.lost(s, &e.to_string()));
             }
             if writes {
@@ -207,7 +215,12 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     break;
                 }
                 let f = self.read_msg(readers[idx].shard).await?;
-                match self.route_msg(&mut readers[idx], lead, f.tag, true, &f.raw) {
+                if f.tag == b'Z' {
+                    if let Some(co) = self.conns[readers[idx].shard].as_mut() {
+                        co.conn.tx_status = f.raw.get(5).copied().unwrap_or(b'I');
+                    }
+                }
+                match route_msg(&mut readers[idx], lead, f.tag, true) {
                     Dest::Client => self.out.extend_from_slice(&f.raw),
                     Dest::Drop => {}
                     Dest::Merge => {
@@ -233,26 +246,46 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 }
             }
         }
-        // Drain every shard to its ReadyForQuery (single shard: forwarding everything).
+        // Drain every shard to its ReadyForQuery (single shard: forwarding everything), each
+        // message read where it was received.
         let single = merger.is_none();
+        let described = batch.and_then(|b| b.stmt.as_ref()).map(|s| s.def.key);
         for r in readers.iter_mut() {
             while !r.done {
-                let f = self.read_msg(r.shard).await?;
-                let dest = self.route_msg(r, lead, f.tag, !single, &f.raw);
-                if f.tag == b'T' && single {
-                    if let Some(stmt) = batch.and_then(|b| b.stmt.as_ref()) {
-                        self.ext.row_descs.insert(stmt.def.key, f.raw.clone());
+                let (tag, len) = self.buffered_msg(r.shard).await?;
+                let co = self.conns[r.shard].as_mut().expect("held");
+                let received = &co.conn.rbuf.buf[..len];
+                // The server's connection ends, the client's does not: it hears an ERROR.
+                let demoted = (tag == b'E')
+                    .then(|| messages::demote_fatal(received))
+                    .flatten();
+                let raw = demoted.as_deref().unwrap_or(received);
+                let dest = route_msg(r, lead, tag, !single);
+                if tag == b'Z' {
+                    co.conn.tx_status = raw.get(5).copied().unwrap_or(b'I');
+                }
+                if let (b'T', true, Some(key)) = (tag, single, described) {
+                    if self
+                        .ext
+                        .row_descs
+                        .get(&key)
+                        .is_none_or(|d| d[..] != raw[..])
+                    {
+                        self.ext
+                            .row_descs
+                            .insert(key, bytes::Bytes::copy_from_slice(raw));
                     }
                 }
                 if single || r.error {
                     if matches!(dest, Dest::Client | Dest::Merge) {
-                        self.out.extend_from_slice(&f.raw);
+                        self.out.extend_from_slice(raw);
                     }
-                } else if f.tag == b'E' && merge_failed.is_none() {
+                } else if tag == b'E' && merge_failed.is_none() {
                     // An error from a shard the merge had already finished with.
-                    self.out.extend_from_slice(&f.raw);
+                    self.out.extend_from_slice(raw);
                     merge_failed = Some(Refusal::new("", ""));
                 }
+                co.conn.rbuf.consume(len);
                 if let Err(end) = self.maybe_flush().await {
                     return Err(Failure::End(end));
                 }
@@ -279,45 +312,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
     }
 
-    /// Decides where one message of a shard's response goes, updating the reader's state.
-    fn route_msg(
-        &mut self,
-        r: &mut Reader,
-        lead: usize,
-        tag: u8,
-        merging: bool,
-        raw: &[u8],
-    ) -> Dest {
-        let is_lead = r.shard == lead;
-        match tag {
-            b'Z' => {
-                r.done = true;
-                if let Some(co) = self.conns[r.shard].as_mut() {
-                    co.conn.tx_status = raw.get(5).copied().unwrap_or(b'I');
-                }
-                Dest::Drop
-            }
-            b'1' | b'3' => {
-                if r.flags.pop_front().unwrap_or(false) || !is_lead {
-                    Dest::Drop
-                } else {
-                    Dest::Client
-                }
-            }
-            b'E' => {
-                r.error = true;
-                if merging {
-                    Dest::Merge
-                } else {
-                    Dest::Client
-                }
-            }
-            b'T' | b'D' | b'C' | b'I' | b's' | b'H' | b'd' | b'c' if merging => Dest::Merge,
-            // Every shard sends the same notices for the same statement: one copy is enough.
-            b'N' if merging && !is_lead => Dest::Drop,
-            b'N' | b'A' => Dest::Client,
-            _ if is_lead => Dest::Client,
-            _ => Dest::Drop,
+    /// Waits for one whole message from a shard, left in its read buffer: (type, length).
+    async fn buffered_msg(&mut self, shard: usize) -> Result<(u8, usize), Failure> {
+        let max = self.max_msg;
+        let co = self.conns[shard].as_mut().expect("held");
+        match co.conn.buffer_frame(max).await {
+            Ok(m) => Ok(m),
+            Err(e) => Err(self.lost(shard, &e.to_string())),
         }
     }
 
@@ -474,4 +475,37 @@ fn scan_tag_and_error(buf: &[u8]) -> (Option<u64>, Option<Vec<u8>>) {
         i = end;
     }
     (rows, None)
+}
+
+/// Decides where one message of a shard's response goes, updating the reader's state (the
+/// caller records a ReadyForQuery's transaction status).
+fn route_msg(r: &mut Reader, lead: usize, tag: u8, merging: bool) -> Dest {
+    let is_lead = r.shard == lead;
+    match tag {
+        b'Z' => {
+            r.done = true;
+            Dest::Drop
+        }
+        b'1' | b'3' => {
+            if r.flags.pop_front().unwrap_or(false) || !is_lead {
+                Dest::Drop
+            } else {
+                Dest::Client
+            }
+        }
+        b'E' => {
+            r.error = true;
+            if merging {
+                Dest::Merge
+            } else {
+                Dest::Client
+            }
+        }
+        b'T' | b'D' | b'C' | b'I' | b's' | b'H' | b'd' | b'c' if merging => Dest::Merge,
+        // Every shard sends the same notices for the same statement: one copy is enough.
+        b'N' if merging && !is_lead => Dest::Drop,
+        b'N' | b'A' => Dest::Client,
+        _ if is_lead => Dest::Client,
+        _ => Dest::Drop,
+    }
 }

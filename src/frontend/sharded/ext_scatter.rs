@@ -88,7 +88,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         let Some(bind) = &seg.bind else {
             return Ok(true);
         };
-        let describes = seg.msgs.iter().any(|m| m[0] == b'D');
+        let describes = seg.msgs().any(|m| m[0] == b'D');
         let desc = match self.ext.row_descs.get(&lead_def.key) {
             Some(d) => Some(d.clone()),
             None if merger.needs_row_shape() && !describes => {

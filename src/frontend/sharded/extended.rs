@@ -9,6 +9,7 @@ use crate::prepared::StatementDef;
 use crate::protocol::{messages, parse_parse, statement_ref, Cursor};
 use crate::router::Plan;
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -24,8 +25,6 @@ pub struct Stmt {
 pub struct ExtendedState {
     /// The batch's messages back to back (one buffer rather than an allocation per message).
     pending: BytesMut,
-    /// Length of each message in `pending`.
-    pending_lens: Vec<usize>,
     statements: HashMap<Box<[u8]>, Stmt>,
     /// RowDescription of each statement a shard described, by statement key: a multi-shard
     /// Execute needs the column types to merge, and its response does not carry them.
@@ -39,47 +38,55 @@ impl ExtendedState {
     /// Queues a message until the batch's Sync.
     pub fn push(&mut self, _tag: u8, msg: &[u8]) {
         self.pending.extend_from_slice(msg);
-        self.pending_lens.push(msg.len());
     }
 
-    /// Takes the queued messages, each a slice of one shared buffer.
-    pub fn take(&mut self) -> Vec<Bytes> {
-        let all = self.pending.split().freeze();
-        let mut at = 0;
-        let msgs = self
-            .pending_lens
-            .iter()
-            .map(|&n| {
-                at += n;
-                all.slice(at - n..at)
-            })
-            .collect();
-        self.pending_lens.clear();
-        msgs
+    /// Takes the queued messages, back to back.
+    pub fn take(&mut self) -> Bytes {
+        self.pending.split().freeze()
     }
 
     /// Drops the queued messages.
     pub fn clear(&mut self) {
         self.pending.clear();
-        self.pending_lens.clear();
     }
+}
+
+/// Whole protocol messages laid back to back, as (offset, message) pairs.
+fn messages_in(raw: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let head = raw.get(at..at + 5)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize + 1;
+        let m = raw.get(at..at + len)?;
+        at += len;
+        Some((at - len, m))
+    })
 }
 
 /// One segment of a batch: messages up to and including an Execute (or the tail after the
 /// last one), with the statement and parameters that route it.
 pub struct Batch {
-    pub msgs: Vec<Bytes>,
+    /// The segment's messages back to back, as the client framed them.
+    raw: Bytes,
     pub stmt: Option<Stmt>,
     /// The Bind of the executed portal, kept for its parameters.
     pub bind: Option<Bytes>,
     pub executes: bool,
 }
 
+/// The segments of one batch: most batches have one.
+pub type Segments = SmallVec<[Batch; 2]>;
+
 impl Batch {
+    /// The segment's messages, in order.
+    pub fn msgs(&self) -> impl Iterator<Item = &[u8]> {
+        messages_in(&self.raw).map(|(_, m)| m)
+    }
+
     /// Responses pgshard gives itself for a segment it answers without a server
     /// (BEGIN/COMMIT/ROLLBACK/SET sent with the extended protocol).
     pub fn synthetic_prefix(&self, out: &mut BytesMut) {
-        for m in &self.msgs {
+        for m in self.msgs() {
             match m[0] {
                 b'P' => messages::empty_message(out, b'1'),
                 b'B' => messages::empty_message(out, b'2'),
@@ -117,8 +124,8 @@ pub fn bind_result_formats(bind: &[u8]) -> Vec<i16> {
     skip().unwrap_or_default()
 }
 
-/// A Bind's parameter format codes and values (None = NULL).
-pub type BindParams<'a> = (Vec<i16>, Vec<Option<&'a [u8]>>);
+/// A Bind's parameter format codes and values (None = NULL), inline for the usual few.
+pub type BindParams<'a> = (SmallVec<[i16; 8]>, SmallVec<[Option<&'a [u8]>; 8]>);
 
 /// The parameters of a Bind body: (format codes, values).
 pub fn bind_params(bind: &[u8]) -> Option<BindParams<'_>> {
@@ -126,12 +133,12 @@ pub fn bind_params(bind: &[u8]) -> Option<BindParams<'_>> {
     c.cstr()?;
     c.cstr()?;
     let nf = c.i16()?.max(0) as usize;
-    let mut formats = Vec::with_capacity(nf);
+    let mut formats = SmallVec::with_capacity(nf);
     for _ in 0..nf {
         formats.push(c.i16()?);
     }
     let np = c.i16()?.max(0) as usize;
-    let mut values = Vec::with_capacity(np);
+    let mut values = SmallVec::with_capacity(np);
     for _ in 0..np {
         let len = c.i32()?;
         values.push(if len < 0 {
@@ -175,12 +182,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     }
 
     /// Splits a batch at its Executes and resolves the statement each segment runs.
-    fn segments(&mut self, msgs: Vec<Bytes>) -> Result<Vec<Batch>, Failure> {
-        let mut out = Vec::new();
-        let mut cur = Vec::new();
-        let mut portals: HashMap<Vec<u8>, (Option<Stmt>, Bytes)> = HashMap::new();
+    fn segments(&mut self, all: Bytes) -> Result<Segments, Failure> {
+        let mut out = Segments::new();
+        let mut start = 0;
+        // Portals bound in this batch (name, statement, Bind); the latest binding of a name wins.
+        let mut portals: SmallVec<[(&[u8], Stmt, Bytes); 2]> = SmallVec::new();
         let mut last_stmt: Option<Stmt> = None;
-        for m in msgs {
+        for (at, m) in messages_in(&all) {
             let tag = m[0];
             match tag {
                 b'P' => {
@@ -199,10 +207,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 }
                 b'B' => {
                     let mut c = Cursor::new(&m[5..]);
-                    let portal = c.cstr().unwrap_or_default().to_vec();
+                    let portal = c.cstr().unwrap_or_default();
                     let name = c.cstr().unwrap_or_default();
-                    let stmt = self.ext.statements.get(name).cloned();
-                    if stmt.is_none() {
+                    let Some(stmt) = self.ext.statements.get(name).cloned() else {
                         return Err(Refusal::new(
                             "26000",
                             format!(
@@ -211,9 +218,13 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                             ),
                         )
                         .into());
+                    };
+                    last_stmt = Some(stmt.clone());
+                    let bind = all.slice(at..at + m.len());
+                    match portals.iter_mut().find(|(p, _, _)| *p == portal) {
+                        Some(slot) => *slot = (portal, stmt, bind),
+                        None => portals.push((portal, stmt, bind)),
                     }
-                    last_stmt = stmt.clone();
-                    portals.insert(portal, (stmt, m.clone()));
                 }
                 b'D' | b'C' => {
                     if let Some((_, name, _)) = statement_ref(tag, &m[5..]) {
@@ -224,23 +235,24 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 }
                 _ => {}
             }
-            cur.push(m.clone());
             if tag == b'E' {
-                let portal = Cursor::new(&m[5..]).cstr().unwrap_or_default().to_vec();
-                let Some((stmt, bind)) = portals.get(&portal).cloned() else {
+                let portal = Cursor::new(&m[5..]).cstr().unwrap_or_default();
+                let Some((_, stmt, bind)) = portals.iter().find(|(p, _, _)| *p == portal) else {
                     return Err(Refusal::new("34000", "portal was not bound in this batch; pgshard needs Bind and Execute before the same Sync").into());
                 };
+                let end = at + m.len();
                 out.push(Batch {
-                    msgs: std::mem::take(&mut cur),
-                    stmt,
-                    bind: Some(bind),
+                    raw: all.slice(start..end),
+                    stmt: Some(stmt.clone()),
+                    bind: Some(bind.clone()),
                     executes: true,
                 });
+                start = end;
             }
         }
-        if !cur.is_empty() {
+        if start < all.len() {
             out.push(Batch {
-                msgs: cur,
+                raw: all.slice(start..),
                 stmt: last_stmt,
                 bind: None,
                 executes: false,
@@ -266,9 +278,9 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         }
         // Checked at Parse.
         let text = std::str::from_utf8(&stmt.def.text).unwrap_or_default();
-        let bind = seg.bind.clone().expect("executing segments have a Bind");
+        let bind = seg.bind.as_ref().expect("executing segments have a Bind");
         let (formats, values) =
-            bind_params(&bind).ok_or_else(|| Refusal::new("08P01", "malformed Bind"))?;
+            bind_params(bind).ok_or_else(|| Refusal::new("08P01", "malformed Bind"))?;
         let params = crate::router::Params {
             values: &values,
             formats: &formats,
@@ -306,7 +318,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         };
         let replaced = over.and_then(|o| Some((seg.stmt.as_ref()?.def.key, o)));
         let mut unnamed_parsed = false;
-        for m in &seg.msgs {
+        for m in seg.msgs() {
             let tag = m[0];
             let name = match tag {
                 b'P' => parse_parse(&m[5..]).map(|(n, _, _)| n),

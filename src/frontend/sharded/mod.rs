@@ -23,9 +23,10 @@ use crate::params::SessionParams;
 use crate::pool::{Checkout, Pool};
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::{Cursor, FrameBuf};
-use crate::router::{Kind, Plan};
+use crate::router::{Kind, Plan, ShardList};
 use crate::shardmap::ShardMap;
 use bytes::BytesMut;
+use smallvec::SmallVec;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
@@ -33,6 +34,9 @@ pub use tx::{TxState, GID_PREFIX};
 
 /// Write buffered client output once it grows past this, so large results stream.
 const FLUSH_AT: usize = 64 * 1024;
+/// The largest scratch buffer a session keeps between requests (so a request does not
+/// allocate one); a bigger one, left by an unusually long statement, is let go.
+const KEEP_BUF: usize = 8 * 1024;
 
 /// A failure to report to the client as an ErrorResponse.
 #[derive(Debug, Clone)]
@@ -94,6 +98,10 @@ pub struct ShardedSession<R, W> {
     cw: W,
     cbuf: FrameBuf,
     out: BytesMut,
+    /// What is being sent to one shard, kept between requests so sending does not allocate.
+    send_buf: BytesMut,
+    /// A simple query's text with its literals stripped, kept between queries.
+    strip_buf: String,
     /// Server connection per shard, held while a transaction (or a COPY) needs it.
     conns: Vec<Option<Checkout>>,
     /// Server of the shard each held connection is to.
@@ -163,6 +171,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             cw,
             cbuf,
             out: BytesMut::new(),
+            send_buf: BytesMut::new(),
+            strip_buf: String::new(),
             conns,
             tx: TxState::default(),
             params: startup_params.clone(),
@@ -247,8 +257,11 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
             .await
             .map_err(|_| SessionEnd::ClientGone)?;
         self.cw.flush().await.map_err(|_| SessionEnd::ClientGone)?;
-        self.out = out;
-        self.out.clear();
+        // Kept for the next response unless a huge message grew it past the flush size.
+        if out.capacity() <= 2 * FLUSH_AT {
+            self.out = out;
+            self.out.clear();
+        }
         Ok(())
     }
 
@@ -280,7 +293,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                     self.ext.clear();
                     return self.settle(Err(refusal.into()), true);
                 }
-                let r = Box::pin(self.on_sync()).await;
+                let r = self.on_sync().await;
                 self.settle(r, true)
             }
             // COPY data outside a COPY: the server would ignore it too.
@@ -327,10 +340,17 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
     /// A simple Query: one statement, or several that run as one implicit transaction.
     async fn on_query(&mut self, text: &str) -> Result<(), Failure> {
         self.refresh_map();
-        if let Some(stripped) = crate::router::fingerprint::strip(text) {
-            // One cached plan for every literal value; used only where the literals are mere
-            // key values (a key route, nothing rewritten from the text).
-            let plan = self.app.plans.plan(&stripped.text, &self.map);
+        let mut shape = std::mem::take(&mut self.strip_buf);
+        let stripped = crate::router::fingerprint::strip(text, &mut shape);
+        // One cached plan for every literal value; used only where the literals are mere
+        // key values (a key route, nothing rewritten from the text).
+        let plan = stripped
+            .as_ref()
+            .map(|_| self.app.plans.plan(&shape, &self.map));
+        if shape.capacity() <= KEEP_BUF {
+            self.strip_buf = shape;
+        }
+        if let (Some(literals), Some(plan)) = (stripped, plan) {
             let usable = plan.statements == 1
                 && matches!(plan.route, crate::router::Route::Keys { .. })
                 && matches!(plan.kind, Kind::Read | Kind::Write)
@@ -338,11 +358,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 && plan.scatter_sql.is_none()
                 && plan.hint.is_none();
             if usable {
-                let values: Vec<Option<&[u8]>> = stripped
-                    .literals
-                    .iter()
-                    .map(|l| Some(l.as_slice()))
-                    .collect();
+                let values: SmallVec<[Option<&[u8]>; 4]> =
+                    literals.iter().map(|l| Some(&l[..])).collect();
                 let params = crate::router::Params {
                     values: &values,
                     formats: &[],
@@ -575,21 +592,23 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 
     /// Shards a target names; reads of reference tables (and table-less statements) go to a
     /// shard the transaction already holds, else to one chosen by the client's pid.
-    fn target_shards(&self, target: &crate::router::Target, plan: &Plan) -> Vec<usize> {
+    fn target_shards(&self, target: &crate::router::Target, plan: &Plan) -> ShardList {
         use crate::router::{Route, Target};
         match target {
             Target::All => (0..self.map.shards).collect(),
-            Target::Some(v) => v.clone(),
+            Target::Some(v) => v.iter().copied().collect(),
             Target::One(s) => {
                 let floating = matches!(plan.route, Route::Any | Route::Reference { write: false })
                     && plan.hint.is_none();
                 if floating {
                     if let Some(held) = self.tx.first_touched() {
-                        return vec![held];
+                        return smallvec::smallvec![held];
                     }
-                    return vec![self.map.any_readable(self.info.pid.unsigned_abs() as usize)];
+                    return smallvec::smallvec![self
+                        .map
+                        .any_readable(self.info.pid.unsigned_abs() as usize)];
                 }
-                vec![*s]
+                smallvec::smallvec![*s]
             }
         }
     }

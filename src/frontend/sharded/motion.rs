@@ -9,7 +9,7 @@
 use super::{Refusal, ShardedSession, TxState};
 use crate::frontend::{ClientWrite, ReadReady};
 use crate::prepared::StatementDef;
-use crate::router::{Kind, Plan, Route, TextMemo};
+use crate::router::{Kind, Plan, Route, ShardList, TextMemo};
 use crate::shardmap::config::MovePhase;
 use crate::shardmap::ShardMap;
 use std::sync::atomic::Ordering;
@@ -279,8 +279,8 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
         plan: &Plan,
         params: &crate::router::Params<'_>,
         text: &str,
-        mut shards: Vec<usize>,
-    ) -> Result<Vec<usize>, Refusal> {
+        mut shards: ShardList,
+    ) -> Result<ShardList, Refusal> {
         let wait_ms = match self.app.catalog.fence_wait_ms.load(Ordering::Relaxed) {
             0 => 5000,
             ms => ms,
