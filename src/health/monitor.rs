@@ -39,7 +39,7 @@ pub fn spawn(app: Arc<App>) {
 async fn watch_shard(app: Arc<App>, health: Arc<Health>, shard: usize) {
     let n = health.shards[shard].nodes.len();
     let mut conns: Vec<Option<ServerConn>> = (0..n).map(|_| None).collect();
-    let mut samples: VecDeque<(u64, u64)> = VecDeque::with_capacity(SAMPLES);
+    let mut samples: VecDeque<Sample> = VecDeque::with_capacity(SAMPLES);
     loop {
         let cfg = app.config.load_full();
         let rc = &cfg.replicas;
@@ -52,17 +52,21 @@ async fn watch_shard(app: Arc<App>, health: Arc<Health>, shard: usize) {
             let t = health.now_us();
             let r = tokio::time::timeout(rc.check_timeout, check(&mut conns[node], &params)).await;
             let state = match r {
-                Ok(Ok((false, lsn))) => {
+                Ok(Ok((false, lsn, inserted))) => {
                     if node == writer {
                         if samples.len() == SAMPLES {
                             samples.pop_front();
                         }
-                        samples.push_back((t, lsn));
+                        samples.push_back(Sample {
+                            t,
+                            written: lsn,
+                            inserted,
+                        });
                     }
                     health.set(shard, node, NodeState::Primary, lsn, 0, t);
                     NodeState::Primary
                 }
-                Ok(Ok((true, lsn))) => {
+                Ok(Ok((true, lsn, _))) => {
                     let (lag, fence) = lag_and_fence(&samples, lsn, health.now_us());
                     health.set(shard, node, NodeState::Standby, lsn, lag, fence);
                     NodeState::Standby
@@ -106,18 +110,30 @@ fn down(
     }
 }
 
-/// (in recovery, WAL position) of one server, reconnecting when needed.
+/// One sample of the writer's WAL: the time taken before asking, and the positions it answered.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    t: u64,
+    /// `pg_current_wal_lsn()`: written out, so a standby can reach it.
+    written: u64,
+    /// `pg_current_wal_insert_lsn()`: past every commit record made before `t`, including
+    /// asynchronous commits not yet written out.
+    inserted: u64,
+}
+
+/// (in recovery, WAL position, WAL insert position) of one server, reconnecting when needed;
+/// a standby's positions are both its replay position.
 async fn check(
     conn: &mut Option<ServerConn>,
     params: &ConnectParams,
-) -> Result<(bool, u64), crate::backend::BackendError> {
+) -> Result<(bool, u64, u64), crate::backend::BackendError> {
     if conn.is_none() {
         *conn = Some(ServerConn::connect(params, 0).await?);
     }
     let c = conn.as_mut().expect("connected");
     let rows = c
         .query_rows(
-            "SELECT pg_is_in_recovery()::text, (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+            "SELECT pg_is_in_recovery()::text, (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text",
             params.max_message_size,
         )
         .await;
@@ -130,27 +146,40 @@ async fn check(
     };
     let row = rows.first();
     let in_recovery = row.and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("true");
-    let lsn = row
-        .and_then(|r| r.get(1))
-        .and_then(|v| v.as_deref())
-        .and_then(super::parse_lsn)
-        .unwrap_or(0);
-    Ok((in_recovery, lsn))
+    let lsn_at = |i: usize| {
+        row.and_then(|r| r.get(i))
+            .and_then(|v| v.as_deref())
+            .and_then(super::parse_lsn)
+            .unwrap_or(0)
+    };
+    Ok((in_recovery, lsn_at(1), lsn_at(2)))
 }
 
 /// (lag µs, fence µs) of a standby that replayed up to `lsn`, from the primary's samples.
-fn lag_and_fence(samples: &VecDeque<(u64, u64)>, lsn: u64, now: u64) -> (u64, u64) {
-    let Some(&(newest_t, newest_lsn)) = samples.back() else {
+/// Lag counts from the newest sample whose written position it reached. The fence is the newest
+/// sample whose *insert* position it reached: under `synchronous_commit = off` a committed
+/// transaction's commit record may not be written out yet when a sample is taken, so reaching
+/// the written position would not prove the standby has it. A tail of WAL that an idle server
+/// never writes out only holds the fence back: reads after a write then use the primary.
+fn lag_and_fence(samples: &VecDeque<Sample>, lsn: u64, now: u64) -> (u64, u64) {
+    let Some(newest) = samples.back() else {
         return (u64::MAX, 0);
     };
-    if lsn >= newest_lsn {
-        return (0, newest_t);
-    }
-    match samples.iter().rev().find(|&&(_, l)| l <= lsn) {
-        Some(&(t, _)) => (now.saturating_sub(t), t),
-        // Behind everything remembered: at least that far behind.
-        None => (now.saturating_sub(samples.front().map_or(0, |s| s.0)), 0),
-    }
+    let lag = if lsn >= newest.written {
+        0
+    } else {
+        match samples.iter().rev().find(|s| s.written <= lsn) {
+            Some(s) => now.saturating_sub(s.t),
+            // Behind everything remembered: at least that far behind.
+            None => now.saturating_sub(samples.front().map_or(0, |s| s.t)),
+        }
+    };
+    let fence = samples
+        .iter()
+        .rev()
+        .find(|s| s.inserted <= lsn)
+        .map_or(0, |s| s.t);
+    (lag, fence)
 }
 
 /// Login for checking the server at `addr`.
@@ -191,13 +220,35 @@ pub(crate) fn check_params(cfg: &Config, addr: &str) -> Option<ConnectParams> {
 mod tests {
     use super::*;
 
+    fn samples(v: &[(u64, u64, u64)]) -> VecDeque<Sample> {
+        v.iter()
+            .map(|&(t, written, inserted)| Sample {
+                t,
+                written,
+                inserted,
+            })
+            .collect()
+    }
+
     #[test]
     fn fence_is_the_newest_primary_sample_the_standby_reached() {
-        let s: VecDeque<(u64, u64)> = [(100, 10), (200, 20), (300, 30)].into_iter().collect();
+        let s = samples(&[(100, 10, 10), (200, 20, 20), (300, 30, 30)]);
         assert_eq!(lag_and_fence(&s, 30, 350), (0, 300));
         assert_eq!(lag_and_fence(&s, 35, 350), (0, 300));
         assert_eq!(lag_and_fence(&s, 25, 350), (150, 200));
         assert_eq!(lag_and_fence(&s, 5, 350), (250, 0));
         assert_eq!(lag_and_fence(&VecDeque::new(), 5, 350), (u64::MAX, 0));
+    }
+
+    #[test]
+    fn fence_needs_what_was_inserted_not_only_written() {
+        // An asynchronous commit inserted up to 25 by t=200 but written out only to 20: a standby
+        // at 20 is not lagging, yet it does not hold that commit.
+        let s = samples(&[(100, 10, 10), (200, 20, 25), (300, 20, 25)]);
+        assert_eq!(lag_and_fence(&s, 20, 350), (0, 100));
+        assert_eq!(lag_and_fence(&s, 25, 350), (0, 300));
+        // An idle server's unwritten tail holds the fence back, not the lag.
+        let s = samples(&[(100, 10, 12), (200, 12, 14), (300, 14, 16)]);
+        assert_eq!(lag_and_fence(&s, 14, 350), (0, 200));
     }
 }
