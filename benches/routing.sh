@@ -5,6 +5,9 @@
 # hit rate (SHOW PLAN_CACHE). The cost of one cache miss is in `cargo bench --bench hot_path`
 # (route_analyze_miss_*).
 #
+# With ALLOCS=1 (root, perf installed) one more short run per database counts pgshard's malloc
+# calls per transaction with a uprobe on libc's malloc (slow while it runs: not timed).
+#
 #   bash benches/routing.sh            # DURATION=10 ROUNDS=3 CLIENTS=20 SCALE=5 MODES="simple prepared"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +120,23 @@ for mode in $MODES; do
   st=$(cut -d' ' -f1 "$WORK/s" | median); sc=$(cut -d' ' -f2 "$WORK/s" | median)
   echo "| $mode | $pt | $pc | $st | $sc | $(awk -v a="$sc" -v b="$pc" 'BEGIN { printf "%.2f", a / b }') |"
 done
+if [ "${ALLOCS:-0}" = 1 ]; then
+  LIBC=$(ldd target/release/pgshard | awk '/libc.so/ {print $3}')
+  perf probe -q -x "$LIBC" malloc 2>/dev/null || true
+  allocs() { # db mode -> malloc calls per transaction
+    local out
+    out=$(perf stat -x, -e probe_libc:malloc -p "$ROUTER_PID" -- \
+      "$BIN/pgbench" -h 127.0.0.1 -p "$ROUTER_PORT" -U app -n -S -M "$2" -c "$CLIENTS" -j 2 -T 3 "$1" 2>&1)
+    awk -F, -v tx="$(echo "$out" | awk -F': ' '/actually processed/ {split($2, a, "/"); print a[1]}')" \
+      '/probe_libc:malloc/ {printf "%.1f", $1 / tx}' <<<"$out"
+  }
+  echo
+  echo "| mode | pooled mallocs/tx | sharded mallocs/tx |"
+  echo "|---|---|---|"
+  for mode in $MODES; do
+    echo "| $mode | $(allocs pooled "$mode") | $(allocs sharded "$mode") |"
+  done
+fi
 echo
 echo "plan cache:"
 "$BIN/psql" -X -h 127.0.0.1 -p "$ROUTER_PORT" -U app -d pgshard -c "SHOW PLAN_CACHE"
