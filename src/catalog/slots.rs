@@ -141,7 +141,7 @@ fn report(found: &[SlotInfo], warn_bytes: u64, warned: &mut HashSet<(usize, Stri
 }
 
 fn over(s: &SlotInfo, warn_bytes: u64) -> bool {
-    s.retained_bytes.map_or(true, |b| b > warn_bytes)
+    s.retained_bytes.is_none_or(|b| b > warn_bytes)
 }
 
 #[cfg(test)]

@@ -139,7 +139,7 @@ impl Mover<'_> {
             let r = Instant::now();
             self.marker(src, tgt, &format!("probe {round}")).await?;
             let changes = self.applier.as_ref().map_or(0, |a| a.changes);
-            progress.advance("catching up (changes applied)", changes as u64, None);
+            progress.advance("catching up (changes applied)", changes, None);
             if r.elapsed() < Duration::from_millis(200) || round >= 50 {
                 break;
             }

@@ -77,11 +77,9 @@ impl Groups {
                 AggKind::Min | AggKind::Max => t.comparable(),
                 AggKind::BoolAnd | AggKind::BoolOr => t.kind == Kind::Bool,
                 // float4 partial sums have lost the float8 precision avg(real) accumulates in.
-                AggKind::Avg { .. } => match t.kind {
-                    Kind::Float8 => true,
-                    Kind::Int | Kind::Numeric => true,
-                    _ => false,
-                },
+                AggKind::Avg { .. } => {
+                    matches!(t.kind, Kind::Float8 | Kind::Int | Kind::Numeric)
+                }
             };
             if !ok {
                 return Err(unsupported(format!(
