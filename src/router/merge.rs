@@ -212,8 +212,6 @@ pub(super) fn plan(q: &Query) -> Result<(MergeSpec, Option<String>), String> {
     }
     spec.limit = limit.as_ref().and_then(Count::constant);
     spec.offset = offset.as_ref().and_then(Count::constant).unwrap_or(0);
-    spec.limit_param = limit.as_ref().and_then(Count::param);
-    spec.offset_param = offset.as_ref().and_then(Count::param);
     spec.limit_expr = limit.as_ref().and_then(Count::computed);
     spec.offset_expr = offset.as_ref().and_then(Count::computed);
     if limit.is_some() || offset.is_some() {
@@ -259,17 +257,12 @@ impl Count {
         }
     }
 
-    fn param(&self) -> Option<u16> {
-        match self {
-            Count::Param(p) => Some(*p),
-            _ => None,
-        }
-    }
-
+    /// What the merger evaluates from the Bind: None for a constant.
     fn computed(&self) -> Option<CountExpr> {
         match self {
+            Count::Constant(_) => None,
+            Count::Param(p) => Some(CountExpr::Param(*p)),
             Count::Computed(c, _) => Some(c.clone()),
-            _ => None,
         }
     }
 

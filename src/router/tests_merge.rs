@@ -646,6 +646,7 @@ fn no_prefix_of_a_statement_panics() {
 
 #[test]
 fn limit_and_offset_parameters_push_down_as_one_limit() {
+    use crate::scatter::spec::CountExpr;
     let m = map();
     let p = analyze(
         "SELECT aid FROM pgbench_accounts ORDER BY aid LIMIT $1 OFFSET $2",
@@ -653,8 +654,8 @@ fn limit_and_offset_parameters_push_down_as_one_limit() {
     );
     assert!(p.scatter_refusal.is_none());
     assert_eq!(
-        (p.merge.limit_param, p.merge.offset_param, p.merge.limit),
-        (Some(1), Some(2), None)
+        (p.merge.limit_expr, p.merge.offset_expr, p.merge.limit),
+        (Some(CountExpr::Param(1)), Some(CountExpr::Param(2)), None)
     );
     assert!(p
         .scatter_sql
@@ -663,14 +664,17 @@ fn limit_and_offset_parameters_push_down_as_one_limit() {
         .ends_with("ORDER BY aid LIMIT $1 + $2"));
     let p = analyze("SELECT aid FROM pgbench_accounts LIMIT 10 OFFSET $1", &m);
     assert!(p.scatter_sql.as_deref().unwrap().ends_with("LIMIT 10 + $1"));
-    assert_eq!((p.merge.limit, p.merge.offset_param), (Some(10), Some(1)));
+    assert_eq!(
+        (p.merge.limit, p.merge.offset_expr),
+        (Some(10), Some(CountExpr::Param(1)))
+    );
     // Grouped partial results must be complete: no LIMIT reaches the shards.
     let p = analyze(
         "SELECT bid, count(*) FROM pgbench_accounts GROUP BY bid ORDER BY bid LIMIT $1",
         &m,
     );
     assert!(!p.scatter_sql.as_deref().unwrap().contains("LIMIT"));
-    assert_eq!(p.merge.limit_param, Some(1));
+    assert_eq!(p.merge.limit_expr, Some(CountExpr::Param(1)));
 }
 
 #[test]
@@ -721,6 +725,7 @@ fn limit_expressions_push_down_and_evaluate_from_the_bind() {
 
 #[test]
 fn fetch_first_merges_as_a_limit() {
+    use crate::scatter::spec::CountExpr;
     let m = map();
     // Hibernate 6's paging: OFFSET ? ROWS FETCH FIRST ? ROWS ONLY.
     let p = analyze(
@@ -729,8 +734,8 @@ fn fetch_first_merges_as_a_limit() {
     );
     assert!(p.scatter_refusal.is_none(), "{:?}", p.scatter_refusal);
     assert_eq!(
-        (p.merge.limit_param, p.merge.offset_param),
-        (Some(2), Some(1))
+        (p.merge.limit_expr, p.merge.offset_expr),
+        (Some(CountExpr::Param(2)), Some(CountExpr::Param(1)))
     );
     let sql = p.scatter_sql.as_deref().unwrap();
     assert!(sql.ends_with("ORDER BY aid LIMIT $2 + $1"), "{sql}");

@@ -11,13 +11,10 @@ pub struct MergeSpec {
     pub limit: Option<u64>,
     /// OFFSET applied after the merge.
     pub offset: u64,
-    /// `LIMIT $n`: the 1-based parameter whose bound value is the limit (extended protocol).
-    pub limit_param: Option<u16>,
-    /// `OFFSET $n`: the 1-based parameter whose bound value is the offset.
-    pub offset_param: Option<u16>,
-    /// A LIMIT computed from parameters (`LIMIT $1 + 1`), evaluated once the Bind is known.
+    /// A LIMIT given by parameters (`LIMIT $1`, `LIMIT $1 + 1`), evaluated once the Bind is
+    /// known (extended protocol).
     pub limit_expr: Option<CountExpr>,
-    /// An OFFSET computed from parameters.
+    /// An OFFSET given by parameters.
     pub offset_expr: Option<CountExpr>,
     /// Aggregation over the shards' partial results; None for plain rows.
     pub aggregate: Option<AggregateSpec>,

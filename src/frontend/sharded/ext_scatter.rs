@@ -165,12 +165,6 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
 /// The merge with its LIMIT/OFFSET parameters replaced by the values the Bind gives them.
 pub(super) fn bound_merge(spec: &MergeSpec, params: &Params) -> Result<MergeSpec, Refusal> {
     let mut spec = spec.clone();
-    if let Some(p) = spec.limit_param.take() {
-        spec.limit = row_count(bound_int(params, p, "LIMIT")?, "LIMIT", "2201W")?;
-    }
-    if let Some(p) = spec.offset_param.take() {
-        spec.offset = row_count(bound_int(params, p, "OFFSET")?, "OFFSET", "2201X")?.unwrap_or(0);
-    }
     if let Some(e) = spec.limit_expr.take() {
         spec.limit = row_count(evaluate(&e, params, "LIMIT")?, "LIMIT", "2201W")?;
     }
@@ -250,7 +244,14 @@ fn rewritten_param_types(types: &[u8], spec: &MergeSpec) -> Bytes {
     oids.truncate(declared);
     // Parameters inside LIMIT/OFFSET arithmetic stay in the rewritten text (the router keeps
     // them there), so the server types them as it would the client's statement.
-    for p in [spec.limit_param, spec.offset_param].into_iter().flatten() {
+    let bare = |e: &Option<CountExpr>| match e {
+        Some(CountExpr::Param(p)) => Some(*p),
+        _ => None,
+    };
+    for p in [bare(&spec.limit_expr), bare(&spec.offset_expr)]
+        .into_iter()
+        .flatten()
+    {
         let i = usize::from(p) - 1;
         if oids.len() <= i {
             oids.resize(i + 1, 0);
@@ -273,8 +274,8 @@ mod tests {
 
     fn spec(limit: Option<u16>, offset: Option<u16>) -> MergeSpec {
         MergeSpec {
-            limit_param: limit,
-            offset_param: offset,
+            limit_expr: limit.map(CountExpr::Param),
+            offset_expr: offset.map(CountExpr::Param),
             ..Default::default()
         }
     }
@@ -288,7 +289,7 @@ mod tests {
             formats: &[0, 0, 1],
         };
         let b = bound_merge(&spec(Some(2), Some(3)), &params).unwrap();
-        assert_eq!((b.limit, b.offset, b.limit_param), (Some(5), 2, None));
+        assert_eq!((b.limit, b.offset, b.limit_expr), (Some(5), 2, None));
         let nulls: Vec<Option<&[u8]>> = vec![None];
         let params = Params {
             values: &nulls,
