@@ -330,7 +330,7 @@ impl ServerConn {
                     });
                 }
                 b'Z' => {
-                    self.tx_status = crate::protocol::ready_status(&f);
+                    self.tx_status = crate::protocol::ready_status(&f.raw);
                     return match err {
                         Some(e) => Err(e),
                         None => Ok(rows),
@@ -356,7 +356,7 @@ impl ServerConn {
                     });
                 }
                 b'Z' => {
-                    self.tx_status = crate::protocol::ready_status(&f);
+                    self.tx_status = crate::protocol::ready_status(&f.raw);
                     return match err {
                         Some(e) => Err(e),
                         None => Ok(()),

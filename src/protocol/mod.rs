@@ -94,9 +94,9 @@ pub fn statement_ref(tag: u8, body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     Some((&body[..head_len], name, c.rest()))
 }
 
-/// Transaction status from a ReadyForQuery body.
-pub fn ready_status(frame: &Frame) -> u8 {
-    frame.body().first().copied().unwrap_or(b'I')
+/// Transaction status from a whole ReadyForQuery message (type and length included).
+pub fn ready_status(raw: &[u8]) -> u8 {
+    raw.get(5).copied().unwrap_or(b'I')
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         let in_query = matches!(head, Some(Pending::Query));
         match tag {
             b'Z' => {
-                let status = msg.get(5).copied().unwrap_or(b'I');
+                let status = crate::protocol::ready_status(msg);
                 if let Some(co) = self.server.as_mut() {
                     co.conn.tx_status = status;
                 }

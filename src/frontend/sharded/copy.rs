@@ -404,7 +404,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                         error.get_or_insert(f.raw);
                     }
                     b'Z' => {
-                        co.conn.tx_status = crate::protocol::ready_status(&f);
+                        co.conn.tx_status = crate::protocol::ready_status(&f.raw);
                         break;
                     }
                     _ => {}

@@ -217,7 +217,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 let f = self.read_msg(readers[idx].shard).await?;
                 if f.tag == b'Z' {
                     if let Some(co) = self.conns[readers[idx].shard].as_mut() {
-                        co.conn.tx_status = f.raw.get(5).copied().unwrap_or(b'I');
+                        co.conn.tx_status = crate::protocol::ready_status(&f.raw);
                     }
                 }
                 match route_msg(&mut readers[idx], lead, f.tag, true) {
@@ -262,7 +262,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 let raw = demoted.as_deref().unwrap_or(received);
                 let dest = route_msg(r, lead, tag, !single);
                 if tag == b'Z' {
-                    co.conn.tx_status = raw.get(5).copied().unwrap_or(b'I');
+                    co.conn.tx_status = crate::protocol::ready_status(raw);
                 }
                 if let (b'T', true, Some(key)) = (tag, single, described) {
                     if self

@@ -139,7 +139,7 @@ impl<R: ReadReady, W: ClientWrite> ShardedSession<R, W> {
                 b'E' => error = Some(f.raw),
                 b'Z' => {
                     if let Some(co) = self.conns[shard].as_mut() {
-                        co.conn.tx_status = f.raw.get(5).copied().unwrap_or(b'I');
+                        co.conn.tx_status = crate::protocol::ready_status(&f.raw);
                     }
                     break;
                 }
