@@ -6,7 +6,7 @@
 # (route_analyze_miss_*).
 #
 # With ALLOCS=1 (root, perf installed) one more short run per database counts pgshard's malloc
-# calls per transaction with a uprobe on libc's malloc (slow while it runs: not timed).
+# and realloc calls per transaction with a uprobe on libc's malloc (slow while it runs: not timed).
 #
 #   bash benches/routing.sh            # DURATION=10 ROUNDS=3 CLIENTS=20 SCALE=5 MODES="simple prepared"
 set -euo pipefail
@@ -123,16 +123,17 @@ done
 if [ "${ALLOCS:-0}" = 1 ]; then
   LIBC=$(ldd target/release/pgshard | awk '/libc.so/ {print $3}')
   perf probe -q -x "$LIBC" malloc 2>/dev/null || true
-  allocs() { # db mode -> malloc calls per transaction
+  perf probe -q -x "$LIBC" realloc 2>/dev/null || true
+  allocs() { # db mode -> "mallocs reallocs" per transaction
     local out
-    out=$(perf stat -x, -e probe_libc:malloc -p "$ROUTER_PID" -- \
+    out=$(perf stat -x, -e probe_libc:malloc -e probe_libc:realloc -p "$ROUTER_PID" -- \
       "$BIN/pgbench" -h 127.0.0.1 -p "$ROUTER_PORT" -U app -n -S -M "$2" -c "$CLIENTS" -j 2 -T 3 "$1" 2>&1)
     awk -F, -v tx="$(echo "$out" | awk -F': ' '/actually processed/ {split($2, a, "/"); print a[1]}')" \
-      '/probe_libc:malloc/ {printf "%.1f", $1 / tx}' <<<"$out"
+      '/probe_libc:malloc/ {m = $1} /probe_libc:realloc/ {r = $1} END {printf "%.1f | %.1f", m / tx, r / tx}' <<<"$out"
   }
   echo
-  echo "| mode | pooled mallocs/tx | sharded mallocs/tx |"
-  echo "|---|---|---|"
+  echo "| mode | pooled mallocs/tx | pooled reallocs/tx | sharded mallocs/tx | sharded reallocs/tx |"
+  echo "|---|---|---|---|---|"
   for mode in $MODES; do
     echo "| $mode | $(allocs pooled "$mode") | $(allocs sharded "$mode") |"
   done

@@ -39,6 +39,9 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) ->
 
 /// Stop reading a side once this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
+/// What an idle client's output buffers are given when it becomes active again: enough for a
+/// typical transaction's messages, so they are not regrown message by message.
+const ACTIVE_BUF: usize = 2048;
 
 /// A response the server owes, in the order the requests were sent.
 #[derive(Debug, Clone, Copy)]
@@ -276,6 +279,10 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
 
     /// Handles every complete client message buffered, while the server side has room.
     async fn process_client_messages(&mut self) -> Result<(), SessionEnd> {
+        if self.server_out.capacity() == 0 && !self.cbuf.is_empty() {
+            self.server_out.reserve(ACTIVE_BUF);
+            self.client_out.reserve(ACTIVE_BUF);
+        }
         while self.server_out.len() < HIGH_WATER {
             // Large COPY data goes to the server as it arrives (a server is attached during COPY).
             if self.client_stream_left > 0 {
@@ -411,7 +418,8 @@ impl<R: ReadReady, W: ClientWrite> Session<R, W> {
         });
         self.server = Some(co);
         self.resync = true;
-        if let Err(SessionEnd::Settings(code, m)) = Box::pin(self.sync_params()).await {
+        // Not boxed: attach's own future is (once per transaction), and this one lives in it.
+        if let Err(SessionEnd::Settings(code, m)) = self.sync_params().await {
             return Err((code, m));
         }
         Ok(())
