@@ -460,10 +460,14 @@ async fn run_pooled<S: ClientIo>(
             .map(|i| app.shard_pools(&info.database, &info.user, i))
             .collect();
         let Some(pools) = pools else { return };
-        Box::new(sharded::ShardedSession::new(
-            app, info, pools, r, w, rbuf, startup,
-        ))
-        .run()
+        // The running sharded session's state (several KB: routing, scatter, two-phase commit)
+        // is boxed too: inline, it would size every client's task, pooled ones included.
+        Box::pin(
+            Box::new(sharded::ShardedSession::new(
+                app, info, pools, r, w, rbuf, startup,
+            ))
+            .run(),
+        )
         .await;
         return;
     }
