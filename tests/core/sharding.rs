@@ -159,6 +159,28 @@ pub(crate) fn shard_of(id: i64) -> usize {
 }
 
 /// SQL on one shard's primary directly.
+/// Checks that each shard holds exactly the ids of `ids` the hash places on it, as counted there
+/// by `count_sql`; returns how many each should hold.
+fn placed_by_key(
+    h: &Harness,
+    ids: std::ops::RangeInclusive<i64>,
+    count_sql: &str,
+    what: &str,
+) -> Result<[usize; 2], String> {
+    let mut want = [0; 2];
+    for (shard, expected) in want.iter_mut().enumerate() {
+        *expected = ids.clone().filter(|&i| shard_of(i) == shard).count();
+        let got: usize = on_shard(h, shard, "shop", count_sql)?
+            .parse()
+            .map_err(|e| format!("{count_sql} on shard {shard}: {e}"))?;
+        ensure!(
+            got == *expected,
+            "shard {shard}: {got} {what}, expected {expected}"
+        );
+    }
+    Ok(want)
+}
+
 pub(crate) fn on_shard(h: &Harness, shard: usize, db: &str, sql: &str) -> Result<String, String> {
     h.cluster
         .psql(h.primary(shard), db, sql)
@@ -216,17 +238,11 @@ fn keys_route(h: &Harness) -> TestResult {
             .await
             .pgx("insert param")?;
         }
-        for shard in 0..2 {
-            let expected = (1..=60).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM items")?
-                .parse()
-                .unwrap();
-            ensure!(
-                got == expected,
-                "shard {shard} holds {got} rows, expected {expected}"
-            );
-            ensure!(expected > 10, "keys should spread over both shards");
-        }
+        let want = placed_by_key(h, 1..=60, "SELECT count(*) FROM items", "rows")?;
+        ensure!(
+            want.iter().all(|&n| n > 10),
+            "keys should spread over both shards"
+        );
         for id in [3i64, 17, 44, 59] {
             let row = c
                 .query_one("SELECT name FROM items WHERE id = $1", &[&id])
@@ -323,16 +339,12 @@ fn insert_split(h: &Harness) -> TestResult {
             tag == Some(100),
             "client sees one INSERT of 100 rows, got {tag:?}"
         );
-        for shard in 0..2 {
-            let expected = (1..=100).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM facts")?
-                .parse()
-                .unwrap();
-            ensure!(
-                got == expected,
-                "shard {shard}: {got} rows, expected {expected} (never a copy on every shard)"
-            );
-        }
+        placed_by_key(
+            h,
+            1..=100,
+            "SELECT count(*) FROM facts",
+            "rows (never a copy on every shard)",
+        )?;
         Ok(())
     })
 }
@@ -716,16 +728,7 @@ fn copy_split(h: &Harness) -> TestResult {
         }
         let n = sink.finish().await.pgx("finish")?;
         ensure!(n == 2000, "COPY reported {n}");
-        for shard in 0..2 {
-            let expected = (1..=2000).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(h, shard, "shop", "SELECT count(*) FROM copied")?
-                .parse()
-                .unwrap();
-            ensure!(
-                got == expected,
-                "shard {shard}: {got} rows, expected {expected}"
-            );
-        }
+        placed_by_key(h, 1..=2000, "SELECT count(*) FROM copied", "rows")?;
         ensure!(
             one(&c, "SELECT t FROM copied WHERE id = 1234").await? == "line\t1234",
             "escapes kept"
@@ -743,21 +746,12 @@ fn copy_split(h: &Harness) -> TestResult {
         sink.send(bytes::Bytes::from(data)).await.pgx("send")?;
         let n = sink.finish().await.pgx("finish")?;
         ensure!(n == 100, "COPY with HEADER reported {n}");
-        for shard in 0..2 {
-            let expected = (3001..=3100).filter(|&i| shard_of(i) == shard).count();
-            let got: usize = on_shard(
-                h,
-                shard,
-                "shop",
-                "SELECT count(*) FROM copied WHERE id > 3000",
-            )?
-            .parse()
-            .unwrap();
-            ensure!(
-                got == expected,
-                "shard {shard}: {got} header-COPY rows, expected {expected}"
-            );
-        }
+        placed_by_key(
+            h,
+            3001..=3100,
+            "SELECT count(*) FROM copied WHERE id > 3000",
+            "header-COPY rows",
+        )?;
         ensure!(
             one(&c, "SELECT t FROM copied WHERE id = 3050").await? == "csv, 3050",
             "CSV quoting kept"
@@ -787,21 +781,12 @@ fn copy_split(h: &Harness) -> TestResult {
             }
             let n = w.finish().await.pgx("binary finish")?;
             ensure!(n == 300, "binary COPY reported {n}");
-            for shard in 0..2 {
-                let expected = (5001..=5300).filter(|&i| shard_of(i) == shard).count();
-                let got: usize = on_shard(
-                    h,
-                    shard,
-                    "shop",
-                    "SELECT count(*) FROM copied WHERE id BETWEEN 5001 AND 5300",
-                )?
-                .parse()
-                .map_err(|e| format!("{e}"))?;
-                ensure!(
-                    got == expected,
-                    "shard {shard}: {got} binary-COPY rows, expected {expected}"
-                );
-            }
+            placed_by_key(
+                h,
+                5001..=5300,
+                "SELECT count(*) FROM copied WHERE id BETWEEN 5001 AND 5300",
+                "binary-COPY rows",
+            )?;
             let long = one(
                 &c,
                 "SELECT length(t) || ' ' || g FROM copied WHERE id = 5150",
